@@ -1,0 +1,55 @@
+# EdgeMesh — one command to set up, run, test and build.
+#   make run      set up, then run an agent on examples/ (no cluster, no iptables)
+#   make test     set up, then run the whole test suite
+#   make binary   the PyInstaller onefile binary in dist/edgemesh
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
+	wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
+
+.PHONY: setup system-deps run test test-fast lint binary onedir bench clean
+
+setup: system-deps $(STAMP)
+
+# Debian packages the tests and benchmarks use; installed only when missing and we are root.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
+	  else echo "note: missing Debian packages (tests needing them skip): $$missing"; fi; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,build,dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/edgemesh agent --manifests examples/ --no-iptables --state-dir .state \
+		--dns-listen 127.0.0.1:1053 --node-name $${NODE_NAME:-edge-node-1}
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not netns and not binary and not slow" tests
+
+lint: setup
+	$(BIN)/ruff check edgemesh tests bench
+
+binary: setup
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist \
+		--workpath build-pyinstaller packaging/edgemesh.spec
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf dist build-pyinstaller .state

@@ -1,0 +1,4 @@
+"""``python -m edgemesh``."""
+from edgemesh.cli import entry
+
+entry()

@@ -1,0 +1,466 @@
+"""Typed configuration: defaults, YAML loading, validation with key paths, commented rendering.
+
+The schema is a tree of dataclasses. Each field carries its documentation and, where a plain
+type is not enough, a checker. One walker (``_build``) turns a YAML mapping into the tree and
+collects *every* problem with its key path; unknown keys are problems too. ``render_default``
+walks the same tree to print a complete commented YAML file, so docs cannot drift from code.
+
+Precedence: defaults < file < environment (``NODE_NAME``) < flags (applied by the CLI through
+``apply_overrides``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import socket
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from edgemesh.errors import ConfigError
+
+Checker = Callable[[Any], "str | None"]
+
+
+def opt(default: Any, doc: str, check: Checker | None = None, factory: bool = False) -> Any:
+    """A documented config field; ``check`` returns a problem text or None."""
+    meta = {"doc": doc, "check": check}
+    if factory or isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: typing.cast(Any, type(value))(value), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc, "check": None})
+
+
+# ---- checkers ---------------------------------------------------------------------------------
+
+def shown(v: Any) -> str:
+    """A value as the user wrote it: JSON-ish quoting, so ``"abc"`` reads as a string."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else f"expected an integer 1-65535, got {shown(v)}"
+
+
+port.expect = "an integer 1-65535"  # type: ignore[attr-defined]
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 else f"expected a positive number, got {shown(v)}"
+
+
+def one_of(*choices: str) -> Checker:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"expected one of {', '.join(choices)}, got {shown(v)}"
+    return check
+
+
+def host_port(v: str) -> str | None:
+    """HOST:PORT (``[v6]:port`` for IPv6); empty means "off"."""
+    if v == "":
+        return None
+    try:
+        split_host_port(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def host_ports(v: list[str]) -> str | None:
+    for item in v:
+        problem = host_port(item)
+        if problem:
+            return problem
+    return None
+
+
+def ip_address(v: str) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return f"expected an IP address, got {shown(v)}"
+    return None
+
+
+def cidrs(v: list[str]) -> str | None:
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"expected an IP network (CIDR), got {shown(item)}"
+    return None
+
+
+def dns_name(v: str) -> str | None:
+    labels = v.rstrip(".").split(".")
+    if not v or any(not lab or len(lab) > 63 for lab in labels):
+        return f"expected a DNS domain name, got {shown(v)}"
+    return None
+
+
+def split_host_port(v: str) -> tuple[str, int]:
+    """``"1.2.3.4:53"`` → ``("1.2.3.4", 53)``; ``"[::1]:53"`` → ``("::1", 53)``."""
+    host, sep, port_text = v.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {shown(v)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port_text)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {v!r}")
+    return host, number
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+@dataclass
+class MetaServerSecurity:
+    requireAuthorization: bool = opt(False, "Talk HTTPS with client certificates to the metaServer.")
+    insecureSkipTLSVerify: bool = opt(False, "Skip verifying the metaServer's certificate.")
+    tlsCaFile: str = opt("/etc/edgemesh/metaserver/rootCA.crt", "CA bundle for the metaServer.")
+    tlsCertFile: str = opt("/etc/edgemesh/metaserver/server.crt", "Client certificate.")
+    tlsPrivateKeyFile: str = opt("/etc/edgemesh/metaserver/server.key", "Client private key.")
+
+
+@dataclass
+class MetaServer:
+    server: str = opt("http://127.0.0.1:10550", "KubeEdge edge metaServer URL (edgecore).")
+    security: MetaServerSecurity = section(MetaServerSecurity, "TLS settings for the metaServer.")
+
+
+@dataclass
+class KubeAPIConfig:
+    master: str = opt("", "API server URL (e.g. the metaServer http://127.0.0.1:10550). "
+                          "Empty with no kubeConfig and no manifests: in-cluster if available.")
+    kubeConfig: str = opt("", "Path of a kubeconfig file for list+watch.")
+    manifests: list[str] = opt([], "Directories of manifests: the standalone metadata source "
+                                   "(used instead of an API server when set).")
+    resyncBackoffMaxSeconds: float = opt(30.0, "Upper bound of the reconnect backoff.", positive)
+    metaServer: MetaServer = section(MetaServer, "KubeEdge metaServer connection.")
+
+
+@dataclass
+class CommonConfig:
+    bridgeDeviceName: str = opt("edgemesh0", "Bridge device the agent creates for its own address.")
+    bridgeDeviceIP: str = opt("169.254.96.16", "The agent's link-local address (DNS listens here).",
+                              ip_address)
+    stateDir: str = opt("/var/lib/edgemesh", "Identity key and metadata cache live here.")
+    adminAddress: str = opt("127.0.0.1:10557", "Admin HTTP endpoint (/livez, /readyz, /metrics, "
+                                               "/debug); empty disables it.", host_port)
+    logFormat: str = opt("text", "Log format on stderr.", one_of("text", "json"))
+    verbosity: int = opt(2, "Log verbosity (klog-like: 0 quiet .. 6 wire detail).",
+                         lambda v: None if 0 <= v <= 10 else f"expected 0-10, got {shown(v)}")
+
+
+@dataclass
+class CacheDNS:
+    enable: bool = opt(True, "Cache answers from upstream servers.")
+    upstreamServers: list[str] = opt([], "Upstream DNS servers (IP or IP:PORT); empty: the host's "
+                                         "resolv.conf without our own address.")
+    cacheSize: int = opt(10000, "Maximum cached upstream answers.", positive)
+    maxOutstanding: int = opt(1000, "Maximum upstream queries in flight.", positive)
+    upstreamTimeout: float = opt(1.0, "Seconds before an upstream query fails.", positive)
+
+
+@dataclass
+class EdgeDNS:
+    enable: bool = opt(True, "Answer cluster names on this node and forward the rest.")
+    listenAddress: str = opt("", "Address to listen on; empty: commonConfig.bridgeDeviceIP.")
+    listenPort: int = opt(53, "UDP and TCP port.", port)
+    zone: str = opt("cluster.local", "The cluster's DNS domain.", dns_name)
+    ttl: int = opt(30, "TTL of cluster answers in seconds.",
+                   lambda v: None if 0 <= v <= 3600 else f"expected 0-3600, got {shown(v)}")
+    allowedClients: list[str] = opt([], "Client networks allowed besides this node's own "
+                                        "addresses (CIDRs); empty: this node only.", cidrs)
+    cacheDNS: CacheDNS = section(CacheDNS, "Forwarding of names outside the cluster zone.")
+
+
+@dataclass
+class ConsistentHash:
+    partitionCount: int = opt(100, "Partitions on the hash ring.", positive)
+    replicationFactor: int = opt(10, "Virtual nodes per endpoint.", positive)
+    load: float = opt(1.25, "Bounded-load factor (max share over the mean).",
+                      lambda v: None if v >= 1.0 else f"expected a number >= 1.0, got {shown(v)}")
+
+
+@dataclass
+class LoadBalancer:
+    consistentHash: ConsistentHash = section(ConsistentHash, "Ring parameters.")
+    defaultPolicy: str = opt("ROUND_ROBIN", "Policy when no DestinationRule says otherwise.",
+                             one_of("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"))
+    preferLocal: bool = opt(False, "Prefer endpoints on this node when there are any.")
+
+
+@dataclass
+class EdgeProxy:
+    enable: bool = opt(True, "Intercept service traffic and forward it to endpoints.")
+    serviceCIDR: list[str] = opt(["10.96.0.0/12"], "Service IP ranges (routes are added for them).",
+                                 cidrs)
+    listenAddress: str = opt("", "Address of the per-port listeners; empty: bridgeDeviceIP.")
+    iptables: bool = opt(True, "Manage iptables rules (off: listeners only).")
+    iptablesSyncPeriod: float = opt(30.0, "Seconds between rule resyncs that repair drift.",
+                                    positive)
+    serviceFilterMode: str = opt("FilterIfLabelExists", "Which services to leave alone, by the "
+                                 "service.edgemesh.kubeedge.io/service-proxy-name label.",
+                                 one_of("FilterIfLabelExists", "FilterIfLabelDoesNotExists"))
+    connectTimeout: float = opt(5.0, "Seconds to connect to one endpoint.", positive)
+    tcpIdleTimeout: float = opt(3600.0, "Seconds a TCP connection may stay idle.", positive)
+    udpIdleTimeout: float = opt(60.0, "Seconds a UDP session may stay idle.", positive)
+    maxUDPSessions: int = opt(4096, "Maximum UDP sessions per service port.", positive)
+    maxConnections: int = opt(20000, "Maximum proxied TCP connections.", positive)
+    perRequestHTTP: bool = opt(False, "Balance HTTP ports per request instead of per connection.")
+    loadBalancer: LoadBalancer = section(LoadBalancer, "Load balancing.")
+
+
+@dataclass
+class PSK:
+    enable: bool = opt(True, "Require the cluster pre-shared key from every peer.")
+    path: str = opt("/etc/edgemesh/psk", "File holding the pre-shared key.")
+
+
+@dataclass
+class EdgeTunnel:
+    enable: bool = opt(True, "Reach endpoints on other nodes through the tunnel.")
+    listenAddress: str = opt("0.0.0.0", "Address the tunnel listens on.", ip_address)
+    listenPort: int = opt(20006, "Tunnel port (also the port used towards servers).", port)
+    servers: list[str] = opt([], "Rendezvous/relay servers HOST:PORT.", host_ports)
+    relay: bool = opt(False, "This agent also relays for others.")
+    advertiseAddresses: list[str] = opt([], "Extra addresses peers may use to reach this node.")
+    psk: PSK = section(PSK, "Cluster membership key.")
+    maxStreamsPerPeer: int = opt(1024, "Streams a peer may open to us at once.", positive)
+    relayBytesPerSecond: int = opt(50_000_000, "Per-peer relay bandwidth limit.", positive)
+    relayMaxCircuits: int = opt(64, "Per-peer relay circuits limit.", positive)
+
+
+@dataclass
+class EdgeGateway:
+    enable: bool = opt(False, "Run the ingress gateway (edgemesh gateway turns this on).")
+    nic: str = opt("*", "Interfaces to listen on: '*' or comma-separated names.")
+    includeIP: str = opt("*", "IPs/CIDRs to listen on: '*' or comma-separated.")
+    excludeIP: str = opt("*", "IPs/CIDRs never to listen on: '*' (none) or comma-separated.")
+    labels: dict[str, str] = opt({}, "This gateway's labels, matched by Gateway spec.selector.")
+    maxConnections: int = opt(10000, "Maximum client connections.", positive)
+
+
+@dataclass
+class Modules:
+    edgeDNS: EdgeDNS = section(EdgeDNS, "Node-local DNS.")
+    edgeProxy: EdgeProxy = section(EdgeProxy, "Service proxy.")
+    edgeTunnel: EdgeTunnel = section(EdgeTunnel, "Node-to-node tunnel.")
+    edgeGateway: EdgeGateway = section(EdgeGateway, "Ingress gateway.")
+
+
+@dataclass
+class Server:
+    listen: str = opt("0.0.0.0:20004", "Rendezvous/relay listen address.", host_port)
+    advertise: list[str] = opt([], "Addresses agents should use for this server.", host_ports)
+
+
+@dataclass
+class Config:
+    apiVersion: str = opt("agent.edgemesh.config.kubeedge.io/v1alpha1", "Config schema version.")
+    kind: str = opt("EdgeMeshAgent", "EdgeMeshAgent, EdgeMeshGateway or EdgeMeshServer.",
+                    one_of("EdgeMeshAgent", "EdgeMeshGateway", "EdgeMeshServer"))
+    nodeName: str = opt("", "This node's name; empty: $NODE_NAME, then the hostname.")
+    kubeAPIConfig: KubeAPIConfig = section(KubeAPIConfig, "Where cluster metadata comes from.")
+    commonConfig: CommonConfig = section(CommonConfig, "Settings shared by every module.")
+    modules: Modules = section(Modules, "The agent's modules, each with enable.")
+    server: Server = section(Server, "edgemesh server (rendezvous and relay) settings.")
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def _type_name(t: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+             str: "a string"}
+    if t in names:
+        return names[t]
+    origin = typing.get_origin(t)
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return "a mapping"
+
+
+def _coerce(value: Any, t: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against type ``t``; returns the value or ``_BAD``."""
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {shown(value)}")
+            return _BAD
+        return _build(t, value, path, problems)  # type: ignore[arg-type]
+    origin = typing.get_origin(t)
+    if origin is list:
+        (item_t,) = typing.get_args(t)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {shown(value)}")
+            return _BAD
+        items = [_coerce(v, item_t, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if _BAD in items else items
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            problems.append(f"{path}: expected a mapping of strings, got {shown(value)}")
+            return _BAD
+        return dict(value)
+    ok = (isinstance(value, t) and not (t is int and isinstance(value, bool))
+          or (t is float and isinstance(value, int) and not isinstance(value, bool)))
+    if not ok:
+        problems.append(f"{path}: expected {_type_name(t)}, got {shown(value)}")
+        return _BAD
+    return float(value) if t is float else value
+
+
+_BAD = object()
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            problems.append(f"{prefix}{'.' if prefix else ''}{key}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        path = f"{prefix}{'.' if prefix else ''}{name}"
+        check = f.metadata.get("check")
+        found: list[str] = []
+        value = _coerce(data[name], hints[name], path, found)
+        expect = getattr(check, "expect", None)
+        if value is _BAD and expect and len(found) == 1:
+            found = [f"{path}: expected {expect}, got {shown(data[name])}"]
+        problems.extend(found)
+        if value is _BAD:
+            continue
+        problem = check(value) if check else None
+        if problem:
+            problems.append(f"{path}: {problem}")
+            continue
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def from_mapping(data: Any) -> Config:
+    """Build a Config from parsed YAML; raises ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): expected a mapping, got {type(data).__name__}"])
+    problems: list[str] = []
+    config = _build(Config, data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return typing.cast(Config, config)
+
+
+def load(path: str | None) -> Config:
+    """Defaults, overlaid with the YAML file at ``path`` when given."""
+    if not path:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError([f"--config: cannot read {path}: {e.strerror}"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config: {path} is not valid YAML: {e}"]) from e
+    return from_mapping(data)
+
+
+def get_path(config: Any, path: str) -> Any:
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def set_path(config: Any, path: str, value: Any) -> None:
+    """Set ``a.b.c`` to ``value`` after checking it like a file value would be."""
+    *parents, last = path.split(".")
+    target = config
+    for part in parents:
+        target = getattr(target, part)
+    f = {f.name: f for f in dataclasses.fields(target)}[last]
+    hint = typing.get_type_hints(type(target))[last]
+    problems: list[str] = []
+    value = _coerce(value, hint, path, problems)
+    check = f.metadata.get("check")
+    if not problems and check and (problem := check(value)):
+        problems.append(f"{path}: {problem}")
+    if problems:
+        raise ConfigError(problems)
+    setattr(target, last, value)
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Apply environment then flag values (``key.path → value``; None means "not given")."""
+    problems: list[str] = []
+    for path, value in overrides.items():
+        if value is None:
+            continue
+        try:
+            set_path(config, path, value)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    if not config.nodeName:
+        config.nodeName = os.environ.get("NODE_NAME") or socket.gethostname()
+    return config
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def render(config: Any, indent: int = 0) -> str:
+    """A commented YAML rendering of ``config`` (every key, with its documentation)."""
+    lines: list[str] = []
+    pad = "  " * indent
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        lines.append(f"{pad}# {f.metadata['doc']}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.append(render(value, indent + 1))
+        else:
+            lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}")
+    return "\n".join(lines)
+
+
+def render_default() -> str:
+    return "# EdgeMesh configuration (edgemesh config default)\n" + render(Config()) + "\n"
+
+
+def reference_rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every leaf key: the README's config reference."""
+    rows: list[tuple[str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        default = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(default):
+            rows.extend(reference_rows(type(default), path + "."))
+        else:
+            rows.append((path, _yaml_scalar(default), f.metadata["doc"]))
+    return rows
+

@@ -1,0 +1,1 @@
+"""Node-local DNS: zone logic (sans-IO), upstream forwarder and cache, UDP/TCP servers."""

@@ -1,0 +1,1 @@
+"""Ingress gateway: routes from Gateway + VirtualService, HTTP/HTTPS/TCP listeners."""

@@ -1,0 +1,1 @@
+"""Object models, the store, and the metadata sources that feed it: files, kube, cache."""

@@ -1,0 +1,411 @@
+"""Typed, immutable models of the Kubernetes objects EdgeMesh reads, and their parsers.
+
+Parsers take the JSON/YAML mapping of one object (as a list item, watch event object or
+manifest document) and return a frozen dataclass. They are lenient where the API is (``null``
+or absent slices and maps, absent conditions with their documented defaults) and strict where
+a wrong type would mislead a consumer: a wrong shape raises ``ManifestError`` naming the field.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from edgemesh.errors import ManifestError
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+PROXY_NAME_LABEL = "service.edgemesh.kubeedge.io/service-proxy-name"
+
+
+# ---- field readers ----------------------------------------------------------------------------
+
+def _map(obj: Any, key: str, where: str) -> dict[str, Any]:
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}{key}: expected a mapping")
+    return value
+
+
+def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}{key}: expected a list")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, where: str, default: str = "") -> str:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}{key}: expected a string, got {value!r}")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, where: str, default: int | None = None) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(f"{where}{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _bool(obj: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ManifestError(f"{where}{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _strmap(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
+    value = _map(obj, key, where)
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    items = _list(obj, key, where)
+    if not all(isinstance(i, str) for i in items):
+        raise ManifestError(f"{where}{key}: expected a list of strings")
+    return tuple(items)
+
+
+# ---- metadata ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    name: str
+    namespace: str = ""
+    uid: str = ""
+    resource_version: str = ""
+    labels: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+
+
+def parse_meta(obj: dict[str, Any], namespaced: bool = True) -> ObjectMeta:
+    if not isinstance(obj, dict):
+        raise ManifestError("object: expected a mapping")
+    m = _map(obj, "metadata", "")
+    name = _str(m, "name", "metadata.")
+    if not name:
+        raise ManifestError("metadata.name: required")
+    namespace = _str(m, "namespace", "metadata.", "default" if namespaced else "")
+    return ObjectMeta(name=name, namespace=namespace if namespaced else "",
+                      uid=_str(m, "uid", "metadata."),
+                      resource_version=_str(m, "resourceVersion", "metadata."),
+                      labels=_strmap(m, "labels", "metadata."),
+                      annotations=_strmap(m, "annotations", "metadata."))
+
+
+# ---- Service ----------------------------------------------------------------------------------
+
+class AppProtocol(enum.Enum):
+    """What a port carries, as the proxy needs to know it."""
+    TCP = "tcp"
+    UDP = "udp"
+    SCTP = "sctp"
+    HTTP = "http"
+    HTTPS = "https"
+    WS = "ws"
+    GRPC = "grpc"
+    HTTP2 = "http2"
+
+
+_NAME_PREFIXES = {"http": AppProtocol.HTTP, "https": AppProtocol.HTTPS, "tcp": AppProtocol.TCP,
+                  "udp": AppProtocol.UDP, "ws": AppProtocol.WS, "wss": AppProtocol.HTTPS,
+                  "grpc": AppProtocol.GRPC, "grpc-web": AppProtocol.HTTP,
+                  "http2": AppProtocol.HTTP2, "h2c": AppProtocol.HTTP2, "tls": AppProtocol.HTTPS}
+
+
+def app_protocol_of(app_protocol: str, name: str, protocol: str) -> AppProtocol:
+    """``appProtocol``, else the port name's prefix (``http``, ``http-0``), else ``protocol``."""
+    for text in (app_protocol.lower().rsplit("/", 1)[-1], name.lower().split("-", 1)[0],
+                 name.lower()):
+        if text in _NAME_PREFIXES:
+            if protocol == "UDP" and _NAME_PREFIXES[text] is not AppProtocol.UDP:
+                break  # a UDP port cannot carry a TCP protocol, whatever its name says
+            return _NAME_PREFIXES[text]
+    return {"UDP": AppProtocol.UDP, "SCTP": AppProtocol.SCTP}.get(protocol, AppProtocol.TCP)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    protocol: str  # TCP | UDP | SCTP
+    port: int
+    target_port: int | str
+    node_port: int | None = None
+    app_protocol: str = ""
+
+    @property
+    def app(self) -> AppProtocol:
+        return app_protocol_of(self.app_protocol, self.name, self.protocol)
+
+
+@dataclass(frozen=True)
+class Service:
+    meta: ObjectMeta
+    type: str = "ClusterIP"
+    cluster_ips: tuple[str, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    selector: dict[str, str] | None = field(default=None, compare=True)
+    external_name: str = ""
+    session_affinity: str = "None"
+    affinity_timeout: int = 10800
+    publish_not_ready: bool = False
+    external_ips: tuple[str, ...] = ()
+
+    @property
+    def headless(self) -> bool:
+        return self.type != "ExternalName" and (not self.cluster_ips or
+                                                self.cluster_ips[0] == "None")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.meta.namespace, self.meta.name)
+
+    def port_named(self, name: str) -> ServicePort | None:
+        return next((p for p in self.ports if p.name == name), None)
+
+
+def _parse_port(p: Any, i: int) -> ServicePort:
+    where = f"spec.ports[{i}]."
+    if not isinstance(p, dict):
+        raise ManifestError(f"spec.ports[{i}]: expected a mapping")
+    number = _int(p, "port", where)
+    if number is None or not 1 <= number <= 65535:
+        raise ManifestError(f"{where}port: expected an integer 1-65535, got {p.get('port')!r}")
+    protocol = _str(p, "protocol", where, "TCP").upper()
+    if protocol not in ("TCP", "UDP", "SCTP"):
+        raise ManifestError(f"{where}protocol: expected TCP, UDP or SCTP, got {protocol!r}")
+    target = p.get("targetPort", number)
+    if target is None or target == "" or target == 0:
+        target = number
+    if not isinstance(target, (int, str)) or isinstance(target, bool):
+        raise ManifestError(f"{where}targetPort: expected an integer or a port name")
+    return ServicePort(name=_str(p, "name", where), protocol=protocol, port=number,
+                       target_port=target, node_port=_int(p, "nodePort", where),
+                       app_protocol=_str(p, "appProtocol", where))
+
+
+def parse_service(obj: dict[str, Any]) -> Service:
+    meta = parse_meta(obj)
+    spec = _map(obj, "spec", "")
+    svc_type = _str(spec, "type", "spec.", "ClusterIP")
+    ips = _strs(spec, "clusterIPs", "spec.") or ((_str(spec, "clusterIP", "spec."),)
+                                                 if spec.get("clusterIP") else ())
+    ports = tuple(_parse_port(p, i) for i, p in enumerate(_list(spec, "ports", "spec.")))
+    affinity = _map(_map(spec, "sessionAffinityConfig", "spec."), "clientIP",
+                    "spec.sessionAffinityConfig.")
+    selector = spec.get("selector")
+    if selector is not None and not isinstance(selector, dict):
+        raise ManifestError("spec.selector: expected a mapping")
+    if svc_type == "ExternalName" and not spec.get("externalName"):
+        raise ManifestError("spec.externalName: required for type ExternalName")
+    return Service(meta=meta, type=svc_type, cluster_ips=ips, ports=ports,
+                   selector={str(k): str(v) for k, v in selector.items()} if selector else None,
+                   external_name=_str(spec, "externalName", "spec.").rstrip("."),
+                   session_affinity=_str(spec, "sessionAffinity", "spec.", "None"),
+                   affinity_timeout=_int(affinity, "timeoutSeconds", "spec.", 10800) or 10800,
+                   publish_not_ready=_bool(spec, "publishNotReadyAddresses", "spec.", False),
+                   external_ips=_strs(spec, "externalIPs", "spec."))
+
+
+# ---- EndpointSlice / Endpoints ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetRef:
+    kind: str
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    hostname: str = ""
+    node_name: str = ""
+    zone: str = ""
+    target_ref: TargetRef | None = None
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    port: int | None
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    """An EndpointSlice, or a core/v1 Endpoints object converted to the same shape."""
+    meta: ObjectMeta
+    service_name: str
+    address_type: str = "IPv4"
+    endpoints: tuple[Endpoint, ...] = ()
+    ports: tuple[EndpointPort, ...] = ()
+
+
+def _target_ref(obj: dict[str, Any], where: str) -> TargetRef | None:
+    ref = _map(obj, "targetRef", where)
+    if not ref:
+        return None
+    return TargetRef(kind=_str(ref, "kind", where), namespace=_str(ref, "namespace", where),
+                     name=_str(ref, "name", where))
+
+
+def _endpoint_port(p: Any, where: str) -> EndpointPort:
+    if not isinstance(p, dict):
+        raise ManifestError(f"{where}: expected a mapping")
+    return EndpointPort(name=_str(p, "name", where), port=_int(p, "port", where),
+                        protocol=_str(p, "protocol", where, "TCP"),
+                        app_protocol=_str(p, "appProtocol", where))
+
+
+def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
+    meta = parse_meta(obj)
+    endpoints = []
+    for i, e in enumerate(_list(obj, "endpoints", "")):
+        where = f"endpoints[{i}]."
+        if not isinstance(e, dict):
+            raise ManifestError(f"endpoints[{i}]: expected a mapping")
+        cond = _map(e, "conditions", where)
+        serving = _bool(cond, "serving", where + "conditions.", True)
+        terminating = _bool(cond, "terminating", where + "conditions.", False)
+        endpoints.append(Endpoint(
+            addresses=_strs(e, "addresses", where),
+            ready=_bool(cond, "ready", where + "conditions.", True),
+            serving=serving, terminating=terminating,
+            hostname=_str(e, "hostname", where), node_name=_str(e, "nodeName", where),
+            zone=_str(e, "zone", where), target_ref=_target_ref(e, where)))
+    ports = tuple(_endpoint_port(p, f"ports[{i}]") for i, p in enumerate(_list(obj, "ports", "")))
+    return EndpointSlice(meta=meta, service_name=meta.labels.get(SERVICE_NAME_LABEL, ""),
+                         address_type=_str(obj, "addressType", "", "IPv4"),
+                         endpoints=tuple(endpoints), ports=ports)
+
+
+def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
+    """core/v1 Endpoints → one slice per object (``addresses`` ready, the rest not ready)."""
+    meta = parse_meta(obj)
+    endpoints: list[Endpoint] = []
+    ports: dict[tuple[str, int | None, str], EndpointPort] = {}
+    for i, subset in enumerate(_list(obj, "subsets", "")):
+        where = f"subsets[{i}]."
+        if not isinstance(subset, dict):
+            raise ManifestError(f"subsets[{i}]: expected a mapping")
+        for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for j, a in enumerate(_list(subset, key, where)):
+                w = f"{where}{key}[{j}]."
+                if not isinstance(a, dict) or not a.get("ip"):
+                    raise ManifestError(f"{w}ip: required")
+                endpoints.append(Endpoint(addresses=(_str(a, "ip", w),), ready=ready,
+                                          serving=ready, hostname=_str(a, "hostname", w),
+                                          node_name=_str(a, "nodeName", w),
+                                          target_ref=_target_ref(a, w)))
+        for j, p in enumerate(_list(subset, "ports", where)):
+            ep = _endpoint_port(p, f"{where}ports[{j}]")
+            ports[(ep.name, ep.port, ep.protocol)] = ep
+    family = "IPv6" if endpoints and ":" in endpoints[0].addresses[0] else "IPv4"
+    return EndpointSlice(meta=meta, service_name=meta.name, address_type=family,
+                         endpoints=tuple(endpoints), ports=tuple(ports.values()))
+
+
+# ---- Pod, Node, Namespace, Secret -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pod:
+    meta: ObjectMeta
+    node_name: str = ""
+    hostname: str = ""
+    subdomain: str = ""
+    host_network: bool = False
+    phase: str = ""
+    pod_ips: tuple[str, ...] = ()
+    ready: bool = False
+    terminating: bool = False
+    container_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, protocol)
+
+
+def parse_pod(obj: dict[str, Any]) -> Pod:
+    meta = parse_meta(obj)
+    spec = _map(obj, "spec", "")
+    status = _map(obj, "status", "")
+    ips = tuple(ip["ip"] for ip in _list(status, "podIPs", "status.")
+                if isinstance(ip, dict) and ip.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (_str(status, "podIP", "status."),)
+    ready = any(isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in _list(status, "conditions", "status."))
+    cports = []
+    for i, c in enumerate(_list(spec, "containers", "spec.")):
+        for j, p in enumerate(_list(c if isinstance(c, dict) else {}, "ports", "")):
+            w = f"spec.containers[{i}].ports[{j}]."
+            if isinstance(p, dict) and p.get("containerPort") is not None:
+                cports.append((_str(p, "name", w), _int(p, "containerPort", w) or 0,
+                               _str(p, "protocol", w, "TCP")))
+    m = _map(obj, "metadata", "")
+    return Pod(meta=meta, node_name=_str(spec, "nodeName", "spec."),
+               hostname=_str(spec, "hostname", "spec."),
+               subdomain=_str(spec, "subdomain", "spec."),
+               host_network=_bool(spec, "hostNetwork", "spec.", False),
+               phase=_str(status, "phase", "status."), pod_ips=ips, ready=ready,
+               terminating=bool(m.get("deletionTimestamp")), container_ports=tuple(cports))
+
+
+@dataclass(frozen=True)
+class Node:
+    meta: ObjectMeta
+    addresses: tuple[tuple[str, str], ...] = ()  # (type, address): InternalIP, ExternalIP, ...
+
+
+def parse_node(obj: dict[str, Any]) -> Node:
+    status = _map(obj, "status", "")
+    addrs = tuple((_str(a, "type", "status.addresses."), _str(a, "address", "status.addresses."))
+                  for a in _list(status, "addresses", "status.") if isinstance(a, dict))
+    return Node(meta=parse_meta(obj, namespaced=False), addresses=addrs)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    meta: ObjectMeta
+    phase: str = "Active"
+
+
+def parse_namespace(obj: dict[str, Any]) -> Namespace:
+    status = _map(obj, "status", "")
+    return Namespace(meta=parse_meta(obj, namespaced=False),
+                     phase=_str(status, "phase", "status.", "Active"))
+
+
+@dataclass(frozen=True)
+class Secret:
+    meta: ObjectMeta
+    type: str = "Opaque"
+    data: dict[str, bytes] = field(default_factory=dict)
+
+
+def parse_secret(obj: dict[str, Any]) -> Secret:
+    data: dict[str, bytes] = {}
+    for key, value in _map(obj, "data", "").items():
+        try:
+            data[key] = base64.b64decode(str(value), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ManifestError(f"data.{key}: not valid base64") from e
+    for key, value in _map(obj, "stringData", "").items():
+        data[key] = str(value).encode()
+    return Secret(meta=parse_meta(obj), type=_str(obj, "type", "", "Opaque"), data=data)
+
+
+Parser = Callable[[dict[str, Any]], Any]

@@ -1,0 +1,1 @@
+"""Service proxy: iptables rules, listeners, TCP/UDP/HTTP pumps, load balancing."""

@@ -1,0 +1,1 @@
+"""Greenlet spawning, logging, metrics and the admin HTTP endpoint."""

@@ -1,0 +1,1 @@
+"""``edgemesh server``: the rendezvous and relay server."""

@@ -1,0 +1,63 @@
+"""``edgemesh status``: what the local agent knows, read from its admin endpoint."""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+VIEWS = ("node", "services", "peers")
+
+
+def fetch(admin: str, view: str, timeout: float = 3.0) -> Any:
+    with urllib.request.urlopen(f"http://{admin}/debug/{view}", timeout=timeout) as r:
+        return json.load(r)
+
+
+def show(admin: str, as_json: bool) -> int:
+    try:
+        available = fetch(admin, "")
+        data = {view: fetch(admin, view) for view in VIEWS if view in available}
+    except (OSError, urllib.error.URLError, ValueError) as e:
+        click.echo(f"error: cannot reach the agent's admin endpoint at {admin}: {e}", err=True)
+        return 1
+    if as_json:
+        json.dump(data, sys.stdout, indent=1, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    click.echo(render(data))
+    return 0
+
+
+def render(data: dict[str, Any]) -> str:
+    node = data.get("node", {})
+    lines = [f"node {node.get('node')} ({node.get('role')}, edgemesh {node.get('version')})"]
+    if not node.get("synced"):
+        lines.append("metadata: waiting for first sync")
+    elif node.get("stale"):
+        lines.append(f"metadata: STALE — {node['stale']}")
+    lines.append("")
+    lines.append(f"{'SERVICE':40} {'CLUSTER-IP':16} {'PORT':18} ENDPOINTS")
+    for svc in data.get("services", []):
+        name = f"{svc['namespace']}/{svc['name']}"
+        ip = "None" if svc["headless"] else (svc["externalName"] or
+                                             ",".join(svc["clusterIPs"]) or "-")
+        if not svc["ports"]:
+            lines.append(f"{name:40} {ip:16} {'-':18} -")
+        for p in svc["ports"]:
+            eps = ", ".join(f"{e['ip']}:{e['port']}" + (f"@{e['node']}" if e["node"] else "")
+                            for e in p["endpoints"]) or "<none>"
+            port = f"{p['port']}/{p['protocol']}" + (f" {p['name']}" if p["name"] else "")
+            lines.append(f"{name:40} {ip:16} {port:18} {eps}")
+    peers = data.get("peers")
+    if peers is not None:
+        lines.append("")
+        lines.append(f"{'PEER':24} {'PATH':10} {'ADDRESS':24} {'RTT':>9} DETAIL")
+        for p in peers:
+            rtt = f"{p['rtt_ms']:.2f}ms" if p.get("rtt_ms") is not None else "-"
+            lines.append(f"{p['node']:24} {p.get('path', '-'):10} {p.get('address') or '-':24} "
+                         f"{rtt:>9} {p.get('detail', '')}")
+    return "\n".join(lines)

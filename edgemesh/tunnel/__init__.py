@@ -1,0 +1,1 @@
+"""Node identity and handshake, stream multiplexing (sans-IO frames), peer paths."""
