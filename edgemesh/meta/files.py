@@ -1,0 +1,418 @@
+"""The files source: cluster metadata from directories of manifests, without a cluster.
+
+``--manifests DIR`` (repeatable) loads every ``*.yaml``, ``*.yml`` and ``*.json`` below DIR
+(hidden entries skipped, so a ConfigMap volume's ``..data`` copies are not read twice). A file
+may hold several documents (``---``), concatenated JSON objects, or a ``kind: List`` /
+``ServiceList`` with ``items``. Files are polled (mtime, size, inode) every ``poll_interval``
+seconds, so an edit lands within two polls; no inotify needed.
+
+Rules a user can rely on:
+
+- Documents of kinds EdgeMesh does not read (Deployments, ConfigMaps...) are ignored.
+- A file is applied whole. While it has a YAML/JSON syntax error or a malformed document of a
+  kind EdgeMesh reads, the error is logged as ``FILE:doc#N: reason`` (the first document is
+  ``doc#1``), counted in ``edgemesh_meta_bad_documents_total``, and the file's last good
+  contents stay in effect (none, if it never was good).
+- A Service with a selector and neither EndpointSlices nor Endpoints gets endpoints derived
+  from the Pods it selects, as Kubernetes' EndpointSlice controller would: one slice per
+  address family named ``<service>-derived`` (``-derived-ipv6`` for IPv6), ready when the
+  Pod is Running, Ready and not terminating, named target ports resolved per Pod.
+- Namespaces that objects live in exist even without a Namespace document (Kubernetes would
+  not have accepted the objects otherwise), so DNS can tell NODATA from NXDOMAIN.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import yaml
+
+from edgemesh.errors import ManifestError
+from edgemesh.meta import kinds
+from edgemesh.meta.models import SERVICE_NAME_LABEL, Pod, Service
+from edgemesh.meta.store import Store
+from edgemesh.runtime import metrics, tasks
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".yaml", ".yml", ".json")
+
+BAD_DOCUMENTS = metrics.counter(
+    "edgemesh_meta_bad_documents_total",
+    "Manifest documents rejected (syntax errors, malformed objects of known kinds).")
+RELOADS = metrics.counter("edgemesh_meta_manifest_reloads_total",
+                          "Times the files source applied changed manifests to the store.")
+
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _ManifestLoader(_Base):  # type: ignore[misc]
+    """A safe loader that keeps timestamps as strings, as JSON (and Kubernetes) would."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in _Base.yaml_implicit_resolvers.items()}
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One object read from a manifest: its kind name, typed value and raw document."""
+    kind: str
+    obj: Any
+    raw: dict[str, Any]
+
+
+Signature = tuple[int, int, int]  # (mtime_ns, size, inode)
+
+
+class FilesSource:
+    """Polls manifest directories and keeps the store equal to what they describe."""
+
+    def __init__(self, store: Store, dirs: list[str], poll_interval: float = 1.0) -> None:
+        self.store = store
+        self.dirs = list(dirs)
+        self.poll_interval = poll_interval
+        self._signatures: dict[str, Signature] = {}
+        self._good: dict[str, list[Parsed]] = {}  # path → last good contents
+        self._errors: dict[str, list[str]] = {}  # path → problems of its current version
+        self._missing_reported: set[str] = set()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Load once (so the store is synced before consumers start), then keep polling."""
+        self.poll()
+        self._greenlet = tasks.spawn_forever("meta-files", self._sleep_then_poll, backoff=0)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+
+    @property
+    def errors(self) -> dict[str, list[str]]:
+        """The current problems by file (empty when every file is good)."""
+        return {path: list(problems) for path, problems in self._errors.items()}
+
+    def _sleep_then_poll(self) -> None:
+        gevent.sleep(self.poll_interval)
+        self.poll()
+
+    def poll(self) -> bool:
+        """Re-read changed files; apply the result to the store. True if anything changed."""
+        current = dict(self._scan())
+        changed = False
+        for path in sorted(set(self._signatures) - set(current)):
+            log.info("manifest %s removed", path)
+            self._signatures.pop(path)
+            self._good.pop(path, None)
+            self._errors.pop(path, None)
+            changed = True
+        for path, signature in sorted(current.items()):
+            if self._signatures.get(path) == signature:
+                continue
+            self._signatures[path] = signature
+            self._load_file(path)
+            changed = True
+        if changed or not self.store.synced:
+            self._apply()
+        return changed
+
+    # ---- reading files ------------------------------------------------------------------------
+
+    def _scan(self) -> Iterator[tuple[str, Signature]]:
+        for top in self.dirs:
+            if not os.path.isdir(top):
+                if top not in self._missing_reported:
+                    self._missing_reported.add(top)
+                    log.warning("manifests directory %s does not exist (yet); watching for it",
+                                top)
+                continue
+            self._missing_reported.discard(top)
+            yield from _walk(top)
+
+    def _load_file(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            self._reject(path, [f"{path}: cannot read: {e}"])
+            return
+        parsed, problems = read_manifest(path, text)
+        if problems:
+            self._reject(path, problems)
+            return
+        if self._errors.pop(path, None):
+            log.info("manifest %s is good again", path)
+        self._good[path] = parsed
+        log.debug("manifest %s: %d objects", path, len(parsed))
+
+    def _reject(self, path: str, problems: list[str]) -> None:
+        self._errors[path] = problems
+        BAD_DOCUMENTS.inc(len(problems))
+        kept = len(self._good.get(path, []))
+        for problem in problems:
+            log.error("%s", problem)
+        log.warning("manifest %s rejected; keeping its last good contents (%d objects)",
+                    path, kept)
+
+    # ---- applying -----------------------------------------------------------------------------
+
+    def _apply(self) -> None:
+        by_kind: dict[str, dict[tuple[str, str], Parsed]] = {k.name: {} for k in kinds.ALL}
+        for path in sorted(self._good):
+            for item in self._good[path]:
+                key = (item.obj.meta.namespace, item.obj.meta.name)
+                if key in by_kind[item.kind]:
+                    log.warning("%s %s/%s is defined twice; %s wins", item.kind, key[0], key[1],
+                                path)
+                by_kind[item.kind][key] = item
+        for item in derive_endpoint_slices(by_kind):
+            by_kind["EndpointSlice"].setdefault((item.obj.meta.namespace, item.obj.meta.name),
+                                                item)
+        for item in implied_namespaces(by_kind):
+            by_kind["Namespace"][("", item.obj.meta.name)] = item
+        state = {kind: [(p.obj, p.raw) for p in items.values()]
+                 for kind, items in by_kind.items()}
+        if self.store.replace_many(state):
+            RELOADS.inc()
+            log.info("manifests applied: %s", ", ".join(
+                f"{len(v)} {k}" for k, v in state.items() if v) or "no objects")
+        self.store.mark_synced()
+
+
+def _walk(top: str) -> Iterator[tuple[str, Signature]]:
+    try:
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except OSError as e:
+        log.warning("cannot list %s: %s", top, e.strerror)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk(entry.path)
+            elif entry.name.endswith(EXTENSIONS) and entry.is_file():
+                st = entry.stat()
+                yield entry.path, (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            continue  # vanished between listing and stat: the next poll sees it gone
+
+
+# ---- documents --------------------------------------------------------------------------------
+
+def read_manifest(path: str, text: str) -> tuple[list[Parsed], list[str]]:
+    """The objects of known kinds in one file, and every problem found (``FILE:doc#N: ...``)."""
+    try:
+        documents = _documents(path, text)
+    except ManifestError as e:
+        return [], [str(e)]
+    parsed: list[Parsed] = []
+    problems: list[str] = []
+    ignored = 0
+    for index, doc in enumerate(documents, 1):
+        if doc is None:
+            continue
+        for where, item in _expand_list(doc, f"{path}:doc#{index}"):
+            try:
+                result = parse_document(item)
+            except ManifestError as e:
+                problems.append(f"{where}: {e}")
+                continue
+            if result is None:
+                ignored += 1
+            else:
+                parsed.append(result)
+    if ignored:
+        log.debug("%s: ignored %d documents of kinds EdgeMesh does not read", path, ignored)
+    return parsed, problems
+
+
+def _documents(path: str, text: str) -> list[Any]:
+    if path.endswith(".json"):
+        return _json_documents(path, text)
+    docs: list[Any] = []
+    try:
+        for doc in yaml.load_all(text, Loader=_ManifestLoader):
+            docs.append(doc)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(e, "problem", None) or str(e)
+        raise ManifestError(f"{path}:doc#{len(docs) + 1}: YAML syntax error{at}: {reason}"
+                            ) from e
+    return docs
+
+
+def _json_documents(path: str, text: str) -> list[Any]:
+    decoder = json.JSONDecoder()
+    docs: list[Any] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return docs
+        try:
+            doc, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}:doc#{len(docs) + 1}: JSON syntax error at line "
+                                f"{e.lineno}, column {e.colno}: {e.msg}") from e
+        docs.append(doc)
+
+
+def _expand_list(doc: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """A document, or the items of a ``List``/``ServiceList`` (items inherit the list's kind)."""
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if not (isinstance(kind, str) and kind.endswith("List") and "items" in doc):
+        yield where, doc
+        return
+    items = doc.get("items") or []
+    if not isinstance(items, list):
+        yield where, {"kind": kind, "apiVersion": doc.get("apiVersion"), "items": items}
+        return
+    item_kind = kind[: -len("List")]
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item_kind and "kind" not in item:
+            item = {"kind": item_kind, "apiVersion": doc.get("apiVersion"), **item}
+        yield f"{where}.items[{i}]", item
+
+
+def parse_document(doc: Any) -> Parsed | None:
+    """A typed object from one document; None for kinds EdgeMesh does not read.
+
+    Raises ManifestError for something that is not a Kubernetes object, or a malformed
+    object of a kind EdgeMesh reads.
+    """
+    if not isinstance(doc, dict):
+        raise ManifestError(f"expected a Kubernetes object (a mapping), got {_shape(doc)}")
+    kind, api_version = doc.get("kind"), doc.get("apiVersion")
+    if not isinstance(kind, str) or not kind:
+        raise ManifestError("kind: required")
+    if not isinstance(api_version, str) or not api_version:
+        raise ManifestError("apiVersion: required")
+    if kind.endswith("List") and "items" in doc:
+        raise ManifestError("items: expected a list")
+    known = kinds.kind_for(api_version, kind)
+    if known is None:
+        return None
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    try:
+        return Parsed(known.name, known.parse(doc), doc)
+    except ManifestError as e:
+        raise ManifestError(f"{kind} {name if isinstance(name, str) else '?'}: {e}") from None
+
+
+def _shape(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+# ---- endpoints from pods ----------------------------------------------------------------------
+
+def derive_endpoint_slices(by_kind: dict[str, dict[tuple[str, str], Parsed]]) -> list[Parsed]:
+    """EndpointSlices for selector Services that have neither slices nor Endpoints."""
+    covered = {(p.obj.meta.namespace, p.obj.service_name)
+               for p in by_kind["EndpointSlice"].values() if p.obj.service_name}
+    covered |= set(by_kind["Endpoints"])
+    pods_by_ns: dict[str, list[Pod]] = {}
+    for p in by_kind["Pod"].values():
+        pods_by_ns.setdefault(p.obj.meta.namespace, []).append(p.obj)
+    out: list[Parsed] = []
+    for key, parsed in sorted(by_kind["Service"].items()):
+        svc: Service = parsed.obj
+        if not svc.selector or svc.type == "ExternalName" or key in covered:
+            continue
+        selected = [pod for pod in pods_by_ns.get(svc.meta.namespace, [])
+                    if _selects(svc.selector, pod)]
+        out.extend(slices_for_pods(svc, selected))
+    return out
+
+
+def _selects(selector: dict[str, str], pod: Pod) -> bool:
+    return all(pod.meta.labels.get(k) == v for k, v in selector.items())
+
+
+def slices_for_pods(svc: Service, pods: list[Pod]) -> list[Parsed]:
+    """The slices Kubernetes would make for ``svc`` from ``pods``.
+
+    Pods are grouped by address family and by how the service's (possibly named) target
+    ports resolve on them, since one slice carries one port mapping.
+    """
+    groups: dict[tuple[str, tuple[tuple[str, int, str, str], ...]], list[dict[str, Any]]] = {}
+    for pod in sorted(pods, key=lambda p: p.meta.name):
+        if pod.phase in ("Succeeded", "Failed"):
+            continue
+        ports = _resolved_ports(svc, pod)
+        for ip in pod.pod_ips:
+            family = "IPv6" if ":" in ip else "IPv4"
+            groups.setdefault((family, ports), []).append(_endpoint_doc(svc, pod, ip))
+    out = []
+    counts: dict[str, int] = {}
+    for (family, ports), endpoints in sorted(groups.items()):
+        counts[family] = counts.get(family, 0) + 1
+        name = f"{svc.meta.name}-derived" + ("-ipv6" if family == "IPv6" else "") + \
+            (f"-{counts[family]}" if counts[family] > 1 else "")
+        raw = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": name, "namespace": svc.meta.namespace,
+                            "labels": {SERVICE_NAME_LABEL: svc.meta.name,
+                                       "endpointslice.kubernetes.io/managed-by":
+                                           "files.edgemesh.kubeedge.io"}},
+               "addressType": family, "endpoints": endpoints,
+               "ports": [{"name": n, "port": number, "protocol": proto,
+                          **({"appProtocol": app} if app else {})}
+                         for n, number, proto, app in ports]}
+        out.append(Parsed("EndpointSlice", kinds.ENDPOINT_SLICE.parse(raw), raw))
+    return out
+
+
+def _resolved_ports(svc: Service, pod: Pod) -> tuple[tuple[str, int, str, str], ...]:
+    """(name, target port, protocol, appProtocol) of each service port resolvable on ``pod``."""
+    out = []
+    for p in svc.ports:
+        target = p.target_port
+        if isinstance(target, str):
+            number = next((cport for cname, cport, cproto in pod.container_ports
+                           if cname == target and cproto == p.protocol), None)
+            if number is None:
+                if not target.isdigit():
+                    continue  # Kubernetes leaves such a pod out of this port's endpoints
+                number = int(target)
+            target = number
+        out.append((p.name, target, p.protocol, p.app_protocol))
+    return tuple(out)
+
+
+def _endpoint_doc(svc: Service, pod: Pod, ip: str) -> dict[str, Any]:
+    serving = pod.ready and pod.phase == "Running"
+    doc: dict[str, Any] = {
+        "addresses": [ip],
+        "conditions": {"ready": serving and not pod.terminating, "serving": serving,
+                       "terminating": pod.terminating},
+        "targetRef": {"kind": "Pod", "namespace": pod.meta.namespace, "name": pod.meta.name,
+                      **({"uid": pod.meta.uid} if pod.meta.uid else {})}}
+    if pod.node_name:
+        doc["nodeName"] = pod.node_name
+    if pod.hostname and pod.subdomain == svc.meta.name:
+        doc["hostname"] = pod.hostname
+    return doc
+
+
+# ---- namespaces -------------------------------------------------------------------------------
+
+def implied_namespaces(by_kind: dict[str, dict[tuple[str, str], Parsed]]) -> list[Parsed]:
+    """Namespace objects for namespaces that objects live in but no document declares."""
+    declared = {name for _, name in by_kind["Namespace"]}
+    used = {"default"} | {ns for items in by_kind.values() for ns, _ in items if ns}
+    out = []
+    for name in sorted(used - declared):
+        raw = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+               "status": {"phase": "Active"}}
+        out.append(Parsed("Namespace", kinds.NAMESPACE.parse(raw), raw))
+    return out
