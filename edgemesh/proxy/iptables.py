@@ -1,0 +1,184 @@
+"""Interception rules: rendered whole from the desired state, applied atomically, removed on exit.
+
+The proxy owns three chains in the ``nat`` table and nothing else but two jump rules:
+
+    PREROUTING -j EDGEMESH-PREROUTING    (clients in other namespaces / pods routed via us)
+    OUTPUT     -j EDGEMESH-OUTPUT        (clients on this node)
+    EDGEMESH-PREROUTING, EDGEMESH-OUTPUT -j EDGEMESH-SERVICES
+    EDGEMESH-SERVICES: one DNAT per (ClusterIP, port, protocol) → the listener of that port
+
+Every sync renders the full text (``render_rules``, a pure function) and feeds it to one
+``iptables-restore --noflush``: declaring a chain flushes it, so the three chains are replaced
+in one transaction and rules of others stay untouched. The jump rules are checked against
+``iptables-save`` and added once (extra copies from a crash or a second agent are removed), so
+any number of restarts leaves exactly one of each. DNAT to a per-port listener tells the
+listener which service a connection or datagram was for, and UDP replies get the ClusterIP
+back from conntrack.
+
+Backends: the host's ``iptables`` may be nf_tables or legacy; ``detect_backend`` picks the one
+that already holds rules (as kube-proxy's iptables-wrapper does), so we never add rules that
+the host's tools cannot show.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+from edgemesh.config import Config
+from edgemesh.runtime import metrics, tasks
+
+log = logging.getLogger(__name__)
+
+SERVICES_CHAIN = "EDGEMESH-SERVICES"
+HOOKS = (("PREROUTING", "EDGEMESH-PREROUTING"), ("OUTPUT", "EDGEMESH-OUTPUT"))
+CHAINS = (SERVICES_CHAIN, *(chain for _, chain in HOOKS))
+ROUTE_PROTO = "237"  # marks the service-CIDR routes we add, so cleanup removes only ours
+
+SYNC_SECONDS = metrics.histogram("edgemesh_proxy_iptables_sync_seconds",
+                                 "Time to render and apply the interception rules.")
+SYNC_FAILURES = metrics.counter("edgemesh_proxy_iptables_sync_failures_total",
+                                "iptables-restore runs that failed.")
+
+
+@dataclass(frozen=True, order=True)
+class Portal:
+    """Traffic to ``cluster_ip:port/protocol`` goes to the listener at ``to_ip:to_port``."""
+    cluster_ip: str
+    port: int
+    protocol: str  # "tcp" | "udp"
+    to_ip: str
+    to_port: int
+    comment: str = ""
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "").replace('"', "")[:250] + '"'
+
+
+def render_rules(portals: list[Portal]) -> str:
+    """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``."""
+    lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
+    for _, chain in HOOKS:
+        lines.append(f"-A {chain} -j {SERVICES_CHAIN}")
+    for p in sorted(set(portals)):
+        comment = f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
+        lines.append(f"-A {SERVICES_CHAIN} -d {p.cluster_ip}/32 -p {p.protocol} -m {p.protocol} "
+                     f"--dport {p.port}{comment} -j DNAT --to-destination {p.to_ip}:{p.to_port}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def hook_rule(parent: str, chain: str) -> str:
+    return f"-A {parent} -j {chain}"
+
+
+def hook_fixes(saved: str) -> list[list[str]]:
+    """iptables arguments that leave exactly one of each jump rule, given ``iptables-save``."""
+    lines = saved.splitlines()
+    fixes = []
+    for parent, chain in HOOKS:
+        count = sum(1 for line in lines if line.strip() == hook_rule(parent, chain))
+        if count == 0:
+            fixes.append(["-t", "nat", "-I", parent, "1", "-j", chain])
+        fixes.extend(["-t", "nat", "-D", parent, "-j", chain] for _ in range(count - 1))
+    return fixes
+
+
+def cleanup_commands(saved: str) -> list[list[str]]:
+    """iptables arguments removing every jump rule and chain of ours found in ``saved``."""
+    lines = saved.splitlines()
+    cmds = []
+    for parent, chain in HOOKS:
+        cmds.extend(["-t", "nat", "-D", parent, "-j", chain]
+                    for line in lines if line.strip() == hook_rule(parent, chain))
+    present = [c for c in CHAINS if f":{c} " in saved]
+    cmds.extend(["-t", "nat", "-F", c] for c in present)
+    cmds.extend(["-t", "nat", "-X", c] for c in present)
+    return cmds
+
+
+# ---- I/O --------------------------------------------------------------------------------------
+
+def _save(binary: str) -> str:
+    try:
+        return tasks.run([f"{binary}-save", "-t", "nat"], timeout=10,
+                         check=False).stdout.decode(errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _rule_count(binary: str) -> int:
+    if shutil.which(f"{binary}-save") is None:
+        return -1
+    try:
+        out = tasks.run([f"{binary}-save"], timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return -1
+    return sum(1 for line in out.splitlines() if line.startswith(b"-A "))
+
+
+def detect_backend() -> str:
+    """``iptables-legacy`` when the legacy tables hold more rules than nf_tables, else the
+    nf_tables variant (or plain ``iptables`` where the variants are not installed)."""
+    legacy, nft = _rule_count("iptables-legacy"), _rule_count("iptables-nft")
+    if legacy > max(nft, 0):
+        return "iptables-legacy"
+    if nft >= 0:
+        return "iptables-nft"
+    return "iptables"
+
+
+class Rules:
+    """Applies rendered rules with one backend and keeps the jump rules single."""
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or detect_backend()
+        self.last_text = ""
+
+    def sync(self, portals: list[Portal]) -> None:
+        """Make the chains hold exactly ``portals`` and the hooks exist once."""
+        started = time.monotonic()
+        text = render_rules(portals)
+        try:
+            tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
+                      timeout=30)
+            for args in hook_fixes(_save(self.binary)):
+                tasks.run([self.binary, "-w", "5", *args], timeout=10)
+        except subprocess.CalledProcessError as e:
+            SYNC_FAILURES.inc()
+            log.error("iptables sync failed: %s", (e.stderr or b"").decode(errors="replace"))
+            raise
+        self.last_text = text
+        SYNC_SECONDS.observe(time.monotonic() - started)
+
+    def remove(self) -> None:
+        remove_from(self.binary)
+
+
+def remove_from(binary: str) -> None:
+    for args in cleanup_commands(_save(binary)):
+        tasks.run([binary, "-w", "5", *args], timeout=10, check=False)
+
+
+def ensure_routes(cidrs: list[str], device: str) -> None:
+    """Routes for the service ranges, so connect() to a ClusterIP reaches the nat OUTPUT hook."""
+    for cidr in cidrs:
+        tasks.run(["ip", "route", "replace", cidr, "dev", device, "proto", ROUTE_PROTO],
+                  timeout=10)
+
+
+def remove_routes(cidrs: list[str]) -> None:
+    for cidr in cidrs:
+        tasks.run(["ip", "route", "del", cidr, "proto", ROUTE_PROTO], timeout=10, check=False)
+
+
+def cleanup(config: Config) -> None:
+    """``edgemesh cleanup``: our chains, jump rules and routes, from every backend present."""
+    for binary in ("iptables-nft", "iptables-legacy", "iptables"):
+        if shutil.which(binary) and shutil.which(f"{binary}-save"):
+            remove_from(binary)
+    if shutil.which("ip"):
+        remove_routes(config.modules.edgeProxy.serviceCIDR)
