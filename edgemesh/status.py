@@ -40,18 +40,18 @@ def render(data: dict[str, Any]) -> str:
     elif node.get("stale"):
         lines.append(f"metadata: STALE — {node['stale']}")
     lines.append("")
-    lines.append(f"{'SERVICE':40} {'CLUSTER-IP':16} {'PORT':18} ENDPOINTS")
+    lines.append(f"{'SERVICE':40} {'CLUSTER-IP':16} {'PORT':24} ENDPOINTS")
     for svc in data.get("services", []):
         name = f"{svc['namespace']}/{svc['name']}"
         ip = "None" if svc["headless"] else (svc["externalName"] or
                                              ",".join(svc["clusterIPs"]) or "-")
         if not svc["ports"]:
-            lines.append(f"{name:40} {ip:16} {'-':18} -")
+            lines.append(f"{name:40} {ip:16} {'-':24} -")
         for p in svc["ports"]:
             eps = ", ".join(f"{e['ip']}:{e['port']}" + (f"@{e['node']}" if e["node"] else "")
                             for e in p["endpoints"]) or "<none>"
             port = f"{p['port']}/{p['protocol']}" + (f" {p['name']}" if p["name"] else "")
-            lines.append(f"{name:40} {ip:16} {port:18} {eps}")
+            lines.append(f"{name:40} {ip:16} {port:24} {eps}")
     peers = data.get("peers")
     if peers is not None:
         lines.append("")

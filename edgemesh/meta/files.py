@@ -22,9 +22,11 @@ Rules a user can rely on:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,7 @@ from edgemesh.runtime import metrics, tasks
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".yaml", ".yml", ".json")
+RACY_NS = 2_000_000_000
 
 BAD_DOCUMENTS = metrics.counter(
     "edgemesh_meta_bad_documents_total",
@@ -80,6 +83,8 @@ class FilesSource:
         self._signatures: dict[str, Signature] = {}
         self._good: dict[str, list[Parsed]] = {}  # path → last good contents
         self._errors: dict[str, list[str]] = {}  # path → problems of its current version
+        self._content: dict[str, bytes] = {}  # path → digest of the bytes last read
+        self._racy: set[str] = set()
         self._missing_reported: set[str] = set()
         self._greenlet: gevent.Greenlet | None = None
 
@@ -111,13 +116,14 @@ class FilesSource:
             self._signatures.pop(path)
             self._good.pop(path, None)
             self._errors.pop(path, None)
+            self._content.pop(path, None)
+            self._racy.discard(path)
             changed = True
         for path, signature in sorted(current.items()):
-            if self._signatures.get(path) == signature:
+            if self._signatures.get(path) == signature and path not in self._racy:
                 continue
             self._signatures[path] = signature
-            self._load_file(path)
-            changed = True
+            changed |= self._load_file(path, signature)
         if changed or not self.store.synced:
             self._apply()
         return changed
@@ -135,21 +141,35 @@ class FilesSource:
             self._missing_reported.discard(top)
             yield from _walk(top)
 
-    def _load_file(self, path: str) -> None:
+    def _load_file(self, path: str, signature: Signature) -> bool:
+        """Read one file that may have changed; True if its content did."""
+        # A write in the same clock tick as our read leaves (mtime, size) unchanged, so a
+        # file modified very recently is read again on the next poll ("racy" as git says).
+        if time.time_ns() - signature[0] < RACY_NS:
+            self._racy.add(path)
+        else:
+            self._racy.discard(path)
         try:
             with open(path, "rb") as f:
-                text = f.read().decode("utf-8")
+                data = f.read()
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
+            self._content.pop(path, None)
             self._reject(path, [f"{path}: cannot read: {e}"])
-            return
+            return True
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if self._content.get(path) == digest:
+            return False
+        self._content[path] = digest
         parsed, problems = read_manifest(path, text)
         if problems:
             self._reject(path, problems)
-            return
+            return True
         if self._errors.pop(path, None):
             log.info("manifest %s is good again", path)
         self._good[path] = parsed
         log.debug("manifest %s: %d objects", path, len(parsed))
+        return True
 
     def _reject(self, path: str, problems: list[str]) -> None:
         self._errors[path] = problems

@@ -16,7 +16,7 @@ class KlogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         t = time.localtime(record.created)
         head = (f"{record.levelname[0]}{time.strftime('%m%d %H:%M:%S', t)}"
-                f".{int(record.msecs * 1000):06d} {os.getpid():>7} "
+                f".{int(record.created % 1 * 1_000_000):06d} {os.getpid():>7} "
                 f"{record.filename}:{record.lineno}] ")
         text = head + record.getMessage()
         if record.exc_info:
