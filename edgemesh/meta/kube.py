@@ -1,0 +1,458 @@
+"""The ``kube`` metadata source: list+watch of every kind EdgeMesh reads, from kube-apiserver or
+the KubeEdge metaServer, written into the store.
+
+Follows shared/reference/k8s-watch.md (rule numbers ``Kx``). One greenlet per kind, each with
+its own resourceVersion (K7):
+
+- list (paginated, K2.5; ``resourceVersion=0`` first, ``""`` after a 410, K2.6) and
+  ``store.replace`` the kind; then watch from the list's RV with ``watch=true``,
+  ``allowWatchBookmarks=true`` and ``timeoutSeconds`` 300-600 (K3);
+- events upsert/delete; ``ADDED`` of a known object is an update (K4.4); BOOKMARK only moves the
+  RV (K4.3); an ERROR with code 410, or HTTP 410, relists (K5.1/K5.2); other errors back off
+  (0.8 s doubling to ``backoff_max``, with jitter) and re-watch from the last RV; after three
+  failures in a row the kind is relisted; a 504 relists at once (K5.3);
+- a clean end of the stream re-watches at once from the last RV seen (K6);
+- a server that replays ``ADDED`` for objects we already hold at the same RV ignores the
+  requested RV (the metaServer, K10.4): it can never tell us about deletions made while no
+  watch was open, so for such a server every reconnect relists first;
+- EndpointSlices are preferred; when their list says 404 or 403 (the Go EdgeMesh's RBAC does
+  not grant them) core/v1 Endpoints are watched instead;
+- Istio kinds (and Node, Secret) are optional: 404/403 means "feature off", the kind is
+  emptied and retried every ``optional_retry`` seconds; they never block readiness.
+
+The store is marked synced once Service, EndpointSlice (or Endpoints), Pod and Namespace have
+each listed once. If a first list fails and ``state_dir`` holds a metadata cache, the cache
+fills the store and ``/readyz`` stays 200 with a check named ``apiserver (serving cached
+metadata: API unreachable since ...)``: the agent can serve, so a readiness probe should keep
+sending traffic, and the note says what it is serving. The first full live sync clears it.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import requests
+import urllib3
+
+from edgemesh.errors import EdgeMeshError, ManifestError, RemoteProtocolError
+from edgemesh.meta import kinds
+from edgemesh.meta.cache import MetadataCache
+from edgemesh.meta.kinds import Kind
+from edgemesh.meta.kubeconn import Connection, connection_from_config
+from edgemesh.meta.kubewire import (
+    ApiError,
+    Expired,
+    LineSplitter,
+    WatchEvent,
+    decode_event,
+    list_page,
+    object_key,
+    retry_after_seconds,
+    status_error,
+)
+from edgemesh.meta.store import Store
+from edgemesh.runtime import metrics, tasks
+from edgemesh.runtime.admin import Admin
+from edgemesh.runtime.logs import Once
+
+__all__ = ["KubeSource", "connection_from_config", "Connection"]
+
+log = logging.getLogger(__name__)
+
+RESTARTS = metrics.counter("edgemesh_meta_watch_restarts_total",
+                           "Watches re-opened, by kind and reason.", ["kind", "reason"])
+RELISTS = metrics.counter("edgemesh_meta_relists_total", "Full lists, by kind.", ["kind"])
+EVENTS = metrics.counter("edgemesh_meta_events_total", "Watch events received.",
+                         ["kind", "type"])
+BAD_OBJECTS = metrics.counter("edgemesh_meta_bad_objects_total",
+                              "Objects from the API that failed to parse (skipped).", ["kind"])
+
+REQUIRED = ("Service", "EndpointSlice", "Pod", "Namespace")
+OPTIONAL = ("Node", "DestinationRule", "Gateway", "VirtualService")
+RELIST_AFTER_FAILURES = 3
+PAGE_SIZE = 500
+CONNECT_TIMEOUT = 5.0
+LIST_READ_TIMEOUT = 60.0
+BACKOFF_BASE = 0.8
+QUICK_EOF_SECONDS = 1.0  # an empty stream that ends sooner than this counts as a failure
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+class FeatureOff(EdgeMeshError):
+    """The API does not serve this kind (404) or we may not read it (403)."""
+
+
+@dataclass
+class KindState:
+    """One kind's list+watch bookkeeping (``/debug/meta`` shows it)."""
+    slot: str  # the kind this loop was started for ("EndpointSlice" even after falling back)
+    kind: Kind  # what it lists and watches now
+    required: bool
+    rv: str = ""
+    list_rv: str = "0"  # resourceVersion for the next list: "0" first, "" after a 410
+    need_list: bool = True
+    listed: bool = False
+    failures: int = 0
+    expired_in_row: int = 0
+    last_error: str = ""
+    error_since: float = 0.0
+    feature_off: str = ""
+    replays: bool = False  # the server ignores the watch RV and replays ADDED (metaServer)
+
+    def view(self) -> dict[str, Any]:
+        return {"kind": self.kind.name, "resourceVersion": self.rv, "synced": self.listed,
+                "required": self.required, "lastError": self.last_error,
+                "failingSince": _iso(self.error_since) if self.error_since else "",
+                "featureOff": self.feature_off, "replayingServer": self.replays}
+
+
+class KubeSource:
+    """List+watch into ``store``; ``start()`` spawns the loops, ``stop()`` ends them."""
+
+    def __init__(self, store: Store, conn: Connection, *, state_dir: str = "",
+                 admin: Admin | None = None, backoff_max: float = 30.0,
+                 secrets: bool = False, optional_retry: float = 60.0) -> None:
+        self.store = store
+        self.conn = conn
+        self.admin = admin
+        self.backoff_max = max(backoff_max, 0.01)
+        self.backoff_base = min(BACKOFF_BASE, self.backoff_max)
+        self.optional_retry = optional_retry
+        self.cache = MetadataCache(store, state_dir, source=conn.base_url) if state_dir else None
+        slots = [*REQUIRED, *OPTIONAL, *(("Secret",) if secrets else ())]
+        # Secrets (gateway TLS) are watched cluster-wide for now; the gateway needs only those
+        # its Gateways' credentialName points at.
+        self.states = {s: KindState(s, kinds.BY_NAME[s], s in REQUIRED) for s in slots}
+        self._sessions = {s: conn.session() for s in slots}
+        self._greenlets: list[gevent.Greenlet] = []
+        self._cache_tried = False
+        self._cache_kinds: set[str] = set()
+        self._once = Once()
+        self._check_name = "apiserver"
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.admin is not None:
+            self.admin.add_check(self._check_name, self._readiness)
+            self.admin.add_view("meta", self.view)
+            self.store.subscribe(self._sync_changed, ())
+        if self.cache is not None:
+            self.cache.start()
+        for slot, st in self.states.items():
+            self._greenlets.append(tasks.spawn_forever(f"kube-{slot}", lambda st=st: self._run(st),
+                                                       backoff=5.0))
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets, timeout=2)
+        self._greenlets.clear()
+        if self.cache is not None:
+            self.cache.stop()
+        for s in self._sessions.values():
+            s.close()
+
+    # ---- admin --------------------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {"server": self.conn.base_url, "synced": self.store.synced,
+                "stale": self.store.stale_reason,
+                "kinds": {slot: st.view() for slot, st in self.states.items()},
+                "cache": self.cache.view() if self.cache else None}
+
+    def _readiness(self) -> str:
+        if self.store.synced:
+            return ""
+        failing = [st for st in self.states.values() if st.required and st.last_error]
+        if failing:
+            st = failing[0]
+            return (f"{self.conn.base_url} failing since {_iso(st.error_since)}: "
+                    f"{st.last_error}; retrying")
+        waiting = [s for s, st in self.states.items() if st.required and not st.listed]
+        return "listing " + ", ".join(waiting)
+
+    def _sync_changed(self, _: frozenset[str]) -> None:
+        """Name the readiness check after the stale state: /readyz stays 200 with the note."""
+        if self.admin is None:
+            return
+        name = f"apiserver ({self.store.stale_reason})" if self.store.stale_reason \
+            else "apiserver"
+        if name != self._check_name:
+            self.admin.checks.pop(self._check_name, None)
+            self.admin.add_check(name, self._readiness)
+            self._check_name = name
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _run(self, st: KindState) -> None:
+        while True:
+            try:
+                if st.need_list:
+                    self._relist(st)
+                self._watch(st)
+            except Expired as e:
+                self._expired(st, e)
+            except FeatureOff as e:
+                self._feature_off(st, e)
+            except (*CONNECTION_ERRORS, ApiError, RemoteProtocolError) as e:
+                self._failed(st, e)
+
+    def _expired(self, st: KindState, e: Expired) -> None:
+        RESTARTS.labels(st.kind.name, "expired").inc()
+        log.info("%s: resourceVersion expired (%s); relisting", st.kind.name, e)
+        st.list_rv, st.need_list = "", True
+        st.expired_in_row += 1
+        if st.expired_in_row > 1:  # a server that keeps saying 410 must not be hammered
+            gevent.sleep(self._backoff(st.expired_in_row - 1))
+
+    def _feature_off(self, st: KindState, e: FeatureOff) -> None:
+        if st.slot == "EndpointSlice" and st.kind is kinds.ENDPOINT_SLICE:
+            log.warning("EndpointSlices not served or not allowed (%s); using core/v1 Endpoints",
+                        e)
+            st.kind, st.need_list, st.list_rv, st.rv = kinds.ENDPOINTS, True, "0", ""
+            self.store.replace(kinds.ENDPOINT_SLICE.name, [])
+            return
+        if st.feature_off != str(e):
+            log.info("%s: feature off (%s); retrying every %.0fs", st.kind.name, e,
+                     self.optional_retry)
+        st.feature_off, st.need_list, st.list_rv = str(e), True, "0"
+        self.store.replace(st.kind.name, [])
+        gevent.sleep(self.optional_retry * random.uniform(0.9, 1.1))
+
+    def _failed(self, st: KindState, e: BaseException) -> None:
+        st.failures += 1
+        reason = _reason(e)
+        RESTARTS.labels(st.kind.name, reason).inc()
+        text = _describe(e)
+        if not st.last_error:
+            st.error_since = time.time()
+            log.warning("%s: list+watch from %s failed: %s; retrying with backoff",
+                        st.kind.name, self.conn.base_url, text)
+        else:
+            log.debug("%s: still failing (%d): %s", st.kind.name, st.failures, text)
+        st.last_error = text
+        if not st.listed and st.required:
+            self._first_list_failed(e)
+        if st.failures >= RELIST_AFTER_FAILURES or (isinstance(e, ApiError) and e.code == 504):
+            st.need_list, st.list_rv = True, ""
+        delay = self._backoff(st.failures)
+        if isinstance(e, ApiError) and e.retry_after:
+            delay = max(delay, min(e.retry_after, self.backoff_max))
+        gevent.sleep(delay)
+
+    def _recovered(self, st: KindState) -> None:
+        if st.last_error:
+            log.warning("%s: list+watch from %s works again (after %d failures)",
+                        st.kind.name, self.conn.base_url, st.failures)
+        st.failures, st.last_error, st.error_since, st.feature_off = 0, "", 0.0, ""
+
+    def _backoff(self, failures: int) -> float:
+        delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, failures - 1))
+        return delay * random.uniform(0.5, 1.0)
+
+    # ---- list ---------------------------------------------------------------------------------
+
+    def _relist(self, st: KindState) -> None:
+        items: list[Any] = []
+        token, list_rv = "", ""
+        while True:
+            params: dict[str, str] = {"limit": str(PAGE_SIZE)}
+            if token:
+                params["continue"] = token
+            elif st.list_rv:
+                params["resourceVersion"] = st.list_rv
+            with self._get(st, params, (CONNECT_TIMEOUT, LIST_READ_TIMEOUT), stream=False) as r:
+                page = list_page(r.content)
+            items.extend(page.items)
+            list_rv = list_rv or page.resource_version
+            token = page.continue_token
+            if not token:
+                break
+        RELISTS.labels(st.kind.name).inc()
+        self.apply_list(st, items)
+        # An empty offline metaServer list has no RV (K10.3): watch with "" and expect a replay.
+        st.rv, st.need_list, st.listed, st.expired_in_row = list_rv, False, True, 0
+        self._recovered(st)
+        log.debug("%s: listed %d objects at rv %r", st.kind.name, len(items), list_rv)
+        self._check_synced()
+
+    def apply_list(self, st: KindState, items: list[Any]) -> None:
+        """Make the store hold exactly these objects; a bad one keeps its last good state."""
+        name = st.kind.name
+        pairs: list[tuple[Any, dict[str, Any]]] = []
+        bad: list[tuple[str, str]] = []
+        for raw in items:
+            obj = self._parse(st.kind, raw)
+            if obj is not None:
+                pairs.append((obj, raw))
+            elif isinstance(raw, dict) and (key := object_key(raw, st.kind.namespaced)):
+                bad.append(key)
+        if bad:
+            raws = {object_key(r, st.kind.namespaced): r
+                    for r in self.store.raw_snapshot().get(name, [])}
+            for key in bad:
+                old = self.store.get(name, *key)
+                if old is not None and key in raws:
+                    pairs.append((old, raws[key]))
+        self.store.replace(name, pairs)
+
+    def _parse(self, kind: Kind, raw: Any) -> Any | None:
+        if isinstance(raw, dict) and isinstance(raw.get("metadata"), dict) and \
+                "managedFields" in raw["metadata"]:
+            # Server-side-apply bookkeeping: often the bulk of an object, never read.
+            raw["metadata"] = {k: v for k, v in raw["metadata"].items() if k != "managedFields"}
+        try:
+            return kind.parse(raw)
+        except (ManifestError, TypeError, ValueError, AttributeError, KeyError) as e:
+            BAD_OBJECTS.labels(kind.name).inc()
+            key = object_key(raw, kind.namespaced) if isinstance(raw, dict) else None
+            if self._once((kind.name, key, str(e))):
+                log.warning("%s %s: skipped malformed object: %s", kind.name,
+                            "/".join(k for k in key if k) if key else "(unnamed)", e)
+            return None
+
+    # ---- watch --------------------------------------------------------------------------------
+
+    def _watch(self, st: KindState) -> None:
+        timeout = random.randint(300, 600)
+        params = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout)}
+        if st.rv:
+            params["resourceVersion"] = st.rv
+        started, events, since = time.monotonic(), 0, st.rv
+        with self._get(st, params, (CONNECT_TIMEOUT, timeout + 30), stream=True) as r:
+            splitter = LineSplitter()
+            while True:
+                data = r.raw.read1(65536)
+                if not data:
+                    break
+                for line in splitter.feed(data):
+                    self.apply_event(st, decode_event(line), since)
+                    events += 1
+                    if st.failures:
+                        self._recovered(st)
+        if splitter.pending:
+            raise RemoteProtocolError("watch stream ended inside an event")
+        if not events and time.monotonic() - started < QUICK_EOF_SECONDS:
+            raise RemoteProtocolError("watch stream ended at once without events")
+        RESTARTS.labels(st.kind.name, "eof").inc()
+        if st.replays:
+            st.need_list = True  # a replaying server never reports deletions made meanwhile
+
+    def apply_event(self, st: KindState, ev: WatchEvent, since: str = "") -> None:
+        """Apply one watch event; ``since`` is the RV the watch was opened at."""
+        name = st.kind.name
+        EVENTS.labels(name, ev.type).inc()
+        if ev.type == "ERROR":
+            raise status_error(ev.object)
+        if ev.type in ("ADDED", "MODIFIED"):
+            obj = self._parse(st.kind, ev.object)
+            if obj is not None:
+                self._note_replay(st, ev.type, obj, since)
+                self.store.upsert(name, obj, ev.object)
+        elif ev.type == "DELETED":
+            key = object_key(ev.object, st.kind.namespaced)
+            if key:
+                self.store.delete(name, *key)
+        if ev.resource_version:
+            st.rv = ev.resource_version
+
+    def _note_replay(self, st: KindState, etype: str, obj: Any, since: str) -> None:
+        old = self.store.get(st.kind.name, obj.meta.namespace, obj.meta.name)
+        if etype != "ADDED" or old is None or not since:
+            return
+        if old.meta.uid != obj.meta.uid:
+            log.debug("%s %s/%s was deleted and recreated", st.kind.name, obj.meta.namespace,
+                      obj.meta.name)
+        elif old.meta.resource_version == obj.meta.resource_version and not st.replays:
+            st.replays = True
+            log.info("%s: the server replays objects on every watch (metaServer-like); "
+                     "relisting on each reconnect", st.kind.name)
+
+    def _get(self, st: KindState, params: dict[str, str], timeout: tuple[float, float],
+             stream: bool) -> requests.Response:
+        r = self._sessions[st.slot].get(self.conn.url(st.kind.path()), params=params,
+                                        headers=self.conn.headers(), timeout=timeout,
+                                        stream=stream, allow_redirects=False)
+        if r.status_code == 200:
+            return r
+        try:
+            body = r.json() if len(r.content) < 1 << 20 else {}
+        except ValueError:
+            body = {}
+        r.close()
+        status = body if isinstance(body, dict) else {}
+        error = status_error(status, r.status_code, retry_after_seconds(
+            r.headers.get("Retry-After")))
+        if r.status_code in (403, 404) and (st.kind.optional or st.slot not in REQUIRED
+                                            or st.kind is kinds.ENDPOINT_SLICE):
+            raise FeatureOff(f"HTTP {r.status_code} for {st.kind.path()}")
+        raise error
+
+    # ---- sync and the cache -------------------------------------------------------------------
+
+    def _check_synced(self) -> None:
+        if not all(st.listed for st in self.states.values() if st.required):
+            return
+        if self.store.synced and not self.store.stale_reason:
+            return
+        if self.store.stale_reason:
+            log.warning("API server %s answers again: serving live metadata", self.conn.base_url)
+            watched = {st.kind.name for st in self.states.values()}
+            self.store.replace_many({k: [] for k in self._cache_kinds - watched})
+        self.store.mark_synced("")
+        if self.cache is not None:
+            self.cache.loaded(False)
+
+    def _first_list_failed(self, error: BaseException) -> None:
+        if self._cache_tried or self.store.synced:
+            return
+        self._cache_tried = True
+        since = _iso(time.time())
+        if self.cache is None:
+            log.warning("API server %s unreachable (%s) and no state dir for a metadata cache; "
+                        "not ready until it answers", self.conn.base_url, _describe(error))
+            return
+        state = self.cache.load()
+        if not state:
+            log.warning("API server %s unreachable (%s) and no usable metadata cache in %s; "
+                        "not ready until it answers", self.conn.base_url, _describe(error),
+                        self.cache.path)
+            return
+        live = {st.kind.name for st in self.states.values() if st.listed}
+        state = {k: v for k, v in state.items() if k not in live}
+        self._cache_kinds = set(state)
+        self.store.replace_many(state)
+        reason = f"serving cached metadata: API unreachable since {since}"
+        self.store.mark_synced(reason)
+        self.cache.loaded(True)
+        log.warning("%s (%d objects from %s, written %s)", reason,
+                    sum(len(v) for v in state.values()), self.cache.path, self.cache.written_at)
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ApiError):
+        return f"http_{e.code}" if e.code else "error"
+    if isinstance(e, RemoteProtocolError):
+        return "protocol"
+    if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+        return "timeout"
+    return "connection"
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, requests.ConnectionError) and e.args:
+        inner = e.args[0]
+        text = str(getattr(inner, "reason", None) or inner)
+        # urllib3 prefixes "<urllib3.connection.HTTPConnection object at 0x...>: "
+        return text.split(">: ", 1)[-1] if text.startswith("<") else text
+    return str(e) or type(e).__name__
