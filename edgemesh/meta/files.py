@@ -327,6 +327,10 @@ def parse_document(doc: Any) -> Parsed | None:
         return Parsed(known.name, known.parse(doc), doc)
     except ManifestError as e:
         raise ManifestError(f"{kind} {name if isinstance(name, str) else '?'}: {e}") from None
+    except (AttributeError, TypeError, ValueError) as e:  # a shape the parser did not foresee
+        log.debug("parser of %s failed on an unforeseen shape", kind, exc_info=True)
+        raise ManifestError(f"{kind} {name if isinstance(name, str) else '?'}: malformed "
+                            f"({type(e).__name__}: {e})") from None
 
 
 def _shape(value: Any) -> str:

@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgemesh.errors import ManifestError
-from edgemesh.meta.models import (ObjectMeta, _bool, _int, _list, _map, _str, _strmap, _strs,
-                                  parse_meta)
+from edgemesh.meta.models import (
+    ObjectMeta,
+    _bool,
+    _int,
+    _list,
+    _map,
+    _str,
+    _strmap,
+    _strs,
+    parse_meta,
+)
 
 # ---- DestinationRule --------------------------------------------------------------------------
 
@@ -91,7 +100,7 @@ def _parse_lb(obj: dict[str, Any], where: str) -> LoadBalancerSettings | None:
         return None
     where += "loadBalancer."
     if "simple" in lb and "consistentHash" in lb:
-        raise ManifestError(f"{where}: only one of simple and consistentHash may be set")
+        raise ManifestError(f"{where[:-1]}: only one of simple and consistentHash may be set")
     simple = _str(lb, "simple", where)
     if simple and simple not in _SIMPLE:
         raise ManifestError(f"{where}simple: unknown policy {simple!r}")
@@ -108,12 +117,12 @@ def _parse_lb(obj: dict[str, Any], where: str) -> LoadBalancerSettings | None:
             if cookie else None,
             use_source_ip=_bool(ch, "useSourceIp", w, False),
             http_query_parameter_name=_str(ch, "httpQueryParameterName", w),
-            minimum_ring_size=_int(_map(ch, "ringHash", w), "minimumRingSize", w) or
+            minimum_ring_size=_int(_map(ch, "ringHash", w), "minimumRingSize", w + "ringHash.") or
             _int(ch, "minimumRingSize", w) or 0)
         keys = sum(map(bool, (chash.http_header_name, chash.http_cookie, chash.use_source_ip,
                               chash.http_query_parameter_name)))
         if keys != 1:
-            raise ManifestError(f"{w}: exactly one hash key must be set")
+            raise ManifestError(f"{w[:-1]}: exactly one hash key must be set")
         if chash.http_cookie and not chash.http_cookie.name:
             raise ManifestError(f"{w}httpCookie.name: required")
     return LoadBalancerSettings(simple=_SIMPLE.get(simple, ""), consistent_hash=chash)
@@ -353,6 +362,8 @@ def _http_route(r: Any, where: str) -> HTTPRoute:
     matches = []
     for i, m in enumerate(_list(r, "match", where)):
         w = f"{where}match[{i}]."
+        if not isinstance(m, dict):
+            raise ManifestError(f"{w[:-1]}: expected a mapping")
         matches.append(HTTPMatch(
             uri=_string_match(m.get("uri"), w + "uri"),
             scheme=_string_match(m.get("scheme"), w + "scheme"),
@@ -370,8 +381,9 @@ def _http_route(r: Any, where: str) -> HTTPRoute:
         route=_route_destinations(r, where),
         redirect=_map(r, "redirect", where) or None,
         direct_response=_map(r, "directResponse", where) or None,
-        rewrite_uri=rewrite.get("uri") if rewrite else None,
-        rewrite_authority=rewrite.get("authority") if rewrite else None,
+        rewrite_uri=_str(rewrite, "uri", where + "rewrite.") if "uri" in rewrite else None,
+        rewrite_authority=_str(rewrite, "authority", where + "rewrite.")
+        if "authority" in rewrite else None,
         timeout=parse_duration(r.get("timeout"), where + "timeout"),
         retries_attempts=_int(retries, "attempts", where + "retries.", 0) or 0,
         retries_per_try_timeout=parse_duration(retries.get("perTryTimeout"),
@@ -398,6 +410,8 @@ def parse_virtual_service(obj: dict[str, Any]) -> VirtualService:
         meta=meta, hosts=_strs(spec, "hosts", "spec."), gateways=_strs(spec, "gateways", "spec."),
         http=tuple(_http_route(r, f"spec.http[{i}].")
                    for i, r in enumerate(_list(spec, "http", "spec."))),
-        tcp=tuple(_l4_route(r, f"spec.tcp[{i}].") for i, r in enumerate(_list(spec, "tcp", "spec."))),
-        tls=tuple(_l4_route(r, f"spec.tls[{i}].") for i, r in enumerate(_list(spec, "tls", "spec."))),
+        tcp=tuple(_l4_route(r, f"spec.tcp[{i}].")
+                  for i, r in enumerate(_list(spec, "tcp", "spec."))),
+        tls=tuple(_l4_route(r, f"spec.tls[{i}].")
+                  for i, r in enumerate(_list(spec, "tls", "spec."))),
         export_to=_strs(spec, "exportTo", "spec."))

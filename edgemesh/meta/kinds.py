@@ -1,8 +1,9 @@
 """The kinds EdgeMesh understands: API paths, parsers, and how to recognise a manifest's kind."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from edgemesh.meta import istio, models
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from edgemesh.errors import ManifestError
 
@@ -67,8 +68,16 @@ def _bool(obj: dict[str, Any], key: str, where: str, default: bool) -> bool:
 
 
 def _strmap(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
+    """A map of strings; numbers and booleans are taken as their text (``version: 1``)."""
     value = _map(obj, key, where)
-    return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif not isinstance(v, (str, int, float)):
+            raise ManifestError(f"{where}{key}.{k}: expected a string, got {v!r}")
+        out[str(k)] = str(v)
+    return out
 
 
 def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -126,14 +135,20 @@ _NAME_PREFIXES = {"http": AppProtocol.HTTP, "https": AppProtocol.HTTPS, "tcp": A
 
 
 def app_protocol_of(app_protocol: str, name: str, protocol: str) -> AppProtocol:
-    """``appProtocol``, else the port name's prefix (``http``, ``http-0``), else ``protocol``."""
-    for text in (app_protocol.lower().rsplit("/", 1)[-1], name.lower().split("-", 1)[0],
-                 name.lower()):
-        if text in _NAME_PREFIXES:
-            if protocol == "UDP" and _NAME_PREFIXES[text] is not AppProtocol.UDP:
-                break  # a UDP port cannot carry a TCP protocol, whatever its name says
-            return _NAME_PREFIXES[text]
-    return {"UDP": AppProtocol.UDP, "SCTP": AppProtocol.SCTP}.get(protocol, AppProtocol.TCP)
+    """``appProtocol``, else the port name (``grpc-web``) or its prefix (``http``, ``http-0``),
+    else ``protocol``.
+
+    Names and ``appProtocol`` only refine a TCP port into what it carries: a UDP or SCTP port
+    is what its protocol says, and a TCP port named ``udp-...`` is still TCP.
+    """
+    if protocol in ("UDP", "SCTP"):
+        return AppProtocol(protocol.lower())
+    for text in (app_protocol.lower().rsplit("/", 1)[-1], name.lower(),
+                 name.lower().split("-", 1)[0]):
+        found = _NAME_PREFIXES.get(text)
+        if found is not None and found is not AppProtocol.UDP:
+            return found
+    return AppProtocol.TCP
 
 
 @dataclass(frozen=True)
@@ -214,7 +229,9 @@ def parse_service(obj: dict[str, Any]) -> Service:
                    selector={str(k): str(v) for k, v in selector.items()} if selector else None,
                    external_name=_str(spec, "externalName", "spec.").rstrip("."),
                    session_affinity=_str(spec, "sessionAffinity", "spec.", "None"),
-                   affinity_timeout=_int(affinity, "timeoutSeconds", "spec.", 10800) or 10800,
+                   affinity_timeout=_int(affinity, "timeoutSeconds",
+                                                "spec.sessionAffinityConfig.clientIP.",
+                                                10800) or 10800,
                    publish_not_ready=_bool(spec, "publishNotReadyAddresses", "spec.", False),
                    external_ips=_strs(spec, "externalIPs", "spec."))
 
@@ -229,6 +246,14 @@ class TargetRef:
 
 
 @dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    port: int | None
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
 class Endpoint:
     addresses: tuple[str, ...]
     ready: bool = True
@@ -238,14 +263,9 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     target_ref: TargetRef | None = None
-
-
-@dataclass(frozen=True)
-class EndpointPort:
-    name: str
-    port: int | None
-    protocol: str = "TCP"
-    app_protocol: str = ""
+    # core/v1 Endpoints: the ports of this address's subset (subsets may differ in ports);
+    # None for EndpointSlice endpoints, which use the slice's ports.
+    ports: tuple[EndpointPort, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,8 +287,9 @@ def _target_ref(obj: dict[str, Any], where: str) -> TargetRef | None:
 
 
 def _endpoint_port(p: Any, where: str) -> EndpointPort:
+    """One port; ``where`` is its path with a trailing dot (``ports[0].``)."""
     if not isinstance(p, dict):
-        raise ManifestError(f"{where}: expected a mapping")
+        raise ManifestError(f"{where.rstrip('.')}: expected a mapping")
     return EndpointPort(name=_str(p, "name", where), port=_int(p, "port", where),
                         protocol=_str(p, "protocol", where, "TCP"),
                         app_protocol=_str(p, "appProtocol", where))
@@ -290,14 +311,18 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
             serving=serving, terminating=terminating,
             hostname=_str(e, "hostname", where), node_name=_str(e, "nodeName", where),
             zone=_str(e, "zone", where), target_ref=_target_ref(e, where)))
-    ports = tuple(_endpoint_port(p, f"ports[{i}]") for i, p in enumerate(_list(obj, "ports", "")))
+    ports = tuple(_endpoint_port(p, f"ports[{i}].") for i, p in enumerate(_list(obj, "ports", "")))
     return EndpointSlice(meta=meta, service_name=meta.labels.get(SERVICE_NAME_LABEL, ""),
                          address_type=_str(obj, "addressType", "", "IPv4"),
                          endpoints=tuple(endpoints), ports=ports)
 
 
 def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
-    """core/v1 Endpoints → one slice per object (``addresses`` ready, the rest not ready)."""
+    """core/v1 Endpoints → one slice per object (``addresses`` ready, the rest not ready).
+
+    Each endpoint keeps its subset's ports (a named target port may resolve differently in
+    different subsets); the slice's ``ports`` is their union.
+    """
     meta = parse_meta(obj)
     endpoints: list[Endpoint] = []
     ports: dict[tuple[str, int | None, str], EndpointPort] = {}
@@ -305,6 +330,10 @@ def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
         where = f"subsets[{i}]."
         if not isinstance(subset, dict):
             raise ManifestError(f"subsets[{i}]: expected a mapping")
+        subset_ports = tuple(_endpoint_port(p, f"{where}ports[{j}].")
+                             for j, p in enumerate(_list(subset, "ports", where)))
+        for ep in subset_ports:
+            ports.setdefault((ep.name, ep.port, ep.protocol), ep)
         for key, ready in (("addresses", True), ("notReadyAddresses", False)):
             for j, a in enumerate(_list(subset, key, where)):
                 w = f"{where}{key}[{j}]."
@@ -313,10 +342,7 @@ def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
                 endpoints.append(Endpoint(addresses=(_str(a, "ip", w),), ready=ready,
                                           serving=ready, hostname=_str(a, "hostname", w),
                                           node_name=_str(a, "nodeName", w),
-                                          target_ref=_target_ref(a, w)))
-        for j, p in enumerate(_list(subset, "ports", where)):
-            ep = _endpoint_port(p, f"{where}ports[{j}]")
-            ports[(ep.name, ep.port, ep.protocol)] = ep
+                                          target_ref=_target_ref(a, w), ports=subset_ports))
     family = "IPv6" if endpoints and ":" in endpoints[0].addresses[0] else "IPv4"
     return EndpointSlice(meta=meta, service_name=meta.name, address_type=family,
                          endpoints=tuple(endpoints), ports=tuple(ports.values()))
@@ -342,7 +368,8 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
     meta = parse_meta(obj)
     spec = _map(obj, "spec", "")
     status = _map(obj, "status", "")
-    ips = tuple(ip["ip"] for ip in _list(status, "podIPs", "status.")
+    ips = tuple(_str(ip, "ip", f"status.podIPs[{i}].")
+                for i, ip in enumerate(_list(status, "podIPs", "status."))
                 if isinstance(ip, dict) and ip.get("ip"))
     if not ips and status.get("podIP"):
         ips = (_str(status, "podIP", "status."),)
@@ -372,8 +399,10 @@ class Node:
 
 def parse_node(obj: dict[str, Any]) -> Node:
     status = _map(obj, "status", "")
-    addrs = tuple((_str(a, "type", "status.addresses."), _str(a, "address", "status.addresses."))
-                  for a in _list(status, "addresses", "status.") if isinstance(a, dict))
+    addrs = tuple((_str(a, "type", f"status.addresses[{i}]."),
+                   _str(a, "address", f"status.addresses[{i}]."))
+                  for i, a in enumerate(_list(status, "addresses", "status."))
+                  if isinstance(a, dict))
     return Node(meta=parse_meta(obj, namespaced=False), addresses=addrs)
 
 
@@ -399,6 +428,9 @@ class Secret:
 def parse_secret(obj: dict[str, Any]) -> Secret:
     data: dict[str, bytes] = {}
     for key, value in _map(obj, "data", "").items():
+        if value is None:
+            data[key] = b""
+            continue
         try:
             data[key] = base64.b64decode(str(value), validate=True)
         except (binascii.Error, ValueError) as e:

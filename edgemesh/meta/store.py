@@ -10,12 +10,22 @@ rebuilt lazily on first read after a change to a kind they depend on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from edgemesh.meta import istio, kinds
-from edgemesh.meta.models import (Endpoint, EndpointSlice, Namespace, Node, Pod, Service,
-                                  ServicePort, TargetRef)
+from edgemesh.meta.models import (
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    Namespace,
+    Node,
+    Pod,
+    Service,
+    ServicePort,
+    TargetRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +187,11 @@ class Store:
         """
         seen: dict[tuple[str, int], Backend] = {}
         for sl in self.slices_for(service):
-            number = _slice_port(sl, port)
-            if number is None:
-                continue
+            slice_number = _port_number(sl.ports, port)
             for ep in sl.endpoints:
+                number = slice_number if ep.ports is None else _port_number(ep.ports, port)
+                if number is None:
+                    continue
                 ready = ep.ready or service.publish_not_ready
                 for ip in ep.addresses:
                     b = _backend(ep, ip, number, ready)
@@ -259,12 +270,12 @@ def _expand_host(host: str, namespace: str, zone: str) -> str:
     return host
 
 
-def _slice_port(sl: EndpointSlice, port: ServicePort) -> int | None:
-    """The target port number a slice gives for a service port (matched by name)."""
-    if not sl.ports:
+def _port_number(ports: tuple[EndpointPort, ...], port: ServicePort) -> int | None:
+    """The target port number endpoint ports give for a service port (matched by name)."""
+    if not ports:
         # Endpoints without ports (selector-less, hand-made): a numeric targetPort still works.
         return port.target_port if isinstance(port.target_port, int) else None
-    for p in sl.ports:
+    for p in ports:
         if p.name == port.name and (p.protocol or "TCP") == port.protocol:
             return p.port
     return None
