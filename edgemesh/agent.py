@@ -59,7 +59,9 @@ class Context:
 # Enabled-by-config modules, in start order: (config section, "module.path:factory").
 # A factory takes the Context and returns a Module. The tunnel comes before the proxy, DNS and
 # gateway because they dial through it.
-MODULES: list[tuple[str, str]] = []
+MODULES: list[tuple[str, str]] = [
+    ("edgeProxy", "edgemesh.proxy.module:build"),
+]
 
 
 def enabled_modules(config: Config) -> list[str]:

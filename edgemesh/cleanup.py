@@ -13,7 +13,9 @@ from edgemesh.config import Config
 log = logging.getLogger(__name__)
 
 # "module.path:function" taking the Config; each must succeed when there is nothing to remove.
-CLEANERS: list[str] = []
+CLEANERS: list[str] = [
+    "edgemesh.proxy.iptables:cleanup",
+]
 
 
 def run(config: Config) -> int:

@@ -1,0 +1,439 @@
+"""TCP forwarding on libev watcher callbacks: accept, connect and pump without greenlets.
+
+Why callbacks: a greenlet pair per connection reached about half of haproxy's new connections
+per second here, callbacks on the hub's own watchers nearly all of it (shared performance.md),
+and an idle connection then costs two sockets and a few small objects, no stack and no buffer.
+
+Per connection:
+- accept (up to ``ACCEPT_BATCH`` per wake-up) → ``Balancer.pick`` → non-blocking connect, a write
+  watcher and a timer. A refused or timed-out connect releases the pick and tries the next
+  endpoint, excluding the ones that failed, at most ``MAX_ATTEMPTS`` times, so a dead endpoint
+  costs a client only latency. The client's first bytes wait in its socket meanwhile.
+- endpoints on other nodes are dialled through ``Dialer.dial_tcp`` (the tunnel) in a short
+  greenlet; the pumping is the same afterwards.
+- each direction (``Flow``) waits for readability, then splices socket → pipe → socket. Pipes
+  (1 MiB, ``F_SETPIPE_SZ``) are borrowed from a small pool only while bytes sit in them; an idle
+  connection holds none. When the destination cannot take more, the flow stops reading and
+  waits for writability (back-pressure).
+- EOF on one side becomes ``shutdown(SHUT_WR)`` on the other (half-close); a reset or error
+  aborts both sides, with RST towards the peer that is still there.
+- an idle sweep closes connections with no traffic for ``tcpIdleTimeout`` seconds.
+"""
+from __future__ import annotations
+
+import _socket
+import fcntl
+import logging
+import os
+import struct
+from typing import Any
+
+import gevent
+
+from edgemesh.errors import UnavailableError
+from edgemesh.meta.store import Backend
+from edgemesh.proxy.dialer import Dialer
+from edgemesh.proxy.lb import Balancer
+from edgemesh.runtime import metrics, tasks
+from edgemesh.runtime.logs import Once
+
+log = logging.getLogger(__name__)
+
+READ, WRITE = 1, 2
+ACCEPT_BATCH = 64
+MAX_ATTEMPTS = 3
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+POOL_KEEP = 32
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_LINGER_RST = struct.pack("ii", 1, 0)
+_once = Once()
+
+CONNECTIONS = metrics.counter("edgemesh_proxy_connections_total",
+                              "TCP connections accepted, by service port.", ["service"])
+ACTIVE = metrics.gauge("edgemesh_proxy_active_connections", "TCP connections open now.")
+BYTES = metrics.counter("edgemesh_proxy_bytes_total",
+                        "Bytes forwarded, by service port and direction.",
+                        ["service", "direction"])
+CONNECT_FAILURES = metrics.counter("edgemesh_proxy_endpoint_connect_failures_total",
+                                   "Failed connects to endpoints, by service port.",
+                                   ["service"])
+REJECTED = metrics.counter("edgemesh_proxy_rejected_connections_total",
+                           "Connections closed at once: no endpoint, limit reached or "
+                           "every attempt failed.", ["service", "reason"])
+CALLBACK_ERRORS = metrics.counter("edgemesh_proxy_callback_errors_total",
+                                  "Unexpected errors in the TCP data path (bugs).")
+
+
+class PipePool:
+    """Empty pipes lent to flows while bytes are in flight; at most ``keep`` are kept idle."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = POOL_KEEP) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass  # above fs.pipe-max-size for an unprivileged user: the default still works
+        return r, w
+
+    def give(self, pipe: tuple[int, int], clean: bool = True) -> None:
+        if clean and len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        while self._free:
+            self.give(self._free.pop(), clean=False)
+
+
+class Flow:
+    """One direction of a connection: ``src`` → pipe → ``dst``."""
+    __slots__ = ("conn", "src", "dst", "rw", "ww", "pipe", "pending", "done", "counter")
+
+    def __init__(self, conn: Conn, src: Any, dst: Any, counter: Any) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.rw = conn.proxy.loop.io(src.fileno(), READ)
+        self.ww: Any = None
+        self.pipe: tuple[int, int] | None = None
+        self.pending = 0
+        self.done = False
+        self.counter = counter
+
+    def start(self) -> None:
+        self.rw.start(self.on_readable)
+
+    def on_readable(self) -> None:
+        try:
+            self._read()
+        except Exception:
+            _callback_failed(self.conn)
+
+    def _read(self) -> None:
+        conn = self.conn
+        pool = conn.proxy.pipes
+        if self.pipe is None:
+            self.pipe = pool.take()
+        try:
+            n = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            if not self.pending:
+                pool.give(self.pipe)
+                self.pipe = None
+            return
+        except OSError:
+            conn.abort()
+            return
+        conn.last = conn.proxy.loop.now()
+        if n == 0:
+            self._eof()
+            return
+        self.pending += n
+        self.counter.value += n
+        self._drain()
+
+    def _drain(self) -> None:
+        assert self.pipe is not None
+        while self.pending:
+            try:
+                m = os.splice(self.pipe[0], self.dst.fileno(), self.pending, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                self.rw.stop()
+                if self.ww is None:
+                    self.ww = self.conn.proxy.loop.io(self.dst.fileno(), WRITE)
+                self.ww.start(self.on_writable)
+                return
+            except OSError:
+                self.conn.abort()
+                return
+            self.pending -= m
+        self.conn.proxy.pipes.give(self.pipe)
+        self.pipe = None
+        if self.ww is not None and self.ww.active:
+            self.ww.stop()
+            self.rw.start(self.on_readable)
+
+    def on_writable(self) -> None:
+        try:
+            self.conn.last = self.conn.proxy.loop.now()
+            self._drain()
+        except Exception:
+            _callback_failed(self.conn)
+
+    def _eof(self) -> None:
+        self.rw.stop()
+        if self.pipe is not None:
+            self.conn.proxy.pipes.give(self.pipe)
+            self.pipe = None
+        self.done = True
+        try:
+            self.dst.shutdown(_socket.SHUT_WR)
+        except OSError:
+            self.conn.abort()
+            return
+        self.conn.flow_done()
+
+    def stop(self) -> None:
+        self.rw.stop()
+        self.rw.close()
+        if self.ww is not None:
+            self.ww.stop()
+            self.ww.close()
+        if self.pipe is not None:
+            # bytes may still sit in it: never lend such a pipe again
+            self.conn.proxy.pipes.give(self.pipe, clean=self.pending == 0)
+            self.pipe = None
+
+
+class Conn:
+    """One proxied connection from accept to close."""
+    __slots__ = ("proxy", "listener", "client", "client_ip", "server", "backend", "tried",
+                 "flows", "last", "cw", "timer", "closed")
+
+    def __init__(self, proxy: TCPProxy, listener: TCPListener, client: Any,
+                 client_ip: str) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.client = client
+        self.client_ip = client_ip
+        self.server: Any = None
+        self.backend: Backend | None = None
+        self.tried: list[Backend] = []
+        self.flows: tuple[Flow, Flow] | None = None
+        self.last = proxy.loop.now()
+        self.cw: Any = None
+        self.timer: Any = None
+        self.closed = False
+
+    # ---- connecting ---------------------------------------------------------------------------
+
+    def connect_next(self) -> None:
+        listener = self.listener
+        if len(self.tried) >= MAX_ATTEMPTS:
+            self._reject("endpoints failed")
+            return
+        key = self.client_ip if listener.balancer.spec.wants_client_ip else None
+        backend = listener.balancer.pick(listener.backends, key, self.tried)
+        if backend is None:
+            self._reject("no endpoints" if not self.tried else "endpoints failed")
+            return
+        self.backend = backend
+        self.tried.append(backend)
+        dialer = self.proxy.dialer
+        if not dialer.is_local(backend):
+            tasks.spawn("proxy-dial", self._dial_remote, backend)
+            return
+        try:
+            self.server = dialer.start_connect(backend)
+        except UnavailableError:
+            self._connect_failed()
+            return
+        loop = self.proxy.loop
+        self.cw = loop.io(self.server.fileno(), WRITE)
+        self.cw.start(self.on_connect_done)
+        self.timer = loop.timer(self.proxy.connect_timeout)
+        self.timer.start(self.on_connect_timeout)
+
+    def on_connect_done(self) -> None:
+        try:
+            self._stop_connect_watchers()
+            err = self.server.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if err:
+                self._connect_failed()
+            else:
+                self._pump(self.server)
+        except Exception:
+            _callback_failed(self)
+
+    def on_connect_timeout(self) -> None:
+        try:
+            self._stop_connect_watchers()
+            self._connect_failed()
+        except Exception:
+            _callback_failed(self)
+
+    def _stop_connect_watchers(self) -> None:
+        for w in (self.cw, self.timer):
+            if w is not None:
+                w.stop()
+                w.close()
+        self.cw = self.timer = None
+
+    def _connect_failed(self) -> None:
+        CONNECT_FAILURES.labels(self.listener.name).inc()
+        assert self.backend is not None
+        self.listener.balancer.release(self.backend)
+        self.backend = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if not self.closed:
+            self.connect_next()
+
+    def _dial_remote(self, backend: Backend) -> None:
+        try:
+            sock = self.proxy.dialer.dial_tcp(backend)
+        except UnavailableError as e:
+            log.debug("dial %s failed: %s", backend, e)
+            self._connect_failed()
+            return
+        if self.closed:
+            sock.close()
+            return
+        self._pump(sock)
+
+    # ---- pumping and closing ------------------------------------------------------------------
+
+    def _pump(self, server: Any) -> None:
+        self.server = server
+        up, down = self.listener.counters
+        self.flows = (Flow(self, self.client, server, up), Flow(self, server, self.client, down))
+        self.last = self.proxy.loop.now()
+        for flow in self.flows:
+            flow.start()
+
+    def flow_done(self) -> None:
+        if self.flows and all(f.done for f in self.flows):
+            self.close()
+
+    def abort(self) -> None:
+        """An error on either side: reset both."""
+        for sock in (self.client, self.server):
+            if sock is not None:
+                try:
+                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RST)
+                except OSError:
+                    pass
+        self.close()
+
+    def _reject(self, reason: str) -> None:
+        REJECTED.labels(self.listener.name, reason).inc()
+        if _once((self.listener.name, reason)):
+            log.warning("%s: closing client connection: %s", self.listener.name, reason)
+        self.abort()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_connect_watchers()
+        if self.flows is not None:
+            for flow in self.flows:
+                flow.stop()
+        for sock in (self.client, self.server):
+            if sock is not None:
+                sock.close()
+        if self.backend is not None:
+            self.listener.balancer.release(self.backend)
+        self.proxy.conns.discard(self)
+
+
+def _callback_failed(conn: Conn) -> None:
+    CALLBACK_ERRORS.inc()
+    log.exception("tcp proxy callback failed")
+    try:
+        conn.abort()
+    except Exception:
+        log.exception("abort failed")
+
+
+class TCPProxy:
+    """What every TCP listener shares: the loop, dialer, pipe pool and open connections."""
+
+    def __init__(self, dialer: Dialer, connect_timeout: float, idle_timeout: float,
+                 max_connections: int) -> None:
+        self.loop = gevent.get_hub().loop
+        self.dialer = dialer
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.pipes = PipePool()
+        self.conns: set[Conn] = set()
+        ACTIVE.fn = lambda: len(self.conns)
+        self._sweeper = tasks.spawn_forever("proxy-tcp-idle", self._sweep_once,
+                                            backoff=min(idle_timeout / 4, 30.0))
+
+    def _sweep_once(self) -> None:
+        cutoff = self.loop.now() - self.idle_timeout
+        for conn in [c for c in self.conns if c.last < cutoff]:
+            conn.close()
+
+    def close(self) -> None:
+        self._sweeper.kill()
+        for conn in list(self.conns):
+            conn.close()
+        self.pipes.close()
+
+
+class TCPListener:
+    """A listening socket for one service port; ``backends`` and ``balancer`` follow the store."""
+
+    def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
+                 backends: list[Backend], port: int = 0) -> None:
+        self.proxy = proxy
+        self.name = name
+        self.balancer = balancer
+        self.backends = backends
+        self.counters = (BYTES.labels(name, "upstream"), BYTES.labels(name, "downstream"))
+        self._accepted = CONNECTIONS.labels(name)
+        family = _socket.AF_INET6 if ":" in ip else _socket.AF_INET
+        self.sock = _socket.socket(family, _socket.SOCK_STREAM)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        self.sock.bind((ip, port))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.family = family
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self._watcher = proxy.loop.io(self.sock.fileno(), READ)
+        self._watcher.start(self.on_acceptable)
+
+    def update(self, balancer: Balancer, backends: list[Backend]) -> None:
+        self.balancer = balancer
+        self.backends = backends
+
+    def on_acceptable(self) -> None:
+        try:
+            self._accept_batch()
+        except Exception:
+            CALLBACK_ERRORS.inc()
+            log.exception("accept on %s failed", self.name)
+
+    def _accept_batch(self) -> None:
+        proxy = self.proxy
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, addr = self.sock._accept()
+            except BlockingIOError:
+                return
+            except OSError as e:  # EMFILE and friends: try again on the next wake-up
+                if _once(("accept", e.errno)):
+                    log.error("accept on %s: %s", self.name, e)
+                return
+            client = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
+            if len(proxy.conns) >= proxy.max_connections:
+                REJECTED.labels(self.name, "limit").inc()
+                client.close()
+                continue
+            client.setblocking(False)
+            client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            self._accepted.value += 1
+            conn = Conn(proxy, self, client, addr[0])
+            proxy.conns.add(conn)
+            conn.connect_next()
+
+    def close(self) -> None:
+        """Stop accepting; connections already proxied carry on."""
+        self._watcher.stop()
+        self._watcher.close()
+        self.sock.close()
+
