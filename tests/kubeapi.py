@@ -104,7 +104,8 @@ class KubeAPI:
         self.failures: dict[str, list[int]] = collections.defaultdict(list)  # one-shot
         self.requests: list[Request] = []
         self.on_request: Callable[[Request], int | None] | None = None  # status to inject
-        self.watches: list[Watch] = []
+        self.watches: list[Watch] = []  # live watch streams
+        self.streams: list[Watch] = []  # every watch stream ever opened, with what it sent
         self._tokens: dict[str, tuple[float, int, list[dict[str, Any]]]] = {}
         self._token_ids = itertools.count(1)
         self._conns: set[Any] = set()
@@ -232,6 +233,9 @@ class KubeAPI:
     def watching(self, resource: str) -> int:
         return len(self._watching(resource))
 
+    def streams_for(self, resource: str) -> list[Watch]:
+        return [w for w in self.streams if w.resource == resource]
+
     def requests_for(self, resource: str, watch: bool | None = None) -> list[Request]:
         return [r for r in self.requests if r.resource == resource and
                 (watch is None or r.watch == watch)]
@@ -337,6 +341,7 @@ class KubeAPI:
         rv_text = req.params.get("resourceVersion", "")
         w = Watch(req.resource, req.namespace,
                   req.params.get("allowWatchBookmarks") == "true" and not self.metaserver)
+        self.streams.append(w)
         backlog = self._backlog(req, rv_text)
         if backlog is not None:
             self.watches.append(w)  # before any yield: later events queue behind the backlog
@@ -388,8 +393,12 @@ class KubeAPI:
                 return
             elif what == "drop":
                 if arg:
-                    half = self._bookmark(w.resource)
-                    data = json.dumps(half).encode()
+                    _, kind, api_version, _ = RESOURCES[w.resource]
+                    phantom = {"type": "ADDED", "object": {
+                        "kind": kind, "apiVersion": api_version,
+                        "metadata": {"name": "phantom", "namespace": "default",
+                                     "resourceVersion": "999999999"}}}
+                    data = json.dumps(phantom).encode() + b"\n"
                     part = data[:len(data) // 2]
                     sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
                 return  # the handler closes the socket: no terminating chunk

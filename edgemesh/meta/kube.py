@@ -84,6 +84,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
+STREAM_BROKEN: tuple[type[BaseException], ...] = (
+    urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError)
+
+
 class FeatureOff(EdgeMeshError):
     """The API does not serve this kind (404) or we may not read it (403)."""
 
@@ -324,22 +328,26 @@ class KubeSource:
         if st.rv:
             params["resourceVersion"] = st.rv
         started, events, since = time.monotonic(), 0, st.rv
+        dropped = False
         with self._get(st, params, (CONNECT_TIMEOUT, timeout + 30), stream=True) as r:
             splitter = LineSplitter()
-            while True:
-                data = r.raw.read1(65536)
-                if not data:
-                    break
-                for line in splitter.feed(data):
-                    self.apply_event(st, decode_event(line), since)
-                    events += 1
-                    if st.failures:
-                        self._recovered(st)
-        if splitter.pending:
-            raise RemoteProtocolError("watch stream ended inside an event")
+            try:
+                while data := r.raw.read1(65536):
+                    for line in splitter.feed(data):
+                        self.apply_event(st, decode_event(line), since)
+                        events += 1
+                        if st.failures:
+                            self._recovered(st)
+            except STREAM_BROKEN:
+                dropped = True  # K6.3: the connection closed under us; an unfinished event
+                # in the splitter is discarded, and the re-watch from the last RV resends it
+        dropped = dropped or splitter.pending > 0
         if not events and time.monotonic() - started < QUICK_EOF_SECONDS:
-            raise RemoteProtocolError("watch stream ended at once without events")
-        RESTARTS.labels(st.kind.name, "eof").inc()
+            raise RemoteProtocolError("watch stream " + ("dropped" if dropped else "ended") +
+                                      " at once without events")
+        RESTARTS.labels(st.kind.name, "dropped" if dropped else "eof").inc()
+        log.debug("%s: watch %s after %d events; re-watching from rv %r", st.kind.name,
+                  "dropped" if dropped else "ended", events, st.rv)
         if st.replays:
             st.need_list = True  # a replaying server never reports deletions made meanwhile
 
@@ -450,6 +458,8 @@ def _reason(e: BaseException) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, urllib3.exceptions.ProtocolError) and e.args:
+        return str(e.args[0])
     if isinstance(e, requests.ConnectionError) and e.args:
         inner = e.args[0]
         text = str(getattr(inner, "reason", None) or inner)
