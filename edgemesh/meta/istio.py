@@ -358,7 +358,7 @@ def _route_destinations(obj: dict[str, Any], where: str) -> tuple[RouteDestinati
 
 def _http_route(r: Any, where: str) -> HTTPRoute:
     if not isinstance(r, dict):
-        raise ManifestError(f"{where}: expected a mapping")
+        raise ManifestError(f"{where[:-1]}: expected a mapping")
     matches = []
     for i, m in enumerate(_list(r, "match", where)):
         w = f"{where}match[{i}]."
@@ -394,7 +394,7 @@ def _http_route(r: Any, where: str) -> HTTPRoute:
 
 def _l4_route(r: Any, where: str) -> L4Route:
     if not isinstance(r, dict):
-        raise ManifestError(f"{where}: expected a mapping")
+        raise ManifestError(f"{where[:-1]}: expected a mapping")
     matches = tuple(L4Match(port=_int(m, "port", where), sni_hosts=_strs(m, "sniHosts", where),
                             gateways=_strs(m, "gateways", where),
                             destination_subnets=_strs(m, "destinationSubnets", where),
