@@ -61,6 +61,8 @@ class Context:
 # gateway because they dial through it.
 MODULES: list[tuple[str, str]] = [
     ("edgeProxy", "edgemesh.proxy.module:build"),
+    ("edgeDNS", "edgemesh.dns.module:build"),  # order: tunnel, proxy, dns, gateway
+    ("edgeGateway", "edgemesh.gateway.module:build"),
 ]
 
 

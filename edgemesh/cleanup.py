@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 # "module.path:function" taking the Config; each must succeed when there is nothing to remove.
 CLEANERS: list[str] = [
     "edgemesh.proxy.iptables:cleanup",
+    "edgemesh.netdev:remove",  # the edgemesh0 bridge (after the rules that use its address)
 ]
 
 

@@ -1,0 +1,110 @@
+"""The agent's ``modules.edgeDNS``: node-local DNS for the cluster zone, forwarding the rest.
+
+Listens on ``listenAddress:listenPort`` (empty address: ``commonConfig.bridgeDeviceIP`` on the
+``edgemesh0`` bridge, created here). Upstreams: ``cacheDNS.upstreamServers``, else the host's
+resolv.conf without our own address. Admin: check ``dns``, view ``/debug/dns``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from edgemesh import netdev
+from edgemesh.dns.answers import Answerer
+from edgemesh.dns.cache import AnswerCache
+from edgemesh.dns.clients import ClientPolicy
+from edgemesh.dns.server import DNSServer
+from edgemesh.dns.upstream import Forwarder, parse_servers, servers_from_resolv_conf
+from edgemesh.dns.zone import ZoneData, zone_data_from
+from edgemesh.runtime import tasks
+
+if TYPE_CHECKING:
+    from edgemesh.agent import Context
+
+log = logging.getLogger(__name__)
+
+ZONE_KINDS = ("Service", "EndpointSlice", "Endpoints", "Namespace")
+LOCAL_REFRESH = 30.0
+
+
+class DNSModule:
+    """Owns the servers, the answerer and its caches; rebuilds zone data on store changes."""
+    name = "edgeDNS"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.modules.edgeDNS
+        self.host = self.cfg.listenAddress or ctx.config.commonConfig.bridgeDeviceIP
+        self.serial = int(time.time())
+        cache_cfg = self.cfg.cacheDNS
+        cache = AnswerCache(cache_cfg.cacheSize) if cache_cfg.enable else None
+        self.answerer = Answerer(self._zone_data, cache, exact_size=cache_cfg.cacheSize)
+        self.policy = ClientPolicy(self.cfg.allowedClients)
+        self.forwarder = Forwarder(self._upstreams(), cache_cfg.upstreamTimeout,
+                                   cache_cfg.maxOutstanding)
+        self.server = DNSServer(self.host, self.cfg.listenPort, self.answerer, self.forwarder,
+                                self.policy, cache_cfg.maxOutstanding)
+        self._refresher: gevent.Greenlet | None = None
+
+    def _upstreams(self) -> list[tuple[str, int]]:
+        configured = self.cfg.cacheDNS.upstreamServers
+        own = {(self.host, self.cfg.listenPort),
+               (self.ctx.config.commonConfig.bridgeDeviceIP, 53)}
+        servers = parse_servers(configured) if configured else servers_from_resolv_conf()
+        return [s for s in servers if s not in own]  # never forward to ourselves
+
+    def _zone_data(self) -> ZoneData:
+        ns_ips = () if self.host in ("0.0.0.0", "::") else (self.host,)
+        return zone_data_from(self.ctx.store, self.cfg.zone, self.cfg.ttl, self.serial, ns_ips)
+
+    def _store_changed(self, _kinds: frozenset[str]) -> None:
+        self.serial = max(self.serial + 1, int(time.time()))
+        self.answerer.invalidate()
+
+    def start(self) -> None:
+        if self.host == self.ctx.config.commonConfig.bridgeDeviceIP:
+            netdev.ensure(self.ctx.config)
+        self.policy.set_local(netdev.local_addresses())
+        self.ctx.store.subscribe(self._store_changed, ZONE_KINDS)
+        self.server.start()
+        self._refresher = tasks.spawn_forever("dns-local-addresses", self._refresh_local,
+                                              backoff=LOCAL_REFRESH)
+        self.ctx.admin.add_check("dns", self._check)
+        self.ctx.admin.add_view("dns", self.view)
+        log.info("DNS on %s:%d (zone %s), upstreams %s", self.host, self.server.port,
+                 self.cfg.zone, ", ".join(f"{h}:{p}" for h, p in self.forwarder.servers)
+                 or "none")
+
+    def _refresh_local(self) -> None:
+        self.policy.set_local(netdev.local_addresses())
+
+    def stop(self) -> None:
+        self.ctx.store.unsubscribe(self._store_changed)
+        if self._refresher is not None:
+            self._refresher.kill()
+        self.server.stop()
+
+    def _check(self) -> str:
+        return "" if self.server.listening else "DNS servers not running"
+
+    def view(self) -> dict[str, Any]:
+        """``/debug/dns``: where we listen, what we know, cache sizes and upstreams."""
+        zone = self.answerer.zone
+        cache = self.answerer.cache
+        return {"listen": f"{self.host}:{self.server.port}", "zone": zone.zone,
+                "ttl": zone.ttl, "serial": zone.serial, "synced": zone.synced,
+                "stale": self.ctx.store.stale_reason,
+                "services": len(zone.services), "namespaces": sorted(zone.namespaces),
+                "cachedAnswers": len(self.answerer.exact),
+                "upstreamCache": len(cache) if cache is not None else None,
+                "upstreams": [f"{h}:{p}" for h, p in self.forwarder.servers],
+                "outstanding": self.forwarder.outstanding,
+                "allowedClients": list(self.cfg.allowedClients)}
+
+
+def build(ctx: Context) -> DNSModule:
+    """The module factory named in ``edgemesh.agent.MODULES``."""
+    return DNSModule(ctx)

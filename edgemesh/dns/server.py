@@ -1,0 +1,211 @@
+"""The DNS servers: one UDP loop and one TCP server on gevent, around an ``Answerer``.
+
+The UDP loop reads datagrams from a raw non-blocking socket and answers a repeated question
+inline from ``Answerer.exact`` (one dict lookup, one concatenation, one ``sendto``), without a
+greenlet per packet. New questions are answered inline too when the zone or the cache knows
+them; only questions for the upstream get a greenlet, from a bounded pool.
+
+TCP (RFC 7766): length-prefixed messages, several per connection, an idle timeout, a bounded
+pool of connections. Clients the ``ClientPolicy`` does not allow get no UDP answer and a REFUSED
+TCP answer.
+"""
+from __future__ import annotations
+
+import _socket
+import logging
+import socket
+import struct
+from typing import Any
+
+import gevent
+import gevent.pool
+from gevent.server import StreamServer
+
+from edgemesh.dns import wire
+from edgemesh.dns.answers import REQUESTS, ZONE_HITS, Answerer, Forward
+from edgemesh.dns.clients import ClientPolicy
+from edgemesh.dns.upstream import Forwarder
+from edgemesh.runtime import metrics, tasks
+
+log = logging.getLogger(__name__)
+
+NOT_ALLOWED = metrics.counter("edgemesh_dns_not_allowed_total", "Queries from clients that "
+                              "are not on this node, by transport (UDP dropped, TCP refused).",
+                              ["transport"])
+TCP_IDLE = 10.0
+MAX_TCP_CONNECTIONS = 256
+YIELD_EVERY = 64  # UDP packets handled before the loop lets other greenlets run
+RCVBUF = 4 << 20
+
+
+class DNSServer:
+    """UDP and TCP listeners on one address; ``forwarder`` resolves what the zone does not."""
+
+    def __init__(self, host: str, port: int, answerer: Answerer, forwarder: Forwarder,
+                 policy: ClientPolicy, max_outstanding: int = 1000) -> None:
+        self.host, self.port = host, port
+        self.answerer = answerer
+        self.forwarder = forwarder
+        self.policy = policy
+        self.pool = gevent.pool.Pool(max_outstanding)
+        self._udp: Any = None
+        self._udp_loop: gevent.Greenlet | None = None
+        self._tcp: StreamServer | None = None
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def start(self) -> None:
+        udp = _socket.socket(self.family, _socket.SOCK_DGRAM)
+        udp.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        try:
+            udp.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, RCVBUF)
+        except OSError:
+            pass
+        udp.bind((self.host, self.port))
+        udp.setblocking(False)
+        self._udp = udp
+        self.port = udp.getsockname()[1]
+        listener = socket.socket(self.family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        self._tcp = StreamServer(listener, self._tcp_connection,
+                                 spawn=gevent.pool.Pool(MAX_TCP_CONNECTIONS))
+        self._tcp.start()
+        self._udp_loop = tasks.spawn("dns-udp", self._serve_udp)
+
+    def stop(self) -> None:
+        if self._udp_loop is not None:
+            self._udp_loop.kill()
+        if self._tcp is not None:
+            self._tcp.stop(timeout=1)
+        self.pool.kill()
+        if self._udp is not None:
+            self._udp.close()
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._udp_loop and not self._udp_loop.dead and self._tcp
+                    and self._tcp.started)
+
+    # ---- UDP ---------------------------------------------------------------------------------
+
+    def _serve_udp(self) -> None:
+        sock = self._udp
+        recvfrom, sendto = sock.recvfrom, sock.sendto
+        hub = gevent.get_hub()
+        readable = hub.loop.io(sock.fileno(), 1)
+        exact = self.answerer.exact  # cleared in place on store changes, never replaced
+        allowed = self.policy.allowed
+        zone_hits = ZONE_HITS
+        handled = 0
+        while True:
+            try:
+                data, addr = recvfrom(65535)
+            except BlockingIOError:
+                hub.wait(readable)
+                handled = 0
+                continue
+            except OSError:
+                continue  # e.g. ECONNREFUSED queued from an earlier send
+            handled += 1
+            if handled >= YIELD_EVERY:
+                handled = 0
+                gevent.sleep(0)
+            if not allowed(addr[0]):
+                NOT_ALLOWED.labels("udp").inc()
+                continue
+            hit = exact.get(data[2:])
+            if hit is not None:
+                hit[1].value += 1
+                zone_hits.value += 1
+                try:
+                    sendto(data[:2] + hit[0], addr)
+                except OSError:
+                    pass
+                continue
+            self._udp_miss(data, addr)
+
+    def _udp_miss(self, data: bytes, addr: Any) -> None:
+        out = self.answerer.cached(data) or self.answerer.answer(data, udp=True)
+        if isinstance(out, Forward):
+            if self.pool.full():
+                out = self.answerer.forwarded(out, None)
+            else:
+                self.pool.spawn(self._forward_udp, out, addr)
+                return
+        if out is not None:
+            self._send(out, addr)
+
+    def _forward_udp(self, fwd: Forward, addr: Any) -> None:
+        self._send(self.resolve(fwd), addr)
+
+    def _send(self, packet: bytes, addr: Any) -> None:
+        try:
+            self._udp.sendto(packet, addr)
+        except OSError:
+            pass
+
+    def resolve(self, fwd: Forward) -> bytes:
+        """Ask the upstream for ``fwd`` and build the client's answer."""
+        if fwd.cname is not None:
+            data = wire.make_query(fwd.target, fwd.query.qtype, fwd.query.qclass)
+        else:
+            data = fwd.query.data
+        return self.answerer.forwarded(fwd, self.forwarder.ask(data, fwd.key))
+
+    # ---- TCP ---------------------------------------------------------------------------------
+
+    def _tcp_connection(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            sock.settimeout(TCP_IDLE)
+            permitted = self.policy.allowed(addr[0])
+            while True:
+                head = _read(sock, 2)
+                if head is None:
+                    return
+                data = _read(sock, struct.unpack("!H", head)[0])
+                if data is None:
+                    return
+                out = self._tcp_answer(data) if permitted else _refused(data)
+                if out is None:
+                    return
+                sock.sendall(struct.pack("!H", len(out)) + out)
+                if not permitted:
+                    return
+        except (TimeoutError, OSError):
+            return
+        finally:
+            sock.close()
+
+    def _tcp_answer(self, data: bytes) -> bytes | None:
+        out = self.answerer.answer(data, udp=False)
+        if isinstance(out, Forward):
+            return self.resolve(out)
+        return out
+
+
+def _refused(data: bytes) -> bytes | None:
+    NOT_ALLOWED.labels("tcp").inc()
+    try:
+        query = wire.parse_query(data)
+    except wire.Drop:
+        return None
+    except wire.FormatError:
+        return wire.error_reply(data, wire.REFUSED)
+    out = wire.rcode_reply(query, wire.REFUSED)
+    REQUESTS.labels(query.type_name, "REFUSED").inc()
+    return out
+
+
+def _read(sock: socket.socket, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

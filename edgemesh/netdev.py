@@ -1,0 +1,86 @@
+"""The agent's own network device: the ``edgemesh0`` bridge holding the link-local address.
+
+``ensure(config)`` creates bridge ``commonConfig.bridgeDeviceName`` with
+``commonConfig.bridgeDeviceIP``/32 (as the Go EdgeMesh does; this kernel family has no
+``dummy`` links), and falls back to putting the address on ``lo`` where bridges are refused.
+It is idempotent: the DNS module and the proxy both call it for the same device.
+``remove(config)`` undoes both forms; ``edgemesh cleanup`` runs it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import subprocess
+
+from edgemesh.config import Config
+from edgemesh.runtime import tasks
+
+log = logging.getLogger(__name__)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    return tasks.run(["ip", *args], check=check, timeout=10)
+
+
+def _cidr(ip: str) -> str:
+    return f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}"
+
+
+def addresses_by_device() -> dict[str, set[str]]:
+    """Every interface's addresses (``ip -j addr``)."""
+    out = _ip("-j", "addr", "show", check=False)
+    if out.returncode != 0:
+        return {}
+    try:
+        links = json.loads(out.stdout or b"[]")
+    except ValueError:
+        return {}
+    return {link.get("ifname", ""): {a.get("local", "") for a in link.get("addr_info", [])
+                                     if a.get("local")} for link in links}
+
+
+def local_addresses() -> set[str]:
+    """Every address assigned to an interface of this node (network namespace)."""
+    return {ip for ips in addresses_by_device().values() for ip in ips}
+
+
+def ensure(config: Config) -> str:
+    """Make the agent's address exist; returns the device holding it ("edgemesh0" or "lo")."""
+    name = config.commonConfig.bridgeDeviceName
+    ip = config.commonConfig.bridgeDeviceIP
+    devices = addresses_by_device()
+    for device, ips in devices.items():
+        if ip in ips:
+            return device
+    if name not in devices:
+        made = _ip("link", "add", name, "type", "bridge", check=False)
+        if made.returncode != 0 and b"File exists" not in made.stderr:
+            log.warning("cannot create bridge %s (%s); putting %s on lo", name,
+                        made.stderr.decode(errors="replace").strip(), ip)
+            _add_address(ip, "lo")
+            return "lo"
+    _ip("link", "set", name, "up", check=False)
+    _add_address(ip, name)
+    log.info("device %s holds %s", name, ip)
+    return name
+
+
+def _add_address(ip: str, device: str) -> None:
+    added = _ip("addr", "add", _cidr(ip), "dev", device, check=False)
+    if added.returncode != 0 and b"File exists" not in added.stderr:
+        raise subprocess.CalledProcessError(added.returncode, ["ip", "addr", "add", ip],
+                                            added.stdout, added.stderr)
+
+
+def remove(config: Config) -> None:
+    """Delete the bridge and any fallback address on lo; nothing to remove is fine."""
+    name = config.commonConfig.bridgeDeviceName
+    ip = config.commonConfig.bridgeDeviceIP
+    devices = addresses_by_device()
+    if name in devices:
+        _ip("link", "del", name, check=False)
+        log.info("removed device %s", name)
+    if ip in devices.get("lo", set()):
+        _ip("addr", "del", _cidr(ip), "dev", "lo", check=False)
+        log.info("removed %s from lo", ip)
