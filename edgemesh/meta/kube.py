@@ -79,6 +79,7 @@ PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
 LIST_READ_TIMEOUT = 60.0
 BACKOFF_BASE = 0.8
+DOWN_REMINDER_SECONDS = 60.0
 QUICK_EOF_SECONDS = 1.0  # an empty stream that ends sooner than this counts as a failure
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     requests.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -139,6 +140,8 @@ class KubeSource:
         self._cache_kinds: set[str] = set()
         self._once = Once()
         self._check_name = "apiserver"
+        self._api_down_since = 0.0
+        self._down_warned = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -230,16 +233,12 @@ class KubeSource:
 
     def _failed(self, st: KindState, e: BaseException) -> None:
         st.failures += 1
-        reason = _reason(e)
-        RESTARTS.labels(st.kind.name, reason).inc()
+        RESTARTS.labels(st.kind.name, _reason(e)).inc()
         text = _describe(e)
         if not st.last_error:
             st.error_since = time.time()
-            log.warning("%s: list+watch from %s failed: %s; retrying with backoff",
-                        st.kind.name, self.conn.base_url, text)
-        else:
-            log.debug("%s: still failing (%d): %s", st.kind.name, st.failures, text)
         st.last_error = text
+        self._log_failure(st, e, text)
         if not st.listed and st.required:
             self._first_list_failed(e)
         if st.failures >= RELIST_AFTER_FAILURES or (isinstance(e, ApiError) and e.code == 504):
@@ -249,10 +248,34 @@ class KubeSource:
             delay = max(delay, min(e.retry_after, self.backoff_max))
         gevent.sleep(delay)
 
+    def _log_failure(self, st: KindState, e: BaseException, text: str) -> None:
+        """One warning when the API becomes unreachable (not one per kind), a reminder each
+        minute while it stays so; errors of one kind (403, 500, ...) are that kind's."""
+        if isinstance(e, (ApiError, RemoteProtocolError)):
+            if st.failures == 1:
+                log.warning("%s: list+watch from %s failed: %s; retrying with backoff",
+                            st.kind.name, self.conn.base_url, text)
+            return
+        now = time.monotonic()
+        if not self._api_down_since:
+            self._api_down_since, self._down_warned = now, now
+            log.warning("API server %s unreachable: %s; retrying with backoff (at most %.0fs)",
+                        self.conn.base_url, text, self.backoff_max)
+        elif now - self._down_warned >= DOWN_REMINDER_SECONDS:
+            self._down_warned = now
+            log.warning("API server %s still unreachable after %.0fs: %s; retrying",
+                        self.conn.base_url, now - self._api_down_since, text)
+        else:
+            log.debug("%s: still failing (%d): %s", st.kind.name, st.failures, text)
+
     def _recovered(self, st: KindState) -> None:
-        if st.last_error:
-            log.warning("%s: list+watch from %s works again (after %d failures)",
-                        st.kind.name, self.conn.base_url, st.failures)
+        if self._api_down_since:
+            log.warning("API server %s reachable again after %.0fs", self.conn.base_url,
+                        time.monotonic() - self._api_down_since)
+            self._api_down_since = 0.0
+        elif st.last_error:
+            log.info("%s: list+watch works again (after %d failures)", st.kind.name,
+                     st.failures)
         st.failures, st.last_error, st.error_since, st.feature_off = 0, "", 0.0, ""
 
     def _backoff(self, failures: int) -> float:
@@ -463,6 +486,7 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, requests.ConnectionError) and e.args:
         inner = e.args[0]
         text = str(getattr(inner, "reason", None) or inner)
-        # urllib3 prefixes "<urllib3.connection.HTTPConnection object at 0x...>: "
-        return text.split(">: ", 1)[-1] if text.startswith("<") else text
+        # urllib3 prefixes "HTTPConnection(host='127.0.0.1', port=1): " or "<... object>: "
+        return text.split("): ", 1)[-1] if text.startswith("HTTP") else \
+            text.split(">: ", 1)[-1] if text.startswith("<") else text
     return str(e) or type(e).__name__
