@@ -126,7 +126,8 @@ class Store:
         self._listeners.append((listener, frozenset(kinds_) if kinds_ is not None else None))
 
     def unsubscribe(self, listener: Listener) -> None:
-        self._listeners = [(cb, k) for cb, k in self._listeners if cb is not listener]
+        # == rather than `is`: a bound method (reconciler.wake) is a new object at each access
+        self._listeners = [(cb, k) for cb, k in self._listeners if cb != listener]
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -208,25 +209,26 @@ class Store:
         """The DestinationRule whose ``spec.host`` names ``service``, as Istio resolves it.
 
         A short host is relative to the rule's namespace; ``name.ns``, ``name.ns.svc`` and the
-        FQDN name the service wherever the rule lives; ``*.suffix`` wildcards match by suffix.
-        A rule in the service's own namespace wins over one elsewhere; ties go to the oldest
-        name in sort order, so the choice is stable.
+        FQDN name the service wherever the rule lives; ``*.suffix`` wildcards (never expanded)
+        match by suffix and ``*`` matches everything. A rule in the service's own namespace
+        wins over one elsewhere, then an exact host over a wildcard, then the longer wildcard;
+        ties go to the first (namespace, name) in sort order, so the choice is stable.
         """
         name, ns = service.meta.name, service.meta.namespace
         fqdn = f"{name}.{ns}.svc.{zone}"
-        best: tuple[int, Key] | None = None
+        best: tuple[int, int, int, Key] | None = None
         chosen = None
         for key, dr in self._objects["DestinationRule"].items():
-            host = dr.host.rstrip(".")
+            host = dr.host.rstrip(".").lower()
             dr_ns = dr.meta.namespace
-            full = _expand_host(host, dr_ns, zone)
-            if host.startswith("*"):
-                matched = fqdn.endswith(full[1:]) or host == "*"
+            wildcard = host.startswith("*")
+            if wildcard:
+                matched = host == "*" or fqdn.endswith(host[1:])
             else:
-                matched = full == fqdn
+                matched = _expand_host(host, dr_ns, zone) == fqdn
             if not matched:
                 continue
-            rank = (0 if dr_ns == ns else 1, key)
+            rank = (0 if dr_ns == ns else 1, int(wildcard), -len(host), key)
             if best is None or rank < best:
                 best, chosen = rank, dr
         return chosen
