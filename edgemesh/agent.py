@@ -60,6 +60,7 @@ class Context:
 # A factory takes the Context and returns a Module. The tunnel comes before the proxy, DNS and
 # gateway because they dial through it.
 MODULES: list[tuple[str, str]] = [
+    ("edgeTunnel", "edgemesh.tunnel.module:build"),
     ("edgeProxy", "edgemesh.proxy.module:build"),
     ("edgeDNS", "edgemesh.dns.module:build"),  # order: tunnel, proxy, dns, gateway
     ("edgeGateway", "edgemesh.gateway.module:build"),

@@ -249,8 +249,29 @@ class EdgeGateway:
     nic: str = opt("*", "Interfaces to listen on: '*' or comma-separated names.")
     includeIP: str = opt("*", "IPs/CIDRs to listen on: '*' or comma-separated.")
     excludeIP: str = opt("*", "IPs/CIDRs never to listen on: '*' (none) or comma-separated.")
-    labels: dict[str, str] = opt({}, "This gateway's labels, matched by Gateway spec.selector.")
+    labels: dict[str, str] = opt({"kubeedge": "edgemesh-gateway"},
+                                 "This gateway's labels, matched by Gateway spec.selector "
+                                 "(a Gateway with an empty selector applies everywhere).")
     maxConnections: int = opt(10000, "Maximum client connections.", positive)
+    requestHeaderTimeout: float = opt(10.0, "Seconds a client has to send a request head "
+                                            "(slow clients get 408).", positive)
+    idleTimeout: float = opt(60.0, "Seconds a kept-alive client connection may sit idle.",
+                             positive)
+    clientTimeout: float = opt(60.0, "Seconds a client may stall while sending a body.",
+                               positive)
+    handshakeTimeout: float = opt(10.0, "Seconds for a TLS ClientHello and handshake.",
+                                  positive)
+    upstreamTimeout: float = opt(60.0, "Seconds to wait for a response head when the route "
+                                       "sets no timeout.", positive)
+    connectTimeout: float = opt(5.0, "Seconds to connect to one endpoint.", positive)
+    maxHeaderBytes: int = opt(16384, "Largest request head accepted (bigger: 431).", positive)
+    maxHeaderFields: int = opt(100, "Most header fields in a request head.", positive)
+    maxRequestBodyBytes: int = opt(0, "Largest request body (bigger: 413); 0: no limit.",
+                                   lambda v: None if v >= 0 else f"expected >= 0, got {v}")
+    tcpIdleTimeout: float = opt(3600.0, "Seconds a TCP, passthrough or WebSocket connection "
+                                        "may stay idle.", positive)
+    interfaceResync: float = opt(10.0, "Seconds between re-reads of the interfaces' "
+                                       "addresses.", positive)
 
 
 @dataclass
@@ -265,6 +286,9 @@ class Modules:
 class Server:
     listen: str = opt("0.0.0.0:20004", "Rendezvous/relay listen address.", host_port)
     advertise: list[str] = opt([], "Addresses agents should use for this server.", host_ports)
+    relayBytesPerSecond: int = opt(50_000_000, "Per-peer relay bandwidth limit (bytes/s).",
+                                   positive)
+    relayMaxCircuits: int = opt(64, "Relay circuits one peer may hold at once.", positive)
 
 
 @dataclass

@@ -143,7 +143,8 @@ def _bind(table: Table, spec: PortSpec, position: int, ref: ServerRef,
     if spec.kind is PortKind.HTTP or (terminated_tls and ref.protocol == "HTTPS"):
         routes = _http_routes(table, vs, gw, source)
         if routes:
-            table_for = spec.http.setdefault(position, HostTable())
+            # plain HTTP servers on one port share one host table, as Envoy merges them
+            table_for = spec.http.setdefault(position if terminated_tls else 0, HostTable())
             for host in effective:
                 table_for.add(host, routes)
     elif spec.kind is PortKind.TCP or terminated_tls:
