@@ -16,8 +16,9 @@ import json
 import os
 import socket
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -77,12 +78,23 @@ def host_port(v: str) -> str | None:
     return None
 
 
-def host_ports(v: list[str]) -> str | None:
-    for item in v:
-        problem = host_port(item)
-        if problem:
-            return problem
-    return None
+def each(check: Checker) -> Checker:
+    """A list checker applying ``check`` to every item; problems name the item (``key[1]``)."""
+    def check_items(v: list[Any]) -> str | None:
+        for i, item in enumerate(v):
+            problem = check(item)
+            if problem:
+                return f"[{i}]: {problem}"
+        return None
+    check_items.per_item = True  # type: ignore[attr-defined]
+    return check_items
+
+
+def _host_port_item(v: str) -> str | None:
+    return "expected HOST:PORT, got \"\"" if v == "" else host_port(v)
+
+
+host_ports = each(_host_port_item)
 
 
 def ip_address(v: str) -> str | None:
@@ -93,13 +105,15 @@ def ip_address(v: str) -> str | None:
     return None
 
 
-def cidrs(v: list[str]) -> str | None:
-    for item in v:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            return f"expected an IP network (CIDR), got {shown(item)}"
+def cidr(v: str) -> str | None:
+    try:
+        ipaddress.ip_network(v, strict=False)
+    except ValueError:
+        return f"expected an IP network (CIDR), got {shown(v)}"
     return None
+
+
+cidrs = each(cidr)
 
 
 def dns_name(v: str) -> str | None:
@@ -126,7 +140,8 @@ def split_host_port(v: str) -> tuple[str, int]:
 
 @dataclass
 class MetaServerSecurity:
-    requireAuthorization: bool = opt(False, "Talk HTTPS with client certificates to the metaServer.")
+    requireAuthorization: bool = opt(False, "Talk HTTPS with client certificates to the "
+                                            "metaServer.")
     insecureSkipTLSVerify: bool = opt(False, "Skip verifying the metaServer's certificate.")
     tlsCaFile: str = opt("/etc/edgemesh/metaserver/rootCA.crt", "CA bundle for the metaServer.")
     tlsCertFile: str = opt("/etc/edgemesh/metaserver/server.crt", "Client certificate.")
@@ -376,10 +391,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
             continue
         problem = check(value) if check else None
         if problem:
-            problems.append(f"{path}: {problem}")
+            problems.append(_at(path, problem))
             continue
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _at(path: str, problem: str) -> str:
+    return f"{path}{problem}" if problem.startswith("[") else f"{path}: {problem}"
 
 
 def from_mapping(data: Any) -> Config:
@@ -403,9 +422,9 @@ def load(path: str | None) -> Config:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError([f"--config: cannot read {path}: {e.strerror}"]) from e
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except yaml.YAMLError as e:
-        raise ConfigError([f"--config: {path} is not valid YAML: {e}"]) from e
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
     return from_mapping(data)
 
 
@@ -427,15 +446,21 @@ def set_path(config: Any, path: str, value: Any) -> None:
     value = _coerce(value, hint, path, problems)
     check = f.metadata.get("check")
     if not problems and check and (problem := check(value)):
-        problems.append(f"{path}: {problem}")
+        problems.append(_at(path, problem))
     if problems:
         raise ConfigError(problems)
     setattr(target, last, value)
 
 
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
-    """Apply environment then flag values (``key.path → value``; None means "not given")."""
+    """Apply environment then flag values (``key.path → value``; None means "not given").
+
+    ``NODE_NAME`` overrides the file's ``nodeName``; ``--node-name`` overrides both; with
+    neither, the hostname.
+    """
     problems: list[str] = []
+    if os.environ.get("NODE_NAME"):
+        config.nodeName = os.environ["NODE_NAME"]
     for path, value in overrides.items():
         if value is None:
             continue
@@ -446,7 +471,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     if problems:
         raise ConfigError(problems)
     if not config.nodeName:
-        config.nodeName = os.environ.get("NODE_NAME") or socket.gethostname()
+        config.nodeName = socket.gethostname()
     return config
 
 
