@@ -163,13 +163,16 @@ class UpstreamPool:
 
 def _still_open(sock: socket.socket) -> bool:
     """A pooled connection has not been closed (or written to) by the endpoint meanwhile."""
+    sock.settimeout(0.0)  # gevent waits out EAGAIN on a socket with a timeout, even with DONTWAIT
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # EOF, or bytes nobody asked for
+        sock.recv(1, socket.MSG_PEEK)  # EOF, or bytes nobody asked for
         return False
     except BlockingIOError:
         return True
     except OSError:
         return False
+    finally:
+        sock.settimeout(None)
 
 
 class _ClientGone(Exception):
@@ -437,26 +440,39 @@ class _Connection:
         request can be sent again (no body bytes were consumed beyond ``out``).
         """
         retry_ok = not fresh and body.done
+        upstream.settimeout(self.limits.body_timeout)
         try:
             upstream.sendall(out)
         except OSError:
             if retry_ok:
                 return None
             raise UnavailableError("endpoint closed while the request was sent") from None
-        if not body.done and not head.expect_continue:
-            self._pump_body(body, upstream)
-        buf = b""
-        while True:
-            got = self._read_response_head(upstream, buf, head.method, retry_ok)
-            if got is None:
-                return None
-            rhead, rraw, buf = got
-            if rhead.status >= 200 or rhead.status == 101:
-                return rhead, rraw, buf
-            self._send_client(rraw)  # 100 Continue, 103 Early Hints, ...
-            retry_ok = False
-            if rhead.status == 100 and not body.done:
+        pump = None
+        if not body.done:
+            if not head.expect_continue:
                 self._pump_body(body, upstream)
+            else:  # the body moves when the client sends it: after our 100, or its own timer
+                pump = tasks.spawn("http-body", self._pump_quietly, body, upstream)
+        try:
+            buf = b""
+            while True:
+                got = self._read_response_head(upstream, buf, head.method, retry_ok)
+                if got is None:
+                    return None
+                rhead, rraw, buf = got
+                if rhead.status >= 200 or rhead.status == 101:
+                    return rhead, rraw, buf
+                self._send_client(rraw)  # 100 Continue, 103 Early Hints, ...
+                retry_ok = False
+        finally:
+            if pump is not None:
+                pump.kill()  # a final answer came first: the client's body is not wanted
+
+    def _pump_quietly(self, body: BodyTracker, upstream: socket.socket) -> None:
+        try:
+            self._pump_body(body, upstream)
+        except (_ClientGone, UnavailableError) as e:
+            log.debug("%s: request body stopped: %s", self.port.name, e)
 
     def _read_response_head(self, upstream: socket.socket, buf: bytes, method: bytes,
                             retry_ok: bool) -> tuple[ResponseHead, bytes, bytes] | None:

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from edgemesh import netdev
 from edgemesh.agent import Context
 from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, ServicePort
 from edgemesh.proxy import iptables
@@ -121,17 +122,10 @@ class ProxyModule:
             self.reconciler.wake()
 
     def _prepare_host(self) -> None:
-        common = self.ctx.config.commonConfig
-        device = common.bridgeDeviceName
-        try:
-            from edgemesh import netdev  # owned by the DNS side; shared device
-            netdev.ensure(self.ctx.config)
-        except ImportError:
-            log.warning("edgemesh.netdev missing: expecting %s on %s to exist",
-                        common.bridgeDeviceIP, device)
+        device = netdev.ensure(self.ctx.config)  # shared with DNS; idempotent
         self.rules = iptables.Rules()
         log.info("iptables backend: %s", self.rules.binary)
-        iptables.ensure_routes(self.config.serviceCIDR, device if _has_device(device) else "lo")
+        iptables.ensure_routes(self.config.serviceCIDR, device)
 
     def _readiness(self) -> str:
         if not self.ctx.store.synced:
@@ -202,11 +196,6 @@ class ProxyModule:
                         "endpoints": [f"{b.ip}:{b.port}" for b in listener.backends]})
         return {"listeners": out, "iptables": self.rules.binary if self.rules else None,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
-
-
-def _has_device(name: str) -> bool:
-    import os
-    return os.path.exists(f"/sys/class/net/{name}")
 
 
 def build(ctx: Context) -> ProxyModule:
