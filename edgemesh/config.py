@@ -132,7 +132,7 @@ def split_host_port(v: str) -> tuple[str, int]:
         host = host[1:-1]
     number = int(port_text)
     if not 0 <= number <= 65535:
-        raise ValueError(f"port out of range in {v!r}")
+        raise ValueError(f"expected HOST:PORT with a port 0-65535, got {shown(v)}")
     return host, number
 
 
