@@ -1,0 +1,117 @@
+"""``edgemesh server``: rendezvous and relay for agents that cannot reach each other directly.
+
+It is a tunnel node with role ``server``: agents hold a long-lived session to it and register
+their addresses; it answers lookups, tells each agent the address it sees, and splices relay
+circuits between two authenticated members (ciphertext only, per-peer limits). Name → key
+bindings live in ``<stateDir>/bindings.json``; ``edgemesh server release NODE`` frees a name.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from typing import Any
+
+import gevent
+import gevent.event
+
+from edgemesh import __version__
+from edgemesh.config import Config, split_host_port
+from edgemesh.runtime import metrics
+from edgemesh.runtime.admin import Admin
+from edgemesh.tunnel import identity
+from edgemesh.tunnel.node import Accepted, TunnelNode
+from edgemesh.tunnel.relay import RelayCore
+from edgemesh.tunnel.session import Session
+
+log = logging.getLogger(__name__)
+
+BUILD_INFO = metrics.gauge("edgemesh_build_info", "EdgeMesh version and role.",
+                           ["version", "role"])
+
+
+class Server:
+    """The server's node, relay core and sessions."""
+
+    def __init__(self, config: Config) -> None:
+        sc = config.server
+        tc = config.modules.edgeTunnel
+        name = config.nodeName or socket.gethostname()
+        psk = identity.load_psk(tc.psk.path, tc.psk.enable)
+        self.node = TunnelNode(name, "server", config.commonConfig.stateDir, psk,
+                               "bindings.json")
+        self.relay = RelayCore(sc.relayBytesPerSecond, sc.relayMaxCircuits)
+        self.listen = sc.listen
+        self.sessions: set[Session] = set()
+
+    def start(self) -> tuple[str, int]:
+        host, port = split_host_port(self.listen)
+        return self.node.listen(host, port, self._on_accept)
+
+    def stop(self) -> None:
+        self.node.stop()
+        for s in list(self.sessions):
+            s.close("server shutting down")
+
+    def _on_accept(self, acc: Accepted) -> None:
+        if acc.result.remote_hello.intent == "circuit":
+            self.relay.handle_circuit(acc)
+            return
+        session = Session(acc.sock, acc.result, acc.reader, initiator=False,
+                          local_hello=self.node.hello(), path="direct", address=acc.address,
+                          max_inbound=0, on_stream=None, on_control=self._on_control,
+                          on_close=self._on_close)
+        self.sessions.add(session)
+        session.start()
+
+    def _on_control(self, session: Session, msg: dict[str, Any]) -> None:
+        if not self.relay.on_control(session, msg):
+            session.send_control({"op": "error", "id": msg.get("id"),
+                                  "reason": f"unknown op {msg.get('op')!r}"})
+
+    def _on_close(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.relay.on_session_closed(session)
+
+    def bindings_view(self) -> list[dict[str, str]]:
+        return [{"node": b.node, "key": b.key} for b in self.node.bindings.all()]
+
+
+def run(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    server = Server(config)
+    BUILD_INFO.labels(__version__, "server").set(1)
+    admin = Admin()
+    admin.add_view("registrations", server.relay.records)
+    admin.add_view("bindings", server.bindings_view)
+    admin.add_view("node", lambda: {"node": server.node.name, "role": "server",
+                                    "version": __version__, "synced": True, "stale": ""})
+    stop = gevent.event.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(sig, stop.set)
+    if config.commonConfig.adminAddress:
+        host, port = admin.start(config.commonConfig.adminAddress)
+        log.info("admin endpoint on http://%s:%d", host, port)
+    try:
+        host, port = server.start()
+    except OSError as e:
+        log.error("cannot listen on %s: %s", config.server.listen, e)
+        admin.stop()
+        return 1
+    log.info("edgemesh server %s listening on %s:%d as %s (key %s)", __version__, host, port,
+             server.node.name, server.node.public_key.hex()[:16])
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        admin.stop()
+    return 0
+
+
+def release(state_dir: str, node: str) -> int:
+    """``edgemesh server release NODE``: free NODE's name binding (the operator's action)."""
+    if identity.release_binding(state_dir, node):
+        print(f"released {node}: the next key it proves will be bound")
+        return 0
+    print(f"{node} is not bound")
+    return 1

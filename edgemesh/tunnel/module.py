@@ -1,0 +1,185 @@
+"""The edgeTunnel module: ``ctx.services["tunnel"]`` for the proxy and gateway, the receiving-
+side policy, server links, the optional relay, and the ``peers`` view / ``tunnel`` check.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from edgemesh.agent import Context
+from edgemesh.errors import UnavailableError
+from edgemesh.runtime import metrics
+from edgemesh.tunnel import frames as fr
+from edgemesh.tunnel import identity
+from edgemesh.tunnel.node import Accepted, TunnelNode
+from edgemesh.tunnel.peers import Peers
+from edgemesh.tunnel.policy import REFUSED, LocalEndpoints
+from edgemesh.tunnel.pumps import TunnelDatagrams, serve_tcp, serve_udp, stream_socket
+from edgemesh.tunnel.relay import RelayCore
+from edgemesh.tunnel.session import Session, Stream
+
+log = logging.getLogger(__name__)
+
+STREAMS_OPENED = metrics.counter("edgemesh_tunnel_streams_opened_total",
+                                 "Streams this node opened to peers, by protocol.", ["proto"])
+STREAMS_SERVED = metrics.counter("edgemesh_tunnel_streams_served_total",
+                                 "Streams peers opened that this node served, by protocol.",
+                                 ["proto"])
+PEER_STREAMS = metrics.gauge("edgemesh_tunnel_peer_streams", "Open streams, by peer.", ["peer"])
+PEER_RTT = metrics.gauge("edgemesh_tunnel_peer_rtt_seconds", "Keepalive round trip, by peer.",
+                         ["peer"])
+PEER_UP = metrics.gauge("edgemesh_tunnel_peer_up", "1 per live session, by peer and path.",
+                        ["peer", "path"])
+RELAY_UP = metrics.gauge("edgemesh_tunnel_servers_up", "Server links that are up.")
+
+
+class TunnelModule:
+    """Implements the proxy's ``TunnelDialer``: ``open_stream`` and ``open_datagram``."""
+    name = "edgeTunnel"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        cfg = ctx.config.modules.edgeTunnel
+        self.cfg = cfg
+        psk = identity.load_psk(cfg.psk.path, cfg.psk.enable)
+        self.node = TunnelNode(ctx.node_name, "agent", ctx.state_dir, psk, "peers.json")
+        self.policy = LocalEndpoints(ctx.store, ctx.node_name)
+        self.relay = RelayCore(cfg.relayBytesPerSecond, cfg.relayMaxCircuits) \
+            if cfg.relay else None
+        self.peers = Peers(self.node, ctx.store, list(cfg.servers), cfg.listenPort,
+                           list(cfg.advertiseAddresses), self._make_session)
+        self.connect_timeout = ctx.config.modules.edgeProxy.connectTimeout
+        self.udp_idle = ctx.config.modules.edgeProxy.udpIdleTimeout
+        ctx.services["tunnel"] = self
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        host, port = self.node.listen(self.cfg.listenAddress, self.cfg.listenPort,
+                                      self._on_accept)
+        log.info("tunnel listening on %s:%d as %s (key %s)", host, port, self.node.name,
+                 self.node.public_key.hex()[:16])
+        self.peers.listen_port = port
+        self.peers.start()
+        RELAY_UP.fn = lambda: sum(link.up for link in self.peers.links)
+        self.ctx.admin.add_view("peers", self.view)
+        self.ctx.admin.add_check("tunnel", self.check)
+        if self.relay is not None:
+            self.ctx.admin.add_view("relay", self.relay.records)
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.peers.stop()
+
+    def check(self) -> str:
+        if not self.peers.links or any(link.up for link in self.peers.links):
+            return ""
+        errors = "; ".join(f"{lk.address}: {lk.last_error or 'connecting'}"
+                           for lk in self.peers.links)
+        return f"no relay server reachable ({errors})"
+
+    # ---- the dialer's interface ---------------------------------------------------------------
+
+    def open_stream(self, node: str, proto: str, ip: str, port: int,
+                    timeout: float | None) -> socket.socket:
+        """A socket connected (through node's agent) to ip:port on ``node``."""
+        if proto.lower() != "tcp":
+            raise UnavailableError(f"open_stream: unsupported protocol {proto}")
+        stream = self._open(node, fr.Target(fr.Proto.TCP, ip, port), timeout)
+        STREAMS_OPENED.labels("tcp").inc()
+        return stream_socket(stream)
+
+    def open_datagram(self, node: str, ip: str, port: int) -> TunnelDatagrams:
+        stream = self._open(node, fr.Target(fr.Proto.UDP, ip, port), self.connect_timeout)
+        STREAMS_OPENED.labels("udp").inc()
+        return TunnelDatagrams(stream)
+
+    def _open(self, node: str, target: fr.Target, timeout: float | None) -> Stream:
+        timeout = self.connect_timeout if timeout is None else timeout
+        session = self.peers.session_for(node, timeout)
+        return session.open_stream(target, timeout)
+
+    # ---- sessions -----------------------------------------------------------------------------
+
+    def _make_session(self, sock: socket.socket, result: Any, reader: Any, *, initiator: bool,
+                      path: str, address: str) -> Session:
+        session = Session(sock, result, reader, initiator=initiator,
+                          local_hello=self.node.hello(), path=path, address=address,
+                          max_inbound=self.cfg.maxStreamsPerPeer, on_stream=self._on_stream,
+                          on_control=self._on_control, on_close=self._on_close)
+        PEER_UP.labels(session.peer, path).inc()
+        PEER_STREAMS.labels(session.peer).fn = lambda p=session.peer: sum(
+            s.stream_count for s in self.peers.sessions.get(p, []))
+        PEER_RTT.labels(session.peer).fn = lambda p=session.peer: (
+            (self.peers.best(p) or session).rtt or 0.0)
+        return session
+
+    def _on_accept(self, acc: Accepted) -> None:
+        hello = acc.result.remote_hello
+        if hello.intent == "circuit":
+            if self.relay is None:
+                acc.sock.close()
+                return
+            self.relay.handle_circuit(acc)
+            return
+        self.peers.adopt(acc.sock, acc.result, acc.reader, initiator=False, path="direct",
+                         address=acc.address)
+
+    def _on_close(self, session: Session) -> None:
+        PEER_UP.labels(session.peer, session.path).dec()
+        self.peers.removed(session)
+        if self.relay is not None:
+            self.relay.on_session_closed(session)
+
+    def _on_control(self, session: Session, msg: dict[str, Any]) -> None:
+        if self.peers.on_control(session, msg):
+            return
+        if self.relay is not None and self.relay.on_control(session, msg):
+            return
+        if msg.get("op") in ("register", "lookup"):
+            session.send_control({"op": "error", "id": msg.get("id"),
+                                  "reason": "this agent is not a relay"})
+
+    def _on_stream(self, session: Session, stream: Stream) -> None:
+        target = stream.target
+        if not self.policy.allows(target):
+            REFUSED.labels("not_local_endpoint").inc()
+            log.info("refused stream from %s to %s %s:%d: not an endpoint on this node",
+                     session.peer, target.proto.name, target.ip, target.port)
+            stream.reset(fr.ResetCode.NOT_LOCAL, "not an endpoint on this node")
+            return
+        STREAMS_SERVED.labels(target.proto.name.lower()).inc()
+        if target.proto is fr.Proto.TCP:
+            serve_tcp(stream, self.connect_timeout)
+        else:
+            serve_udp(stream, self.udp_idle)
+
+    # ---- visibility ---------------------------------------------------------------------------
+
+    def view(self) -> list[dict[str, Any]]:
+        out = []
+        servers = {lk.session for lk in self.peers.links if lk.session}
+        for node, sessions in sorted(self.peers.sessions.items()):
+            for s in sessions:
+                detail = "server" if s in servers else ""
+                if s.peer_hello.role == "server":
+                    detail = "server"
+                out.append({"node": node, "path": s.path, "address": s.address,
+                            "rtt_ms": round(s.rtt * 1000, 3) if s.rtt is not None else None,
+                            "streams": s.stream_count, "bytes_in": s.bytes_in,
+                            "bytes_out": s.bytes_out, "detail": detail,
+                            "key": s.peer_key.hex()[:16]})
+        for link in self.peers.links:
+            if not link.up:
+                out.append({"node": link.address, "path": "down", "address": link.address,
+                            "rtt_ms": None, "streams": 0, "bytes_in": 0, "bytes_out": 0,
+                            "detail": f"server: {link.last_error or 'connecting'}"})
+        return out
+
+
+def build(ctx: Context) -> TunnelModule:
+    os.makedirs(ctx.state_dir, mode=0o700, exist_ok=True)
+    return TunnelModule(ctx)
+

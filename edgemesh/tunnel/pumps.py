@@ -1,0 +1,160 @@
+"""Moving bytes between tunnel streams and sockets, on both ends of a stream.
+
+- Opening side: ``stream_socket`` hands the caller a real socket (one end of a socketpair) and
+  pumps the other end to the stream, so the proxy treats a remote endpoint like a local one.
+  ``TunnelDatagrams`` is the UDP channel: one DATA frame per datagram.
+- Receiving side: ``serve_tcp`` / ``serve_udp`` connect to the local endpoint and pump.
+Half-closes cross the tunnel as FIN; a reset or error closes the socket.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+import gevent
+
+from edgemesh.errors import UnavailableError
+from edgemesh.runtime.tasks import spawn
+from edgemesh.tunnel.frames import MAX_PAYLOAD, ResetCode
+from edgemesh.tunnel.session import Stream, StreamClosed
+
+log = logging.getLogger(__name__)
+
+UDP_MAX = 65535
+
+
+def _socket_to_stream(sock: socket.socket, stream: Stream) -> None:
+    try:
+        while True:
+            data = sock.recv(MAX_PAYLOAD)
+            if not data:
+                stream.shutdown_write()
+                return
+            stream.send(data)
+    except (OSError, UnavailableError):
+        stream.reset(ResetCode.CANCEL)
+
+
+def _stream_to_socket(stream: Stream, sock: socket.socket) -> None:
+    try:
+        while True:
+            data = stream.recv()
+            if not data:
+                sock.shutdown(socket.SHUT_WR)
+                return
+            sock.sendall(data)
+    except (OSError, UnavailableError):
+        stream.reset(ResetCode.CANCEL)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def pump(sock: socket.socket, stream: Stream) -> None:
+    """Copy both ways until both directions ended; close the socket after."""
+    up = spawn("tunnel-pump-up", _socket_to_stream, sock, stream)
+    try:
+        _stream_to_socket(stream, sock)
+        up.join()
+    finally:
+        up.kill(block=False)
+        sock.close()
+        stream.session.forget_if_done(stream.id)
+
+
+def stream_socket(stream: Stream) -> socket.socket:
+    """A socket whose peer end is pumped to ``stream`` (the caller owns the returned end)."""
+    outer, inner = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spawn("tunnel-pump", pump, inner, stream)
+    return outer
+
+
+def serve_tcp(stream: Stream, timeout: float) -> None:
+    """Receiving side of a TCP stream: connect to the local endpoint, accept, pump."""
+    t = stream.target
+    family = socket.AF_INET6 if ":" in t.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((t.ip, t.port))
+    except OSError as e:
+        sock.close()
+        stream.reset(ResetCode.CONNECT_FAILED, f"connect {t.ip}:{t.port}: "
+                                               f"{e.strerror or 'timed out'}")
+        return
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream.accept()
+    pump(sock, stream)
+
+
+def serve_udp(stream: Stream, idle_timeout: float) -> None:
+    """Receiving side of a UDP stream: one connected UDP socket, datagrams both ways."""
+    t = stream.target
+    family = socket.AF_INET6 if ":" in t.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.connect((t.ip, t.port))
+    except OSError as e:
+        sock.close()
+        stream.reset(ResetCode.CONNECT_FAILED, f"udp {t.ip}:{t.port}: {e.strerror}")
+        return
+    stream.accept()
+
+    def replies() -> None:
+        while True:
+            try:
+                data = sock.recv(UDP_MAX)
+            except ConnectionRefusedError:
+                continue  # ICMP port unreachable from an earlier datagram
+            except OSError:
+                return
+            try:
+                stream.send_datagram(data)
+            except UnavailableError:
+                return
+
+    back = spawn("tunnel-udp-replies", replies)
+    try:
+        while True:
+            data = stream.recv(timeout=idle_timeout)
+            if not data:
+                break
+            try:
+                sock.send(data)
+            except OSError:
+                pass  # UDP: a lost datagram is not an error
+    except (TimeoutError, UnavailableError):
+        pass
+    finally:
+        back.kill(block=False)
+        sock.close()
+        stream.reset(ResetCode.CANCEL)
+
+
+class TunnelDatagrams:
+    """The proxy's UDP channel to a remote endpoint: one stream, one DATA frame per datagram."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def send(self, data: bytes) -> None:
+        if len(data) > MAX_PAYLOAD:
+            return  # cannot cross in one frame; dropped like an oversized datagram
+        try:
+            for _ in range(100):
+                if self.stream.send_datagram(data):
+                    return
+                gevent.sleep(0.01)  # window full: brief wait, then drop (UDP semantics)
+        except StreamClosed as e:
+            raise UnavailableError(str(e)) from e
+
+    def recv(self) -> bytes:
+        data = self.stream.recv()
+        if not data:
+            raise UnavailableError("tunnel datagram stream ended")
+        return data
+
+    def close(self) -> None:
+        self.stream.reset(ResetCode.CANCEL)

@@ -1,0 +1,246 @@
+"""Rendezvous and relay: what ``edgemesh server`` (and ``edgemesh agent --relay``) offer.
+
+Rendezvous (control messages on a session, docs/tunnel-protocol.md §6): an agent ``register``s
+its addresses; the relay answers with the address it sees (``observed``) and answers
+``lookup``s for other nodes.
+
+Relay: node A opens a *circuit* connection (handshake intent ``circuit``, ``connect: B``); the
+relay tells B (``incoming``), B opens a circuit connection with ``accept: <token>``; the relay
+answers both with one encrypted ``circuit`` record and from then on splices raw bytes. A and B
+run their own end-to-end handshake through it, so the relay only ever sees their ciphertext.
+Per-peer limits: circuits at once, and bytes/s (a token bucket per node, over all its circuits).
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+
+from edgemesh.errors import EdgeMeshError
+from edgemesh.runtime import metrics
+from edgemesh.runtime.tasks import spawn
+from edgemesh.tunnel import frames as fr
+from edgemesh.tunnel.node import Accepted
+from edgemesh.tunnel.records import SecureChannel
+from edgemesh.tunnel.session import Session
+
+log = logging.getLogger(__name__)
+
+CIRCUIT_WAIT = 10.0
+SPLICE_CHUNK = 256 * 1024
+
+CIRCUITS = metrics.gauge("edgemesh_relay_circuits", "Relay circuits open, by requesting peer.",
+                         ["peer"])
+CIRCUITS_TOTAL = metrics.counter("edgemesh_relay_circuits_total",
+                                 "Relay circuit requests by result.", ["result"])
+RELAY_BYTES = metrics.counter("edgemesh_relay_bytes_total", "Bytes relayed, by sending peer.",
+                              ["peer"])
+THROTTLED = metrics.counter("edgemesh_relay_throttled_seconds_total",
+                            "Time relay splicing waited on a peer's bytes/s limit.", ["peer"])
+REGISTERED = metrics.gauge("edgemesh_relay_registered_nodes", "Nodes registered here.")
+
+
+class TokenBucket:
+    """Sans-IO rate limit: ``take(n, now)`` returns how long to wait before sending n bytes."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else rate
+        self.tokens = self.burst
+        self.stamp: float | None = None
+
+    def take(self, n: int, now: float) -> float:
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+@dataclass
+class Registration:
+    node: str
+    session: Session
+    key: str
+    addrs: list[str]
+    port: int
+    observed: str
+
+    def record(self) -> dict[str, Any]:
+        return {"node": self.node, "key": self.key, "addrs": self.addrs, "port": self.port,
+                "public": self.observed, "online": not self.session.closed}
+
+
+@dataclass
+class _Pending:
+    requester: str
+    target: str
+    arrived: gevent.event.AsyncResult = field(default_factory=gevent.event.AsyncResult)
+
+
+class RelayCore:
+    """Registrations, lookups and circuits for one server (or relaying agent)."""
+
+    def __init__(self, bytes_per_second: int, max_circuits: int) -> None:
+        self.rate = bytes_per_second
+        self.max_circuits = max_circuits
+        self.registry: dict[str, Registration] = {}
+        self.circuits: dict[str, int] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+        self._pending: dict[str, _Pending] = {}
+        REGISTERED.fn = lambda: len(self.registry)
+
+    # ---- rendezvous ---------------------------------------------------------------------------
+
+    def on_control(self, session: Session, msg: dict[str, Any]) -> bool:
+        """Handle a rendezvous message; False if it is not one of ours."""
+        op = msg.get("op")
+        if op == "register":
+            self._register(session, msg)
+        elif op == "lookup":
+            reg = self.registry.get(str(msg.get("node", "")))
+            reply = reg.record() if reg else {"node": msg.get("node"), "online": False}
+            session.send_control({"op": "record", "id": msg.get("id"), "found": bool(reg),
+                                  **reply})
+        else:
+            return False
+        return True
+
+    def _register(self, session: Session, msg: dict[str, Any]) -> None:
+        addrs = [str(a) for a in msg.get("addrs", []) if isinstance(a, str)][:16]
+        port = msg.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            port = 0
+        self.registry[session.peer] = Registration(session.peer, session, session.peer_key.hex(),
+                                                   addrs, port, session.address)
+        session.send_control({"op": "registered", "observed": session.address})
+        log.info("registered %s (lan %s port %d, seen as %s)", session.peer, addrs, port,
+                 session.address)
+
+    def on_session_closed(self, session: Session) -> None:
+        reg = self.registry.get(session.peer)
+        if reg is not None and reg.session is session:
+            del self.registry[session.peer]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [r.record() for r in sorted(self.registry.values(), key=lambda r: r.node)]
+
+    # ---- circuits -----------------------------------------------------------------------------
+
+    def handle_circuit(self, acc: Accepted) -> None:
+        """An authenticated connection with intent ``circuit``: connect or accept one."""
+        channel = SecureChannel(acc.result.send, acc.result.recv)
+        hello = acc.result.remote_hello
+        try:
+            if "connect" in hello.extra:
+                self._connect(acc, channel, str(hello.extra["connect"]))
+            elif "accept" in hello.extra:
+                self._accept(acc, channel, str(hello.extra["accept"]))
+            else:
+                self._answer(acc.sock, channel, False, "circuit: neither connect nor accept")
+                acc.sock.close()
+        except (OSError, EdgeMeshError) as e:
+            log.debug("circuit from %s failed: %s", hello.node, e)
+            acc.sock.close()
+
+    def _connect(self, acc: Accepted, channel: SecureChannel, target: str) -> None:
+        requester = acc.result.remote_hello.node
+        reason = self._refusal(requester, target)
+        if reason:
+            CIRCUITS_TOTAL.labels(reason.split(":")[0].replace(" ", "_")).inc()
+            self._answer(acc.sock, channel, False, reason)
+            acc.sock.close()
+            return
+        token = secrets.token_hex(16)
+        pending = self._pending[token] = _Pending(requester, target)
+        self.circuits[requester] = self.circuits.get(requester, 0) + 1
+        CIRCUITS.labels(requester).inc()
+        try:
+            self.registry[target].session.send_control({"op": "incoming", "circuit": token,
+                                                        "from": requester})
+            other = pending.arrived.get(timeout=CIRCUIT_WAIT)
+        except (gevent.Timeout, EdgeMeshError):
+            CIRCUITS_TOTAL.labels("target_did_not_answer").inc()
+            self._answer(acc.sock, channel, False, f"{target} did not answer")
+            acc.sock.close()
+            self._release(requester)
+            return
+        finally:
+            self._pending.pop(token, None)
+        b_sock, b_channel, b_leftover = other
+        CIRCUITS_TOTAL.labels("ok").inc()
+        self._answer(b_sock, b_channel, True, "")
+        self._answer(acc.sock, channel, True, "")
+        log.info("circuit %s -> %s", requester, target)
+        try:
+            self._splice(acc.sock, acc.reader.leftover(), requester, b_sock, b_leftover, target)
+        finally:
+            self._release(requester)
+
+    def _accept(self, acc: Accepted, channel: SecureChannel, token: str) -> None:
+        pending = self._pending.get(token)
+        if pending is None or pending.target != acc.result.remote_hello.node:
+            self._answer(acc.sock, channel, False, "unknown circuit")
+            acc.sock.close()
+            return
+        pending.arrived.set((acc.sock, channel, acc.reader.leftover()))
+
+    def _refusal(self, requester: str, target: str) -> str:
+        if target not in self.registry or self.registry[target].session.closed:
+            return f"not registered: {target}"
+        if target == requester:
+            return "circuit to self"
+        if self.circuits.get(requester, 0) >= self.max_circuits:
+            return f"circuit limit: {requester} has {self.max_circuits} circuits"
+        return ""
+
+    def _release(self, requester: str) -> None:
+        self.circuits[requester] = max(0, self.circuits.get(requester, 1) - 1)
+        CIRCUITS.labels(requester).dec()
+
+    @staticmethod
+    def _answer(sock: socket.socket, channel: SecureChannel, ok: bool, reason: str) -> None:
+        import json
+        body = json.dumps({"op": "circuit", "ok": ok, "reason": reason}).encode()
+        sock.sendall(channel.seal(fr.encode_frame(fr.Frame(fr.FrameType.CONTROL, 0, body))))
+
+    def _splice(self, a: socket.socket, a_left: bytes, a_name: str, b: socket.socket,
+                b_left: bytes, b_name: str) -> None:
+        one = spawn("relay-splice", self._copy, a, b, a_left, a_name)
+        try:
+            self._copy(b, a, b_left, b_name)
+            one.join()
+        finally:
+            one.kill(block=False)
+            a.close()
+            b.close()
+
+    def _copy(self, src: socket.socket, dst: socket.socket, first: bytes, sender: str) -> None:
+        bucket = self.buckets.setdefault(sender, TokenBucket(self.rate))
+        counter, throttled = RELAY_BYTES.labels(sender), THROTTLED.labels(sender)
+        try:
+            data = first
+            while True:
+                if data:
+                    wait = bucket.take(len(data), time.monotonic())
+                    if wait > 0:
+                        throttled.inc(wait)
+                        gevent.sleep(wait)
+                    dst.sendall(data)
+                    counter.inc(len(data))
+                data = src.recv(SPLICE_CHUNK)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+        except OSError:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
