@@ -65,7 +65,7 @@ def _handshake_bytes(data: bytes) -> bytes | SniResult:
             break
         out += data[pos + 5:pos + 5 + size]
         pos += 5 + size
-    if pos == 0 and len(data) >= 1 and data[0] != _HANDSHAKE:
+    if pos == 0 and ((data[:1] and data[0] != _HANDSHAKE) or (data[1:2] and data[1] != 3)):
         return NOT_TLS
     return bytes(out)
 
