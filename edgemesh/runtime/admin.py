@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gevent import pywsgi
 
@@ -63,7 +64,12 @@ class Admin:
         if path in ("/debug", "/debug/"):
             return _json(start, sorted(self.views))
         if path.startswith("/debug/") and path[7:] in self.views:
-            return _json(start, self.views[path[7:]]())
+            try:
+                data = self.views[path[7:]]()
+            except Exception as e:  # a broken view answers 500; the endpoint keeps serving
+                log.exception("debug view %s failed", path[7:])
+                return _reply(start, "500 Internal Server Error", f"view failed: {e}\n".encode())
+            return _json(start, data)
         return _reply(start, "404 Not Found", b"not found\n")
 
     def start(self, address: str) -> tuple[str, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
@@ -19,15 +19,17 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
 def _num(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
     return repr(float(v)) if not float(v).is_integer() else str(int(v))
 
 
@@ -60,7 +62,8 @@ class _Metric:
         raise NotImplementedError
 
     def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} {self.kind}"]
+        doc = self.doc.replace("\\", "\\\\").replace("\n", "\\n")
+        lines = [f"# HELP {self.name} {doc}", f"# TYPE {self.name} {self.kind}"]
         if self.labelnames:
             for values, child in sorted(self._children.items()):
                 lines.extend(child._samples_with(self.labelnames, values))
@@ -130,7 +133,7 @@ class Histogram(_Metric):
 
     def _samples_with(self, names: Sequence[str], values: Sequence[str]) -> Iterable[str]:
         running = 0
-        for bound, n in zip((*self.buckets, math.inf), self.counts):
+        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
             running += n
             le = 'le="' + _num(bound) + '"'
             yield f"{self.name}_bucket{_labels(names, values, le)} {running}"
