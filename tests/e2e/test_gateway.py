@@ -161,7 +161,7 @@ def _certs(tmp: str) -> dict[str, tuple[bytes, bytes]]:
 
 def _service(name: str, ns: str, port: int, target: int) -> list[dict]:
     return [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-             "spec": {"clusterIP": "None" if False else "10.96.1.%d" % (target % 250),
+             "spec": {"clusterIP": f"10.96.1.{target % 250}",
                       "ports": [{"name": "http" if target < 9000 else "tcp", "port": port,
                                  "targetPort": target}]}},
             {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -413,7 +413,8 @@ def test_malformed_and_slow_clients(env: Env) -> None:
         s.sendall(b"GET / HTTP/1.1\\r\\nHost: a\\r\\nBad Header\\r\\n\\r\\n")
         print(s.recv(100).split(b"\\r\\n")[0].decode())
         s = socket.create_connection(("{GW}", 80), timeout=10)
-        s.sendall(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n" + b"X-Big: " + b"a" * 20000 + b"\\r\\n\\r\\n")
+        big = b"X-Big: " + b"a" * 20000
+        s.sendall(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n" + big + b"\\r\\n\\r\\n")
         print(s.recv(100).split(b"\\r\\n")[0].decode())
         s = socket.create_connection(("{GW}", 80), timeout=10)
         s.sendall(b"GET / HTTP/1.1\\r\\nHost: slow")  # and never finish the head
