@@ -1,0 +1,229 @@
+"""The per-request HTTP shell on loopback: real sockets, real clients (requests, curl,
+websockets), h11 endpoints behind it (tests/httpbackends.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import requests
+from gevent.server import StreamServer
+from websockets.sync.client import connect as ws_connect
+
+from edgemesh.meta.istio import HttpCookie
+from edgemesh.meta.store import Backend
+from edgemesh.proxy.dialer import Dialer
+from edgemesh.proxy.http import HttpLimits, HttpPort, UpstreamPool, serve_connection
+from edgemesh.proxy.lb import Balancer, HashKey, LBSpec, Policy
+from tests.httpbackends import EchoBackend
+from tests.procs import free_port
+
+
+class Proxy:
+    """serve_connection behind a StreamServer, as the proxy module runs it."""
+
+    def __init__(self, backends: list[Backend], spec: LBSpec = LBSpec(),
+                 cookie: HttpCookie | None = None, limits: HttpLimits = HttpLimits()):
+        self.backends = backends
+        self.port = HttpPort("default/web:80", Balancer(spec), lambda: self.backends, cookie)
+        self.pool = UpstreamPool(Dialer("node-a", 2.0))
+        self.accepted = 0
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def _handle(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        self.accepted += 1
+        serve_connection(sock, addr, self.port, self.pool, self.limits)
+
+    limits: HttpLimits = HttpLimits()
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+        self.pool.close()
+
+
+@pytest.fixture
+def echo() -> Iterator[list[EchoBackend]]:
+    backends = [EchoBackend(f"be{i}") for i in range(3)]
+    yield backends
+    for b in backends:
+        b.stop()
+
+
+def make_proxy(echo: list[EchoBackend], **kw: object) -> Proxy:
+    limits = kw.pop("limits", HttpLimits())
+    proxy = Proxy([b.backend for b in echo], **kw)  # type: ignore[arg-type]
+    proxy.limits = limits  # type: ignore[assignment]
+    return proxy
+
+
+def names(session: requests.Session, url: str, n: int, **kw: object) -> Counter[str]:
+    return Counter(session.get(url, **kw).json()["name"] for _ in range(n))  # type: ignore[arg-type]
+
+
+def test_requests_on_one_connection_are_spread(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo)
+    with requests.Session() as s:
+        seen = names(s, proxy.url + "/", 30)
+    assert seen == {"be0": 10, "be1": 10, "be2": 10}  # round robin, per request
+    assert proxy.accepted == 1  # all of it on one keep-alive client connection
+    assert sum(b.connections for b in echo) == 3  # and one pooled connection per endpoint
+
+
+def test_sticky_by_header(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.HTTP_HEADER, "X-User"))
+    with requests.Session() as s:
+        for user in ("alice", "bob", "carol", "dave"):
+            assert len(names(s, proxy.url, 8, headers={"x-user": user})) == 1
+        users = {s.get(proxy.url, headers={"X-User": f"u{i}"}).json()["name"]
+                 for i in range(30)}
+    assert len(users) > 1  # different keys land on different endpoints
+
+
+def test_sticky_by_query_parameter(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.HTTP_QUERY, "shard"))
+    with requests.Session() as s:
+        assert len(names(s, proxy.url + "/a?x=1&shard=7", 8)) == 1
+        assert len({s.get(f"{proxy.url}/?shard={i}").json()["name"] for i in range(30)}) > 1
+
+
+def test_cookie_persistence_sets_then_sticks(echo: list[EchoBackend]) -> None:
+    cookie = HttpCookie("sticky", "/", 3600.0)
+    proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.HTTP_COOKIE, "sticky"),
+                       cookie=cookie)
+    with requests.Session() as s:
+        first = s.get(proxy.url + "/")
+        set_cookie = first.headers["Set-Cookie"]
+        assert set_cookie.startswith('sticky="') and "Max-Age=3600" in set_cookie
+        assert "Path=/" in set_cookie
+        seen = names(s, proxy.url + "/", 12)  # the session sends the cookie back
+        assert seen == {first.json()["name"]: 12}
+        assert "Set-Cookie" not in s.get(proxy.url).headers
+    fresh = Counter(requests.get(proxy.url).json()["name"] for _ in range(30))
+    assert len(fresh) > 1  # clients without the cookie are spread
+
+
+def test_sticky_by_source_ip(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.SOURCE_IP))
+    assert len(Counter(requests.get(proxy.url).json()["name"] for _ in range(10))) == 1
+
+
+def test_bodies_pass_through_chunked_large_and_expect_continue(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo)
+    big = bytes(range(256)) * 20000  # 5 MB
+    with requests.Session() as s:
+        r = s.post(proxy.url + "/up", data=iter([big[:1000], big[1000:]]))  # chunked
+        assert r.json()["size"] == len(big)
+        assert r.json()["sha256"] == hashlib.sha256(big).hexdigest()
+        assert ["transfer-encoding", "chunked"] in r.json()["headers"]
+        r = s.get(proxy.url + "/?size=3000000")
+        assert r.content == bytes(i % 251 for i in range(3000000))
+        r = s.get(proxy.url + "/?size=70000&chunked=1")
+        assert r.headers["Transfer-Encoding"] == "chunked" and len(r.content) == 70000
+        assert s.head(proxy.url + "/?size=10").content == b""
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "-H", "Expect: 100-continue",
+                          "--data-binary", "@-", proxy.url + "/expect"], input=big[:200000],
+                         capture_output=True, check=True)
+    assert json.loads(out.stdout)["size"] == 200000
+    assert proxy.accepted == 2
+
+
+def test_close_delimited_response_closes_the_client(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo)
+    with requests.Session() as s:
+        assert s.get(proxy.url + "/close").json()["target"] == "/close"
+        assert s.get(proxy.url + "/").status_code == 200
+    assert proxy.accepted == 2
+
+
+def test_stale_pooled_connections_are_retried(echo: list[EchoBackend]) -> None:
+    quick = EchoBackend("quick", idle_close=0.05)
+    try:
+        proxy = make_proxy([quick])
+        with requests.Session() as s:
+            for _ in range(4):
+                assert s.get(proxy.url).status_code == 200
+                import gevent
+                gevent.sleep(0.15)  # the endpoint closes its idle connection meanwhile
+        assert quick.connections == 4
+    finally:
+        quick.stop()
+
+
+def test_websocket_upgrade_is_routed_then_spliced(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.HTTP_HEADER, "X-User"))
+    url = proxy.url.replace("http", "ws") + "/ws"
+    with ws_connect(url, additional_headers={"X-User": "alice"}, open_timeout=5) as conn:
+        conn.send("hello")
+        first = conn.recv(timeout=5)
+        conn.send(b"abc")
+        assert conn.recv(timeout=5) == b"cba"
+    with ws_connect(url, additional_headers={"X-User": "alice"}, open_timeout=5) as conn:
+        conn.send("again")
+        assert conn.recv(timeout=5).split(":")[0] == first.split(":")[0]  # sticky here too
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def raw_exchange(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_no_endpoints_is_503_naming_the_service() -> None:
+    proxy = Proxy([])
+    r = requests.get(proxy.url)
+    assert r.status_code == 503 and "default/web:80" in r.text
+
+
+def test_unreachable_endpoints_are_502() -> None:
+    proxy = Proxy([Backend("127.0.0.1", free_port()), Backend("127.0.0.1", free_port())])
+    r = requests.get(proxy.url)
+    assert r.status_code == 502 and "default/web:80" in r.text
+
+
+def test_dead_endpoint_is_skipped(echo: list[EchoBackend]) -> None:
+    proxy = Proxy([Backend("127.0.0.1", free_port()), echo[0].backend])
+    with requests.Session() as s:
+        assert all(s.get(proxy.url).status_code == 200 for _ in range(6))
+
+
+def test_slow_endpoint_is_504(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo[:1], limits=HttpLimits(response_timeout=0.3))
+    r = requests.get(proxy.url + "/slow")
+    assert r.status_code == 504 and "default/web:80" in r.text
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", b"400"),
+    (b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 20000 + b"\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 150 + b"\r\n", b"431"),
+])
+def test_malformed_requests(echo: list[EchoBackend], data: bytes, status: bytes) -> None:
+    proxy = make_proxy(echo)
+    out = raw_exchange(proxy.url, data)
+    assert out.startswith(b"HTTP/1.1 " + status)
+    assert sum(b.requests for b in echo) == 0
+
+
+def test_slow_client_is_dropped(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo, limits=HttpLimits(head_timeout=0.3, idle_timeout=0.3))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # and never the end of the head
+        assert s.recv(100) == b""  # closed by the proxy, not by our timeout
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        assert s.recv(100) == b""  # an idle connection too
