@@ -33,6 +33,7 @@ from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, Session, read_record
 log = logging.getLogger(__name__)
 
 DIRECT_STAGGER = 0.25
+DIRECT_BUDGET = 2.5  # then the relay gets its turn (unanswered SYNs to a NAT just hang)
 LOOKUP_TIMEOUT = 3.0
 RECORD_TTL = 30.0
 UPGRADE_PERIOD = 30.0
@@ -373,7 +374,8 @@ class DirectPath:
         workers = [spawn("tunnel-direct", attempt, i, h, p)
                    for i, (h, p) in enumerate(candidates)]
         try:
-            session = winner.get(timeout=max(0.1, deadline - time.monotonic() - 1.0))
+            budget = min(DIRECT_BUDGET, deadline - time.monotonic() - 1.0)
+            session = winner.get(timeout=max(0.1, budget))
         except gevent.Timeout:
             session = None
         finally:
