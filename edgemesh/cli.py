@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -47,6 +48,16 @@ def _load(config_file: str | None, overrides: dict[str, Any], kind: str) -> Any:
         return cfg.apply_overrides(config, overrides)
     except ConfigError as e:
         _fail(e.problems)
+
+
+def _run(run: Callable[..., int], *args: Any, **kwargs: Any) -> int:
+    """Run a node; a problem found while starting (a missing PSK file) exits 2 with its key."""
+    from edgemesh.errors import ConfigError
+    try:
+        return run(*args, **kwargs)
+    except ConfigError as e:
+        _fail(e.problems)
+        return 2
 
 
 def _addr_override(flag: str, value: str | None, host_key: str, port_key: str,
@@ -153,7 +164,7 @@ def agent(config_file: str | None, **params: Any) -> None:
     config = _load(config_file, overrides, "EdgeMeshAgent")
     _setup_logging(config)
     from edgemesh import agent as agent_mod
-    sys.exit(agent_mod.run(config, role="agent"))
+    sys.exit(_run(agent_mod.run, config, role="agent"))
 
 
 @main.command()
@@ -179,7 +190,7 @@ def server(config_file: str | None, **params: Any) -> None:
     config = _load(config_file, overrides, "EdgeMeshServer")
     _setup_logging(config)
     from edgemesh.server import main as server_main
-    sys.exit(server_main.run(config))
+    sys.exit(_run(server_main.run, config))
 
 
 @main.command()
@@ -201,7 +212,7 @@ def gateway(config_file: str | None, **params: Any) -> None:
     config = _load(config_file, overrides, "EdgeMeshGateway")
     _setup_logging(config)
     from edgemesh import agent as agent_mod
-    sys.exit(agent_mod.run(config, role="gateway"))
+    sys.exit(_run(agent_mod.run, config, role="gateway"))
 
 
 @main.command()
