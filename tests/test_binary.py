@@ -7,7 +7,9 @@ import json
 import os
 import pkgutil
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -27,7 +29,7 @@ SOURCES = ("edgemesh", "edgemesh.py", "packaging/edgemesh.spec", "constraints.tx
 # Importers that PyInstaller names for modules it did not really import: the script (stdlib
 # modules the bootloader collects), hooks' hidden imports (attributed to the hooked package),
 # and modules that are themselves never bundled.
-ATTRIBUTED = {"gevent", "encodings", "encodings.bz2_codec", "zipimport", "cryptography",
+ATTRIBUTED = {"gevent", "encodings", "encodings.bz2_codec", "zipimport",
               "gevent.libev.watcher", "gevent.libuv._corecffi_build"}
 
 
@@ -115,6 +117,41 @@ def test_agent_serves_examples_and_stops_on_sigterm(binary: str, tmp_path,
         assert "hello/web" in status.stdout and "10.96.10.10" in status.stdout
         as_json = json.loads(run(binary, "status", "--admin", admin, "--json").stdout)
         assert {s["name"] for s in as_json["services"]} >= {"web", "echo", "db"}
+        assert agent.stop(signal.SIGTERM) == 0, agent.log()
+
+
+def test_agent_with_every_module_starts(binary: str, tmp_path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS, proxy (no iptables) and tunnel on loopback: their imports (cryptography's Rust
+    module, dnslib...) must all be in the binary, not only what ``version`` needs."""
+    from edgemesh.agent import MODULES
+    psk = tmp_path / "psk"
+    psk.write_text(os.urandom(24).hex())
+    psk.chmod(0o600)
+    dns_port = free_port(kind=socket.SOCK_DGRAM)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"modules:\n"
+        f"  edgeDNS: {{listenAddress: 127.0.0.1, listenPort: {dns_port},\n"
+        f"             cacheDNS: {{upstreamServers: ['127.0.0.1:{free_port()}']}}}}\n"
+        f"  edgeProxy: {{iptables: false, listenAddress: 127.0.0.1}}\n"
+        f"  edgeTunnel: {{listenAddress: 127.0.0.1, listenPort: {free_port()},\n"
+        f"               psk: {{path: '{psk}'}}}}\n")
+    admin = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("EDGEMESH_BIN", binary)
+    with Proc(["agent", "--config", str(config), "--manifests", "examples/hello",
+               "--no-iptables", "--admin", admin, "--state-dir", str(tmp_path / "state"),
+               "--node-name", "edge-node-1"]) as agent:
+        wait_ready(agent, admin)
+        enabled = [s for s, _ in MODULES if s in ("edgeDNS", "edgeProxy", "edgeTunnel")]
+        log = agent.log()
+        assert "Traceback" not in log, log
+        assert len(re.findall(r"module \S+ started", log)) == len(enabled), log
+        if shutil.which("dig") and any(s == "edgeDNS" for s, _ in MODULES):
+            r = subprocess.run(["dig", "+short", "+time=2", "+tries=2", "-p", str(dns_port),
+                                "@127.0.0.1", "web.hello.svc.cluster.local"],
+                               capture_output=True, text=True, timeout=15)
+            assert r.stdout.split() == ["10.96.10.10"], (r.stdout, agent.log())
         assert agent.stop(signal.SIGTERM) == 0, agent.log()
 
 
