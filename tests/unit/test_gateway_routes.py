@@ -383,3 +383,22 @@ spec:
 """)
     a = decide(build_table([GATEWAY], [v], LABELS), req("/STATIC/app.js?v=3"))
     assert isinstance(a, Forward) and a.path == "/assets/app.js?v=3"
+
+
+def test_examples_build_without_problems() -> None:
+    import glob
+    import os
+
+    from edgemesh.meta.files import read_manifest
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    gateways, services = [], []
+    for path in sorted(glob.glob(os.path.join(root, "gateway*", "*.yaml"))):
+        with open(path, encoding="utf-8") as f:
+            parsed, problems = read_manifest(path, f.read())
+        assert not problems, problems
+        gateways += [p.obj for p in parsed if p.kind == "Gateway"]
+        services += [p.obj for p in parsed if p.kind == "VirtualService"]
+    table = build_table(gateways, services, LABELS)
+    assert table.problems == []
+    assert {8081, 8443, 8088, 9883, 9432} <= set(table.ports)
+    assert table.ports[8443].kind is PortKind.TLS
