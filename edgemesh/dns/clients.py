@@ -27,7 +27,7 @@ class ClientPolicy:
         local = frozenset(_canonical(a) for a in addresses)
         if local != self.local:
             self.local = local
-            self.memo = {}
+            self.memo.clear()  # in place: the UDP loop holds a reference
 
     def allowed(self, ip: str) -> bool:
         ok = self.memo.get(ip)

@@ -36,6 +36,7 @@ TCP_IDLE = 10.0
 MAX_TCP_CONNECTIONS = 256
 YIELD_EVERY = 64  # UDP packets handled before the loop lets other greenlets run
 RCVBUF = 4 << 20
+MAX_QUERY = 4096  # a longer UDP query is cut here and answered FORMERR
 
 
 class DNSServer:
@@ -57,24 +58,40 @@ class DNSServer:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
     def start(self) -> None:
+        """Bind UDP and TCP to the same port (port 0: any port free for both)."""
+        for attempt in range(20 if self.port == 0 else 1):
+            udp, port = self._bind_udp()
+            listener = socket.socket(self.family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                listener.bind((self.host, port))
+                break
+            except OSError:
+                udp.close()
+                listener.close()
+                if attempt == 19 or self.port != 0:
+                    raise
+        self._udp, self.port = udp, port
+        listener.listen(128)
+        self._tcp = StreamServer(listener, self._tcp_connection,
+                                 spawn=gevent.pool.Pool(MAX_TCP_CONNECTIONS))
+        self._tcp.start()
+        self._udp_loop = tasks.spawn("dns-udp", self._serve_udp)
+
+    def _bind_udp(self) -> tuple[Any, int]:
         udp = _socket.socket(self.family, _socket.SOCK_DGRAM)
         udp.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
         try:
             udp.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, RCVBUF)
         except OSError:
             pass
-        udp.bind((self.host, self.port))
+        try:
+            udp.bind((self.host, self.port))
+        except OSError:
+            udp.close()
+            raise
         udp.setblocking(False)
-        self._udp = udp
-        self.port = udp.getsockname()[1]
-        listener = socket.socket(self.family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(128)
-        self._tcp = StreamServer(listener, self._tcp_connection,
-                                 spawn=gevent.pool.Pool(MAX_TCP_CONNECTIONS))
-        self._tcp.start()
-        self._udp_loop = tasks.spawn("dns-udp", self._serve_udp)
+        return udp, udp.getsockname()[1]
 
     def stop(self) -> None:
         if self._udp_loop is not None:
@@ -98,12 +115,13 @@ class DNSServer:
         hub = gevent.get_hub()
         readable = hub.loop.io(sock.fileno(), 1)
         exact = self.answerer.exact  # cleared in place on store changes, never replaced
+        known = self.policy.memo  # ip → allowed, filled by allowed(); cleared in place
         allowed = self.policy.allowed
         zone_hits = ZONE_HITS
         handled = 0
         while True:
             try:
-                data, addr = recvfrom(65535)
+                data, addr = recvfrom(MAX_QUERY)
             except BlockingIOError:
                 hub.wait(readable)
                 handled = 0
@@ -114,7 +132,7 @@ class DNSServer:
             if handled >= YIELD_EVERY:
                 handled = 0
                 gevent.sleep(0)
-            if not allowed(addr[0]):
+            if not (known.get(addr[0]) or allowed(addr[0])):
                 NOT_ALLOWED.labels("udp").inc()
                 continue
             hit = exact.get(data[2:])

@@ -1,0 +1,4 @@
+"""Benchmarks against peer tools.
+
+``python -m bench`` lists them; ``python -m bench.<name>`` runs one.
+"""

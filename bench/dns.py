@@ -1,0 +1,154 @@
+"""DNS: dnsperf against the agent's DNS and dnsmasq serving the same names, as ratios.
+
+Both servers are pinned to one core (taskset), dnsperf to another. Cluster names: the agent
+answers them from manifests, dnsmasq from ``--host-record``. Cached upstream names: both
+forward to a third dnsmasq (``--address=/example.test/...``) and answer from their caches after
+a warm-up. Runs are interleaved for ``--rounds`` rounds; the median per-round ratio is printed.
+
+    .venv/bin/python -m bench.dns [--seconds 10] [--rounds 3] [--names 100]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZONE = "cluster.local"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpus() -> tuple[str, str]:
+    """(server core, client core): distinct when there are two or more."""
+    avail = sorted(os.sched_getaffinity(0))
+    return str(avail[-1]), str(avail[0])
+
+
+def manifests(directory: str, n: int) -> list[str]:
+    """``n`` ClusterIP services in namespace ``bench``; returns their (name, ip) lines."""
+    docs, names = [], []
+    for i in range(n):
+        ip = f"10.96.{i // 250}.{i % 250 + 1}"
+        docs.append(f"""apiVersion: v1
+kind: Service
+metadata: {{name: svc{i}, namespace: bench}}
+spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}
+""")
+        names.append(f"svc{i}.bench.svc.{ZONE},{ip}")
+    with open(os.path.join(directory, "services.yaml"), "w", encoding="utf-8") as f:
+        f.write("---\n".join(docs))
+    return names
+
+
+def wait_answer(port: int, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), name, "+short", "+tries=1",
+                              "+time=1"], capture_output=True, text=True)
+        if out.stdout.strip():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no answer for {name} on port {port}")
+
+
+def dnsperf(port: int, queries: str, seconds: float, core: str) -> float:
+    out = subprocess.run(["taskset", "-c", core, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
+                          "-d", queries, "-l", str(seconds), "-q", "100"],
+                         capture_output=True, text=True, timeout=seconds + 30)
+    found = re.search(r"Queries per second:\s+([\d.]+)", out.stdout)
+    if not found:
+        raise RuntimeError(f"dnsperf said:\n{out.stdout}\n{out.stderr}")
+    lost = re.search(r"Queries lost:\s+(\d+)", out.stdout)
+    if lost and int(lost.group(1)):
+        print(f"  (port {port}: {lost.group(1)} queries lost)", file=sys.stderr)
+    return float(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--names", type=int, default=100)
+    args = parser.parse_args()
+    for tool in ("dnsperf", "dnsmasq", "dig", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"needs {tool}", file=sys.stderr)
+            return 2
+    server_core, client_core = cpus()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp:
+        try:
+            return run(args, tmp, procs, server_core, client_core)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]],
+        server_core: str, client_core: str) -> int:
+    up_port, peer_port, our_port = free_port(), free_port(), free_port()
+    mdir = os.path.join(tmp, "manifests")
+    os.mkdir(mdir)
+    records = manifests(mdir, args.names)
+    dnsmasq = ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+               "--listen-address=127.0.0.1", "--user=root", "--pid-file="]
+    procs.append(subprocess.Popen([*dnsmasq, f"--port={up_port}", "--local-ttl=3600",
+                                   "--address=/example.test/192.0.2.1"],
+                                  stderr=subprocess.DEVNULL))
+    procs.append(subprocess.Popen(
+        ["taskset", "-c", server_core, *dnsmasq, f"--port={peer_port}", "--cache-size=10000",
+         f"--server=127.0.0.1#{up_port}", "--local-ttl=30",
+         *(f"--host-record={r}" for r in records)], stderr=subprocess.DEVNULL))
+    config = os.path.join(tmp, "agent.yaml")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write("modules:\n  edgeProxy: {enable: false}\n  edgeTunnel: {enable: false}\n"
+                f"  edgeDNS:\n    cacheDNS: {{upstreamServers: ['127.0.0.1:{up_port}']}}\n"
+                "commonConfig: {adminAddress: ''}\n")
+    procs.append(subprocess.Popen(
+        ["taskset", "-c", server_core, sys.executable, "-m", "edgemesh", "agent", "--config",
+         config, "--manifests", mdir, "--dns-listen", f"127.0.0.1:{our_port}", "--no-iptables",
+         "--state-dir", os.path.join(tmp, "state"), "-v", "0"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.DEVNULL))
+    cluster_q = os.path.join(tmp, "cluster.txt")
+    upstream_q = os.path.join(tmp, "upstream.txt")
+    with open(cluster_q, "w", encoding="utf-8") as f:
+        f.writelines(f"{r.split(',')[0]} A\n" for r in records)
+    with open(upstream_q, "w", encoding="utf-8") as f:
+        f.writelines(f"host{i}.example.test A\n" for i in range(args.names))
+    for port in (peer_port, our_port):
+        wait_answer(port, f"svc0.bench.svc.{ZONE}")
+        dnsperf(port, upstream_q, 1, client_core)  # warm both caches
+    print(f"servers on core {server_core}, dnsperf on core {client_core}; "
+          f"{args.names} names, {args.seconds:g} s per run, {args.rounds} rounds")
+    ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
+    for r in range(args.rounds):
+        for kind, queries in (("cluster", cluster_q), ("upstream", upstream_q)):
+            ours = dnsperf(our_port, queries, args.seconds, client_core)
+            theirs = dnsperf(peer_port, queries, args.seconds, client_core)
+            ratios[kind].append(ours / theirs)
+            print(f"round {r + 1} {kind:<8} edgemesh {ours:9.0f} qps   dnsmasq {theirs:9.0f} qps"
+                  f"   ratio {ours / theirs:.2f}")
+    for kind, values in ratios.items():
+        print(f"{kind} names: edgemesh/dnsmasq = {statistics.median(values):.2f}x (median)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
