@@ -122,7 +122,10 @@ class KubeSource:
 
     def __init__(self, store: Store, conn: Connection, *, state_dir: str = "",
                  admin: Admin | None = None, backoff_max: float = 30.0,
-                 secrets: bool = False, optional_retry: float = 60.0) -> None:
+                 secrets: bool = False, optional_retry: float = 60.0,
+                 only: tuple[str, ...] = ()) -> None:
+        """``secrets``: also watch Secrets (the gateway's TLS); ``only``: watch just these
+        kinds (a peer that cannot serve the rest; readiness then waits for these only)."""
         self.store = store
         self.conn = conn
         self.admin = admin
@@ -131,6 +134,7 @@ class KubeSource:
         self.optional_retry = optional_retry
         self.cache = MetadataCache(store, state_dir, source=conn.base_url) if state_dir else None
         slots = [*REQUIRED, *OPTIONAL, *(("Secret",) if secrets else ())]
+        slots = [s for s in slots if s in only] if only else slots
         # Secrets (gateway TLS) are watched cluster-wide for now; the gateway needs only those
         # its Gateways' credentialName points at.
         self.states = {s: KindState(s, kinds.BY_NAME[s], s in REQUIRED) for s in slots}
