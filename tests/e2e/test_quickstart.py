@@ -139,3 +139,26 @@ def test_sigterm_stops_cleanly(agent):
     assert "stopping" in proc.log()
     with pytest.raises(OSError):
         http_get(f"http://{admin}/livez", timeout=1)
+
+
+@pytest.mark.netns
+def test_readme_first_command_in_a_namespace(lab, tmp_path):
+    """`make run`'s agent (every module on) in a namespace of its own: status lists the
+    examples, DNS answers their names. A PSK file is passed because the tunnel needs one."""
+    ns = lab.netns("quick")
+    psk = tmp_path / "psk"
+    psk.write_text("quickstart-test-psk-0123456789abcdef\n")
+    proc = Proc(["agent", "--manifests", "examples/", "--no-iptables", "--state-dir",
+                 str(tmp_path / "state"), "--dns-listen", "127.0.0.1:1053",
+                 "--node-name", "edge-node-1", "--psk-file", str(psk)], ns=ns)
+    with proc:
+        wait_ready(proc, "127.0.0.1:10557", ns=ns)
+        text = ns.run("env", f"PYTHONPATH={ROOT}", *edgemesh_argv(), "status").stdout
+        rows = {line.split()[0]: line for line in text.splitlines() if "/" in line.split(" ")[0]}
+        assert "172.17.1.10:8080@edge-node-1, 172.17.2.10:8080@edge-node-2" in rows["hello/web"]
+        assert "172.17.1.30:8080@edge-node-1" in rows["lb/random"]
+        assert "172.17.2.50:8080@edge-node-2" in rows["shop/storefront"]
+        answer = ns.run("dig", "+short", "@127.0.0.1", "-p", "1053",
+                        "web.hello.svc.cluster.local").stdout.split()
+        assert answer == ["10.96.10.10"]
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()

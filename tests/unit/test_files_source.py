@@ -154,8 +154,14 @@ def test_missing_directory_is_watched_until_it_appears(tmp_path, caplog):
     assert store.service("demo", "web")
 
 
-def test_examples_load_cleanly(tmp_path):
+def test_every_example_loads_cleanly(tmp_path):
     store, source = loaded(tmp_path, os.path.join(ROOT, "examples"))
+    assert source.errors == {} and store.count("Service") > 0
+
+
+def test_examples_hello_loadbalancing_gateway(tmp_path):
+    store, source = loaded(tmp_path, *(os.path.join(ROOT, "examples", name)
+                                       for name in ("hello", "loadbalancing", "gateway")))
     assert source.errors == {}
     assert endpoints(store, "hello", "web") == [("172.17.1.10", 8080, "edge-node-1"),
                                                 ("172.17.2.10", 8080, "edge-node-2")]
