@@ -167,7 +167,7 @@ def agent(config_file: str | None, **params: Any) -> None:
     sys.exit(_run(agent_mod.run, config, role="agent"))
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML config file (its `server` section).")
 @click.option("--listen", help="Listen HOST:PORT [default: 0.0.0.0:20004].")
@@ -180,7 +180,12 @@ def agent(config_file: str | None, **params: Any) -> None:
 @click.option("-v", "verbosity", type=int, help="Log verbosity 0-10 [default: 2].")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log format.")
 def server(config_file: str | None, **params: Any) -> None:
-    """Run a rendezvous and relay server for agents that cannot reach each other."""
+    """Run a rendezvous and relay server for agents that cannot reach each other.
+
+    `edgemesh server release NODE` frees a node name bound to a key (the operator's action).
+    """
+    if click.get_current_context().invoked_subcommand:
+        return
     overrides = _overrides(params, {"listen": "server.listen", "advertise": "server.advertise",
                                     "psk_file": "modules.edgeTunnel.psk.path",
                                     "state_dir": "commonConfig.stateDir",
@@ -191,6 +196,17 @@ def server(config_file: str | None, **params: Any) -> None:
     _setup_logging(config)
     from edgemesh.server import main as server_main
     sys.exit(_run(server_main.run, config))
+
+
+@server.command("release")
+@click.argument("node")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="The server's state dir [default: /var/lib/edgemesh].")
+def server_release(node: str, state_dir: str | None) -> None:
+    """Free NODE's name binding: the next key that proves NODE is bound (a re-installed node)."""
+    from edgemesh.config import Config
+    from edgemesh.server import main as server_main
+    sys.exit(server_main.release(state_dir or Config().commonConfig.stateDir, node))
 
 
 @main.command()

@@ -311,6 +311,12 @@ def test_wrong_psk_and_a_second_key_for_a_bound_name_are_refused(env: Env) -> No
                         what="server refusing the thief")
         assert bindings(env)["b1"] == real_key
         assert curl(env, "a1", "http://10.96.1.1/") == "hello from b1"
+        # the operator's action frees the name; the next key to prove it gets it
+        out = env.srv.run(sys.executable, "-m", "edgemesh", "server", "release", "b1",
+                          "--state-dir", os.path.join(env.tmp, "state-srv")).stdout
+        assert "released b1" in out
+        netlab.wait_for(lambda: bindings(env).get("b1") not in (None, real_key), 30,
+                        what="the released name bound to the new key")
     finally:
         thief.stop()
 
