@@ -9,6 +9,7 @@ rebuilt lazily on first read after a change to a kind they depend on.
 """
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -140,14 +141,14 @@ class Store:
     def count(self, kind: str) -> int:
         return len(self._objects[kind])
 
-    def raw_snapshot(self) -> dict[str, list[dict[str, Any]]]:
+    def raw_snapshot(self) -> dict[str, builtins.list[dict[str, Any]]]:
         """Every raw document by kind: what the cache writes."""
         return {kind: list(docs.values()) for kind, docs in self._raw.items() if docs}
 
     def service(self, namespace: str, name: str) -> Service | None:
         return self._objects["Service"].get((namespace, name))
 
-    def services(self) -> list[Service]:
+    def services(self) -> builtins.list[Service]:
         return list(self._objects["Service"].values())
 
     def service_by_ip(self, ip: str) -> Service | None:
@@ -159,7 +160,7 @@ class Store:
     def node(self, name: str) -> Node | None:
         return self._objects["Node"].get(("", name))
 
-    def pods(self) -> list[Pod]:
+    def pods(self) -> builtins.list[Pod]:
         return list(self._objects["Pod"].values())
 
     def namespace_exists(self, namespace: str) -> bool:
@@ -170,7 +171,7 @@ class Store:
             *(s.meta.namespace for s in self._objects["Service"].values())})
         return namespace in names
 
-    def slices_for(self, service: Service) -> list[EndpointSlice]:
+    def slices_for(self, service: Service) -> builtins.list[EndpointSlice]:
         """EndpointSlices of a service; its core/v1 Endpoints only when it has no slices."""
         by_service = self._cached("slices", self._slices_by_service)
         slices = by_service.get(service.key)
@@ -180,7 +181,7 @@ class Store:
         return [legacy] if legacy else []
 
     def backends(self, service: Service, port: ServicePort, *,
-                 include_not_ready: bool = False) -> list[Backend]:
+                 include_not_ready: bool = False) -> builtins.list[Backend]:
         """Endpoints of one service port: ready ones (all with ``include_not_ready``).
 
         When none is ready, endpoints that are serving while terminating are returned, the
@@ -201,8 +202,8 @@ class Store:
         found = sorted(seen.values(), key=lambda b: (b.ip, b.port))
         if include_not_ready:
             return found
-        ready = [b for b in found if b.ready]
-        return ready or [b for b in found if b.serving and b.terminating]
+        usable = [b for b in found if b.ready]
+        return usable or [b for b in found if b.serving and b.terminating]
 
     def destination_rule_for(self, service: Service, zone: str = "cluster.local"
                              ) -> istio.DestinationRule | None:
@@ -238,8 +239,8 @@ class Store:
             self._index[name] = build()
         return self._index[name]
 
-    def _slices_by_service(self) -> dict[Key, list[EndpointSlice]]:
-        out: dict[Key, list[EndpointSlice]] = {}
+    def _slices_by_service(self) -> dict[Key, builtins.list[EndpointSlice]]:
+        out: dict[Key, builtins.list[EndpointSlice]] = {}
         for sl in self._objects["EndpointSlice"].values():
             if sl.service_name:
                 out.setdefault((sl.meta.namespace, sl.service_name), []).append(sl)

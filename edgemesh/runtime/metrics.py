@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import typing
 from collections.abc import Callable, Iterable, Sequence
+from typing import Self
 
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)
@@ -42,7 +44,7 @@ class _Metric:
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], _Metric] = {}
 
-    def labels(self, *values: str) -> "_Metric":
+    def labels(self, *values: str) -> Self:
         key = tuple(str(v) for v in values)
         if len(key) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}")
@@ -50,7 +52,7 @@ class _Metric:
         if child is None:
             child = self._children[key] = type(self)(self.name, self.doc)
             child._copy_config(self)
-        return child
+        return typing.cast(Self, child)
 
     def remove(self, *values: str) -> None:
         self._children.pop(tuple(str(v) for v in values), None)
