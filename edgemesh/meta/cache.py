@@ -92,7 +92,8 @@ class MetadataCache:
                 self.store.revision == self._written_revision:
             return False
         revision = self.store.revision
-        doc = {"version": FORMAT_VERSION, "written": _now(), "source": self.source,
+        written = _now()
+        doc = {"version": FORMAT_VERSION, "written": written, "source": self.source,
                "kinds": self.store.raw_snapshot()}
         try:
             write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode())
@@ -102,7 +103,7 @@ class MetadataCache:
             self.last_error = str(e)
             return False
         self.last_error = ""
-        self.written_at = doc["written"]
+        self.written_at = written
         self._written_revision = revision
         WRITES.inc()
         return True

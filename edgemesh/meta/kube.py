@@ -29,6 +29,7 @@ sending traffic, and the note says what it is serving. The first full live sync 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import random
 import time
@@ -85,6 +86,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
+RETRYABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ApiError, RemoteProtocolError)
 STREAM_BROKEN: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError)
 
@@ -157,7 +159,8 @@ class KubeSource:
         if self.cache is not None:
             self.cache.start()
         for slot, st in self.states.items():
-            self._greenlets.append(tasks.spawn_forever(f"kube-{slot}", lambda st=st: self._run(st),
+            self._greenlets.append(tasks.spawn_forever(f"kube-{slot}",
+                                                       functools.partial(self._run, st),
                                                        backoff=5.0))
 
     def stop(self) -> None:
@@ -210,7 +213,7 @@ class KubeSource:
                 self._expired(st, e)
             except FeatureOff as e:
                 self._feature_off(st, e)
-            except (*CONNECTION_ERRORS, ApiError, RemoteProtocolError) as e:
+            except RETRYABLE as e:
                 self._failed(st, e)
 
     def _expired(self, st: KindState, e: Expired) -> None:
