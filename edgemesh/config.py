@@ -235,6 +235,12 @@ class EdgeProxy:
     maxUDPSessions: int = opt(4096, "Maximum UDP sessions per service port.", positive)
     maxConnections: int = opt(20000, "Maximum proxied TCP connections.", positive)
     perRequestHTTP: bool = opt(False, "Balance HTTP ports per request instead of per connection.")
+    httpHeaderTimeout: float = opt(30.0, "Seconds a client may take to send one request head "
+                                   "(per-request HTTP).", positive)
+    httpIdleTimeout: float = opt(120.0, "Seconds a keep-alive HTTP client may wait between "
+                                 "requests (per-request HTTP).", positive)
+    httpResponseTimeout: float = opt(60.0, "Seconds an endpoint may take to start its response "
+                                     "before the client gets 504 (per-request HTTP).", positive)
     loadBalancer: LoadBalancer = section(LoadBalancer, "Load balancing.")
 
 

@@ -20,12 +20,13 @@ class EchoBackend:
     messages, ``/slow`` never answers, ``/close`` answers with a close-delimited body; every
     other request gets JSON describing it (method, target, headers, body length and sha256)."""
 
-    def __init__(self, name: str, host: str = "127.0.0.1", idle_close: float | None = None):
+    def __init__(self, name: str, host: str = "127.0.0.1", idle_close: float | None = None,
+                 port: int = 0):
         self.name = name
         self.connections = 0
         self.requests = 0
         self.idle_close = idle_close
-        self.server = StreamServer((host, 0), self._handle)
+        self.server = StreamServer((host, port), self._handle)
         self.server.start()
 
     @property
@@ -126,3 +127,21 @@ class EchoBackend:
                 elif isinstance(event, ws.CloseConnection):
                     sock.sendall(server.send(event.response()))
                     return
+
+
+def main() -> None:
+    """``python -m tests.httpbackends NAME HOST PORT``: one EchoBackend, forever (e2e pods)."""
+    import sys
+
+    import gevent
+
+    name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    EchoBackend(name, host, port=port)
+    gevent.wait()
+
+
+if __name__ == "__main__":
+    from gevent import monkey
+
+    monkey.patch_all()
+    main()

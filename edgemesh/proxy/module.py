@@ -25,7 +25,7 @@ from typing import Any
 from edgemesh import netdev
 from edgemesh.agent import Context
 from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, ServicePort
-from edgemesh.proxy import iptables
+from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import Portal
 from edgemesh.proxy.policy import Balancers
@@ -168,11 +168,17 @@ class ProxyModule:
         balancer = self.balancers.get(svc, port)
         backends = self.ctx.store.backends(svc, port)
         listener = self.listeners.get(key)
+        kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # issue 5
+        if listener is not None and getattr(listener, "kind", None) != kind:  # mode changed
+            self.listeners.pop(key).close()
+            listener = None
         if listener is not None:
             listener.update(balancer, backends)
             return listener
         cfg = self.config
-        if key.protocol == "udp":
+        if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
+            listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends)
+        elif key.protocol == "udp":
             listener = UDPListener(self.dialer, str(key), self.listen_ip, balancer, backends,
                                    idle_timeout=cfg.udpIdleTimeout,
                                    max_sessions=cfg.maxUDPSessions)
