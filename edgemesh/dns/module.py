@@ -48,6 +48,7 @@ class DNSModule:
         self.server = DNSServer(self.host, self.cfg.listenPort, self.answerer, self.forwarder,
                                 self.policy, cache_cfg.maxOutstanding)
         self._refresher: gevent.Greenlet | None = None
+        ctx.admin.add_check("dns", self._check)  # not ready until start() has run
 
     def _upstreams(self) -> list[tuple[str, int]]:
         configured = self.cfg.cacheDNS.upstreamServers
@@ -72,7 +73,6 @@ class DNSModule:
         self.server.start()
         self._refresher = tasks.spawn_forever("dns-local-addresses", self._refresh_local,
                                               backoff=LOCAL_REFRESH)
-        self.ctx.admin.add_check("dns", self._check)
         self.ctx.admin.add_view("dns", self.view)
         log.info("DNS on %s:%d (zone %s), upstreams %s", self.host, self.server.port,
                  self.cfg.zone, ", ".join(f"{h}:{p}" for h, p in self.forwarder.servers)
