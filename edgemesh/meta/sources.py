@@ -37,6 +37,7 @@ def start(ctx: "Context") -> list[Source]:
         conn = connection_from_config(api, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
         log.info("metadata by list+watch from %s", conn.base_url)
         source = KubeSource(ctx.store, conn, state_dir=ctx.state_dir, admin=ctx.admin,
-                            backoff_max=api.resyncBackoffMaxSeconds)
+                            backoff_max=api.resyncBackoffMaxSeconds,
+                            secrets=ctx.config.modules.edgeGateway.enable)
     source.start()
     return [source]

@@ -553,3 +553,11 @@ def test_virtual_service_routes_raise_only_manifest_error(where, value):
         istio.parse_virtual_service({"metadata": {"name": "x"}, "spec": spec})
     except ManifestError:
         pass
+
+
+def test_virtual_service_empty_header_match_means_present() -> None:
+    from edgemesh.meta.istio import StringMatch, parse_virtual_service
+    vs = parse_virtual_service({"metadata": {"name": "v", "namespace": "d"}, "spec": {
+        "hosts": ["*"], "http": [{"match": [{"headers": {"x-canary": {}}}],
+                                  "route": [{"destination": {"host": "a"}}]}]}})
+    assert vs.http[0].match[0].headers == (("x-canary", StringMatch("present", "")),)
