@@ -434,3 +434,20 @@ def test_each_extension_is_read(tmp_path, name):
     write(tmp_path / name, text)
     store, _ = loaded(tmp_path)
     assert store.get("Namespace", "", "n1")
+
+
+def test_configmap_volume_layout_is_read_once_and_follows_updates(tmp_path):
+    """A ConfigMap volume: real files in ``..<timestamp>/``, ``..data`` links to it, and each
+    key is a link through ``..data``; an update swaps ``..data`` atomically."""
+    first = tmp_path / "..2024_01_01"
+    write(first / "web.yaml", service("web", ip="10.96.0.1"))
+    os.symlink(first.name, tmp_path / "..data")
+    os.symlink("..data/web.yaml", tmp_path / "web.yaml")
+    store, source = loaded(tmp_path)
+    assert source.errors == {} and store.service("demo", "web").cluster_ips == ("10.96.0.1",)
+    second = tmp_path / "..2024_01_02"
+    write(second / "web.yaml", service("web", ip="10.96.0.2"))
+    os.symlink(second.name, tmp_path / "..data_tmp")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    source.poll()
+    assert store.service("demo", "web").cluster_ips == ("10.96.0.2",)
