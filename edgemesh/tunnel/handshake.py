@@ -140,7 +140,7 @@ class Hello:
     node: str
     role: str = "agent"          # agent | server
     intent: str = "session"      # session | circuit (initiator only)
-    window: int = 512 * 1024     # initial per-stream receive window we grant
+    window: int = 4 * 1024 * 1024  # initial per-stream receive window we grant
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def encode(self) -> bytes:
@@ -160,7 +160,7 @@ class Hello:
             raise RemoteProtocolError("hello: unsupported version")
         node, role, intent = doc.get("node"), doc.get("role", "agent"), doc.get("intent",
                                                                                 "session")
-        window = doc.get("window", 512 * 1024)
+        window = doc.get("window", 4 * 1024 * 1024)
         if not isinstance(node, str) or not 0 < len(node) <= 253:
             raise RemoteProtocolError("hello: bad node name")
         if role not in ("agent", "server") or intent not in ("session", "circuit"):

@@ -66,7 +66,7 @@ class TunnelNode:
     """Identity plus listener; ``connect`` dials out from the shared port and authenticates."""
 
     def __init__(self, name: str, role: str, state_dir: str, psk: bytes,
-                 bindings_file: str, window: int = 512 * 1024) -> None:
+                 bindings_file: str, window: int = 4 * 1024 * 1024) -> None:
         self.name = name
         self.role = role
         self.static = identity.load_or_create_key(state_dir)

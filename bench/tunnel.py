@@ -1,0 +1,142 @@
+"""Tunnel throughput and added latency node to node, direct and relayed, against iperf3 raw.
+
+One run builds the e2e lab (two NATed sites, a server on the "internet"), then measures in
+the same namespaces:
+  raw direct   iperf3 a1 -> a2 (same LAN)              vs  tunnel direct: a1 -> ClusterIP ->
+  raw relay    iperf3 a1 -> server (a1's uplink)            proxy -> tunnel -> a2/b1 -> iperf3
+and the round trip of 1-byte request/response over each path (TCP ping-pong), and prints the
+ratios. Targets: direct tunnel >= 0.4x raw, relay >= 0.3x raw.
+
+    .venv/bin/python -m bench.tunnel [--seconds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import textwrap
+
+import yaml
+
+from tests import netlab
+from tests.procs import Proc, wait_ready
+
+POD = "172.17.0.2"
+ADMIN = "127.0.0.1:10557"
+NODES = {"a1": "192.168.10.2", "a2": "192.168.10.3", "b1": "192.168.20.2"}
+
+PINGPONG = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    n = int(sys.argv[3]); samples = []
+    for _ in range(n):
+        t = time.perf_counter(); s.sendall(b"x"); s.recv(1); samples.append(time.perf_counter() - t)
+    samples.sort(); print(samples[len(samples) // 2] * 1e6)
+""")
+
+
+def docs() -> list[dict]:
+    out: list[dict] = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": n},
+                        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+                       for n, ip in NODES.items()]
+    for name, ip, node, port in (("iperf-a2", "10.96.2.1", "a2", 5201),
+                                 ("iperf-b1", "10.96.2.2", "b1", 5201),
+                                 ("echo-a2", "10.96.2.3", "a2", 7000),
+                                 ("echo-b1", "10.96.2.4", "b1", 7000)):
+        out += [{"apiVersion": "v1", "kind": "Service",
+                 "metadata": {"name": name, "namespace": "default"},
+                 "spec": {"clusterIP": ip, "ports": [{"name": "tcp", "port": port,
+                                                      "targetPort": port}]}},
+                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": f"{name}-1", "namespace": "default",
+                              "labels": {"kubernetes.io/service-name": name}},
+                 "addressType": "IPv4", "ports": [{"name": "tcp", "port": port}],
+                 "endpoints": [{"addresses": [POD], "nodeName": node}]}]
+    return out
+
+
+def iperf(ns: netlab.Netns, ip: str, seconds: int) -> float:
+    out = ns.run("iperf3", "-c", ip, "-t", str(seconds), "-J", timeout=seconds + 60).stdout
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def rtt_us(ns: netlab.Netns, ip: str, port: int, n: int = 2000) -> float:
+    return float(ns.run("python3", "-c", PINGPONG, ip, str(port), str(n), timeout=120).stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    args = parser.parse_args()
+    reason = netlab.can_run()
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    with netlab.Lab() as lab, tempfile.TemporaryDirectory() as tmp:
+        inet = lab.switch("inet", "198.18.0.254/24")
+        srv = lab.host("srv", inet, "198.18.0.10/24")
+        a = lab.site("a", inet, wan="198.18.0.1/24", lan="192.168.10.1/24")
+        b = lab.site("b", inet, wan="198.18.0.2/24", lan="192.168.20.1/24")
+        ns = {n: lab.host(n, (a if n[0] == "a" else b).lan, f"{ip}/24",
+                          gw="192.168.10.1" if n[0] == "a" else "192.168.20.1")
+              for n, ip in NODES.items()}
+        for n in ("a2", "b1"):
+            ns[n].run("ip", "addr", "add", f"{POD}/32", "dev", "lo")
+            ns[n].popen(["iperf3", "-s", "-p", "5201"])
+            ns[n].popen(["socat", "TCP-LISTEN:7000,reuseaddr,fork", "SYSTEM:cat"])
+        srv.popen(["iperf3", "-s", "-p", "5201"])
+        srv.popen(["socat", "TCP-LISTEN:7000,reuseaddr,fork", "SYSTEM:cat"])
+        mdir = os.path.join(tmp, "m")
+        os.mkdir(mdir)
+        with open(os.path.join(mdir, "all.yaml"), "w") as f:
+            yaml.safe_dump_all(docs(), f)
+        psk = os.path.join(tmp, "psk")
+        with open(psk, "w") as f:
+            f.write("benchmark cluster secret, long enough")
+        scfg = os.path.join(tmp, "server.yaml")
+        with open(scfg, "w") as f:
+            yaml.safe_dump({"kind": "EdgeMeshServer",
+                            "server": {"relayBytesPerSecond": 10**11}}, f)
+        cfg = os.path.join(tmp, "agent.yaml")
+        with open(cfg, "w") as f:
+            yaml.safe_dump({"modules": {"edgeDNS": {"enable": False}}}, f)
+        procs = [Proc(["server", "--config", scfg, "--listen", "0.0.0.0:20004", "--psk-file",
+                       psk, "--state-dir", os.path.join(tmp, "s-srv"), "--admin", ""],
+                      ns=srv)]
+        for n in NODES:
+            p = Proc(["agent", "--config", cfg, "--manifests", mdir, "--node-name", n,
+                      "--server", "198.18.0.10:20004", "--psk-file", psk, "--state-dir",
+                      os.path.join(tmp, f"s-{n}"), "--admin", ADMIN, "-v", "1"], ns=ns[n])
+            procs.append(p)
+            wait_ready(p, ADMIN, ns[n], timeout=40)
+        a1 = ns["a1"]
+        rtt_us(a1, "10.96.2.3", 7000, 10)  # establish both sessions before measuring
+        rtt_us(a1, "10.96.2.4", 7000, 10)
+        rows = [("direct", iperf(a1, NODES["a2"], args.seconds),
+                 iperf(a1, "10.96.2.1", args.seconds),
+                 rtt_us(a1, NODES["a2"], 7000), rtt_us(a1, "10.96.2.3", 7000)),
+                ("relay", iperf(a1, "198.18.0.10", args.seconds),
+                 iperf(a1, "10.96.2.2", args.seconds),
+                 rtt_us(a1, "198.18.0.10", 7000), rtt_us(a1, "10.96.2.4", 7000))]
+        paths = json.loads(a1.run(sys.executable, "-m", "edgemesh", "status", "--json",
+                                  "--admin", ADMIN).stdout)["peers"]
+        for p in procs:
+            p.stop()
+    print(f"{'path':8} {'raw Gbit/s':>11} {'tunnel Gbit/s':>14} {'ratio':>6} {'target':>7} "
+          f"{'raw RTT us':>11} {'tunnel RTT us':>14} {'added us':>9}")
+    ok = True
+    for (name, raw, tun, raw_rtt, tun_rtt), target in zip(rows, (0.4, 0.3), strict=True):
+        ratio = tun / raw
+        ok &= ratio >= target
+        print(f"{name:8} {raw:11.2f} {tun:14.2f} {ratio:6.2f} {target:7.2f} {raw_rtt:11.0f} "
+              f"{tun_rtt:14.0f} {tun_rtt - raw_rtt:9.0f}")
+    print("peers:", ", ".join(f"{p['node']}={p['path']}" for p in paths))
+    print("targets met" if ok else "targets NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
