@@ -288,13 +288,14 @@ class Peers:
             if waiter is not None:
                 waiter.set(msg)
         elif op == "incoming":
-            link = next((lk for lk in self.links if lk.session is session), None)
-            if link is None:
+            server = next((lk for lk in self.links if lk.session is session), None)
+            if server is None:
                 return True  # only our own servers may ask us to open circuits
             try:
-                self._accept_circuit(link, str(msg.get("circuit")), str(msg.get("from")))
+                self._accept_circuit(server, str(msg.get("circuit")), str(msg.get("from")))
             except (EdgeMeshError, OSError) as e:
-                log.info("circuit from %s via %s failed: %s", msg.get("from"), link.address, e)
+                log.info("circuit from %s via %s failed: %s", msg.get("from"), server.address,
+                         e)
         else:
             return False
         return True
