@@ -124,8 +124,7 @@ class Dialer:
         socket is the C-level ``_socket.socket`` (no gevent wrapper): the data path drives it
         with the hub's watchers itself.
         """
-        sock = _socket.socket(_family(backend.ip), _socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = _socket.socket(_family(backend.ip), _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
         sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         code = sock.connect_ex((backend.ip, backend.port))
         if code not in (0, errno.EINPROGRESS, errno.EAGAIN):

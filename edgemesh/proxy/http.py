@@ -117,7 +117,7 @@ class TcpDialer(Protocol):
 class UpstreamPool:
     """Idle keep-alive connections to endpoints, at most ``max_idle`` per endpoint."""
 
-    def __init__(self, dialer: TcpDialer, max_idle: int = 16) -> None:
+    def __init__(self, dialer: TcpDialer, max_idle: int = 256) -> None:
         self.dialer = dialer
         self.max_idle = max_idle
         self._idle: dict[Backend, list[socket.socket]] = {}

@@ -43,6 +43,8 @@ READ, WRITE = 1, 2
 ACCEPT_BATCH = 64
 MAX_ATTEMPTS = 3
 PIPE_SIZE = 1 << 20
+CHUNK = PIPE_SIZE  # one splice moves what the socket holds, up to a full pipe
+READ_ROUNDS = 4  # splices per wake-up while reads come back full
 F_SETPIPE_SZ = 1031
 POOL_KEEP = 32
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -122,27 +124,32 @@ class Flow:
     def _read(self) -> None:
         conn = self.conn
         pool = conn.proxy.pipes
-        if self.pipe is None:
-            self.pipe = pool.take()
-        try:
-            n = os.splice(self.src.fileno(), self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            if not self.pending:
-                pool.give(self.pipe)
-                self.pipe = None
-            return
-        except OSError:
-            conn.abort()
-            return
+        src, last_round = self.src.fileno(), READ_ROUNDS - 1
+        for i in range(READ_ROUNDS):
+            if self.pipe is None:
+                self.pipe = pool.take()
+            try:
+                n = os.splice(src, self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                if not self.pending:
+                    pool.give(self.pipe)
+                    self.pipe = None
+                return
+            except OSError:
+                conn.abort()
+                return
+            if n == 0:
+                self._eof()
+                return
+            self.pending += n
+            self.counter.value += n
+            # a short read emptied the socket: don't spend a syscall to learn that again
+            if not self._drain() or n < CHUNK or i == last_round:
+                break
         conn.last = conn.proxy.loop.now()
-        if n == 0:
-            self._eof()
-            return
-        self.pending += n
-        self.counter.value += n
-        self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Move the pipe's bytes on; False when the destination is full (wait to write)."""
         assert self.pipe is not None
         while self.pending:
             try:
@@ -152,16 +159,17 @@ class Flow:
                 if self.ww is None:
                     self.ww = self.conn.proxy.loop.io(self.dst.fileno(), WRITE)
                 self.ww.start(self.on_writable)
-                return
+                return False
             except OSError:
                 self.conn.abort()
-                return
+                return False
             self.pending -= m
         self.conn.proxy.pipes.give(self.pipe)
         self.pipe = None
         if self.ww is not None and self.ww.active:
             self.ww.stop()
             self.rw.start(self.on_readable)
+        return True
 
     def on_writable(self) -> None:
         try:
@@ -176,12 +184,14 @@ class Flow:
             self.conn.proxy.pipes.give(self.pipe)
             self.pipe = None
         self.done = True
+        conn = self.conn
+        if conn.flows is not None and all(f.done for f in conn.flows):
+            conn.close()  # both sides sent FIN: close() sends ours, no shutdown needed
+            return
         try:
             self.dst.shutdown(_socket.SHUT_WR)
         except OSError:
-            self.conn.abort()
-            return
-        self.conn.flow_done()
+            conn.abort()
 
     def stop(self) -> None:
         self.rw.stop()
@@ -301,10 +311,8 @@ class Conn:
         self.last = self.proxy.loop.now()
         for flow in self.flows:
             flow.start()
-
-    def flow_done(self) -> None:
-        if self.flows and all(f.done for f in self.flows):
-            self.close()
+        # the client usually spoke first and its bytes are waiting: skip one loop iteration
+        self.flows[0].on_readable()
 
     def abort(self) -> None:
         """An error on either side: reset both."""

@@ -1,0 +1,275 @@
+"""TCP proxy: the agent's service proxy vs haproxy (mode tcp, nbthread 1) vs direct, as ratios.
+
+Everything runs on loopback (127.0.0.1): the agent with ``--no-iptables`` (its per-port
+listeners, found in ``/debug/proxy``), haproxy in front of the same backends, and the backends
+themselves for the direct path. Both proxies are pinned to one core with taskset, the clients
+to the other. Measured, interleaved for ``--rounds`` rounds, median per-round ratios printed:
+
+- bulk throughput: ``iperf3 -c`` (one stream) through each path;
+- new connections per second: ``wrk -H "Connection: close"`` against a one-worker nginx that
+  answers ``204``, so every request is a new proxied connection;
+- memory: RSS of each proxy before, with ``--idle`` idle proxied connections open, and after
+  they are closed; per-connection KiB.
+
+    .venv/bin/python -m bench.proxy [--seconds 5] [--rounds 3] [--idle 5000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpus() -> tuple[str, str]:
+    avail = sorted(os.sched_getaffinity(0))
+    return str(avail[-1]), str(avail[0])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {HOST}:{port}")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+SERVICE = """apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: bench}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: tcp, port: {port}, targetPort: {target}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: bench
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: tcp, port: {target}, protocol: TCP}}]
+endpoints: [{{addresses: ["127.0.0.1"]}}]
+"""
+
+NGINX = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx.err;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_header_timeout 600s;
+  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 204; }} }}
+}}
+"""
+
+HAPROXY = """global
+  nbthread 1
+  maxconn {maxconn}
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+listen iperf
+  bind 127.0.0.1:{hp_iperf}
+  server s1 127.0.0.1:{iperf}
+listen http
+  bind 127.0.0.1:{hp_http} backlog 4096
+  server s1 127.0.0.1:{http}
+"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: str) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.server_cpu, self.client_cpu = cpus()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.iperf, self.http = free_port(), free_port()
+        self.hp_iperf, self.hp_http = free_port(), free_port()
+
+    def spawn(self, argv: list[str], pin: bool = True, **kw: object) -> subprocess.Popen[bytes]:
+        full = (["taskset", "-c", self.server_cpu] if pin else []) + argv
+        proc = subprocess.Popen(full, stdout=subprocess.DEVNULL,  # type: ignore[call-overload]
+                                stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> dict[str, int]:
+        """Backends, haproxy and the agent; returns path name → iperf port, and http ports."""
+        self.spawn(["iperf3", "-s", "-B", HOST, "-p", str(self.iperf)], pin=False)
+        conf = os.path.join(self.tmp, "nginx.conf")
+        with open(conf, "w", encoding="utf-8") as f:
+            f.write(NGINX.format(dir=self.tmp, port=self.http))
+        self.spawn(["nginx", "-c", conf, "-e", os.path.join(self.tmp, "nginx.err")], pin=False)
+        hconf = os.path.join(self.tmp, "haproxy.cfg")
+        with open(hconf, "w", encoding="utf-8") as f:
+            f.write(HAPROXY.format(maxconn=self.args.idle + 1000, **vars(self)))
+        self.haproxy = self.spawn(["haproxy", "-db", "-f", hconf])
+        mdir = os.path.join(self.tmp, "m")
+        os.mkdir(mdir)
+        with open(os.path.join(mdir, "svc.yaml"), "w", encoding="utf-8") as f:
+            f.write(SERVICE.format(name="iperf", ip="10.96.0.10", port=5201, target=self.iperf))
+            f.write("---\n")
+            f.write(SERVICE.format(name="http", ip="10.96.0.11", port=80, target=self.http))
+        cfg = os.path.join(self.tmp, "agent.yaml")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write("modules: {edgeDNS: {enable: false}, edgeTunnel: {enable: false}, "
+                    "edgeProxy: {maxConnections: 30000}}\n"
+                    f"commonConfig: {{stateDir: {self.tmp}/state}}\n")
+        self.admin = f"{HOST}:{free_port()}"
+        self.agent_log = open(os.path.join(self.tmp, "agent.log"), "wb")
+        self.agent = self.spawn([sys.executable, "-m", "edgemesh", "agent", "--config", cfg,
+                                 "--manifests", mdir, "--no-iptables", "--admin", self.admin,
+                                 "--node-name", "bench", "-v", "1"], stderr=self.agent_log,
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        ports = self._agent_ports()
+        for port in (self.iperf, self.http, self.hp_iperf, self.hp_http, *ports.values()):
+            wait_port(port)
+        return ports
+
+    def _agent_ports(self) -> dict[str, int]:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{self.admin}/debug/proxy", timeout=2) as r:
+                    view = json.load(r)
+                found = {lst["service"].split("/")[1]: int(lst["listen"].rsplit(":", 1)[1])
+                         for lst in view["listeners"]}
+                if len(found) == 2:
+                    return found
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("agent did not come up; log: " + self.agent_log.name)
+
+    def client(self, argv: list[str]) -> str:
+        return subprocess.run(["taskset", "-c", self.client_cpu, *argv], capture_output=True,
+                              text=True, timeout=120).stdout
+
+    def iperf_gbps(self, port: int) -> float:
+        out = self.client(["iperf3", "-c", HOST, "-p", str(port), "-t", str(self.args.seconds),
+                           "-J"])
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+    def conns_per_second(self, port: int) -> float:
+        out = self.client(["wrk", "-t1", "-c50", f"-d{self.args.seconds}s", "-H",
+                           "Connection: close", f"http://{HOST}:{port}/"])
+        for line in out.splitlines():
+            if line.startswith("Requests/sec:"):
+                return float(line.split()[1])
+        raise SystemExit("wrk printed no rate:\n" + out)
+
+    def idle_memory(self, pid: int, port: int) -> tuple[int, int, int]:
+        """RSS KiB before, with ``--idle`` open connections, and after closing them."""
+        before = rss_kib(pid)
+        socks = []
+        for _ in range(self.args.idle):
+            s = socket.create_connection((HOST, port), timeout=10)
+            socks.append(s)
+        time.sleep(1.0)  # connects to the backend finish
+        during = rss_kib(pid)
+        for s in socks:
+            s.close()
+        time.sleep(1.5)
+        return before, during, rss_kib(pid)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=5000)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # proxies hold 2 fds per connection
+    if hard < 2 * args.idle + 1000:
+        raise SystemExit(f"--idle {args.idle} needs an open-files limit of "
+                         f"{2 * args.idle + 1000}; the hard limit is {hard}")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(args, tmp)
+        try:
+            run(bench, bench.start())
+        finally:
+            bench.stop()
+
+
+def run(bench: Bench, agent: dict[str, int]) -> None:
+    tp: dict[str, list[float]] = {"direct": [], "haproxy": [], "agent": []}
+    cps: dict[str, list[float]] = {"direct": [], "haproxy": [], "agent": []}
+    for _ in range(bench.args.rounds):
+        for name, port in (("direct", bench.iperf), ("haproxy", bench.hp_iperf),
+                           ("agent", agent["iperf"])):
+            tp[name].append(bench.iperf_gbps(port))
+        for name, port in (("direct", bench.http), ("haproxy", bench.hp_http),
+                           ("agent", agent["http"])):
+            cps[name].append(bench.conns_per_second(port))
+    print(f"{'TCP throughput (iperf3, 1 stream)':<40} Gbit/s per round")
+    for name, values in tp.items():
+        print(f"  {name:<10} {' '.join(f'{v:7.2f}' for v in values)}")
+    print(f"{'new connections/s (wrk, Connection: close)':<40}")
+    for name, values in cps.items():
+        print(f"  {name:<10} {' '.join(f'{v:9.0f}' for v in values)}")
+    mem = {name: bench.idle_memory(pid, port) for name, pid, port in
+           (("haproxy", bench.haproxy.pid, bench.hp_http),
+            ("agent", bench.agent.pid, agent["http"]))}
+    print(f"memory with {bench.args.idle} idle proxied connections (RSS KiB)")
+    per_conn = {}
+    for name, (before, during, after) in mem.items():
+        per_conn[name] = (during - before) / bench.args.idle
+        print(f"  {name:<10} before {before:7d}  open {during:7d}  closed {after:7d}  "
+              f"per connection {per_conn[name]:.2f} KiB")
+
+    def ratio(d: dict[str, list[float]], a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(d[a], d[b], strict=True))
+    print("ratios (median of per-round ratios)")
+    print(f"  throughput   agent/haproxy {ratio(tp, 'agent', 'haproxy'):.2f}   "
+          f"agent/direct {ratio(tp, 'agent', 'direct'):.2f}   "
+          f"haproxy/direct {ratio(tp, 'haproxy', 'direct'):.2f}")
+    print(f"  new conns/s  agent/haproxy {ratio(cps, 'agent', 'haproxy'):.2f}   "
+          f"agent/direct {ratio(cps, 'agent', 'direct'):.2f}   "
+          f"haproxy/direct {ratio(cps, 'haproxy', 'direct'):.2f}")
+    print(f"  memory       agent {per_conn['agent']:.2f} KiB/conn, "
+          f"haproxy {per_conn['haproxy']:.2f} KiB/conn")
+
+
+if __name__ == "__main__":
+    main()
