@@ -32,9 +32,15 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,build,dev]'
 	touch $(STAMP)
 
-run: setup
+# The quick start's cluster key: generated once into .state/psk (never a literal default).
+.state/psk:
+	mkdir -p -m 0700 .state
+	umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
+
+run: setup .state/psk
 	$(BIN)/edgemesh agent --manifests examples/ --no-iptables --state-dir .state \
-		--dns-listen 127.0.0.1:1053 --node-name $${NODE_NAME:-edge-node-1}
+		--psk-file .state/psk --dns-listen 127.0.0.1:1053 \
+		--node-name $${NODE_NAME:-edge-node-1}
 
 test: setup
 	$(BIN)/python -m pytest -q tests
