@@ -70,6 +70,7 @@ UPSTREAM_DIALS = metrics.counter("edgemesh_http_upstream_dials_total",
                                  ["result"])
 
 RECV_SIZE = 65536
+CHECK_AFTER = 1.0  # seconds idle after which a pooled connection is checked before reuse
 _HTTP_KEYS = (HashKey.HTTP_HEADER, HashKey.HTTP_COOKIE, HashKey.HTTP_QUERY)
 
 
@@ -94,13 +95,16 @@ class HttpPort:
     backends: Callable[[], Sequence[Backend]]  # the current endpoints (read per request)
     cookie: HttpCookie | None = None  # cookie persistence settings from the DestinationRule
     _codes: dict[int, metrics.Counter] = field(default_factory=dict, repr=False)
+    _duration: metrics.Histogram | None = field(default=None, repr=False)
 
     def count(self, code: int, started: float) -> None:
         child = self._codes.get(code)
         if child is None:
             child = self._codes[code] = REQUESTS.labels(self.name, str(code))  # type: ignore[assignment]
         child.inc()
-        DURATION.labels(self.name).observe(time.monotonic() - started)
+        if self._duration is None:
+            self._duration = DURATION.labels(self.name)  # type: ignore[assignment]
+        self._duration.observe(time.monotonic() - started)  # type: ignore[union-attr]
 
 
 def wants_per_request(app: AppProtocol, spec: LBSpec, per_request_http: bool) -> bool:
@@ -120,14 +124,16 @@ class UpstreamPool:
     def __init__(self, dialer: TcpDialer, max_idle: int = 256) -> None:
         self.dialer = dialer
         self.max_idle = max_idle
-        self._idle: dict[Backend, list[socket.socket]] = {}
+        self._idle: dict[Backend, list[tuple[socket.socket, float]]] = {}
 
-    def take(self, backend: Backend) -> socket.socket | None:
-        """A pooled connection that is still open, or None."""
+    def take(self, backend: Backend, check: bool) -> socket.socket | None:
+        """A pooled connection, or None. With ``check`` (or after ``CHECK_AFTER`` idle
+        seconds) it is first checked to be still open: a request that cannot be sent twice
+        should not be sent on a connection the endpoint has closed meanwhile."""
         idle = self._idle.get(backend)
         while idle:
-            sock = idle.pop()
-            if _still_open(sock):
+            sock, since = idle.pop()
+            if not (check or time.monotonic() - since > CHECK_AFTER) or _still_open(sock):
                 return sock
             sock.close()
         return None
@@ -146,7 +152,7 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             sock.close()
         else:
-            idle.append(sock)
+            idle.append((sock, time.monotonic()))
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -154,7 +160,7 @@ class UpstreamPool:
     def retain(self, backends: set[Backend]) -> None:
         """Close idle connections to endpoints that are gone."""
         for backend in [b for b in self._idle if b not in backends]:
-            for sock in self._idle.pop(backend):
+            for sock, _ in self._idle.pop(backend):
                 sock.close()
 
     def close(self) -> None:

@@ -140,10 +140,21 @@ class Balancer:
         self._active: dict[Backend, int] = {}
         self._affinity: OrderedDict[str, tuple[Backend, float]] = OrderedDict()
         self._ring: Ring | None = None
+        self._counts = spec.policy is Policy.LEAST_REQUEST
+        # plain round robin needs none of the general path: the hot case, kept cheap
+        self._plain_rr = (spec.policy is Policy.ROUND_ROBIN and not spec.affinity_timeout
+                          and not spec.prefer_local)
+        self.wants_client_ip = spec.wants_client_ip
 
     def pick(self, backends: Sequence[Backend], key: str | None = None,
              exclude: Collection[Backend] = ()) -> Backend | None:
         """An endpoint for ``key``, never one in ``exclude``; None if none is left."""
+        if self._plain_rr and not exclude:
+            if not backends:
+                return None
+            chosen = backends[self._next % len(backends)]
+            self._next += 1
+            return chosen
         candidates = self._candidates(backends, exclude)
         if not candidates:
             return None
@@ -152,11 +163,14 @@ class Balancer:
             chosen = self._choose(backends, candidates, key, exclude)
         if self.spec.affinity_timeout > 0 and key is not None:
             self._remember(key, chosen)
-        self._active[chosen] = self._active.get(chosen, 0) + 1
+        if self._counts:
+            self._active[chosen] = self._active.get(chosen, 0) + 1
         return chosen
 
     def release(self, backend: Backend) -> None:
-        """A request picked earlier has finished (every policy counts; LEAST_REQUEST uses it)."""
+        """A request picked earlier has finished (LEAST_REQUEST counts what is in flight)."""
+        if not self._counts:
+            return
         n = self._active.get(backend, 0) - 1
         if n > 0:
             self._active[backend] = n

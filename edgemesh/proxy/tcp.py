@@ -232,7 +232,7 @@ class Conn:
         if len(self.tried) >= MAX_ATTEMPTS:
             self._reject("endpoints failed")
             return
-        key = self.client_ip if listener.balancer.spec.wants_client_ip else None
+        key = self.client_ip if listener.balancer.wants_client_ip else None
         backend = listener.balancer.pick(listener.backends, key, self.tried)
         if backend is None:
             self._reject("no endpoints" if not self.tried else "endpoints failed")

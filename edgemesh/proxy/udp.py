@@ -120,7 +120,7 @@ class UDPListener:
                 self.forget(session)
 
     def _open(self, client: tuple[str, int]) -> Session | None:
-        key = client[0] if self.balancer.spec.wants_client_ip else None
+        key = client[0] if self.balancer.wants_client_ip else None
         tried: list[Backend] = []
         while len(tried) < 3:
             backend = self.balancer.pick(self.backends, key, tried)
