@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -281,3 +282,138 @@ def test_server_listens_where_its_port_is_declared() -> None:
     _, flags = parse_args(container(w)["args"])
     listen_port = split_host_port(flags.get("--listen", Config().server.listen))[1]
     assert {p["containerPort"] for p in container(w)["ports"]} == {listen_port}
+
+
+# ---- packaging/: the same flags and files outside Kubernetes -----------------------------------
+
+PACKAGING = os.path.join(ROOT, "packaging")
+OPENWRT = os.path.join(PACKAGING, "openwrt", "edgemesh", "files")
+
+# Stand-ins for OpenWrt's functions.sh/procd.sh: config values come from CFG_<section>_<opt>
+# variables, procd_* print the instance's command one argument per line.
+PROCD_STUBS = r"""
+config_load() { :; }
+config_get() { eval "_v=\${CFG_$2_$3-\$4}"; eval "$1=\$_v"; }
+config_get_bool() {
+    config_get "$@"
+    eval "case \$$1 in 1|on|true|yes|enabled) $1=1 ;; *) $1=0 ;; esac"
+}
+config_list_foreach() {
+    _s=$1; _o=$2; _cb=$3; shift 3
+    eval "_items=\${CFG_${_s}_${_o}}"
+    for _i in $_items; do "$_cb" "$_i" "$@"; done
+}
+procd_open_instance() { echo "INSTANCE $1"; }
+procd_set_param() { [ "$1" = command ] && { shift; printf 'ARG %s\n' "$@"; }; return 0; }
+procd_append_param() { [ "$1" = command ] && { shift; printf 'ARG %s\n' "$@"; }; return 0; }
+procd_close_instance() { echo END; }
+logger() { echo "LOG $*"; }
+"""
+
+
+def uci_options(path: str) -> dict[str, dict[str, str | list[str]]]:
+    """The shipped /etc/config/edgemesh: {section: {option: value or [list items]}}."""
+    sections: dict[str, dict[str, str | list[str]]] = {}
+    current: dict[str, str | list[str]] = {}
+    for line in open(path, encoding="utf-8"):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        value = " ".join(words[2:]).strip("'") if len(words) > 2 else ""
+        if words[0] == "config":
+            current = sections.setdefault(words[2].strip("'"), {})
+        elif words[0] == "option":
+            current[words[1]] = value
+        elif words[0] == "list":
+            existing = current.setdefault(words[1], [])
+            assert isinstance(existing, list)
+            existing.append(value)
+    return sections
+
+
+def procd_commands(cfg: dict[str, str]) -> dict[str, list[str]]:
+    env = "".join(f"CFG_{k}='{v}'\n" for k, v in cfg.items())
+    script = f"{PROCD_STUBS}\n{env}\n. {os.path.join(OPENWRT, 'edgemesh.init')}\nstart_service\n"
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    commands: dict[str, list[str]] = {}
+    name = ""
+    for line in r.stdout.splitlines():
+        if line.startswith("INSTANCE "):
+            name = line.split()[1]
+            commands[name] = []
+        elif line.startswith("ARG "):
+            commands[name].append(line[4:])
+        elif line.startswith("LOG "):
+            commands.setdefault("log", []).append(line[4:])
+    return commands
+
+
+def test_openwrt_uci_options_map_to_real_flags(tmp_path) -> None:
+    psk = tmp_path / "psk"
+    psk.write_text("k" * 32)
+    cfg: dict[str, str] = {}
+    shipped = uci_options(os.path.join(OPENWRT, "edgemesh.config"))
+    for section, options in shipped.items():
+        for option, value in options.items():
+            cfg[f"{section}_{option}"] = " ".join(value) if isinstance(value, list) else value
+        cfg[f"{section}_enabled"] = "1"
+        cfg[f"{section}_psk_file"] = str(psk)
+        cfg[f"{section}_state_dir"] = str(tmp_path / section)
+    cfg.update(agent_server="relay-a:20004 relay-b:20004", agent_relay="1",
+               agent_manifests="/srv/manifests", agent_node_name="router-1",
+               agent_dns_listen="127.0.0.1:1053", server_advertise="203.0.113.7:20004")
+    commands = procd_commands(cfg)
+    assert commands["agent"][0] == "/usr/bin/edgemesh"
+    words, flags = parse_args(commands["agent"][1:])
+    assert words == ["agent"]
+    args = commands["agent"]
+    assert args.count("--server") == 2 and "--relay" in args and "--no-iptables" not in args
+    assert flags["--node-name"] == "router-1" and flags["--psk-file"] == str(psk)
+    # every shipped option (but the booleans) reaches the command line with its value
+    for section, options in shipped.items():
+        words, flags = parse_args(commands[section][1:])
+        assert words == [section]
+        for option in options:
+            value = cfg[f"{section}_{option}"]
+            if option in ("enabled", "relay", "no_iptables") or not value:
+                continue
+            for item in value.split():
+                assert item in commands[section], f"{section}.{option} not passed on"
+
+
+def test_openwrt_refuses_to_start_without_a_psk(tmp_path) -> None:
+    commands = procd_commands({"agent_enabled": "1",
+                               "agent_psk_file": str(tmp_path / "missing")})
+    assert "agent" not in commands
+    assert any("PSK" in line for line in commands["log"])
+
+
+def systemd_exec_start(unit: str) -> list[str]:
+    text = open(os.path.join(PACKAGING, "systemd", unit), encoding="utf-8").read()
+    (line,) = re.findall(r"^ExecStart=(.*)$", text, re.M)
+    return [w for w in line.split() if not re.fullmatch(r"\$[A-Z_]+", w)]  # $EXTRA_ARGS
+
+
+@pytest.mark.parametrize("unit", ["edgemesh-agent.service", "edgemesh-server.service"])
+def test_systemd_units_use_real_flags_and_harden(unit: str) -> None:
+    argv = systemd_exec_start(unit)
+    assert argv[0] == "/usr/bin/edgemesh"
+    words, flags = parse_args(argv[1:])
+    assert words == [unit.split("-")[1].split(".")[0]]
+    text = open(os.path.join(PACKAGING, "systemd", unit), encoding="utf-8").read()
+    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet="):
+        assert setting in text
+    caps = re.search(r"^CapabilityBoundingSet=(.*)$", text, re.M)
+    assert caps is not None
+    assert set(caps.group(1).split()) <= {"CAP_NET_ADMIN", "CAP_NET_RAW",
+                                          "CAP_NET_BIND_SERVICE"}
+
+
+def test_sysctl_file_is_shipped_identically() -> None:
+    ours = open(os.path.join(PACKAGING, "sysctl.d", "60-edgemesh.conf"), encoding="utf-8").read()
+    openwrt = open(os.path.join(OPENWRT, "60-edgemesh.conf"), encoding="utf-8").read()
+    assert ours == openwrt
+    for line in ours.splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert re.fullmatch(r"-?[a-z0-9_.]+ = \S+", line), line
