@@ -3,7 +3,9 @@
 Both servers are pinned to one core (taskset), dnsperf to another. Cluster names: the agent
 answers them from manifests, dnsmasq from ``--host-record``. Cached upstream names: both
 forward to a third dnsmasq (``--address=/example.test/...``) and answer from their caches after
-a warm-up. Runs are interleaved for ``--rounds`` rounds; the median per-round ratio is printed.
+a warm-up. Runs are interleaved for ``--rounds`` rounds; the median per-round ratio is printed,
+of queries per second and of queries per CPU-second of the server (steadier on a shared
+machine, and fair when dnsperf rather than the server is the limit).
 
     .venv/bin/python -m bench.dns [--seconds 10] [--rounds 3] [--names 100]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import socket
@@ -25,9 +28,18 @@ ZONE = "cluster.local"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for UDP and TCP, below the ephemeral range (busy with others' connections)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
 
 
 def cpus() -> tuple[str, str]:
@@ -63,17 +75,33 @@ def wait_answer(port: int, name: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"no answer for {name} on port {port}")
 
 
-def dnsperf(port: int, queries: str, seconds: float, core: str) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dnsperf(port: int, queries: str, seconds: float, core: str,
+            pid: int | None = None) -> tuple[float, float]:
+    """(queries per second, queries per CPU-second of the server ``pid``)."""
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(["taskset", "-c", core, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
                           "-d", queries, "-l", str(seconds), "-q", "100"],
                          capture_output=True, text=True, timeout=seconds + 30)
+    cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
     found = re.search(r"Queries per second:\s+([\d.]+)", out.stdout)
+    completed = re.search(r"Queries completed:\s+(\d+)", out.stdout)
     if not found:
         raise RuntimeError(f"dnsperf said:\n{out.stdout}\n{out.stderr}")
     lost = re.search(r"Queries lost:\s+(\d+)", out.stdout)
+    if float(found.group(1)) == 0:
+        print(out.stdout, out.stderr, file=sys.stderr)
     if lost and int(lost.group(1)):
-        print(f"  (port {port}: {lost.group(1)} queries lost)", file=sys.stderr)
-    return float(found.group(1))
+        print(f"  (port {port} {os.path.basename(queries)}: {lost.group(1)} queries lost)",
+              file=sys.stderr)
+    per_cpu = int(completed.group(1)) / cpu if completed and cpu > 0 else 0.0
+    return float(found.group(1)), per_cpu
 
 
 def main() -> int:
@@ -104,6 +132,7 @@ def main() -> int:
 def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]],
         server_core: str, client_core: str) -> int:
     up_port, peer_port, our_port = free_port(), free_port(), free_port()
+    print(f"ports: upstream {up_port}, dnsmasq {peer_port}, edgemesh {our_port}")
     mdir = os.path.join(tmp, "manifests")
     os.mkdir(mdir)
     records = manifests(mdir, args.names)
@@ -112,20 +141,24 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
     procs.append(subprocess.Popen([*dnsmasq, f"--port={up_port}", "--local-ttl=3600",
                                    "--address=/example.test/192.0.2.1"],
                                   stderr=subprocess.DEVNULL))
-    procs.append(subprocess.Popen(
+    peer = subprocess.Popen(
         ["taskset", "-c", server_core, *dnsmasq, f"--port={peer_port}", "--cache-size=10000",
          f"--server=127.0.0.1#{up_port}", "--local-ttl=30",
-         *(f"--host-record={r}" for r in records)], stderr=subprocess.DEVNULL))
+         *(f"--host-record={r}" for r in records)], stderr=subprocess.DEVNULL)
+    procs.append(peer)
+    peer_pid = peer.pid  # taskset execs the server: same pid
     config = os.path.join(tmp, "agent.yaml")
     with open(config, "w", encoding="utf-8") as f:
         f.write("modules:\n  edgeProxy: {enable: false}\n  edgeTunnel: {enable: false}\n"
                 f"  edgeDNS:\n    cacheDNS: {{upstreamServers: ['127.0.0.1:{up_port}']}}\n"
                 "commonConfig: {adminAddress: ''}\n")
-    procs.append(subprocess.Popen(
+    ours_proc = subprocess.Popen(
         ["taskset", "-c", server_core, sys.executable, "-m", "edgemesh", "agent", "--config",
          config, "--manifests", mdir, "--dns-listen", f"127.0.0.1:{our_port}", "--no-iptables",
          "--state-dir", os.path.join(tmp, "state"), "-v", "0"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.DEVNULL))
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.DEVNULL)
+    procs.append(ours_proc)
+    our_pid = ours_proc.pid
     cluster_q = os.path.join(tmp, "cluster.txt")
     upstream_q = os.path.join(tmp, "upstream.txt")
     with open(cluster_q, "w", encoding="utf-8") as f:
@@ -138,15 +171,20 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
     print(f"servers on core {server_core}, dnsperf on core {client_core}; "
           f"{args.names} names, {args.seconds:g} s per run, {args.rounds} rounds")
     ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
+    cpu_ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
     for r in range(args.rounds):
         for kind, queries in (("cluster", cluster_q), ("upstream", upstream_q)):
-            ours = dnsperf(our_port, queries, args.seconds, client_core)
-            theirs = dnsperf(peer_port, queries, args.seconds, client_core)
+            ours, ours_cpu = dnsperf(our_port, queries, args.seconds, client_core, our_pid)
+            theirs, theirs_cpu = dnsperf(peer_port, queries, args.seconds, client_core,
+                                         peer_pid)
             ratios[kind].append(ours / theirs)
-            print(f"round {r + 1} {kind:<8} edgemesh {ours:9.0f} qps   dnsmasq {theirs:9.0f} qps"
+            cpu_ratios[kind].append(ours_cpu / theirs_cpu if theirs_cpu else 0.0)
+            print(f"round {r + 1} {kind:<8} edgemesh {ours:8.0f} qps ({ours_cpu:7.0f}/cpu-s)"
+                  f"   dnsmasq {theirs:8.0f} qps ({theirs_cpu:7.0f}/cpu-s)"
                   f"   ratio {ours / theirs:.2f}")
-    for kind, values in ratios.items():
-        print(f"{kind} names: edgemesh/dnsmasq = {statistics.median(values):.2f}x (median)")
+    for kind in ratios:
+        print(f"{kind} names: edgemesh/dnsmasq = {statistics.median(ratios[kind]):.2f}x qps, "
+              f"{statistics.median(cpu_ratios[kind]):.2f}x queries per CPU-second (medians)")
     return 0
 
 

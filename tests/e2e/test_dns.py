@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.dns import free_port  # free for UDP and TCP alike
 from tests.netlab import Lab, Netns, wait_for
-from tests.procs import Proc, free_port, wait_ready
+from tests.procs import Proc, wait_ready
 from tests.unit.test_dns_zone import CASES, CLUSTER_YAML, Case
 
 pytestmark = pytest.mark.skipif(not (shutil.which("dig") and shutil.which("dnsmasq")),
