@@ -106,7 +106,7 @@ def parse_query(data: bytes) -> Query:
 
 
 def _read_name(data: bytes, pos: int) -> tuple[tuple[bytes, ...], int]:
-    labels = []
+    labels: list[bytes] = []
     total = 0
     while True:
         if pos >= len(data):
