@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import gevent
+
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.models import AppProtocol
@@ -258,17 +260,74 @@ def request_key(spec: LBSpec, head: RequestHead, client_ip: str) -> str | None:
     return None
 
 
+class _Watchdog:
+    """Enforces every connection's current deadline from one greenlet.
+
+    A gevent socket timeout arms a timer on every blocking call, which costs more than the
+    rest of a small request; instead each connection sets ``deadline`` (monotonic seconds, 0:
+    none) as it moves between phases, and this sweep shuts down the sockets of connections
+    past theirs, so the blocked call returns at once. Precision is a quarter of the shortest
+    timeout in use (at most a second).
+    """
+
+    def __init__(self) -> None:
+        self.conns: set[_Connection] = set()
+        self.tick = 1.0
+        self._greenlet: object = None
+
+    def add(self, conn: _Connection) -> None:
+        limits = conn.limits
+        shortest = min(limits.head_timeout, limits.idle_timeout, limits.body_timeout,
+                       limits.response_timeout)
+        self.tick = min(self.tick, max(0.02, shortest / 4))
+        self.conns.add(conn)
+        if self._greenlet is None:
+            self._greenlet = tasks.spawn_forever("http-deadlines", self._sweep, backoff=0)
+
+    def _sweep(self) -> None:
+        gevent.sleep(self.tick)
+        now = time.monotonic()
+        for conn in [c for c in self.conns if 0 < c.deadline < now]:
+            conn.expire()
+
+
+_WATCHDOG = _Watchdog()
+
+
 def serve_connection(client: socket.socket, client_addr: tuple[str, int], port: HttpPort,
                      pool: UpstreamPool, limits: HttpLimits = HttpLimits()) -> None:
     """Proxy one client connection request by request until either side ends it; closes it."""
+    conn = _Connection(client, client_addr[0], port, pool, limits)
+    _WATCHDOG.add(conn)
     try:
-        _Connection(client, client_addr[0], port, pool, limits).run()
+        conn.run()
     finally:
+        _WATCHDOG.conns.discard(conn)
         client.close()
 
 
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)``, trying one plain non-blocking send first: gevent's sendall asks
+    the kernel for the send buffer size on every call, which shows on small responses."""
+    try:
+        sent = sock._sock.send(data)  # type: ignore[attr-defined]
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Connection:
-    __slots__ = ("client", "client_ip", "port", "pool", "limits", "buf")
+    __slots__ = ("client", "client_ip", "port", "pool", "limits", "buf", "deadline",
+                 "upstream", "awaiting_head", "expired")
 
     def __init__(self, client: socket.socket, client_ip: str, port: HttpPort,
                  pool: UpstreamPool, limits: HttpLimits) -> None:
@@ -278,6 +337,18 @@ class _Connection:
         self.pool = pool
         self.limits = limits
         self.buf = b""  # bytes from the client not yet forwarded
+        self.deadline = 0.0  # when the current phase times out (see _Watchdog)
+        self.upstream: socket.socket | None = None  # the endpoint of the request in flight
+        self.awaiting_head = False  # waiting for the endpoint's response head
+        self.expired = False
+
+    def expire(self) -> None:
+        """The current phase ran out of time: unblock whoever waits (see _Watchdog)."""
+        self.expired = True
+        self.deadline = 0.0
+        _shutdown(self.upstream)
+        if not self.awaiting_head:  # then the client still gets its 504
+            _shutdown(self.client)
 
     def run(self) -> None:
         try:
@@ -303,10 +374,10 @@ class _Connection:
     # ---- the client side ----------------------------------------------------------------------
 
     def _recv_client(self, timeout: float) -> bytes:
-        self.client.settimeout(timeout)
+        self.deadline = time.monotonic() + timeout
         try:
             return self.client.recv(RECV_SIZE)
-        except OSError as e:  # socket.timeout included: a stalled client is dropped
+        except OSError as e:
             raise _ClientGone(str(e)) from None
 
     def _read_request_head(self) -> bytes | None:
@@ -317,23 +388,24 @@ class _Connection:
             buf = self._recv_client(limits.idle_timeout)
             if not buf:
                 return None
-        deadline = time.monotonic() + limits.head_timeout
+        self.deadline = time.monotonic() + limits.head_timeout
         while True:
             end = head_end(buf, limits.head)
             if end >= 0:
                 self.buf = buf[end:]
                 return buf[:end]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _ClientGone("request head not complete in time")
-            data = self._recv_client(left)
+            try:
+                data = self.client.recv(RECV_SIZE)  # under the head's deadline, not per read
+            except OSError as e:
+                raise _ClientGone(str(e)) from None
             if not data:
                 raise _ClientGone("closed inside a request head")
             buf += data
 
     def _send_client(self, data: bytes | memoryview) -> None:
+        self.deadline = time.monotonic() + self.limits.body_timeout
         try:
-            self.client.sendall(data)
+            send_all(self.client, data)
         except OSError as e:
             raise _ClientGone(str(e)) from None
 
@@ -353,7 +425,7 @@ class _Connection:
         if port.cookie is not None and key is None:
             key = new_cookie = secrets.token_hex(8)
         try:
-            backend, upstream, fresh = self._connect(key)
+            backend, upstream, fresh = self._connect(key, head.framing is not Framing.NONE)
         except _Failed as e:
             port.count(e.status, started)
             self._answer(e.status, e.text)
@@ -363,7 +435,7 @@ class _Connection:
         finally:
             port.balancer.release(backend)
 
-    def _connect(self, key: str | None) -> tuple[Backend, socket.socket, bool]:
+    def _connect(self, key: str | None, has_body: bool) -> tuple[Backend, socket.socket, bool]:
         port, limits = self.port, self.limits
         backends = port.backends()
         if not backends:
@@ -374,7 +446,7 @@ class _Connection:
             backend = port.balancer.pick(backends, key, exclude)
             if backend is None:
                 break
-            sock = self.pool.take(backend)
+            sock = self.pool.take(backend, has_body)
             if sock is not None:
                 return backend, sock, False
             try:
@@ -413,6 +485,7 @@ class _Connection:
             if rhead.status == 101 and head.upgrade:
                 port.count(101, started)
                 self._send_client(rraw + rest)
+                self.deadline = 0.0  # an upgraded connection has its own idle timeout
                 self._splice(upstream)
                 return False
             reusable = self._relay_response(head, rhead, rraw, rest, upstream, new_cookie)
@@ -424,6 +497,7 @@ class _Connection:
             self._answer(e.status, e.text)
             return False
         finally:
+            self.upstream = None
             if reusable:
                 self.pool.put(backend, upstream)
             else:
@@ -446,9 +520,10 @@ class _Connection:
         request can be sent again (no body bytes were consumed beyond ``out``).
         """
         retry_ok = not fresh and body.done
-        upstream.settimeout(self.limits.body_timeout)
+        self.upstream = upstream
+        self.deadline = time.monotonic() + self.limits.body_timeout
         try:
-            upstream.sendall(out)
+            send_all(upstream, out)
         except OSError:
             if retry_ok:
                 return None
@@ -483,28 +558,35 @@ class _Connection:
     def _read_response_head(self, upstream: socket.socket, buf: bytes, method: bytes,
                             retry_ok: bool) -> tuple[ResponseHead, bytes, bytes] | None:
         limits = self.limits
-        deadline = time.monotonic() + limits.response_timeout
-        while True:
-            end = head_end(buf, limits.head, request=False) if buf else -1
-            if end >= 0:
-                return parse_response_head(buf[:end], method, limits.head), buf[:end], buf[end:]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Failed(504, f"endpoint of service {self.port.name} did not answer in "
-                                   f"{limits.response_timeout:g}s")
-            upstream.settimeout(left)
-            try:
-                data = upstream.recv(RECV_SIZE)
-            except TimeoutError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                if retry_ok and not buf:
+        self.deadline = time.monotonic() + limits.response_timeout
+        self.awaiting_head = True
+        try:
+            while True:
+                end = head_end(buf, limits.head, request=False) if buf else -1
+                if end >= 0:
+                    return (parse_response_head(buf[:end], method, limits.head), buf[:end],
+                            buf[end:])
+                try:
+                    data = upstream.recv(RECV_SIZE)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._response_head_missing(buf, retry_ok)
                     return None
-                raise HeadError("endpoint closed the connection before a complete response "
-                                "head", 502)
-            buf += data
+                buf += data
+        finally:
+            self.awaiting_head = False
+
+    def _response_head_missing(self, buf: bytes, retry_ok: bool) -> None:
+        """The endpoint closed (or the watchdog did, at the deadline) before a complete
+        response head; returns only when the request may be retried on a fresh connection."""
+        if self.expired:
+            self.expired = False
+            raise _Failed(504, f"endpoint of service {self.port.name} did not answer in "
+                               f"{self.limits.response_timeout:g}s")
+        if not (retry_ok and not buf):
+            raise HeadError("endpoint closed the connection before a complete response head",
+                            502)
 
     def _pump_body(self, body: BodyTracker, upstream: socket.socket) -> None:
         """Forward the rest of the request body from the client."""
@@ -531,8 +613,8 @@ class _Connection:
         n = body.feed(rest) if rest else 0
         self._send_client(rraw + rest[:n] if n < len(rest) else rraw + rest)
         clean = n == len(rest)  # an endpoint sending past its response cannot be reused
-        upstream.settimeout(self.limits.body_timeout)
         while not body.done:
+            self.deadline = time.monotonic() + self.limits.body_timeout
             try:
                 data = upstream.recv(RECV_SIZE)
             except OSError:

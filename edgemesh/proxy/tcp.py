@@ -5,10 +5,11 @@ per second here, callbacks on the hub's own watchers nearly all of it (shared pe
 and an idle connection then costs two sockets and a few small objects, no stack and no buffer.
 
 Per connection:
-- accept (up to ``ACCEPT_BATCH`` per wake-up) → ``Balancer.pick`` → non-blocking connect, a write
-  watcher and a timer. A refused or timed-out connect releases the pick and tries the next
-  endpoint, excluding the ones that failed, at most ``MAX_ATTEMPTS`` times, so a dead endpoint
-  costs a client only latency. The client's first bytes wait in its socket meanwhile.
+- accept (up to ``ACCEPT_BATCH`` per wake-up) → ``Balancer.pick`` → non-blocking connect and a
+  write watcher (reused for reading once connected); one ticker for all pending connects
+  enforces ``connectTimeout``. A refused or timed-out connect releases the pick and tries the
+  next endpoint, excluding the ones that failed, at most ``MAX_ATTEMPTS`` times, so a dead
+  endpoint costs a client only latency. The client's first bytes wait in its socket meanwhile.
 - endpoints on other nodes are dialled through ``Dialer.dial_tcp`` (the tunnel) in a short
   greenlet; the pumping is the same afterwards.
 - each direction (``Flow``) waits for readability, then splices socket → pipe → socket. Pipes
@@ -101,11 +102,12 @@ class Flow:
     """One direction of a connection: ``src`` → pipe → ``dst``."""
     __slots__ = ("conn", "src", "dst", "rw", "ww", "pipe", "pending", "done", "counter")
 
-    def __init__(self, conn: Conn, src: Any, dst: Any, counter: Any) -> None:
+    def __init__(self, conn: Conn, src: Any, dst: Any, counter: Any,
+                 watcher: Any = None) -> None:
         self.conn = conn
         self.src = src
         self.dst = dst
-        self.rw = conn.proxy.loop.io(src.fileno(), READ)
+        self.rw = watcher or conn.proxy.loop.io(src.fileno(), READ)
         self.ww: Any = None
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
@@ -208,7 +210,7 @@ class Flow:
 class Conn:
     """One proxied connection from accept to close."""
     __slots__ = ("proxy", "listener", "client", "client_ip", "server", "backend", "tried",
-                 "flows", "last", "cw", "timer", "closed")
+                 "flows", "last", "cw", "deadline", "closed")
 
     def __init__(self, proxy: TCPProxy, listener: TCPListener, client: Any,
                  client_ip: str) -> None:
@@ -222,7 +224,7 @@ class Conn:
         self.flows: tuple[Flow, Flow] | None = None
         self.last = proxy.loop.now()
         self.cw: Any = None
-        self.timer: Any = None
+        self.deadline = 0.0  # while connecting: when the attempt times out
         self.closed = False
 
     # ---- connecting ---------------------------------------------------------------------------
@@ -248,20 +250,24 @@ class Conn:
         except UnavailableError:
             self._connect_failed()
             return
-        loop = self.proxy.loop
-        self.cw = loop.io(self.server.fileno(), WRITE)
+        proxy = self.proxy
+        self.cw = proxy.loop.io(self.server.fileno(), WRITE)
         self.cw.start(self.on_connect_done)
-        self.timer = loop.timer(self.proxy.connect_timeout)
-        self.timer.start(self.on_connect_timeout)
+        self.deadline = proxy.loop.now() + proxy.connect_timeout
+        proxy.connecting.add(self)
 
     def on_connect_done(self) -> None:
         try:
-            self._stop_connect_watchers()
+            self.proxy.connecting.discard(self)
+            watcher, self.cw = self.cw, None
+            watcher.stop()
             err = self.server.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
             if err:
+                watcher.close()
                 self._connect_failed()
             else:
-                self._pump(self.server)
+                watcher.events = READ  # reused for the server → client flow
+                self._pump(self.server, watcher)
         except Exception:
             _callback_failed(self)
 
@@ -273,11 +279,11 @@ class Conn:
             _callback_failed(self)
 
     def _stop_connect_watchers(self) -> None:
-        for w in (self.cw, self.timer):
-            if w is not None:
-                w.stop()
-                w.close()
-        self.cw = self.timer = None
+        self.proxy.connecting.discard(self)
+        if self.cw is not None:
+            self.cw.stop()
+            self.cw.close()
+            self.cw = None
 
     def _connect_failed(self) -> None:
         CONNECT_FAILURES.labels(self.listener.name).inc()
@@ -304,10 +310,11 @@ class Conn:
 
     # ---- pumping and closing ------------------------------------------------------------------
 
-    def _pump(self, server: Any) -> None:
+    def _pump(self, server: Any, server_watcher: Any = None) -> None:
         self.server = server
         up, down = self.listener.counters
-        self.flows = (Flow(self, self.client, server, up), Flow(self, server, self.client, down))
+        self.flows = (Flow(self, self.client, server, up),
+                      Flow(self, server, self.client, down, server_watcher))
         self.last = self.proxy.loop.now()
         for flow in self.flows:
             flow.start()
@@ -367,7 +374,11 @@ class TCPProxy:
         self.max_connections = max_connections
         self.pipes = PipePool()
         self.conns: set[Conn] = set()
+        self.connecting: set[Conn] = set()
         ACTIVE.fn = lambda: len(self.conns)
+        # one ticker for every pending connect instead of a timer per connection
+        self._connect_ticker = tasks.spawn_forever("proxy-tcp-connect-timeouts",
+                                                   self._expire_connects, backoff=0.1)
         self._sweeper = tasks.spawn_forever("proxy-tcp-idle", self._sweep_once,
                                             backoff=min(idle_timeout / 4, 30.0))
 
@@ -376,7 +387,13 @@ class TCPProxy:
         for conn in [c for c in self.conns if c.last < cutoff]:
             conn.close()
 
+    def _expire_connects(self) -> None:
+        now = self.loop.now()
+        for conn in [c for c in self.connecting if c.deadline <= now]:
+            conn.on_connect_timeout()
+
     def close(self) -> None:
+        self._connect_ticker.kill()
         self._sweeper.kill()
         for conn in list(self.conns):
             conn.close()

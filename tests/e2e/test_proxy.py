@@ -75,13 +75,17 @@ def manifests() -> list[dict]:
              _slice("dns", [DNS_POD], 53, "UDP", "dns"),
              _service("iperf", "10.96.0.40", 5201, 5201),
              _slice("iperf", [IPERF_POD], 5201),
+             {**_service("kube", "10.96.0.50", 80, 8080),
+              "metadata": {"name": "kube", "namespace": "default", "labels": {
+                  "service.edgemesh.kubeedge.io/service-proxy-name": "kube-proxy"}}},
+             _slice("kube", PODS, 8080),
              _service("headless", "None", 80, 8080),
              _slice("headless", PODS, 8080)]
     return docs
 
 
 CONFIG = {"modules": {"edgeDNS": {"enable": False}, "edgeTunnel": {"enable": False},
-                      "edgeProxy": {"udpIdleTimeout": 60}},
+                      "edgeProxy": {"udpIdleTimeout": 60, "connectTimeout": 1.0}},
           "commonConfig": {"stateDir": "/tmp/edgemesh-proxy-e2e-state"}}
 
 UDP_ECHO = textwrap.dedent("""
@@ -202,7 +206,9 @@ def test_rules_installed_for_cluster_ips_only(env: Env) -> None:
     for ip, *_ in SERVICES.values():
         assert f"-d {ip}/32 -p tcp" in nat
     assert "-d 10.96.0.30/32 -p udp -m udp --dport 7 " in nat
-    assert nat.count("DNAT") == len(SERVICES) + 4  # web, echo, dns, iperf; not headless
+    # web, echo, dns, iperf; not headless, not the one labelled for kube-proxy
+    assert nat.count("DNAT") == len(SERVICES) + 4
+    assert "10.96.0.50" not in nat
 
 
 def test_curl_through_cluster_ip_from_both_namespaces(env: Env) -> None:
@@ -304,6 +310,18 @@ def test_killed_endpoint_is_skipped_without_client_errors(env: Env) -> None:
             in metrics
     finally:
         env.start_tcp_backend(PODS[2])
+
+
+def test_timed_out_endpoint_is_skipped(env: Env) -> None:
+    # SYNs to one endpoint vanish: its connects time out after connectTimeout (1 s here)
+    rule = ["OUTPUT", "-d", PODS[1], "-p", "tcp", "--dport", "8080", "-j", "DROP"]
+    env.node.run("iptables", "-I", *rule)
+    try:
+        result = env.connect(env.client, "10.96.0.10", 6)
+        assert result["failures"] == 0, result
+        assert PODS[1] not in result["counts"]
+    finally:
+        env.node.run("iptables", "-D", *rule)
 
 
 def test_rules_vanish_on_exit_and_after_kill9_with_cleanup(env: Env) -> None:
