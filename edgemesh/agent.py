@@ -121,10 +121,14 @@ def run(config: Config, role: str = "agent") -> int:
     if config.commonConfig.adminAddress:
         host, port = ctx.admin.start(config.commonConfig.adminAddress)
         log.info("admin endpoint on http://%s:%d", host, port)
-    running_sources = sources.start(ctx)
+    targets = enabled_modules(config)
     modules: list[Module] = []
+    # Not ready until every enabled module has started: a probe must never pass in between.
+    ctx.admin.add_check("modules", lambda: "" if len(modules) == len(targets) else
+                        f"starting modules ({len(modules)} of {len(targets)} up)")
+    running_sources = sources.start(ctx)
     try:
-        for target in enabled_modules(config):
+        for target in targets:
             module = load_module(target, ctx)
             module.start()
             modules.append(module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,9 +26,22 @@ def edgemesh_argv() -> list[str]:
 
 
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free for both TCP and UDP on ``host``, below the ephemeral range.
+
+    Ports the kernel hands out to outgoing connections (32768-60999) would race with the
+    many client sockets other tests open, so pick from 20000-32000 and check both protocols.
+    """
+    del kind  # both protocols are always checked
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        try:
+            for proto in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, proto) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port on {host}")
 
 
 class Proc:
