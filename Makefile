@@ -51,13 +51,15 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check edgemesh tests bench
 
+# PYTHONHASHSEED=0: set and frozenset constants marshal in one order, so the same sources and
+# pinned dependencies give a byte-identical binary
 binary: setup
-	$(BIN)/pyinstaller --noconfirm --clean --log-level ERROR --distpath dist \
+	PYTHONHASHSEED=0 $(BIN)/pyinstaller --noconfirm --clean --log-level ERROR --distpath dist \
 		--workpath build-pyinstaller packaging/edgemesh.spec
 
 # the onedir build: dist/edgemesh-onedir/edgemesh (starts faster; no unpacking to /tmp)
 onedir: setup
-	EDGEMESH_BUNDLE=onedir $(BIN)/pyinstaller --noconfirm --clean --log-level ERROR \
+	PYTHONHASHSEED=0 EDGEMESH_BUNDLE=onedir $(BIN)/pyinstaller --noconfirm --clean --log-level ERROR \
 		--distpath dist --workpath build-pyinstaller/onedir packaging/edgemesh.spec
 
 bench: setup
