@@ -609,6 +609,9 @@ class _Connection:
             line_end = rraw.index(b"\n") + 1
             rraw = rraw[:line_end] + set_cookie_line(self.port.cookie, new_cookie) + \
                 rraw[line_end:]
+        if rhead.framing is Framing.LENGTH and len(rest) == rhead.length:  # the common case
+            self._send_client(rraw + rest)
+            return rhead.keep_alive and head.keep_alive and not head.upgrade
         body = BodyTracker(rhead.framing, rhead.length)
         n = body.feed(rest) if rest else 0
         self._send_client(rraw + rest[:n] if n < len(rest) else rraw + rest)

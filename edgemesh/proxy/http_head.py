@@ -157,9 +157,16 @@ class _Fields:
     host: bytes = b""
 
 
+_FRAMING_INITIALS = frozenset(b"CcTtUuEeHh")  # content-length, transfer-encoding, connection,
+# upgrade, expect, host: other fields are skipped without lowering their names
+
+
 def _scan_fields(headers: Headers) -> _Fields:
     f = _Fields()
+    initials = _FRAMING_INITIALS
     for name, value in headers:
+        if name[0] not in initials:
+            continue
         n = name.lower()
         if n == b"content-length":
             f.length = _content_length(value, f.length)
