@@ -7,16 +7,23 @@ the same namespaces:
 and the round trip of 1-byte request/response over each path (TCP ping-pong), and prints the
 ratios. Targets: direct tunnel >= 0.4x raw, relay >= 0.3x raw.
 
-    .venv/bin/python -m bench.tunnel [--seconds 5]
+    .venv/bin/python -m bench.tunnel [--seconds 5] [--profile DIR]
+
+``--profile DIR`` records the agents (and the relay server) with py-spy during the tunnel runs
+(collapsed stacks in DIR; py-spy must be installed, it is not a project dependency).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Iterator
 
 import yaml
 
@@ -67,9 +74,29 @@ def rtt_us(ns: netlab.Netns, ip: str, port: int, n: int = 2000) -> float:
     return float(ns.run("python3", "-c", PINGPONG, ip, str(port), str(n), timeout=120).stdout)
 
 
+@contextlib.contextmanager
+def profiled(outdir: str | None, name: str, procs: dict[str, Proc]) -> Iterator[None]:
+    """py-spy records ``procs`` while the body runs (nothing when ``outdir`` is None)."""
+    spies = []
+    if outdir is not None:
+        spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        for label, proc in procs.items():
+            out = os.path.join(outdir, f"{name}-{label}.txt")
+            spies.append(subprocess.Popen([spy, "record", "--format", "raw", "-r", "200",
+                                           "-o", out, "-p", str(proc.popen.pid)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        yield
+    finally:
+        for spy_proc in spies:
+            spy_proc.send_signal(2)
+            spy_proc.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
     args = parser.parse_args()
     reason = netlab.can_run()
     if reason:
@@ -106,20 +133,27 @@ def main() -> int:
         procs = [Proc(["server", "--config", scfg, "--listen", "0.0.0.0:20004", "--psk-file",
                        psk, "--state-dir", os.path.join(tmp, "s-srv"), "--admin", ""],
                       ns=srv)]
+        agents: dict[str, Proc] = {}
         for n in NODES:
             p = Proc(["agent", "--config", cfg, "--manifests", mdir, "--node-name", n,
                       "--server", "198.18.0.10:20004", "--psk-file", psk, "--state-dir",
                       os.path.join(tmp, f"s-{n}"), "--admin", ADMIN, "-v", "1"], ns=ns[n])
             procs.append(p)
+            agents[n] = p
             wait_ready(p, ADMIN, ns[n], timeout=40)
         a1 = ns["a1"]
         rtt_us(a1, "10.96.2.3", 7000, 10)  # establish both sessions before measuring
         rtt_us(a1, "10.96.2.4", 7000, 10)
-        rows = [("direct", iperf(a1, NODES["a2"], args.seconds),
-                 iperf(a1, "10.96.2.1", args.seconds),
+        raw_direct = iperf(a1, NODES["a2"], args.seconds)
+        with profiled(args.profile, "direct", {"a1": agents["a1"], "a2": agents["a2"]}):
+            tun_direct = iperf(a1, "10.96.2.1", args.seconds)
+        raw_relay = iperf(a1, "198.18.0.10", args.seconds)
+        with profiled(args.profile, "relay", {"a1": agents["a1"], "srv": procs[0],
+                                               "b1": agents["b1"]}):
+            tun_relay = iperf(a1, "10.96.2.2", args.seconds)
+        rows = [("direct", raw_direct, tun_direct,
                  rtt_us(a1, NODES["a2"], 7000), rtt_us(a1, "10.96.2.3", 7000)),
-                ("relay", iperf(a1, "198.18.0.10", args.seconds),
-                 iperf(a1, "10.96.2.2", args.seconds),
+                ("relay", raw_relay, tun_relay,
                  rtt_us(a1, "198.18.0.10", 7000), rtt_us(a1, "10.96.2.4", 7000))]
         paths = json.loads(a1.run(sys.executable, "-m", "edgemesh", "status", "--json",
                                   "--admin", ADMIN).stdout)["peers"]

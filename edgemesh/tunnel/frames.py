@@ -20,6 +20,8 @@ HEADER_LEN = HEADER.size
 MAX_PAYLOAD = 65535 - 16 - HEADER_LEN  # one frame per record, minus the AEAD tag
 FLAG_FIN = 0x1  # DATA: the sender will send no more on this stream
 FLAG_ACK = 0x1  # PING: this is the answer
+MAX_STREAM_WINDOW = 4 * 1024 * 1024   # a stream's receive window grows up to this ...
+SESSION_WINDOW_BUDGET = 16 * 1024 * 1024  # ... while the session's windows sum below this
 
 
 class FrameType(enum.IntEnum):
@@ -202,16 +204,28 @@ class StreamInfo:
     bytes_in: int = 0
     bytes_out: int = 0
     target: Target | None = field(default=None)
+    window: int = 0          # the receive window we aim to keep granted (auto-tuned)
 
 
 class Mux:
-    """Stream state of one session. ``initiator`` (of the handshake) uses odd stream ids."""
+    """Stream state of one session. ``initiator`` (of the handshake) uses odd stream ids.
+
+    Receive windows start at ``local_window`` and are auto-tuned: when we grant credit back and
+    the consumer kept up (``consumed(..., drained=True)``: nothing of the stream is left
+    buffered here), the stream's window doubles, up to ``max_window``, as long as the windows
+    of all streams sum to at most ``budget``. A stream whose consumer lags keeps its window,
+    so what a peer can make us buffer stays bounded.
+    """
 
     def __init__(self, initiator: bool, local_window: int, remote_window: int,
-                 max_inbound: int = 1024) -> None:
-        self.local_window = local_window      # what we grant per stream
+                 max_inbound: int = 1024, max_window: int = MAX_STREAM_WINDOW,
+                 budget: int = SESSION_WINDOW_BUDGET) -> None:
+        self.local_window = local_window      # what we grant per stream, at first
         self.remote_window = remote_window    # what the peer grants per stream
         self.max_inbound = max_inbound
+        self.max_window = max(max_window, local_window)
+        self.budget = budget
+        self.window_total = 0                 # sum of the streams' receive windows
         self.streams: dict[int, StreamInfo] = {}
         self._next_id = 1 if initiator else 2
         self._last_remote = 0
@@ -228,8 +242,8 @@ class Mux:
         self._next_id += 2
         if sid > 0xFFFFFFFF:
             raise LocalProtocolError("stream ids exhausted")
-        self.streams[sid] = StreamInfo(sid, True, StreamState.OPENING, self.remote_window,
-                                       self.local_window, target=target)
+        self._add(StreamInfo(sid, True, StreamState.OPENING, self.remote_window,
+                             self.local_window, target=target))
         return sid, Frame(FrameType.OPEN, sid, target.encode())
 
     def accept(self, sid: int) -> Frame:
@@ -253,30 +267,54 @@ class Mux:
             return 0
         return min(info.send_window, MAX_PAYLOAD)
 
+    def send_room(self, sid: int) -> int:
+        """Bytes the stream may send now, over as many DATA frames as needed."""
+        info = self.streams.get(sid)
+        if info is None or info.local_fin or info.state is not StreamState.OPEN:
+            return 0
+        return info.send_window
+
     def send(self, sid: int, data: bytes, fin: bool = False) -> Frame:
         """One DATA frame; ``data`` must fit ``send_window(sid)``."""
+        return Frame(FrameType.DATA, sid, data, self._take(sid, len(data), fin))
+
+    def data_header(self, sid: int, n: int, fin: bool = False) -> bytes:
+        """The header of one DATA frame of ``n`` payload bytes (the bulk path's ``send``)."""
+        return HEADER.pack(FrameType.DATA, self._take(sid, n, fin), sid)
+
+    def _take(self, sid: int, n: int, fin: bool) -> int:
         info = self._get(sid)
         if info.local_fin or info.state is not StreamState.OPEN:
             raise LocalProtocolError(f"stream {sid} cannot send")
-        if len(data) > min(info.send_window, MAX_PAYLOAD):
+        if n > min(info.send_window, MAX_PAYLOAD):
             raise LocalProtocolError("data exceeds the send window")
-        info.send_window -= len(data)
-        info.bytes_out += len(data)
+        info.send_window -= n
+        info.bytes_out += n
         if fin:
             info.local_fin = True
-        frame = Frame(FrameType.DATA, sid, data, FLAG_FIN if fin else 0)
         self._maybe_close(info)
-        return frame
+        return FLAG_FIN if fin else 0
 
-    def consumed(self, sid: int, n: int) -> Frame | None:
-        """We delivered ``n`` received bytes; grant them back once half a window is due."""
+    def consumed(self, sid: int, n: int, drained: bool = False) -> Frame | None:
+        """We delivered ``n`` received bytes; grant them back once half a window is due.
+
+        ``drained``: nothing of this stream is buffered here any more (the consumer keeps up),
+        so the window may grow (see the class docstring).
+        """
         info = self.streams.get(sid)
         if info is None or info.remote_fin:
             return None
         info.unacked += n
-        if info.unacked < self.local_window // 2:
+        if info.unacked < info.window // 2:
             return None
         grant, info.unacked = info.unacked, 0
+        if drained and info.window < self.max_window:
+            more = min(info.window, self.max_window - info.window,
+                       self.budget - self.window_total)
+            if more > 0:
+                info.window += more
+                self.window_total += more
+                grant += more
         info.recv_window += grant
         return Frame(FrameType.WINDOW, sid, struct.pack(">I", grant))
 
@@ -314,8 +352,8 @@ class Mux:
                     [Frame(FrameType.RESET, sid,
                            reset_payload(ResetCode.TOO_MANY_STREAMS, "too many streams"))])
         self.inbound += 1
-        self.streams[sid] = StreamInfo(sid, False, StreamState.PENDING, self.remote_window,
-                                       self.local_window, target=target)
+        self._add(StreamInfo(sid, False, StreamState.PENDING, self.remote_window,
+                             self.local_window, target=target))
         return [StreamOpened(sid, target)], []
 
     def _on_accept(self, f: Frame) -> tuple[list[Event], list[Frame]]:
@@ -328,24 +366,29 @@ class Mux:
         return [StreamAccepted(f.stream)], []
 
     def _on_data(self, f: Frame) -> tuple[list[Event], list[Frame]]:
-        info = self.streams.get(f.stream)
+        return self.receive_data(f.stream, f.payload, f.flags)
+
+    def receive_data(self, sid: int, payload: bytes | memoryview,
+                     flags: int) -> tuple[list[Event], list[Frame]]:
+        """A DATA frame's parts (the session's fast path; ``receive`` for a whole Frame)."""
+        info = self.streams.get(sid)
         if info is None:
-            self._check_known(f.stream)
+            self._check_known(sid)
             return [], []  # late data for a stream we reset
         if info.remote_fin or info.state is not StreamState.OPEN:
-            raise RemoteProtocolError(f"DATA on stream {f.stream} in state {info.state.value}")
-        if len(f.payload) > info.recv_window:
-            self.streams.pop(f.stream, None)
+            raise RemoteProtocolError(f"DATA on stream {sid} in state {info.state.value}")
+        if len(payload) > info.recv_window:
+            self.streams.pop(sid, None)
             self._forget(info)
-            return ([StreamReset(f.stream, ResetCode.FLOW_CONTROL, "window exceeded")],
-                    [Frame(FrameType.RESET, f.stream,
+            return ([StreamReset(sid, ResetCode.FLOW_CONTROL, "window exceeded")],
+                    [Frame(FrameType.RESET, sid,
                            reset_payload(ResetCode.FLOW_CONTROL, "window exceeded"))])
-        info.recv_window -= len(f.payload)
-        info.bytes_in += len(f.payload)
-        events: list[Event] = [DataReceived(f.stream, f.payload)] if f.payload else []
-        if f.flags & FLAG_FIN:
+        info.recv_window -= len(payload)
+        info.bytes_in += len(payload)
+        events: list[Event] = [DataReceived(sid, payload)] if payload else []
+        if flags & FLAG_FIN:
             info.remote_fin = True
-            events.append(StreamEnded(f.stream))
+            events.append(StreamEnded(sid))
             self._maybe_close(info)
         return events, []
 
@@ -401,7 +444,13 @@ class Mux:
             self.streams.pop(info.id, None)
             self._forget(info)
 
+    def _add(self, info: StreamInfo) -> None:
+        info.window = self.local_window
+        self.window_total += info.window
+        self.streams[info.id] = info
+
     def _forget(self, info: StreamInfo) -> None:
+        self.window_total -= info.window
         if not info.local:
             self.inbound -= 1
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edgemesh.errors import LocalProtocolError, RemoteProtocolError
@@ -37,6 +37,24 @@ TAGLEN = 16
 MAX_MESSAGE = 65535
 MAX_HELLO = 4096
 NONCE_LIMIT = 2**63  # far below 2^64-1; a session is closed long before
+CHACHA = "chachapoly"
+AESGCM_NAME = "aesgcm"
+
+
+def _cpu_has_aes() -> bool:
+    """True when the CPU advertises AES instructions (x86 ``aes``, ARM ``aes`` feature)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return "aes" in line.split(":", 1)[-1].split()
+    except OSError:
+        pass
+    return False
+
+
+# transport AEADs this host runs fast, preferred first (docs/tunnel-protocol.md §3)
+LOCAL_AEADS: tuple[str, ...] = (AESGCM_NAME, CHACHA) if _cpu_has_aes() else (CHACHA,)
 
 
 class HandshakeFailed(RemoteProtocolError):
@@ -67,11 +85,25 @@ def _nonce(n: int) -> bytes:
     return b"\x00\x00\x00\x00" + n.to_bytes(8, "little")
 
 
+def _nonce_be(n: int) -> bytes:
+    return b"\x00\x00\x00\x00" + n.to_bytes(8, "big")  # Noise's AESGCM nonce
+
+
+def transport_aead(local: Hello, remote: Hello) -> str:
+    """AES-GCM when both sides list it (both have AES instructions), else ChaCha20-Poly1305."""
+    return AESGCM_NAME if AESGCM_NAME in local.aead and AESGCM_NAME in remote.aead else CHACHA
+
+
 class CipherState:
     """A key and a counter nonce; without a key it passes plaintext through (Noise §5.1)."""
 
-    def __init__(self, key: bytes | None = None) -> None:
-        self._aead = ChaCha20Poly1305(key) if key is not None else None
+    def __init__(self, key: bytes | None = None, aead: str = CHACHA) -> None:
+        self._aead: ChaCha20Poly1305 | AESGCM | None = None
+        self._nonce = _nonce_be if aead == AESGCM_NAME else _nonce
+        if key is not None:
+            self._aead = AESGCM(key) if aead == AESGCM_NAME else ChaCha20Poly1305(key)
+        self.key = key
+        self.aead = aead
         self.n = 0
 
     @property
@@ -83,9 +115,22 @@ class CipherState:
             return plaintext
         if self.n >= NONCE_LIMIT:
             raise LocalProtocolError("nonce space exhausted; the session must be re-established")
-        out = self._aead.encrypt(_nonce(self.n), plaintext, ad)
+        out = self._aead.encrypt(self._nonce(self.n), plaintext, ad)
         self.n += 1
         return out
+
+    def encrypt_into(self, plaintext: bytes | memoryview, out: memoryview) -> None:
+        """Encrypt (no associated data) into ``out`` (len(plaintext) + 16; may alias it)."""
+        if self._aead is None or self.n >= NONCE_LIMIT:
+            raise LocalProtocolError("no transport key, or nonce space exhausted")
+        self._aead.encrypt_into(self._nonce(self.n), plaintext, None, out)
+        self.n += 1
+
+    def with_aead(self, aead: str) -> "CipherState":
+        """The same key and counter under another AEAD (the negotiated transport cipher)."""
+        state = CipherState(self.key, aead)
+        state.n = self.n
+        return state
 
     def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
         if self._aead is None:
@@ -93,7 +138,7 @@ class CipherState:
         if self.n >= NONCE_LIMIT:
             raise RemoteProtocolError("nonce space exhausted")
         try:
-            out = self._aead.decrypt(_nonce(self.n), ciphertext, ad)
+            out = self._aead.decrypt(self._nonce(self.n), ciphertext, ad)
         except InvalidTag:
             raise HandshakeFailed("authentication tag mismatch") from None
         self.n += 1
@@ -142,10 +187,11 @@ class Hello:
     intent: str = "session"      # session | circuit (initiator only)
     window: int = 4 * 1024 * 1024  # initial per-stream receive window we grant
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    aead: tuple[str, ...] = LOCAL_AEADS  # transport ciphers we offer, preferred first
 
     def encode(self) -> bytes:
         doc = {"v": 1, "node": self.node, "role": self.role, "intent": self.intent,
-               "window": self.window, **self.extra}
+               "window": self.window, "aead": list(self.aead), **self.extra}
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -167,9 +213,13 @@ class Hello:
             raise RemoteProtocolError("hello: bad role or intent")
         if not isinstance(window, int) or not 65536 <= window <= 64 * 1024 * 1024:
             raise RemoteProtocolError("hello: window out of range")
+        aead = doc.get("aead", [CHACHA])
+        if not isinstance(aead, list) or len(aead) > 8:
+            raise RemoteProtocolError("hello: bad aead list")
         extra = {k: v for k, v in doc.items()
-                 if k not in ("v", "node", "role", "intent", "window")}
-        return cls(node=node, role=role, intent=intent, window=window, extra=extra)
+                 if k not in ("v", "node", "role", "intent", "window", "aead")}
+        return cls(node=node, role=role, intent=intent, window=window, extra=extra,
+                   aead=tuple(str(a) for a in aead))
 
 
 @dataclass
@@ -298,6 +348,8 @@ class Handshake:
         c1, c2 = self._ss.split()
         send, recv = (c1, c2) if self.initiator else (c2, c1)
         assert self._rs is not None and self._remote_hello is not None
+        aead = transport_aead(self._hello, self._remote_hello)
+        send, recv = send.with_aead(aead), recv.with_aead(aead)
         self.result = Result(remote_static=public_bytes(self._rs),
                              remote_hello=self._remote_hello, send=send, recv=recv,
                              handshake_hash=self._ss.h)

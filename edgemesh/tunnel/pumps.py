@@ -25,24 +25,14 @@ UDP_MAX = 65535
 
 def _socket_to_stream(sock: socket.socket, stream: Stream) -> None:
     try:
-        while True:
-            data = sock.recv(MAX_PAYLOAD)
-            if not data:
-                stream.shutdown_write()
-                return
-            stream.send(data)
+        stream.send_from(sock)
     except (OSError, UnavailableError):
         stream.reset(ResetCode.CANCEL)
 
 
 def _stream_to_socket(stream: Stream, sock: socket.socket) -> None:
     try:
-        while True:
-            data = stream.recv()
-            if not data:
-                sock.shutdown(socket.SHUT_WR)
-                return
-            sock.sendall(data)
+        stream.drain_to(sock)
     except (OSError, UnavailableError):
         stream.reset(ResetCode.CANCEL)
         try:

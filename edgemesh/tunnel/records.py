@@ -23,41 +23,70 @@ def frame_record(body: bytes) -> bytes:
 
 
 class RecordReader:
-    """Feed bytes with ``feed``; take whole record bodies with ``next_record`` (None: need more)."""
+    """Feed bytes with ``feed`` (or receive straight into ``space()`` and ``commit``); take
+    whole record bodies with ``next_record`` / ``next_view`` (None: need more).
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+    The buffer has a fixed size (``capacity`` plus one largest record), so a reader never holds
+    more than that, whatever the peer sends.
+    """
 
-    def feed(self, data: bytes) -> None:
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+    def __init__(self, capacity: int = 256 * 1024) -> None:
+        self._buf = bytearray(capacity + 2 + MAX_RECORD)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
 
-    def next_record(self) -> bytes | None:
-        avail = len(self._buf) - self._pos
+    def feed(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        while n:
+            space = self.space()
+            if not space:
+                raise ValueError("record reader overfed")  # callers read what space() allows
+            k = min(n, len(space))
+            space[:k] = data[len(data) - n:len(data) - n + k]
+            self.commit(k)
+            n -= k
+
+    def space(self) -> memoryview:
+        """Free room at the end of the buffer for a ``recv_into`` (compacts first if needed)."""
+        if self._start and (self._start == self._end or len(self._buf) - self._end < MAX_RECORD):
+            k = self._end - self._start
+            self._buf[:k] = self._view[self._start:self._end]
+            self._start, self._end = 0, k
+        return self._view[self._end:]
+
+    def commit(self, n: int) -> None:
+        """``n`` bytes were written at the start of ``space()``."""
+        self._end += n
+
+    def next_view(self) -> memoryview | None:
+        """The next whole record body as a view into the buffer, valid until the next
+        ``space()``/``feed``; None when more bytes are needed."""
+        avail = self._end - self._start
         if avail < 2:
             return None
-        (n,) = _LEN.unpack_from(self._buf, self._pos)
+        (n,) = _LEN.unpack_from(self._buf, self._start)
         if avail < 2 + n:
             return None
-        start = self._pos + 2
-        body = bytes(self._buf[start:start + n])
-        self._pos = start + n
-        return body
+        start = self._start + 2
+        self._start = start + n
+        return self._view[start:start + n]
+
+    def next_record(self) -> bytes | None:
+        view = self.next_view()
+        return None if view is None else bytes(view)
 
     def wanted(self) -> int:
         """Bytes still missing for the record being read (at least 1): a read-size hint."""
-        avail = len(self._buf) - self._pos
+        avail = self._end - self._start
         if avail < 2:
             return 2 - avail
-        (n,) = _LEN.unpack_from(self._buf, self._pos)
+        (n,) = _LEN.unpack_from(self._buf, self._start)
         return max(1, 2 + n - avail)
 
     def leftover(self) -> bytes:
         """Bytes fed but not yet consumed as records (handed on when a relay starts splicing)."""
-        return bytes(self._buf[self._pos:])
+        return bytes(self._view[self._start:self._end])
 
 
 class SecureChannel:
@@ -75,7 +104,16 @@ class SecureChannel:
             raise ValueError("plaintext too large for one record")
         return frame_record(self._send.encrypt(b"", plaintext))
 
-    def open(self, body: bytes) -> bytes:
+    def seal_in_place(self, record: memoryview) -> None:
+        """``record`` is ``2 length bytes | plaintext | 16 spare bytes``: write the length and
+        encrypt the plaintext over itself, so the whole view is then one wire record."""
+        n = len(record) - 2
+        if not TAGLEN <= n <= MAX_RECORD:
+            raise ValueError("record size out of range")
+        _LEN.pack_into(record, 0, n)
+        self._send.encrypt_into(record[2:2 + n - TAGLEN], record[2:])
+
+    def open(self, body: bytes | memoryview) -> bytes:
         """Decrypt one record body; a bad tag is the peer's fault (RemoteProtocolError)."""
         if len(body) < TAGLEN:
             raise RemoteProtocolError("record shorter than its tag")

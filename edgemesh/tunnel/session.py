@@ -1,13 +1,21 @@
 """The I/O shell of one secure connection: handshake over a socket, then a reader greenlet that
 feeds the sans-IO ``Mux``, a keepalive pinger, and ``Stream`` objects for the application.
 
-Writes from many greenlets go through one lock (records must leave in nonce order). Reads are
-only ever done by the reader greenlet. Everything that can block has a timeout or ends when
-the session closes.
+Writing: a frame is encrypted the moment it is written (records must leave in nonce order, and
+nothing yields between sealing and queueing), then queued; the writer sends what is queued
+with one ``sendmsg`` per batch of records, trying at once without blocking first. Control
+frames never wait; bulk data waits while more than ``WRITE_HIGH`` bytes are queued. Reads are
+only ever done by the reader greenlet, straight into the record reader's buffer. DATA for a
+stream pumped to a socket (``Stream.drain_to``) is sent to that socket by the reader itself
+when it takes it without blocking (no greenlet switch per frame); the rest is queued for the
+pump. Received bytes held here are bounded per session (``BUFFER_CAP``: the reader stops
+reading while more is buffered) and per stream by its auto-tuned window (``frames.Mux``).
+Everything that can block has a timeout or ends when the session closes.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import socket
@@ -17,7 +25,6 @@ from typing import Any
 
 import gevent
 import gevent.event
-import gevent.lock
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from edgemesh.errors import EdgeMeshError, RemoteProtocolError, UnavailableError
@@ -34,6 +41,12 @@ PING_INTERVAL = 10.0
 DEAD_AFTER = 3 * PING_INTERVAL + 5
 READ_SIZE = 256 * 1024
 MAX_CONTROL = 60000
+WRITE_HIGH = 1024 * 1024      # queued ciphertext above which bulk senders wait
+WRITE_LOW = 256 * 1024        # ... until the writer brought it below this
+SEND_BATCH = 64               # records per sendmsg
+PUMP_RECORDS = 4              # records a pump reads from its socket with one recvmsg_into
+BUFFER_CAP = 32 * 1024 * 1024  # received bytes held for a session's consumers, at most
+RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
 
 WIRE_BYTES = metrics.counter("edgemesh_tunnel_bytes_total",
                              "Encrypted bytes on tunnel connections, by peer and direction.",
@@ -87,16 +100,30 @@ class Stream:
         self.session = session
         self.id = sid
         self.target = target
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
         self._readable = gevent.event.Event()
         self._writable = gevent.event.Event()
         self._accepted = gevent.event.Event()
+        self.sink: socket.socket | None = None  # drain_to's socket: the reader sends to it
         self.eof = False
         self.error: StreamClosed | None = None
 
     # called by the session's reader --------------------------------------------------------------
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
+        if self.sink is not None and not self._chunks:
+            try:
+                sent = self.sink.send(data, 0, 0.0)  # type: ignore[call-arg]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # drain_to meets the error itself and resets the stream
+            if sent:
+                self._delivered(sent, drained=sent == len(data))
+                if sent == len(data):
+                    return
+                data = data[sent:]
         self._chunks.append(data)
+        self.session.buffered += len(data)
         self._readable.set()
 
     def _end(self) -> None:
@@ -105,8 +132,21 @@ class Stream:
 
     def _fail(self, error: StreamClosed) -> None:
         self.error = error
+        self.session.unbuffer(sum(len(c) for c in self._chunks))
+        self._chunks.clear()
         for event in (self._readable, self._writable, self._accepted):
             event.set()
+
+    def _delivered(self, n: int, drained: bool) -> None:
+        grant = self.session.mux.consumed(self.id, n, drained)
+        if grant is not None:
+            self.session.write(grant)
+
+    def _pop(self) -> bytes | memoryview:
+        data = self._chunks.popleft()
+        self.session.unbuffer(len(data))
+        self._delivered(len(data), drained=not self._chunks)
+        return data
 
     # the application's side ---------------------------------------------------------------------
     def wait_accepted(self, timeout: float | None) -> None:
@@ -116,28 +156,77 @@ class Stream:
         if self.error:
             raise self.error
 
-    def send(self, data: bytes | memoryview, fin: bool = False) -> None:
-        """Send all of ``data`` (waiting for window as needed); ``fin`` half-closes after it."""
+    def _room(self) -> int:
+        """Send window now, waiting (up to the keepalive timeout) while it is closed."""
         mux = self.session.mux
-        view = memoryview(data)
         while True:
             if self.error:
                 raise self.error
             if self.id not in mux.streams:
                 raise StreamClosed("stream closed")
-            n = mux.send_window(self.id)
-            if n == 0 and view:
-                self._writable.clear()
-                if mux.send_window(self.id) == 0:
-                    self._writable.wait(timeout=DEAD_AFTER)
-                continue
-            chunk, view = bytes(view[:n]), view[n:]
-            last = fin and not view
-            if chunk or last:
-                self.session.write(mux.send(self.id, chunk, last))
-            if not view:
-                self.session.forget_if_done(self.id)
+            n = mux.send_room(self.id)
+            if n:
+                return n
+            self._writable.clear()
+            if mux.send_room(self.id) == 0:
+                self._writable.wait(timeout=DEAD_AFTER)
+
+    def send(self, data: bytes | memoryview, fin: bool = False) -> None:
+        """Send all of ``data`` (waiting for window as needed); ``fin`` half-closes after it."""
+        view = memoryview(data)
+        while view:
+            n = min(len(view), self._room())
+            self.session.write_data(self.id, view[:n], fin and n == len(view))
+            view = view[n:]
+        if fin and not data:
+            self.shutdown_write()
+        self.session.forget_if_done(self.id)
+
+    def send_from(self, sock: socket.socket) -> None:
+        """Pump ``sock`` into the stream until EOF (then FIN): the bulk path. Each read lands
+        in the payload room of up to PUMP_RECORDS records, which are then sealed in place."""
+        session, size = self.session, fr.MAX_PAYLOAD + RECORD_OVERHEAD
+        while True:
+            room = self._room()
+            session.wait_writable()
+            records, views = [], []
+            while room > 0 and len(records) < PUMP_RECORDS:
+                record = memoryview(bytearray(size))
+                k = min(room, fr.MAX_PAYLOAD)
+                records.append(record)
+                views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
+                room -= k
+            n = sock.recvmsg_into(views)[0]
+            if not n:
+                self.shutdown_write()
                 return
+            for record, view in zip(records, views, strict=True):
+                k = min(n, len(view))
+                if not k:
+                    break
+                session.seal_data(self.id, record[:k + RECORD_OVERHEAD])
+                n -= k
+            session.flush()
+
+    def drain_to(self, sock: socket.socket) -> None:
+        """Pump the stream into ``sock`` until the peer's FIN (then SHUT_WR); raises
+        StreamClosed / OSError. The reader sends to ``sock`` itself while it keeps up."""
+        self.sink = sock
+        try:
+            while True:
+                while self._chunks:
+                    sock.sendall(self._chunks[0])  # popped only once sent: keeps the order
+                    self._pop()
+                if self.error:
+                    raise self.error
+                if self.eof:
+                    sock.shutdown(socket.SHUT_WR)
+                    return
+                self._readable.clear()
+                if not self._chunks and not self.eof and not self.error:
+                    self._readable.wait()
+        finally:
+            self.sink = None
 
     def send_datagram(self, data: bytes) -> bool:
         """One datagram as one DATA frame; False (dropped) when the window has no room."""
@@ -159,11 +248,7 @@ class Stream:
             if not self._chunks and not self.eof and not self.error:
                 if not self._readable.wait(timeout):
                     raise TimeoutError("stream recv timed out")
-        data = self._chunks.popleft()
-        grant = self.session.mux.consumed(self.id, len(data))
-        if grant is not None:
-            self.session.write(grant)
-        return data
+        return bytes(self._pop())
 
     def shutdown_write(self) -> None:
         """Half-close: send FIN (no-op when the stream is already gone)."""
@@ -222,7 +307,13 @@ class Session:
         self.bytes_out = 0
         self.closed = False
         self.close_reason = ""
-        self._lock = gevent.lock.Semaphore()
+        self.buffered = 0  # received bytes queued for this session's streams
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._out_bytes = 0
+        self._sending = False  # the writer greenlet is inside a (blocking) sendmsg
+        self._out_ready = gevent.event.Event()
+        self._drained = gevent.event.Event()
+        self._unbuffered = gevent.event.Event()
         self._greenlets: list[gevent.Greenlet] = []
         self._in_metric = WIRE_BYTES.labels(self.peer, "in")
         self._out_metric = WIRE_BYTES.labels(self.peer, "out")
@@ -231,6 +322,7 @@ class Session:
 
     def start(self) -> None:
         self._greenlets = [spawn(f"tunnel-read-{self.peer}", self._read_loop),
+                           spawn(f"tunnel-write-{self.peer}", self._write_loop),
                            spawn(f"tunnel-ping-{self.peer}", self._ping_loop)]
 
     # ---- application side ---------------------------------------------------------------------
@@ -253,17 +345,103 @@ class Session:
         self.write(self.mux.control(payload))
 
     def write(self, *frames: fr.Frame) -> None:
+        """Seal and queue ``frames`` (never blocks); the writer sends them."""
         if self.closed:
             raise UnavailableError(f"session to {self.peer} is closed")
-        with self._lock:
-            data = b"".join(self.channel.seal(fr.encode_frame(f)) for f in frames)
-            try:
-                self.sock.sendall(data)
-            except OSError as e:
-                gevent.spawn(self.close, f"write failed: {e}")
-                raise UnavailableError(f"session to {self.peer}: {e}") from e
-        self.bytes_out += len(data)
-        self._out_metric.inc(len(data))
+        for f in frames:
+            self._queue(self.channel.seal(fr.encode_frame(f)))
+        self.flush()
+
+    def write_data(self, sid: int, data: memoryview, fin: bool = False) -> None:
+        """DATA frames carrying ``data`` (within the stream's window), waiting while the
+        queue is above its high-water mark."""
+        self.wait_writable()
+        size = fr.MAX_PAYLOAD
+        for pos in range(0, len(data), size):
+            piece = data[pos:pos + size]
+            record = memoryview(bytearray(len(piece) + RECORD_OVERHEAD))
+            record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + len(piece)] = piece
+            self.seal_data(sid, record, fin and pos + size >= len(data))
+        self.flush()
+
+    def seal_data(self, sid: int, record: memoryview, fin: bool = False) -> None:
+        """``record`` has its payload in place (after 2 + HEADER_LEN bytes, with 16 spare at
+        the end): write the DATA header, seal it in place and queue it (``flush`` sends)."""
+        if self.closed:
+            raise UnavailableError(f"session to {self.peer} is closed")
+        if sid not in self.mux.streams:
+            raise StreamClosed("stream closed")
+        n = len(record) - RECORD_OVERHEAD
+        record[2:2 + fr.HEADER_LEN] = self.mux.data_header(sid, n, fin)
+        self.channel.seal_in_place(record)
+        self._queue(record)
+
+    def _queue(self, record: bytes | memoryview) -> None:
+        self._out.append(record)
+        self._out_bytes += len(record)
+
+    def unbuffer(self, n: int) -> None:
+        """``n`` received bytes left our buffers; the reader resumes below half the cap."""
+        self.buffered -= n
+        if self.buffered <= BUFFER_CAP // 2:
+            self._unbuffered.set()
+
+    def wait_writable(self) -> None:
+        """Wait while too much is queued (bulk senders only)."""
+        while self._out_bytes >= WRITE_HIGH and not self.closed:
+            self._drained.clear()
+            self._drained.wait(timeout=DEAD_AFTER)
+        if self.closed:
+            raise UnavailableError(f"session to {self.peer} is closed")
+
+    def flush(self) -> None:
+        """Send what is queued as far as the socket takes it now; the writer does the rest."""
+        if self._sending or not self._out:
+            return
+        try:
+            self._sent(self.sock.sendmsg(list(itertools.islice(self._out, SEND_BATCH)), (),
+                                         socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self._write_failed(e)
+            return
+        if self._out:
+            self._out_ready.set()
+
+    def _sent(self, n: int) -> None:
+        self._out_bytes -= n
+        self.bytes_out += n
+        self._out_metric.inc(n)
+        out = self._out
+        while n:
+            head = out[0]
+            if n < len(head):
+                out[0] = memoryview(head)[n:]
+                break
+            n -= len(head)
+            out.popleft()
+        if self._out_bytes < WRITE_LOW:
+            self._drained.set()
+
+    def _write_loop(self) -> None:
+        while not self.closed:
+            self._out_ready.wait()
+            self._out_ready.clear()
+            while self._out:
+                self._sending = True
+                try:
+                    n = self.sock.sendmsg(list(itertools.islice(self._out, SEND_BATCH)))
+                except OSError as e:
+                    self._write_failed(e)
+                    return
+                finally:
+                    self._sending = False
+                self._sent(n)
+
+    def _write_failed(self, e: OSError) -> None:
+        self._out.clear()
+        gevent.spawn(self.close, f"write failed: {e}")
 
     def forget_if_done(self, sid: int) -> None:
         """Drop our Stream object once the mux has closed the stream both ways."""
@@ -278,11 +456,12 @@ class Session:
         if self.closed:
             return
         try:
-            with gevent.Timeout(1, False):
-                self.write(self.mux.goaway(0, reason[:200]))
+            self.write(self.mux.goaway(0, reason[:200]))  # sent if the socket takes it now
         except (EdgeMeshError, OSError):
             pass
         self.closed = True
+        self._drained.set()
+        self._unbuffered.set()
         self.close_reason = reason
         log.info("session to %s (%s %s) closed: %s", self.peer, self.path, self.address, reason)
         error = StreamClosed(f"session to {self.peer} closed: {reason}")
@@ -307,13 +486,16 @@ class Session:
         try:
             self._consume()  # bytes read along with the handshake
             while True:
-                data = self.sock.recv(READ_SIZE)
-                if not data:
+                while self.buffered > BUFFER_CAP and not self.closed:
+                    self._unbuffered.clear()  # consumers lag: stop reading (back-pressure)
+                    self._unbuffered.wait(timeout=1.0)
+                n = self.sock.recv_into(self.reader.space())
+                if not n:
                     break
-                self.bytes_in += len(data)
-                self._in_metric.inc(len(data))
+                self.reader.commit(n)
+                self.bytes_in += n
+                self._in_metric.inc(n)
                 self.last_seen = time.monotonic()
-                self.reader.feed(data)
                 self._consume()
         except RemoteProtocolError as e:
             SESSION_ERRORS.labels(type(e).__name__).inc()
@@ -324,9 +506,16 @@ class Session:
             gevent.spawn(self.close, reason)
 
     def _consume(self) -> None:
-        while (body := self.reader.next_record()) is not None:
-            frame = fr.decode_frame(self.channel.open(body))
-            events, replies = self.mux.receive(frame)
+        while (body := self.reader.next_view()) is not None:
+            plain = self.channel.open(body)
+            if len(plain) >= fr.HEADER_LEN and plain[0] == fr.FrameType.DATA:
+                _, flags, sid = fr.HEADER.unpack_from(plain)
+                if sid == 0:
+                    raise RemoteProtocolError("DATA frame on stream 0")
+                events, replies = self.mux.receive_data(sid, memoryview(plain)[fr.HEADER_LEN:],
+                                                        flags)
+            else:
+                events, replies = self.mux.receive(fr.decode_frame(plain))
             if replies:
                 try:
                     self.write(*replies)
