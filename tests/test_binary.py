@@ -23,6 +23,7 @@ pytestmark = pytest.mark.binary
 
 BINARY = os.path.join(ROOT, "dist", "edgemesh")
 WORK = os.path.join(ROOT, "build-pyinstaller", "edgemesh")
+ONEDIR = os.path.join(ROOT, "dist", "edgemesh-onedir", "edgemesh")
 ONEFILE_BUDGET = 20 * 1024 * 1024  # bytes; issue 9's target for this machine
 SOURCES = ("edgemesh", "edgemesh.py", "packaging/edgemesh.spec", "constraints.txt")
 
@@ -47,16 +48,29 @@ def newest_source() -> float:
     return newest
 
 
+def built(target: str, path: str, work: str) -> str:
+    """``path``, built by ``make target`` unless it is newer than every source."""
+    pytest.importorskip("PyInstaller")
+    fresh = os.path.exists(path) and os.path.getmtime(path) >= newest_source()
+    if not fresh or not os.path.exists(os.path.join(work, "warn-edgemesh.txt")):
+        r = subprocess.run(["make", "-s", target], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"make {target} failed:\n{r.stdout}\n{r.stderr}"
+    return path
+
+
 @pytest.fixture(scope="module")
 def binary() -> str:
-    """``dist/edgemesh``, built by ``make binary`` unless it is newer than every source."""
-    pytest.importorskip("PyInstaller")
-    fresh = os.path.exists(BINARY) and os.path.getmtime(BINARY) >= newest_source()
-    if not fresh or not os.path.exists(os.path.join(WORK, "warn-edgemesh.txt")):
-        r = subprocess.run(["make", "-s", "binary"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, f"make binary failed:\n{r.stdout}\n{r.stderr}"
-    return BINARY
+    """``dist/edgemesh``: the onefile build."""
+    return built("binary", BINARY, WORK)
+
+
+def test_onedir_build_runs() -> None:
+    exe = built("onedir", ONEDIR, os.path.join(ROOT, "build-pyinstaller", "onedir", "edgemesh"))
+    info = json.loads(run(exe, "version", "--json").stdout)
+    assert info == {**info, "frozen": True, "version": __version__}
+    r = run(exe, "config", "default")
+    assert r.returncode == 0 and "edgeTunnel:" in r.stdout
 
 
 def run(binary: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
