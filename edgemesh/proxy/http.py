@@ -23,7 +23,14 @@ An http port is spliced like TCP unless its balancing needs to see requests: a D
 
 Upstream connections are pooled per endpoint (``UpstreamPool``, at most ``max_idle`` idle ones
 each); a pooled connection that turns out closed is retried once on a fresh one for requests
-without a body.
+without a body, and one is checked before reuse when the request has a body.
+
+Cost, measured (``bench/http.py``): a small keep-alive request costs ~45 µs of CPU here against
+haproxy's ~15 µs; a bare greenlet relay that parses nothing already costs ~30 µs, so this
+design is bounded near half of haproxy per core. Deadlines are enforced by one watchdog
+greenlet rather than per-call socket timeouts (which arm a timer on every blocking read), and
+responses are parsed for framing only. The next step would be libev callbacks for the common
+bodiless request, as ``tcp.py`` does for splicing.
 """
 from __future__ import annotations
 
@@ -306,7 +313,7 @@ def serve_connection(client: socket.socket, client_addr: tuple[str, int], port: 
         client.close()
 
 
-def send_all(sock: socket.socket, data: bytes) -> None:
+def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
     """``sock.sendall(data)``, trying one plain non-blocking send first: gevent's sendall asks
     the kernel for the send buffer size on every call, which shows on small responses."""
     try:

@@ -135,7 +135,7 @@ class TLSListener(TCPListener):
         proxy = self.proxy
         for _ in range(64):
             try:
-                fd, addr = self.sock._accept()
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as e:
