@@ -4,8 +4,10 @@ ConfigMaps hold configs the loader accepts, RBAC covers what the kube source wat
 more, and no PSK is shipped."""
 from __future__ import annotations
 
+import base64
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -133,6 +135,31 @@ def test_kustomization_lists_every_manifest_and_generates_the_psk() -> None:
     (gen,) = kust["secretGenerator"]
     assert gen["name"] == "edgemesh-psk" and gen["files"] == ["psk"]
     assert "literals" not in gen
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+def test_kustomize_renders_with_a_generated_psk(tmp_path) -> None:
+    tree = tmp_path / "build"
+    shutil.copytree(BUILD, tree, ignore=shutil.ignore_patterns("psk", "helm"))
+    r = subprocess.run(["sh", str(tree / "generate-psk.sh")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert oct((tree / "psk").stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run(["sh", str(tree / "generate-psk.sh")], capture_output=True,
+                           timeout=30)
+    assert again.returncode == 1  # never silently replaces the cluster's key
+    r = subprocess.run(["kubectl", "kustomize", str(tree)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
+    assert len(rendered) == len(DOCS) + 1
+    (secret,) = [d for d in rendered if d["kind"] == "Secret"]
+    assert secret["metadata"] == {**secret["metadata"], "name": "edgemesh-psk",
+                                  "namespace": "kubeedge"}
+    psk = base64.b64decode(secret["data"]["psk"]).strip()
+    assert len(psk) >= 32 and psk == (tree / "psk").read_bytes().strip()
+    images = {container(d)["image"] for d in rendered if d["kind"] in ("DaemonSet", "Deployment")}
+    assert images == {"edgemesh:0.1.0"}
 
 
 def test_workloads_are_well_formed() -> None:
