@@ -65,7 +65,8 @@ def manifests() -> list[dict]:
                  endpoints(name, pods, target, port_name)]
     docs += [hash_rule("byheader", {"httpHeaderName": "x-user"}),
              hash_rule("bycookie", {"httpCookie": {"name": "sid", "path": "/", "ttl": "60s"}}),
-             hash_rule("bysource", {"useSourceIp": True})]
+             hash_rule("bysource", {"useSourceIp": True}),
+             hash_rule("secure", {"useSourceIp": True})]
     return docs
 
 
@@ -229,6 +230,16 @@ def test_https_passes_through_with_sni_seen(env: Env) -> None:
     metrics = env.node.run("curl", "-s", f"http://{ADMIN}/metrics").stdout
     assert 'edgemesh_proxy_tls_connections_total{service="default/secure:443/tcp",' \
            'sni="secure.default.svc"} 1' in metrics
+
+
+def test_https_sticks_by_source_ip(env: Env) -> None:
+    seen = {}
+    for ip in SOURCES[:6]:
+        pods = {pod for _ in range(3) for pod in PODS
+                if f"-accept {pod}:" in env.curl("-k", "https://10.96.1.15/", source=ip)}
+        assert len(pods) == 1, (ip, pods)  # per connection, by source IP: always the same pod
+        seen[ip] = pods.pop()
+    assert len(set(seen.values())) >= 2  # 6 sources do not all hash to one of 3 pods
 
 
 def test_errors_users_understand(env: Env) -> None:
