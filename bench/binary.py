@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -64,9 +65,19 @@ def start_time(argv: list[str], runs: int) -> float:
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for TCP (and, for SOCK_DGRAM, for UDP too: DNS binds both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            if kind == socket.SOCK_STREAM:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
 
 
 def rss_kb(pid: int) -> int:
@@ -126,7 +137,9 @@ def idle_rss(argv: list[str], settle: float) -> tuple[float, str]:
             total = rss_kb(proc.pid) + sum(rss_kb(c) for c in children(proc.pid))
             with urllib.request.urlopen(f"http://{admin}/debug/node", timeout=3) as r:
                 node = json.load(r)
-            return total / 1024, f"synced={node.get('synced')}"
+            log.seek(0)
+            started = re.findall(r"module (\S+) started", log.read().decode(errors="replace"))
+            return total / 1024, f"synced={node.get('synced')} modules={','.join(started)}"
         finally:
             proc.terminate()
             proc.wait(timeout=15)
