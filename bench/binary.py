@@ -80,10 +80,11 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
                 return port
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (all resident pages) or RssAnon (heap and stacks only) of ``pid`` in KiB."""
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
 
@@ -134,12 +135,16 @@ def idle_rss(argv: list[str], settle: float) -> tuple[float, str]:
                     raise RuntimeError(f"agent did not get ready:\n{log.read().decode()}")
                 time.sleep(0.1)
             time.sleep(settle)
-            total = rss_kb(proc.pid) + sum(rss_kb(c) for c in children(proc.pid))
+            pids = [proc.pid, *children(proc.pid)]
+            total = sum(rss_kb(p) for p in pids)
+            anon = sum(rss_kb(p, "RssAnon") for p in pids)
             with urllib.request.urlopen(f"http://{admin}/debug/node", timeout=3) as r:
                 node = json.load(r)
             log.seek(0)
             started = re.findall(r"module (\S+) started", log.read().decode(errors="replace"))
-            return total / 1024, f"synced={node.get('synced')} modules={','.join(started)}"
+            return total / 1024, (f"(anonymous {anon / 1024:.1f} MB; the rest is mapped "
+                                  f"libraries) synced={node.get('synced')} "
+                                  f"modules={','.join(started)}")
         finally:
             proc.terminate()
             proc.wait(timeout=15)
