@@ -27,14 +27,28 @@ class RecordReader:
     whole record bodies with ``next_record`` / ``next_view`` (None: need more).
 
     The buffer has a fixed size (``capacity`` plus one largest record), so a reader never holds
-    more than that, whatever the peer sends.
+    more than that, whatever the peer sends; ``release`` gives it up while nothing is pending
+    (an idle connection then holds no buffer).
     """
 
     def __init__(self, capacity: int = 256 * 1024) -> None:
-        self._buf = bytearray(capacity + 2 + MAX_RECORD)
+        self._size = capacity + 2 + MAX_RECORD
+        self._buf = bytearray()
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+
+    @property
+    def holding(self) -> bool:
+        """Whether a buffer is allocated."""
+        return bool(self._buf)
+
+    def release(self) -> None:
+        """Drop the buffer when no partial record is in it (it comes back on ``space()``)."""
+        if self._start == self._end and self._buf:
+            self._buf = bytearray()
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
 
     def feed(self, data: bytes | memoryview) -> None:
         n = len(data)
@@ -49,6 +63,9 @@ class RecordReader:
 
     def space(self) -> memoryview:
         """Free room at the end of the buffer for a ``recv_into`` (compacts first if needed)."""
+        if not self._buf:
+            self._buf = bytearray(self._size)
+            self._view = memoryview(self._buf)
         if self._start and (self._start == self._end or len(self._buf) - self._end < MAX_RECORD):
             k = self._end - self._start
             self._buf[:k] = self._view[self._start:self._end]

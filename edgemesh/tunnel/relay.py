@@ -26,6 +26,7 @@ from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import frames as fr
+from edgemesh.tunnel import splice
 from edgemesh.tunnel.node import Accepted
 from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import Session
@@ -33,7 +34,6 @@ from edgemesh.tunnel.session import Session
 log = logging.getLogger(__name__)
 
 CIRCUIT_WAIT = 10.0
-SPLICE_CHUNK = 256 * 1024
 
 CIRCUITS = metrics.gauge("edgemesh_relay_circuits", "Relay circuits open, by requesting peer.",
                          ["peer"])
@@ -224,20 +224,16 @@ class RelayCore:
     def _copy(self, src: socket.socket, dst: socket.socket, first: bytes, sender: str) -> None:
         bucket = self.buckets.setdefault(sender, TokenBucket(self.rate))
         counter, throttled = RELAY_BYTES.labels(sender), THROTTLED.labels(sender)
+
+        def pace(n: int) -> float:
+            counter.inc(n)
+            wait = bucket.take(n, time.monotonic())
+            if wait > 0:
+                throttled.inc(wait)
+            return wait
+
         try:
-            data = first
-            while True:
-                if data:
-                    wait = bucket.take(len(data), time.monotonic())
-                    if wait > 0:
-                        throttled.inc(wait)
-                        gevent.sleep(wait)
-                    dst.sendall(data)
-                    counter.inc(len(data))
-                data = src.recv(SPLICE_CHUNK)
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
-                    return
+            splice.copy_stream(src, dst, first, pace)  # in the kernel: no copy into Python
         except OSError:
             for s in (src, dst):
                 try:

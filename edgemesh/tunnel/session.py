@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 import gevent.event
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from gevent.socket import wait_read
 
 from edgemesh.errors import EdgeMeshError, RemoteProtocolError, UnavailableError
 from edgemesh.runtime import metrics
@@ -39,12 +40,12 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 PING_INTERVAL = 10.0
 DEAD_AFTER = 3 * PING_INTERVAL + 5
-READ_SIZE = 256 * 1024
+IDLE_READ = 16 * 1024  # a read shorter than this gives the reader's buffer back
 MAX_CONTROL = 60000
 WRITE_HIGH = 1024 * 1024      # queued ciphertext above which bulk senders wait
 WRITE_LOW = 256 * 1024        # ... until the writer brought it below this
 SEND_BATCH = 64               # records per sendmsg
-PUMP_RECORDS = 4              # records a pump reads from its socket with one recvmsg_into
+PUMP_RECORDS = 16             # records a pump reads from its socket with one recvmsg_into
 BUFFER_CAP = 32 * 1024 * 1024  # received bytes held for a session's consumers, at most
 RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
 
@@ -105,32 +106,55 @@ class Stream:
         self._writable = gevent.event.Event()
         self._accepted = gevent.event.Event()
         self.sink: socket.socket | None = None  # drain_to's socket: the reader sends to it
+        self._batch: list[bytes | memoryview] = []  # for the sink, sent after a read's records
         self.eof = False
         self.error: StreamClosed | None = None
 
     # called by the session's reader --------------------------------------------------------------
     def _feed(self, data: bytes | memoryview) -> None:
         if self.sink is not None and not self._chunks:
-            try:
-                sent = self.sink.send(data, 0, 0.0)  # type: ignore[call-arg]
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # drain_to meets the error itself and resets the stream
-            if sent:
-                self._delivered(sent, drained=sent == len(data))
-                if sent == len(data):
-                    return
-                data = data[sent:]
+            if not self._batch:
+                self.session.touched.append(self)
+            self._batch.append(data)
+            self.session.buffered += len(data)
+            return
+        self._queue(data)
+
+    def _queue(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self.session.buffered += len(data)
         self._readable.set()
 
+    def _flush_batch(self) -> None:
+        """Send what this read brought for the sink with one non-blocking sendmsg; queue
+        the rest for ``drain_to``."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        total = sum(len(b) for b in batch)
+        self.session.unbuffer(total)
+        sent = 0
+        if self.sink is not None and not self._chunks:
+            try:
+                sent = self.sink.sendmsg(batch, (), socket.MSG_DONTWAIT)
+            except OSError:
+                sent = 0  # full (EAGAIN), or broken: drain_to meets the error and resets
+        if sent:
+            self._delivered(sent, drained=sent == total)
+        for data in batch:
+            if sent >= len(data):
+                sent -= len(data)
+                continue
+            self._queue(data[sent:] if sent else data)
+            sent = 0
+
     def _end(self) -> None:
+        self._flush_batch()
         self.eof = True
         self._readable.set()
 
     def _fail(self, error: StreamClosed) -> None:
+        self._flush_batch()
         self.error = error
         self.session.unbuffer(sum(len(c) for c in self._chunks))
         self._chunks.clear()
@@ -308,6 +332,7 @@ class Session:
         self.closed = False
         self.close_reason = ""
         self.buffered = 0  # received bytes queued for this session's streams
+        self.touched: list[Stream] = []  # streams with a batch for their sink
         self._out: collections.deque[bytes | memoryview] = collections.deque()
         self._out_bytes = 0
         self._sending = False  # the writer greenlet is inside a (blocking) sendmsg
@@ -489,7 +514,10 @@ class Session:
                 while self.buffered > BUFFER_CAP and not self.closed:
                     self._unbuffered.clear()  # consumers lag: stop reading (back-pressure)
                     self._unbuffered.wait(timeout=1.0)
-                n = self.sock.recv_into(self.reader.space())
+                if not self.reader.holding:
+                    wait_read(self.sock.fileno())  # borrow the buffer only once readable
+                space = self.reader.space()
+                n = self.sock.recv_into(space)
                 if not n:
                     break
                 self.reader.commit(n)
@@ -497,6 +525,8 @@ class Session:
                 self._in_metric.inc(n)
                 self.last_seen = time.monotonic()
                 self._consume()
+                if n < IDLE_READ:
+                    self.reader.release()  # not a bulk flow: hold no buffer while idle
         except RemoteProtocolError as e:
             SESSION_ERRORS.labels(type(e).__name__).inc()
             reason = f"protocol error: {e}"
@@ -506,6 +536,17 @@ class Session:
             gevent.spawn(self.close, reason)
 
     def _consume(self) -> None:
+        try:
+            self._consume_records()
+        finally:
+            self._flush_batches()
+
+    def _flush_batches(self) -> None:
+        touched, self.touched = self.touched, []
+        for stream in touched:
+            stream._flush_batch()
+
+    def _consume_records(self) -> None:
         while (body := self.reader.next_view()) is not None:
             plain = self.channel.open(body)
             if len(plain) >= fr.HEADER_LEN and plain[0] == fr.FrameType.DATA:
@@ -515,6 +556,7 @@ class Session:
                 events, replies = self.mux.receive_data(sid, memoryview(plain)[fr.HEADER_LEN:],
                                                         flags)
             else:
+                self._flush_batches()  # other frames (FIN, RESET) come after the data
                 events, replies = self.mux.receive(fr.decode_frame(plain))
             if replies:
                 try:
