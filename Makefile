@@ -42,8 +42,18 @@ run: setup .state/psk
 		--psk-file .state/psk --dns-listen 127.0.0.1:1053 \
 		--node-name $${NODE_NAME:-edge-node-1}
 
+# The whole suite from the source tree, then a smoke subset against the frozen binary
+# (tests/test_binary.py builds dist/edgemesh when it is missing or older than the sources).
+SMOKE_TESTS := tests/e2e/test_dns.py::test_agent_in_a_namespace_on_edgemesh0 \
+	tests/e2e/test_tunnel.py::test_cross_site_services_by_name_through_the_relay \
+	tests/e2e/test_gateway.py::test_host_path_rewrite_headers_and_cross_namespace
+
 test: setup
 	$(BIN)/python -m pytest -q tests
+	@if [ -x dist/edgemesh ]; then \
+	  echo "smoke tests against the frozen binary dist/edgemesh"; \
+	  EDGEMESH_BIN=$(CURDIR)/dist/edgemesh $(BIN)/python -m pytest -q $(SMOKE_TESTS); \
+	else echo "dist/edgemesh was not built: frozen-binary smoke tests not run"; exit 1; fi
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not netns and not binary and not slow" tests
