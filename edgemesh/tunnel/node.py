@@ -22,6 +22,7 @@ from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import identity
+from edgemesh.tunnel.frames import INITIAL_WINDOW
 from edgemesh.tunnel.handshake import Hello, Result, public_bytes
 from edgemesh.tunnel.records import RecordReader
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, handshake_over
@@ -66,7 +67,7 @@ class TunnelNode:
     """Identity plus listener; ``connect`` dials out from the shared port and authenticates."""
 
     def __init__(self, name: str, role: str, state_dir: str, psk: bytes,
-                 bindings_file: str, window: int = 4 * 1024 * 1024) -> None:
+                 bindings_file: str, window: int = INITIAL_WINDOW) -> None:
         self.name = name
         self.role = role
         self.static = identity.load_or_create_key(state_dir)

@@ -107,6 +107,7 @@ class Stream:
         self._accepted = gevent.event.Event()
         self.sink: socket.socket | None = None  # drain_to's socket: the reader sends to it
         self._batch: list[bytes | memoryview] = []  # for the sink, sent after a read's records
+        self._queued = 0  # bytes in _chunks
         self.eof = False
         self.error: StreamClosed | None = None
 
@@ -121,6 +122,7 @@ class Stream:
         self._queue(data)
 
     def _queue(self, data: bytes | memoryview) -> None:
+        self._queued += len(data)
         self._chunks.append(data)
         self.session.buffered += len(data)
         self._readable.set()
@@ -140,7 +142,7 @@ class Stream:
             except OSError:
                 sent = 0  # full (EAGAIN), or broken: drain_to meets the error and resets
         if sent:
-            self._delivered(sent, drained=sent == total)
+            self._delivered(sent, total - sent + self._queued)
         for data in batch:
             if sent >= len(data):
                 sent -= len(data)
@@ -156,20 +158,22 @@ class Stream:
     def _fail(self, error: StreamClosed) -> None:
         self._flush_batch()
         self.error = error
-        self.session.unbuffer(sum(len(c) for c in self._chunks))
+        self.session.unbuffer(self._queued)
+        self._queued = 0
         self._chunks.clear()
         for event in (self._readable, self._writable, self._accepted):
             event.set()
 
-    def _delivered(self, n: int, drained: bool) -> None:
-        grant = self.session.mux.consumed(self.id, n, drained)
+    def _delivered(self, n: int, backlog: int) -> None:
+        grant = self.session.mux.consumed(self.id, n, backlog)
         if grant is not None:
             self.session.write(grant)
 
     def _pop(self) -> bytes | memoryview:
         data = self._chunks.popleft()
         self.session.unbuffer(len(data))
-        self._delivered(len(data), drained=not self._chunks)
+        self._queued -= len(data)
+        self._delivered(len(data), self._queued)
         return data
 
     # the application's side ---------------------------------------------------------------------
@@ -208,11 +212,13 @@ class Stream:
 
     def send_from(self, sock: socket.socket) -> None:
         """Pump ``sock`` into the stream until EOF (then FIN): the bulk path. Each read lands
-        in the payload room of up to PUMP_RECORDS records, which are then sealed in place."""
+        in the payload room of up to PUMP_RECORDS records, which are then sealed in place;
+        they are allocated once ``sock`` is readable and live until the writer sent them."""
         session, size = self.session, fr.MAX_PAYLOAD + RECORD_OVERHEAD
         while True:
             room = self._room()
             session.wait_writable()
+            wait_read(sock.fileno())  # an idle stream holds no buffers
             records, views = [], []
             while room > 0 and len(records) < PUMP_RECORDS:
                 record = memoryview(bytearray(size))

@@ -121,3 +121,25 @@ def test_targets_round_trip_and_bad_ones_are_rejected():
 def test_malformed_frames_are_remote_errors(raw):
     with pytest.raises(RemoteProtocolError):
         fr.decode_frame(raw)
+
+
+def test_windows_grow_only_while_the_consumer_keeps_up_and_within_the_budget():
+    a = fr.Mux(True, 65536, 65536)
+    b = fr.Mux(False, 65536, 65536, max_window=262144, budget=65536 + 131072)
+    sid, f = a.open(T)
+    deliver(b, f)
+    deliver(a, b.accept(sid))
+
+    def round_trip(backlog):
+        room = a.send_room(sid)
+        while (n := min(a.send_room(sid), fr.MAX_PAYLOAD)):
+            b.receive_data(sid, b"x" * n, fr.HEADER.unpack(a.data_header(sid, n))[1])
+        grant = b.consumed(sid, room, backlog)
+        deliver(a, grant)
+        return a.send_room(sid)
+
+    assert round_trip(backlog=60000) == 65536       # consumer lags: window stays
+    assert round_trip(backlog=0) == 131072          # keeps up: doubles
+    assert round_trip(backlog=0) == 196608          # ... until the session budget is used
+    assert b.window_total == 65536 + 131072
+    assert round_trip(backlog=None) == 196608       # None: never grows
