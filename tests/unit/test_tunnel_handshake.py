@@ -128,3 +128,26 @@ def test_bindings_refuse_a_second_key_until_released(tmp_path):
     assert identity.release_binding(str(tmp_path), "n1")
     assert b.check("n1", b"\x02" * 32)
     assert b.key_of("n1") == (b"\x02" * 32).hex()
+
+
+@pytest.mark.parametrize("offers, chosen", [
+    ((("aesgcm", "chachapoly"), ("aesgcm", "chachapoly")), "aesgcm"),
+    ((("aesgcm", "chachapoly"), ("chachapoly",)), "chachapoly"),
+    ((("chachapoly",), ("aesgcm",)), "chachapoly"),
+])
+def test_the_transport_aead_is_aesgcm_only_when_both_hellos_offer_it(offers, chosen):
+    i = Handshake(True, X25519PrivateKey.generate(), PSK, Hello("node-a", aead=offers[0]))
+    r = Handshake(False, X25519PrivateKey.generate(), PSK, Hello("node-b", aead=offers[1]))
+    for step in range(3):
+        writer, reader = (i, r) if step % 2 == 0 else (r, i)
+        reader.read_message(writer.write_message())
+    assert i.result.send.aead == r.result.recv.aead == chosen
+    a = SecureChannel(i.result.send, i.result.recv)
+    b = SecureChannel(r.result.send, r.result.recv)
+    record = bytearray(2 + 5 + 16)
+    record[2:7] = b"hello"
+    a.seal_in_place(memoryview(record))  # the bulk path: sealed over itself
+    reader = RecordReader()
+    reader.feed(bytes(record) + a.seal(b"world"))
+    assert b.open(reader.next_view()) == b"hello"
+    assert b.open(reader.next_record()) == b"world"
