@@ -1,0 +1,1 @@
+"""The demo world: examples/demo/world.py."""
