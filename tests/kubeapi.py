@@ -11,7 +11,10 @@ What it does like kube-apiserver:
   events after X; an X older than the bounded history gets HTTP 200 + one ERROR 410 event +
   EOF (K5.1); ``timeoutSeconds`` ends the stream cleanly; BOOKMARKs on demand to watches that
   allowed them;
-- per-resource 404 (absent CRDs, no EndpointSlice API), 403, and injected error statuses.
+- per-resource 404 (absent CRDs, no EndpointSlice API), 403, and injected error statuses;
+- RBAC like the gateway's (build/gateway/rbac.yaml): Secrets are readable per namespace only
+  (a cluster-wide Secret list or watch gets 403, as with RoleBindings and no ClusterRoleBinding),
+  and with ``granted={"secrets": {...}}`` only in those namespaces.
 
 Misbehaviour on demand: ``drop_watches`` (connection closed, optionally mid-event),
 ``end_watches`` (clean end), ``send_error`` (ERROR event), ``compact`` (forget history),
@@ -92,7 +95,9 @@ class KubeAPI:
     """The server and its state; ``url`` is ``http://127.0.0.1:PORT``."""
 
     def __init__(self, port: int = 0, history: int = 1000, metaserver: bool = False,
-                 absent: tuple[str, ...] = (), chunking: str = "event") -> None:
+                 absent: tuple[str, ...] = (), chunking: str = "event",
+                 namespaced_only: tuple[str, ...] = ("secrets",),
+                 granted: dict[str, set[str]] | None = None) -> None:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
             r: {} for r in RESOURCES}
         self.rv = 100
@@ -101,6 +106,8 @@ class KubeAPI:
         self.metaserver = metaserver
         self.chunking = chunking
         self.status: dict[str, int] = {r: 404 for r in absent}  # fixed status per resource
+        self.namespaced_only = set(namespaced_only)  # 403 for cluster-wide requests
+        self.granted = granted or {}  # resource -> the only namespaces it may be read in
         self.failures: dict[str, list[int]] = collections.defaultdict(list)  # one-shot
         self.requests: list[Request] = []
         self.on_request: Callable[[Request], int | None] | None = None  # status to inject
@@ -236,9 +243,16 @@ class KubeAPI:
     def streams_for(self, resource: str) -> list[Watch]:
         return [w for w in self.streams if w.resource == resource]
 
-    def requests_for(self, resource: str, watch: bool | None = None) -> list[Request]:
+    def requests_for(self, resource: str, watch: bool | None = None,
+                     namespace: str | None = None) -> list[Request]:
+        """Requests made for ``resource`` (``namespace`` "": cluster-wide ones only)."""
         return [r for r in self.requests if r.resource == resource and
-                (watch is None or r.watch == watch)]
+                (watch is None or r.watch == watch) and
+                (namespace is None or r.namespace == namespace)]
+
+    def watching_in(self, resource: str, namespace: str) -> int:
+        """Open watches of ``resource`` in exactly ``namespace``."""
+        return len([w for w in self._watching(resource) if w.namespace == namespace])
 
     def _watching(self, resource: str | None) -> list[Watch]:
         return [w for w in self.watches if resource is None or w.resource == resource]
@@ -291,6 +305,11 @@ class KubeAPI:
             return self._status(sock, 405, "MethodNotAllowed", "only GET here")
         if resource not in RESOURCES:
             return self._status(sock, 404, "NotFound", "the server could not find the resource")
+        if not self._allowed(resource, namespace):
+            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            return self._status(sock, 403, "Forbidden", f'{resource} is forbidden: cannot '
+                                f'{"watch" if req.watch else "list"} resource "{resource}" '
+                                f'in API group "" {scope}')
         code = self.status.get(resource) or (self.failures[resource].pop(0)
                                              if self.failures[resource] else 0) or \
             (self.on_request(req) if self.on_request else 0)
@@ -301,6 +320,11 @@ class KubeAPI:
             self._watch(sock, req)
             return False
         return self._list(sock, req)
+
+    def _allowed(self, resource: str, namespace: str) -> bool:
+        if resource in self.namespaced_only and not namespace:
+            return False
+        return resource not in self.granted or namespace in self.granted[resource]
 
     def _list(self, sock: Any, req: Request) -> bool:
         _, kind, api_version, _ = RESOURCES[req.resource]
@@ -358,11 +382,23 @@ class KubeAPI:
             self._write_event(sock, w, ev)
         timeout = float(req.params.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
+        closed = gevent.spawn(self._notice_close, sock, w)
         try:
             self._pump(sock, w, deadline)
         finally:
+            closed.kill(block=False)
             if w in self.watches:
                 self.watches.remove(w)
+
+    @staticmethod
+    def _notice_close(sock: Any, w: Watch) -> None:
+        """A client that closes its watch ends the stream at once (the apiserver notices too)."""
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        w.queue.put(("drop", False))
 
     def _backlog(self, req: Request, rv_text: str) -> list[dict[str, Any]] | None:
         """Events to send first: the replay, the history after the RV, or None for 410."""
@@ -494,6 +530,25 @@ def destination_rule(name: str, ns: str = "default",
                      policy: str = "RANDOM") -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": ns},
             "spec": {"host": name, "trafficPolicy": {"loadBalancer": {"simple": policy}}}}
+
+
+def tls_secret(name: str, ns: str = "default") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}, "type": "kubernetes.io/tls",
+            "data": {"tls.crt": base64.b64encode(b"cert of " + name.encode()).decode(),
+                     "tls.key": base64.b64encode(b"key of " + name.encode()).decode()}}
+
+
+def gateway(name: str, ns: str = "default", credential: str = "",
+            selector: dict[str, str] | None = None, port: int = 443) -> dict[str, Any]:
+    """A Gateway with one server: HTTPS terminated with Secret ``credential``, or plain HTTP."""
+    server: dict[str, Any] = {"port": {"number": port, "name": "web",
+                                       "protocol": "HTTPS" if credential else "HTTP"},
+                              "hosts": ["*"]}
+    if credential:
+        server["tls"] = {"mode": "SIMPLE", "credentialName": credential}
+    return {"metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": selector if selector is not None else
+                     {"kubeedge": "edgemesh-gateway"}, "servers": [server]}}
 
 
 def cluster(api: KubeAPI, services: int = 1) -> None:

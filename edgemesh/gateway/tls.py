@@ -17,13 +17,23 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from edgemesh.errors import EdgeMeshError
+from edgemesh.gateway.compile import selects
 from edgemesh.gateway.routes import ServerRef, TLSMode
+from edgemesh.meta.istio import Gateway
 
 _VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
+
+
+def secret_namespaces(gateways: Iterable[Gateway], labels: Mapping[str, str]) -> set[str]:
+    """The namespaces whose Secrets a gateway with ``labels`` reads: those of the Gateways that
+    select it and name a ``tls.credentialName`` (the kube source watches Secrets there only)."""
+    return {g.meta.namespace for g in gateways if selects(g, labels) and
+            any(s.tls is not None and s.tls.credential_name for s in g.servers)}
 
 
 class CredentialError(EdgeMeshError):

@@ -17,8 +17,14 @@ its own resourceVersion (K7):
   watch was open, so for such a server every reconnect relists first;
 - EndpointSlices are preferred; when their list says 404 or 403 (the Go EdgeMesh's RBAC does
   not grant them) core/v1 Endpoints are watched instead;
-- Istio kinds (and Node, Secret) are optional: 404/403 means "feature off", the kind is
-  emptied and retried every ``optional_retry`` seconds; they never block readiness.
+- Istio kinds (and Node) are optional: 404/403 means "feature off", the kind is emptied and
+  retried every ``optional_retry`` seconds; they never block readiness;
+- Secrets (the gateway's TLS credentials) are never listed cluster-wide: one list+watch per
+  namespace that ``secret_namespaces(gateways)`` names (by default the namespaces of Gateways
+  with a ``tls.credentialName``), reconciled whenever Gateways change: a namespace that appears
+  gets its own loop, one that goes away has its loop stopped and its Secrets dropped from the
+  store. The gateway's RBAC grants Secrets per namespace (build/gateway/), so a 403 there is
+  "not granted in that namespace" (feature off, retried), never a cluster-wide request.
 
 The store is marked synced once Service, EndpointSlice (or Endpoints), Pod and Namespace have
 each listed once. If a first list fails and ``state_dir`` holds a metadata cache, the cache
@@ -33,6 +39,7 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +82,7 @@ BAD_OBJECTS = metrics.counter("edgemesh_meta_bad_objects_total",
 
 REQUIRED = ("Service", "EndpointSlice", "Pod", "Namespace")
 OPTIONAL = ("Node", "DestinationRule", "Gateway", "VirtualService")
+SECRET = "Secret"
 RELIST_AFTER_FAILURES = 3
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
@@ -91,8 +99,17 @@ STREAM_BROKEN: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError)
 
 
+SecretNamespaces = Callable[[Iterable[Any]], set[str]]  # Gateways -> namespaces to watch
+
+
 class FeatureOff(EdgeMeshError):
     """The API does not serve this kind (404) or we may not read it (403)."""
+
+
+def credential_namespaces(gateways: Iterable[Any]) -> set[str]:
+    """Namespaces of Gateways with a server naming a TLS Secret (``tls.credentialName``)."""
+    return {g.meta.namespace for g in gateways
+            if any(s.tls is not None and s.tls.credential_name for s in g.servers)}
 
 
 @dataclass
@@ -111,6 +128,16 @@ class KindState:
     error_since: float = 0.0
     feature_off: str = ""
     replays: bool = False  # the server ignores the watch RV and replays ADDED (metaServer)
+    namespace: str = ""  # list+watch in this namespace only ("": cluster-wide)
+
+    @property
+    def what(self) -> str:
+        """The kind, and its namespace when the loop watches one namespace only (for logs)."""
+        return f"{self.kind.name} in {self.namespace}" if self.namespace else self.kind.name
+
+    @property
+    def path(self) -> str:
+        return self.kind.path(self.namespace)
 
     def view(self) -> dict[str, Any]:
         return {"kind": self.kind.name, "resourceVersion": self.rv, "synced": self.listed,
@@ -125,9 +152,12 @@ class KubeSource:
     def __init__(self, store: Store, conn: Connection, *, state_dir: str = "",
                  admin: Admin | None = None, backoff_max: float = 30.0,
                  secrets: bool = False, optional_retry: float = 60.0,
-                 only: tuple[str, ...] = ()) -> None:
-        """``secrets``: also watch Secrets (the gateway's TLS); ``only``: watch just these
-        kinds (a peer that cannot serve the rest; readiness then waits for these only)."""
+                 only: tuple[str, ...] = (),
+                 secret_namespaces: SecretNamespaces | None = None) -> None:
+        """``secrets``: also watch Secrets (the gateway's TLS), per namespace, in the namespaces
+        ``secret_namespaces(gateways)`` returns (default ``credential_namespaces``: the
+        namespaces of Gateways with a ``tls.credentialName``); ``only``: watch just these kinds
+        (a peer that cannot serve the rest; readiness then waits for these only)."""
         self.store = store
         self.conn = conn
         self.admin = admin
@@ -135,13 +165,19 @@ class KubeSource:
         self.backoff_base = min(BACKOFF_BASE, self.backoff_max)
         self.optional_retry = optional_retry
         self.cache = MetadataCache(store, state_dir, source=conn.base_url) if state_dir else None
-        slots = [*REQUIRED, *OPTIONAL, *(("Secret",) if secrets else ())]
+        slots = [*REQUIRED, *OPTIONAL]
         slots = [s for s in slots if s in only] if only else slots
-        # Secrets (gateway TLS) are watched cluster-wide for now; the gateway needs only those
-        # its Gateways' credentialName points at.
         self.states = {s: KindState(s, kinds.BY_NAME[s], s in REQUIRED) for s in slots}
         self._sessions = {s: conn.session() for s in slots}
         self._greenlets: list[gevent.Greenlet] = []
+        watch_secrets = secrets and (not only or SECRET in only)
+        self.secret_namespaces = (secret_namespaces or credential_namespaces) \
+            if watch_secrets else None
+        self.secret_states: dict[str, KindState] = {}  # namespace -> its Secret loop
+        self._secret_loops: dict[str, gevent.Greenlet] = {}
+        self._secret_sessions: dict[str, requests.Session] = {}
+        self._secrets = tasks.Reconciler("kube-secret-namespaces", self.reconcile_secrets,
+                                         delay=0.05)
         self._cache_tried = False
         self._cache_kinds: set[str] = set()
         self._once = Once()
@@ -162,10 +198,18 @@ class KubeSource:
             self._greenlets.append(tasks.spawn_forever(f"kube-{slot}",
                                                        functools.partial(self._run, st),
                                                        backoff=5.0))
+        if self.secret_namespaces is not None:
+            self.store.subscribe(self._secrets.wake, ("Gateway", SECRET))
+            self._secrets.start()
 
     def stop(self) -> None:
+        if self.secret_namespaces is not None:
+            self.store.unsubscribe(self._secrets.wake)
+            self._secrets.stop()
         gevent.killall(self._greenlets, timeout=2)
         self._greenlets.clear()
+        for ns in list(self._secret_loops):
+            self._stop_secret_loop(ns)
         if self.cache is not None:
             self.cache.stop()
         for s in self._sessions.values():
@@ -177,6 +221,8 @@ class KubeSource:
         return {"server": self.conn.base_url, "synced": self.store.synced,
                 "stale": self.store.stale_reason,
                 "kinds": {slot: st.view() for slot, st in self.states.items()},
+                "secretNamespaces": {ns: st.view() for ns, st in sorted(
+                    self.secret_states.items())},
                 "cache": self.cache.view() if self.cache else None}
 
     def _readiness(self) -> str:
@@ -201,6 +247,54 @@ class KubeSource:
             self.admin.add_check(name, self._readiness)
             self._check_name = name
 
+    # ---- Secrets, per namespace ---------------------------------------------------------------
+
+    def reconcile_secrets(self) -> None:
+        """Watch Secrets in exactly the namespaces the Gateways need; drop the others' Secrets.
+
+        Level-triggered: runs on every Gateway (or Secret) change, so Secrets that came from
+        the cache, or from a loop that was stopped, never outlive their namespace's need.
+        """
+        assert self.secret_namespaces is not None
+        wanted = {ns for ns in self.secret_namespaces(self.store.list("Gateway")) if ns}
+        for ns in sorted(wanted - set(self._secret_loops)):
+            self._start_secret_loop(ns)
+        for ns in sorted(set(self._secret_loops) - wanted):
+            self._stop_secret_loop(ns)
+        stray = {o.meta.namespace for o in self.store.list(SECRET)} - wanted
+        for ns in sorted(stray):
+            self._replace_in_namespace(SECRET, ns, [])
+
+    def _start_secret_loop(self, ns: str) -> None:
+        log.info("Secrets: watching namespace %s (a Gateway there names a TLS credential)", ns)
+        st = KindState(SECRET, kinds.SECRET, False, namespace=ns)
+        self.secret_states[ns] = st
+        self._secret_sessions[ns] = self.conn.session()
+        self._secret_loops[ns] = tasks.spawn_forever(f"kube-Secret-{ns}",
+                                                     functools.partial(self._run, st),
+                                                     backoff=5.0)
+
+    def _stop_secret_loop(self, ns: str) -> None:
+        log.info("Secrets: no Gateway in namespace %s needs them any more; watch stopped", ns)
+        self._secret_loops.pop(ns).kill(timeout=2)
+        self._secret_sessions.pop(ns).close()
+        self.secret_states.pop(ns, None)
+        self._replace_in_namespace(SECRET, ns, [])
+
+    def _replace_in_namespace(self, kind: str, ns: str,
+                              pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+        """Make ``kind`` in namespace ``ns`` hold exactly ``pairs``; other namespaces kept."""
+        raws = {object_key(r, True): r for r in self.store.raw_snapshot().get(kind, [])}
+        keep = [(o, raws[key]) for o in self.store.list(kind)
+                if o.meta.namespace != ns and (key := (o.meta.namespace, o.meta.name)) in raws]
+        self.store.replace(kind, keep + pairs)
+
+    def _replace(self, st: KindState, pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+        if st.namespace:
+            self._replace_in_namespace(st.kind.name, st.namespace, pairs)
+        else:
+            self.store.replace(st.kind.name, pairs)
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def _run(self, st: KindState) -> None:
@@ -218,7 +312,7 @@ class KubeSource:
 
     def _expired(self, st: KindState, e: Expired) -> None:
         RESTARTS.labels(st.kind.name, "expired").inc()
-        log.info("%s: resourceVersion expired (%s); relisting", st.kind.name, e)
+        log.info("%s: resourceVersion expired (%s); relisting", st.what, e)
         st.list_rv, st.need_list = "", True
         st.expired_in_row += 1
         if st.expired_in_row > 1:  # a server that keeps saying 410 must not be hammered
@@ -232,10 +326,16 @@ class KubeSource:
             self.store.replace(kinds.ENDPOINT_SLICE.name, [])
             return
         if st.feature_off != str(e):
-            log.info("%s: feature off (%s); retrying every %.0fs", st.kind.name, e,
-                     self.optional_retry)
+            if st.namespace:
+                log.warning("%s: not readable (%s): grant the gateway Secret access in "
+                            "namespace %s (a RoleBinding, see build/gateway/README.md); "
+                            "retrying every %.0fs", st.what, e, st.namespace,
+                            self.optional_retry)
+            else:
+                log.info("%s: feature off (%s); retrying every %.0fs", st.what, e,
+                         self.optional_retry)
         st.feature_off, st.need_list, st.list_rv = str(e), True, "0"
-        self.store.replace(st.kind.name, [])
+        self._replace(st, [])
         gevent.sleep(self.optional_retry * random.uniform(0.9, 1.1))
 
     def _failed(self, st: KindState, e: BaseException) -> None:
@@ -261,7 +361,7 @@ class KubeSource:
         if isinstance(e, (ApiError, RemoteProtocolError)):
             if st.failures == 1:
                 log.warning("%s: list+watch from %s failed: %s; retrying with backoff",
-                            st.kind.name, self.conn.base_url, text)
+                            st.what, self.conn.base_url, text)
             return
         now = time.monotonic()
         if not self._api_down_since:
@@ -273,7 +373,7 @@ class KubeSource:
             log.warning("API server %s still unreachable after %.0fs: %s; retrying",
                         self.conn.base_url, now - self._api_down_since, text)
         else:
-            log.debug("%s: still failing (%d): %s", st.kind.name, st.failures, text)
+            log.debug("%s: still failing (%d): %s", st.what, st.failures, text)
 
     def _recovered(self, st: KindState) -> None:
         if self._api_down_since:
@@ -281,7 +381,7 @@ class KubeSource:
                         time.monotonic() - self._api_down_since)
             self._api_down_since = 0.0
         elif st.last_error:
-            log.info("%s: list+watch works again (after %d failures)", st.kind.name,
+            log.info("%s: list+watch works again (after %d failures)", st.what,
                      st.failures)
         st.failures, st.last_error, st.error_since, st.feature_off = 0, "", 0.0, ""
 
@@ -312,7 +412,7 @@ class KubeSource:
         # An empty offline metaServer list has no RV (K10.3): watch with "" and expect a replay.
         st.rv, st.need_list, st.listed, st.expired_in_row = list_rv, False, True, 0
         self._recovered(st)
-        log.debug("%s: listed %d objects at rv %r", st.kind.name, len(items), list_rv)
+        log.debug("%s: listed %d objects at rv %r", st.what, len(items), list_rv)
         self._check_synced()
 
     def apply_list(self, st: KindState, items: list[Any]) -> None:
@@ -333,7 +433,7 @@ class KubeSource:
                 old = self.store.get(name, *key)
                 if old is not None and key in raws:
                     pairs.append((old, raws[key]))
-        self.store.replace(name, pairs)
+        self._replace(st, pairs)
 
     def _parse(self, kind: Kind, raw: Any) -> Any | None:
         if isinstance(raw, dict) and isinstance(raw.get("metadata"), dict) and \
@@ -376,7 +476,7 @@ class KubeSource:
             raise RemoteProtocolError("watch stream " + ("dropped" if dropped else "ended") +
                                       " at once without events")
         RESTARTS.labels(st.kind.name, "dropped" if dropped else "eof").inc()
-        log.debug("%s: watch %s after %d events; re-watching from rv %r", st.kind.name,
+        log.debug("%s: watch %s after %d events; re-watching from rv %r", st.what,
                   "dropped" if dropped else "ended", events, st.rv)
         if st.replays:
             st.need_list = True  # a replaying server never reports deletions made meanwhile
@@ -409,13 +509,14 @@ class KubeSource:
         elif old.meta.resource_version == obj.meta.resource_version and not st.replays:
             st.replays = True
             log.info("%s: the server replays objects on every watch (metaServer-like); "
-                     "relisting on each reconnect", st.kind.name)
+                     "relisting on each reconnect", st.what)
 
     def _get(self, st: KindState, params: dict[str, str], timeout: tuple[float, float],
              stream: bool) -> requests.Response:
-        r = self._sessions[st.slot].get(self.conn.url(st.kind.path()), params=params,
-                                        headers=self.conn.headers(), timeout=timeout,
-                                        stream=stream, allow_redirects=False)
+        session = self._secret_sessions[st.namespace] if st.namespace else \
+            self._sessions[st.slot]
+        r = session.get(self.conn.url(st.path), params=params, headers=self.conn.headers(),
+                        timeout=timeout, stream=stream, allow_redirects=False)
         if r.status_code == 200:
             return r
         try:
@@ -428,7 +529,7 @@ class KubeSource:
             r.headers.get("Retry-After")))
         if r.status_code in (403, 404) and (st.kind.optional or st.slot not in REQUIRED
                                             or st.kind is kinds.ENDPOINT_SLICE):
-            raise FeatureOff(f"HTTP {r.status_code} for {st.kind.path()}")
+            raise FeatureOff(f"HTTP {r.status_code} for {st.path}")
         raise error
 
     # ---- sync and the cache -------------------------------------------------------------------
@@ -440,7 +541,8 @@ class KubeSource:
             return
         if self.store.stale_reason:
             log.warning("API server %s answers again: serving live metadata", self.conn.base_url)
-            watched = {st.kind.name for st in self.states.values()}
+            watched = {st.kind.name for st in self.states.values()} | \
+                ({SECRET} if self.secret_namespaces is not None else set())
             self.store.replace_many({k: [] for k in self._cache_kinds - watched})
         self.store.mark_synced("")
         if self.cache is not None:

@@ -375,6 +375,88 @@ def test_unreachable_api_is_not_ready_and_keeps_retrying(client_factory):
     assert not c.store.synced
 
 
+# ---- Secrets: per namespace, where Gateways need them (issue 8) -------------------------------
+
+def _secrets(c: Client) -> set[str]:
+    return {f"{o.meta.namespace}/{o.meta.name}" for o in c.store.list("Secret")}
+
+
+def _secret_cluster(api: KubeAPI) -> None:
+    kubeapi.cluster(api, services=1)
+    for ns in ("shop", "blog", "plain", "third"):
+        api.put("namespaces", kubeapi.namespace(ns))
+        api.put("secrets", kubeapi.tls_secret(f"{ns}-cert", ns))
+    api.put("gateways", kubeapi.gateway("shop-gw", "shop", credential="shop-cert"))
+    api.put("gateways", kubeapi.gateway("blog-gw", "blog", credential="blog-cert"))
+    api.put("gateways", kubeapi.gateway("plain-gw", "plain"))  # HTTP: no TLS credential
+
+
+def test_secrets_are_watched_only_in_namespaces_of_gateways_with_credentials(
+        api, client_factory):
+    _secret_cluster(api)
+    c = client_factory(api.url, secrets=True)
+    c.wait_synced()
+    wait_for(lambda: _secrets(c) == {"shop/shop-cert", "blog/blog-cert"},
+             what="Secrets of both Gateways' namespaces")
+    wait_for(lambda: api.watching_in("secrets", "shop") and api.watching_in("secrets", "blog"),
+             what="a watch per namespace")
+    api.put("secrets", kubeapi.tls_secret("rotated", "shop"))
+    wait_for(lambda: "shop/rotated" in _secrets(c), what="a new Secret by watch")
+    api.put("secrets", kubeapi.tls_secret("never", "third"))
+    api.put("services", kubeapi.service("marker", ip="10.96.9.9"))
+    wait_for(lambda: "marker" in c.names())
+    assert {r.namespace for r in api.requests_for("secrets")} == {"shop", "blog"}
+    assert api.requests_for("secrets", namespace="") == []  # never cluster-wide
+    assert sorted(c.source.view()["secretNamespaces"]) == ["blog", "shop"]
+
+
+def test_a_deleted_gateway_stops_its_secret_watch_and_drops_its_secrets(api, client_factory):
+    _secret_cluster(api)
+    c = client_factory(api.url, secrets=True)
+    wait_for(lambda: _secrets(c) == {"shop/shop-cert", "blog/blog-cert"}, what="Secrets")
+    wait_for(lambda: api.watching_in("secrets", "blog"), what="blog watched")
+    api.delete("gateways", "blog", "blog-gw")
+    wait_for(lambda: _secrets(c) == {"shop/shop-cert"}, what="blog's Secrets dropped")
+    wait_for(lambda: not api.watching_in("secrets", "blog"), what="blog's watch stopped")
+    blog_requests = len(api.requests_for("secrets", namespace="blog"))
+    api.put("secrets", kubeapi.tls_secret("late", "blog"))
+    # A Gateway losing its credential is the same as going away; one gaining one starts a watch.
+    api.put("gateways", kubeapi.gateway("shop-gw", "shop"))
+    api.put("gateways", kubeapi.gateway("plain-gw", "plain", credential="plain-cert"))
+    wait_for(lambda: _secrets(c) == {"plain/plain-cert"}, what="watches follow the Gateways")
+    assert not api.watching_in("secrets", "shop")
+    assert len(api.requests_for("secrets", namespace="blog")) == blog_requests
+    assert api.requests_for("secrets", namespace="third") == []
+    assert api.requests_for("secrets", namespace="") == []
+
+
+def test_a_namespace_without_a_secret_grant_is_reported_not_fatal(client_factory):
+    with KubeAPI(granted={"secrets": {"shop"}}) as api:
+        _secret_cluster(api)
+        c = client_factory(api.url, secrets=True)
+        c.wait_synced()  # Secrets never block readiness
+        wait_for(lambda: "blog" in c.source.secret_states and
+                 "403" in c.source.secret_states["blog"].feature_off, what="403 in blog")
+        wait_for(lambda: _secrets(c) == {"shop/shop-cert"}, what="shop's Secrets")
+        api.granted["secrets"].add("blog")  # the operator adds the RoleBinding
+        wait_for(lambda: "blog/blog-cert" in _secrets(c), what="picked up once granted")
+        assert api.requests_for("secrets", namespace="") == []
+
+
+def test_only_gateways_that_select_this_gateway_count(api, client_factory):
+    from edgemesh.meta.sources import _gateway_secret_namespaces
+    _secret_cluster(api)
+    api.put("gateways", kubeapi.gateway("other-gw", "third", credential="third-cert",
+                                        selector={"app": "another-gateway"}))
+    rule = _gateway_secret_namespaces({"kubeedge": "edgemesh-gateway"})
+    c = client_factory(api.url, secrets=True, secret_namespaces=rule)
+    wait_for(lambda: _secrets(c) == {"shop/shop-cert", "blog/blog-cert"}, what="Secrets")
+    api.put("gateways", kubeapi.gateway("mine", "plain", credential="plain-cert",
+                                        selector={}))  # an empty selector selects every one
+    wait_for(lambda: "plain/plain-cert" in _secrets(c), what="empty selector")
+    assert api.requests_for("secrets", namespace="third") == []
+
+
 # ---- connection settings ----------------------------------------------------------------------
 
 def _kubeconfig(tmp_path, body: str) -> str:
