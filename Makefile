@@ -1,5 +1,7 @@
 # EdgeMesh — one command to set up, run, test and build.
-#   make run      set up, then run an agent on examples/ (no cluster, no iptables)
+#   make run      set up, then build the demo world in network namespaces (root) and leave it up
+#   make demo-down   tear the demo world down
+#   make agent    set up, then run one agent on examples/ here (no cluster, no iptables, no root)
 #   make test     set up, then run the whole test suite
 #   make binary   the PyInstaller onefile binary in dist/edgemesh
 #   make onedir   the PyInstaller onedir build in dist/edgemesh-onedir/
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
 	wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
 
-.PHONY: setup system-deps run test test-fast lint binary onedir bench clean
+.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean
 
 setup: system-deps $(STAMP)
 
@@ -37,7 +39,16 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	mkdir -p -m 0700 .state
 	umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
 
-run: setup .state/psk
+# The quick start: two NAT sites, a cloud node, a relay, a gateway, an agent per node and the
+# example services in namespaces emdemo-* (examples/demo/world.py); it stays up until demo-down.
+run: setup
+	$(BIN)/python -m examples.demo.world up
+
+demo-down:
+	$(BIN)/python -m examples.demo.world down
+
+# One agent on this machine, on every example (tests/e2e/test_quickstart.py runs these flags).
+agent: setup .state/psk
 	$(BIN)/edgemesh agent --manifests examples/ --no-iptables --state-dir .state \
 		--psk-file .state/psk --dns-listen 127.0.0.1:1053 \
 		--node-name $${NODE_NAME:-edge-node-1}

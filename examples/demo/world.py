@@ -31,7 +31,8 @@ import time
 from tests.netlab import Lab, Netns, sh
 from tests.procs import ROOT, edgemesh_argv
 
-PREFIX = "emdemo"
+# the environment overrides exist for tests/e2e/test_demo.py (it must not touch a user's demo)
+PREFIX = os.environ.get("EDGEMESH_DEMO_PREFIX", "emdemo")
 STATE = os.environ.get("EDGEMESH_DEMO_STATE", "/tmp/edgemesh-demo")
 MANIFESTS = os.path.join(ROOT, "examples", "demo", "manifests")
 SERVER = "198.18.0.10:20004"

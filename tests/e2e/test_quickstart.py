@@ -142,9 +142,10 @@ def test_sigterm_stops_cleanly(agent):
 
 
 @pytest.mark.netns
-def test_readme_first_command_in_a_namespace(lab, tmp_path):
-    """`make run`'s agent (every module on) in a namespace of its own: status lists the
-    examples, DNS answers their names. A PSK file is passed because the tunnel needs one."""
+def test_make_agent_in_a_namespace(lab, tmp_path):
+    """`make agent`'s agent (every module on) in a namespace of its own: status lists the
+    examples, DNS answers their names. A PSK file is passed because the tunnel needs one.
+    (`make run` builds the demo world: tests/e2e/test_demo.py.)"""
     ns = lab.netns("quick")
     psk = tmp_path / "psk"
     psk.write_text("quickstart-test-psk-0123456789abcdef\n")
@@ -158,6 +159,7 @@ def test_readme_first_command_in_a_namespace(lab, tmp_path):
         assert "172.17.1.10:8080@edge-node-1, 172.17.2.10:8080@edge-node-2" in rows["hello/web"]
         assert "172.17.1.30:8080@edge-node-1" in rows["lb/random"]
         assert "172.17.2.50:8080@edge-node-2" in rows["shop/storefront"]
+        assert "172.17.21.10:8080@b1" in rows["demo/web"]  # examples/demo/manifests too
         answer = ns.run("dig", "+short", "@127.0.0.1", "-p", "1053",
                         "web.hello.svc.cluster.local").stdout.split()
         assert answer == ["10.96.10.10"]
