@@ -290,6 +290,6 @@ def version(as_json: bool) -> None:
 
 def entry() -> None:
     """Console entry point: patch once, first, then run click."""
-    from gevent import monkey
-    monkey.patch_all()
+    from edgemesh.runtime import patching
+    patching.patch_all()  # gevent's patch_all; ssl patched on first import (idle memory)
     main()

@@ -2,20 +2,32 @@
 
 Parts register readiness checks (a function returning "" when ready, else why not) and debug
 views (a function returning JSON-able data). ``edgemesh status`` reads the debug views.
+
+The server is a small HTTP/1.x responder (GET/HEAD, one request per connection) rather than
+gevent.pywsgi: pywsgi imports http.client, which imports email.* and ssl (~5 MB RSS in an
+idle agent that otherwise never loads them; see tests/unit/test_footprint.py).
 """
 from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
-from gevent import pywsgi
+from gevent.pool import Pool
+from gevent.server import StreamServer
 
 from edgemesh.config import split_host_port
+from edgemesh.errors import RemoteProtocolError
 from edgemesh.runtime import metrics
 
 log = logging.getLogger(__name__)
+
+MAX_HEAD = 8192  # bytes of request line + headers
+IO_TIMEOUT = 5.0  # seconds for a client to send its request and take the answer
+CONNECTIONS = 16  # served at once; more wait in the listen backlog
 
 Check = Callable[[], str]
 View = Callable[[], Any]
@@ -25,7 +37,7 @@ class Admin:
     def __init__(self) -> None:
         self.checks: dict[str, Check] = {}
         self.views: dict[str, View] = {}
-        self._server: pywsgi.WSGIServer | None = None
+        self._server: StreamServer | None = None
 
     def add_check(self, name: str, check: Check) -> None:
         self.checks[name] = check
@@ -74,14 +86,85 @@ class Admin:
 
     def start(self, address: str) -> tuple[str, int]:
         host, port = split_host_port(address)
-        self._server = pywsgi.WSGIServer((host, port), self.app, log=None,
-                                         error_log=log, spawn=16)
+        self._server = StreamServer((host, port), self._serve, spawn=Pool(CONNECTIONS))
         self._server.start()
         return self._server.address[:2]
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop(timeout=1)
+
+    def _serve(self, sock: socket.socket, _peer: Any) -> None:
+        """One request per connection: read the head, answer through ``app``, close."""
+        sock.settimeout(IO_TIMEOUT)
+        try:
+            try:
+                method, path = parse_request_head(_read_head(sock))
+            except BadRequest as e:
+                sock.sendall(render_response("400 Bad Request", [], f"{e}\n".encode(), True))
+                return
+            out: dict[str, Any] = {}
+
+            def start(status: str, headers: list[tuple[str, str]]) -> None:
+                out["status"], out["headers"] = status, headers
+            body = b"".join(self.app({"REQUEST_METHOD": method, "PATH_INFO": path}, start))
+            sock.sendall(render_response(out["status"], out["headers"], body,
+                                         method != "HEAD"))
+            _linger(sock)
+        except OSError:
+            pass  # the client went away or stalled past IO_TIMEOUT: nothing to answer
+        finally:
+            sock.close()
+
+
+class BadRequest(RemoteProtocolError):
+    """The bytes received are not an HTTP/1.x request head (answered with 400)."""
+
+
+def parse_request_head(head: bytes) -> tuple[str, str]:
+    """(method, path without query, percent-decoded) of a request head ending in CRLFCRLF."""
+    line = head.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1].startswith(b"/"):
+        raise BadRequest("malformed request line")
+    try:
+        method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("non-ASCII request line") from None
+    return method, unquote(target.split("?", 1)[0])
+
+
+def render_response(status: str, headers: list[tuple[str, str]], body: bytes,
+                    with_body: bool) -> bytes:
+    """The response bytes; ``Content-Length`` is the body's even when it is left out (HEAD)."""
+    fields = [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")]
+    fields += [("Content-Length", str(len(body))), ("Connection", "close")]
+    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
+    return head.encode("latin-1") + (body if with_body else b"")
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD:
+            raise BadRequest("request head too large")
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("closed before the end of the request head")
+        data += chunk
+    return data
+
+
+def _linger(sock: socket.socket) -> None:
+    """Half-close, then drain what the client still sends (a POST body), bounded: closing with
+    unread bytes would reset the connection and could destroy the answer in flight."""
+    sock.shutdown(socket.SHUT_WR)
+    drained = 0
+    while drained < 65536:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return
+        drained += len(chunk)
 
 
 def _reply(start: Callable[..., Any], status: str, body: bytes,
