@@ -8,8 +8,9 @@ to the other. Measured, interleaved for ``--rounds`` rounds, median per-round ra
 - bulk throughput: ``iperf3 -c`` (one stream) through each path;
 - new connections per second: ``wrk -H "Connection: close"`` against a one-worker nginx that
   answers ``204``, so every request is a new proxied connection;
-- memory: RSS of each proxy before, with ``--idle`` idle proxied connections open, and after
-  they are closed; per-connection KiB.
+- memory: RSS of each proxy before, with ``--idle`` idle proxied connections open, after they
+  are closed, and after a second open/close cycle (no growth: freed memory is reused);
+  per-connection KiB.
 
     .venv/bin/python -m bench.proxy [--seconds 5] [--rounds 3] [--idle 5000]
 """
@@ -189,19 +190,23 @@ class Bench:
                 return float(line.split()[1])
         raise SystemExit("wrk printed no rate:\n" + out)
 
-    def idle_memory(self, pid: int, port: int) -> tuple[int, int, int]:
-        """RSS KiB before, with ``--idle`` open connections, and after closing them."""
+    def idle_memory(self, pid: int, port: int) -> tuple[int, int, int, int]:
+        """RSS KiB before, with ``--idle`` open connections, after closing them, and after a
+        second open/close cycle (equal to the third when freed memory is reused)."""
         before = rss_kib(pid)
-        socks = []
-        for _ in range(self.args.idle):
-            s = socket.create_connection((HOST, port), timeout=10)
-            socks.append(s)
-        time.sleep(1.0)  # connects to the backend finish
-        during = rss_kib(pid)
-        for s in socks:
-            s.close()
-        time.sleep(1.5)
-        return before, during, rss_kib(pid)
+        during = after = 0
+        for cycle in range(2):
+            socks = [socket.create_connection((HOST, port), timeout=10)
+                     for _ in range(self.args.idle)]
+            time.sleep(1.0)  # connects to the backend finish
+            if cycle == 0:
+                during = rss_kib(pid)
+            for s in socks:
+                s.close()
+            time.sleep(1.5)
+            if cycle == 0:
+                after = rss_kib(pid)
+        return before, during, after, rss_kib(pid)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -253,10 +258,10 @@ def run(bench: Bench, agent: dict[str, int]) -> None:
             ("agent", bench.agent.pid, agent["http"]))}
     print(f"memory with {bench.args.idle} idle proxied connections (RSS KiB)")
     per_conn = {}
-    for name, (before, during, after) in mem.items():
+    for name, (before, during, after, again) in mem.items():
         per_conn[name] = (during - before) / bench.args.idle
         print(f"  {name:<10} before {before:7d}  open {during:7d}  closed {after:7d}  "
-              f"per connection {per_conn[name]:.2f} KiB")
+              f"after a 2nd cycle {again:7d}  per connection {per_conn[name]:.2f} KiB")
 
     def ratio(d: dict[str, list[float]], a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(d[a], d[b], strict=True))

@@ -85,7 +85,8 @@ def manifests() -> list[dict]:
 
 
 CONFIG = {"modules": {"edgeDNS": {"enable": False}, "edgeTunnel": {"enable": False},
-                      "edgeProxy": {"udpIdleTimeout": 60, "connectTimeout": 1.0}},
+                      "edgeProxy": {"udpIdleTimeout": 60, "connectTimeout": 1.0,
+                                    "iptablesSyncPeriod": 1.0}},
           "commonConfig": {"stateDir": "/tmp/edgemesh-proxy-e2e-state"}}
 
 UDP_ECHO = textwrap.dedent("""
@@ -324,10 +325,37 @@ def test_timed_out_endpoint_is_skipped(env: Env) -> None:
         env.node.run("iptables", "-D", *rule)
 
 
+def test_periodic_resync_repairs_drift(env: Env) -> None:
+    env.node.run("iptables", "-t", "nat", "-D", "OUTPUT", "-j", "EDGEMESH-OUTPUT")
+    env.node.run("iptables", "-t", "nat", "-F", "EDGEMESH-SERVICES")
+    assert "DNAT" not in env.nat()
+    # iptablesSyncPeriod is 1 s in this config
+    netlab.wait_for(lambda: env.nat().count("DNAT") == len(SERVICES) + 4, timeout=15,
+                    what="rules restored")
+    assert env.nat().count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
+    assert env.connect(env.node, "10.96.0.10", 3)["failures"] == 0
+
+
 def test_rules_vanish_on_exit_and_after_kill9_with_cleanup(env: Env) -> None:
     env.proc.stop()
     assert "EDGEMESH" not in env.nat()
     assert "10.96.0.0/12" not in env.node.run("ip", "route").stdout
+    # --no-iptables: listeners on 127.0.0.1, the host's rules and routes untouched
+    admin = "127.0.0.1:10558"
+    bare = Proc(["agent", "--config", env.config, "--manifests", env.mdir, "--node-name",
+                 "node", "--admin", admin, "--no-iptables"], ns=env.node)
+    netlab.wait_for(lambda: "[+] proxy ok" in env.node.run(
+        "curl", "-s", f"http://{admin}/readyz").stdout, timeout=20, what="bare proxy ready")
+    view = json.loads(env.node.run("curl", "-s", f"http://{admin}/debug/proxy").stdout)
+    assert view["iptables"] is None
+    listen = {lst["service"]: lst["listen"] for lst in view["listeners"]}
+    assert listen["default/rr"].startswith("127.0.0.1:")
+    assert "EDGEMESH" not in env.nat()
+    assert "10.96.0.0/12" not in env.node.run("ip", "route").stdout
+    host, port = listen["default/rr"].split(":")
+    r = env.node.run("python3", "-c", CLIENT, host, port, "3", "seq").stdout
+    assert json.loads(r)["failures"] == 0
+    bare.stop()
     proc = env.agent()
     assert "EDGEMESH-SERVICES" in env.nat()
     proc.stop(signal.SIGKILL)
