@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from edgemesh.errors import ConfigError, EdgeMeshError
 from edgemesh.tunnel.handshake import public_bytes
@@ -49,7 +48,7 @@ def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> X25519Pr
         pass
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     key = X25519PrivateKey.generate()
-    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    raw = key.private_bytes_raw()  # = private_bytes(Raw, Raw, NoEncryption()), see handshake
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tunnel.key.")
     try:
         os.fchmod(fd, 0o600)
