@@ -18,12 +18,14 @@ import pytest
 import yaml
 
 from tests import netlab
+from tests.e2e import meshlab
+from tests.e2e.meshlab import TCP_CLIENT, metric
 from tests.procs import Proc, wait_ready
 
 pytestmark = pytest.mark.netns
 
 SERVER_IP = "198.18.0.10"
-SERVER = f"{SERVER_IP}:20004"
+SERVER = f"{SERVER_IP}:{meshlab.SERVER_PORT}"
 POD = "172.17.0.2"  # the same pod IP on b1 and a2: routing must go by node
 ADMIN = "127.0.0.1:10557"
 SERVER_ADMIN = "127.0.0.1:10558"
@@ -35,23 +37,11 @@ RELAY_RATE = 40_000_000
 
 def service(name: str, ip: str, port: int, target: int, node: str, proto: str = "TCP",
             port_name: str = "tcp") -> list[dict]:
-    return [
-        {"apiVersion": "v1", "kind": "Service",
-         "metadata": {"name": name, "namespace": "default"},
-         "spec": {"clusterIP": ip, "ports": [{"name": port_name, "port": port,
-                                              "targetPort": target, "protocol": proto}]}},
-        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-         "metadata": {"name": f"{name}-1", "namespace": "default",
-                      "labels": {"kubernetes.io/service-name": name}},
-         "addressType": "IPv4",
-         "ports": [{"name": port_name, "port": target, "protocol": proto}],
-         "endpoints": [{"addresses": [POD], "nodeName": node}]}]
+    return meshlab.service(name, ip, port, target, node, POD, proto, port_name)
 
 
 def manifests() -> list[dict]:
-    docs = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": n},
-             "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
-            for n, ip in NODES.items()]
+    docs = meshlab.nodes(NODES)
     docs += service("web-b", "10.96.1.1", 80, 8000, "b1", port_name="http")
     docs += service("echo-b", "10.96.1.2", 80, 8080, "b1")
     docs += service("udp-b", "10.96.1.3", 7, 7007, "b1", "UDP", "udp")
@@ -92,14 +82,6 @@ UDP_CLIENT = textwrap.dedent("""
         s.send(b"d" * (10 + i)); got.append(s.recv(65535).decode())
     print(",".join(got))
 """)
-TCP_CLIENT = textwrap.dedent("""
-    import socket, sys
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
-    s.sendall(b"ping over the tunnel"); s.shutdown(socket.SHUT_WR)
-    data = b""
-    while chunk := s.recv(65536): data += chunk
-    print(data.decode())
-""")
 
 
 class Env:
@@ -131,10 +113,7 @@ class Env:
         self.procs: dict[str, Proc] = {}
         server_config = self.write("server.yaml", yaml.safe_dump(
             {"kind": "EdgeMeshServer", "server": {"relayBytesPerSecond": RELAY_RATE}}))
-        self.server = Proc(["server", "--config", server_config, "--listen", "0.0.0.0:20004",
-                            "--psk-file", self.psk, "--state-dir",
-                            os.path.join(tmp, "state-srv"), "--admin", SERVER_ADMIN],
-                           ns=self.srv)
+        self.server = meshlab.server(self.srv, tmp, self.psk, SERVER_ADMIN, server_config)
         for n in NODES:
             self.procs[n] = self.agent(n, self.ns[n], n)
         for n in NODES:
@@ -167,12 +146,10 @@ class Env:
 
     def agent(self, name: str, ns: netlab.Netns, node: str, psk: str | None = None,
               state: str | None = None) -> Proc:
-        args = ["agent", "--config", self.config, "--manifests", self.mdir,
-                "--node-name", node, "--admin", ADMIN, "--server", SERVER,
-                "--psk-file", psk or self.psk,
-                "--state-dir", state or os.path.join(self.tmp, f"state-{name}")]
-        if name == "a1":
-            args += ["--manifests", self.liedir]
+        mdirs = [self.mdir, self.liedir] if name == "a1" else [self.mdir]
+        args = ["agent", "--config", self.config, *meshlab.mesh_args(
+            node, SERVER, psk or self.psk, state or os.path.join(self.tmp, f"state-{name}"),
+            ADMIN, mdirs)]
         return Proc(args, ns=ns)
 
     def run(self, node: str, *argv: str, timeout: float = 60) -> str:
@@ -196,15 +173,6 @@ def make_big(path: str) -> str:
             f.write(chunk)
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture(scope="module")
