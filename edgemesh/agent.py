@@ -21,7 +21,7 @@ from edgemesh.config import Config
 from edgemesh.meta import kinds
 from edgemesh.meta.store import Store
 from edgemesh.runtime import metrics
-from edgemesh.runtime.admin import Admin
+from edgemesh.runtime.admin import Admin, runtime_view
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def _register_views(ctx: Context) -> None:
                       ["kind"]).labels(kind.name).fn = (lambda k=kind.name: store.count(k))
     ctx.admin.add_check("metadata", lambda: "" if store.synced else "waiting for first sync")
     ctx.admin.add_view("services", lambda: services_view(store, ctx.node_name))
+    ctx.admin.add_view("runtime", runtime_view)
     ctx.admin.add_view("node", lambda: {"node": ctx.node_name, "role": ctx.role,
                                         "version": __version__, "pid": os.getpid(),
                                         "stale": store.stale_reason,

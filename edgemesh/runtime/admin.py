@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -115,6 +116,29 @@ class Admin:
             pass  # the client went away or stalled past IO_TIMEOUT: nothing to answer
         finally:
             sock.close()
+
+
+def runtime_view() -> dict[str, Any]:
+    """The process's footprint (``/debug/runtime``): RSS (total and anonymous, from
+    /proc/self/status), the loaded modules and the live greenlets."""
+    import gc
+
+    from greenlet import greenlet
+
+    status = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            status = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f)
+                      if k in ("VmRSS", "RssAnon", "RssFile", "Threads")}
+    except OSError:  # not Linux: leave the numbers out
+        pass
+    return {"rss_bytes": int(status.get("VmRSS", 0)) * 1024,
+            "rss_anon_bytes": int(status.get("RssAnon", 0)) * 1024,
+            "rss_file_bytes": int(status.get("RssFile", 0)) * 1024,
+            "threads": int(status.get("Threads", 0)),
+            "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and o),
+            "modules_loaded": len(sys.modules),
+            "modules": sorted(sys.modules)}
 
 
 class BadRequest(RemoteProtocolError):
