@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -49,6 +48,8 @@ def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> X25519Pr
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     key = X25519PrivateKey.generate()
     raw = key.private_bytes_raw()  # = private_bytes(Raw, Raw, NoEncryption()), see handshake
+    import tempfile  # only when a key is created: tempfile + shutil cost an idle agent ~0.4 MB
+
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tunnel.key.")
     try:
         os.fchmod(fd, 0o600)
@@ -154,6 +155,8 @@ class Bindings:
             return
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        import tempfile  # the server's bindings only (see load_or_create_key)
+
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bindings.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(self._keys, f, indent=1, sort_keys=True)
