@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from typing import Any
 
 import gevent
@@ -17,14 +18,19 @@ import gevent.event
 
 from edgemesh import __version__
 from edgemesh.config import Config, split_host_port
+from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.admin import Admin
+from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.relay import RelayCore
 from edgemesh.tunnel.session import Session
 
 log = logging.getLogger(__name__)
+
+SILENT_PROBE = 2.0
+SILENT_DEAD = 6.0
 
 BUILD_INFO = metrics.gauge("edgemesh_build_info", "EdgeMesh version and role.",
                            ["version", "role"])
@@ -43,15 +49,37 @@ class Server:
         self.relay = RelayCore(sc.relayBytesPerSecond, sc.relayMaxCircuits)
         self.listen = sc.listen
         self.sessions: set[Session] = set()
+        self._monitor: gevent.Greenlet | None = None
 
     def start(self) -> tuple[str, int]:
         host, port = split_host_port(self.listen)
-        return self.node.listen(host, port, self._on_accept)
+        addr = self.node.listen(host, port, self._on_accept)
+        self._monitor = spawn("server-sessions", self._monitor_loop)
+        return addr
 
     def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.kill(block=False)
         self.node.stop()
         for s in list(self.sessions):
             s.close("server shutting down")
+
+    def _monitor_loop(self) -> None:
+        """Close agent sessions gone silent: agents probe idle links every second, so a few
+        seconds of silence means the agent's NAT mapping changed or it vanished. A stale
+        session would otherwise hold the agent's 4-tuple and swallow its reconnection."""
+        while True:
+            gevent.sleep(1.0)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                silent = now - session.last_seen
+                if silent > SILENT_DEAD:
+                    session.close(f"silent for {silent:.1f}s")
+                elif silent > SILENT_PROBE:
+                    try:
+                        session.ping()
+                    except (EdgeMeshError, OSError):
+                        pass
 
     def _on_accept(self, acc: Accepted) -> None:
         if acc.result.remote_hello.intent == "circuit":

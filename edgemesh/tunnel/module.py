@@ -62,6 +62,10 @@ class TunnelModule:
         log.info("tunnel listening on %s:%d as %s (key %s)", host, port, self.node.name,
                  self.node.public_key.hex()[:16])
         self.peers.listen_port = port
+        if self.relay is not None:
+            relay = self.relay
+            self.peers.is_client = lambda s: getattr(relay.registry.get(s.peer), "session",
+                                                     None) is s
         self.peers.start()
         RELAY_UP.fn = lambda: sum(link.up for link in self.peers.links)
         self.ctx.admin.add_view("peers", self.view)
@@ -159,18 +163,27 @@ class TunnelModule:
     # ---- visibility ---------------------------------------------------------------------------
 
     def view(self) -> list[dict[str, Any]]:
+        """One item per session (the one new streams use first, ``active``), plus each peer's
+        path attempts and next upgrade (``Peers.path_view``); server links that are down."""
         out = []
-        servers = {lk.session for lk in self.peers.links if lk.session}
-        for node, sessions in sorted(self.peers.sessions.items()):
+        for node in sorted(set(self.peers.sessions) | set(self.peers.paths)):
+            best = self.peers.best(node)
+            sessions = sorted(self.peers.sessions.get(node, []), key=lambda s: s is not best)
             for s in sessions:
-                detail = "server" if s in servers else ""
-                if s.peer_hello.role == "server":
-                    detail = "server"
-                out.append({"node": node, "path": s.path, "address": s.address,
-                            "rtt_ms": round(s.rtt * 1000, 3) if s.rtt is not None else None,
-                            "streams": s.stream_count, "bytes_in": s.bytes_in,
-                            "bytes_out": s.bytes_out, "detail": detail,
-                            "key": s.peer_key.hex()[:16]})
+                item = {"node": node, "path": s.path, "address": s.address,
+                        "rtt_ms": round(s.rtt * 1000, 3) if s.rtt is not None else None,
+                        "streams": s.stream_count, "bytes_in": s.bytes_in,
+                        "bytes_out": s.bytes_out, "key": s.peer_key.hex()[:16],
+                        "active": s is best, **self.peers.path_view(node, s.path)}
+                if self.peers.is_link(s):
+                    item["detail"] = "server"
+                elif s is not best:
+                    item["detail"] = "draining"
+                out.append(item)
+            if not sessions and node in self.peers.paths:
+                out.append({"node": node, "path": "none", "address": "", "rtt_ms": None,
+                            "streams": 0, "bytes_in": 0, "bytes_out": 0, "active": False,
+                            **self.peers.path_view(node, "none")})
         for link in self.peers.links:
             if not link.up:
                 out.append({"node": link.address, "path": "down", "address": link.address,

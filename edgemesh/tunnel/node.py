@@ -80,6 +80,9 @@ class TunnelNode:
         self._acceptor: gevent.Greenlet | None = None
         self._handshakes = gevent.pool.Pool(MAX_PENDING_HANDSHAKES)
         self._on_accept: AcceptHandler | None = None
+        # remote address -> taker: a hole punch expects this peer's connection (it runs its
+        # own handshake, with the role the punch decides, not the listener's responder role)
+        self.claims: dict[tuple[str, int], Callable[[socket.socket], None]] = {}
 
     def hello(self, intent: str = "session", **extra: object) -> Hello:
         return Hello(self.name, self.role, intent, self.window, dict(extra))
@@ -112,6 +115,10 @@ class TunnelNode:
             except OSError as e:
                 log.warning("tunnel accept failed: %s", e)
                 gevent.sleep(0.1)
+                continue
+            claim = self.claims.pop(addr[:2], None)
+            if claim is not None:
+                spawn("tunnel-claimed", claim, sock)
                 continue
             if self._handshakes.full():
                 HANDSHAKES.labels("in", "overloaded").inc()

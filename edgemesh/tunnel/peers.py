@@ -1,11 +1,16 @@
 """The agent's side of the mesh: server links, peer lookup, and the path to each peer.
 
 Paths to a node are tried in order (``PATHS``): direct — the peer's LAN addresses from its
-registration, its Node object's addresses, its public address as a server saw it (attempts
-staggered, first handshake wins) — then through a relay (each server link that is up). Hole
-punching slots in between as one more ``PathStrategy`` (it needs the server's ``punch``
-message and the shared local port, both already in place). A relayed peer is retried direct
-in the background (``upgrade``); the first session that works replaces it for new streams.
+registration, its Node object's addresses, then a hole punch coordinated by a server (or, when
+punching cannot work, a plain dial to its public address); attempts staggered, first
+handshake wins — then through a relay (each server link that is up).
+
+While running (``monitor``, twice a second): sessions silent for ``SILENT_DEAD`` seconds are
+closed (a lost NAT mapping shows as silence, not as an error); a peer that lost its last
+session is reconnected through a relay at once, then upgraded; a relayed peer is retried
+direct with backoff (``punch.PathState``); once a direct session exists, relayed ones drain
+(GOAWAY, closed when idle); duplicate sessions to one peer are retired by the side with the
+smaller name, so both sides agree. Punching itself is in ``punching``.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import itertools
 import json
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +32,9 @@ from edgemesh.errors import EdgeMeshError, UnavailableError
 from edgemesh.meta.store import Store
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import frames as fr
+from edgemesh.tunnel import punch
 from edgemesh.tunnel.node import TunnelNode, fmt_addr
+from edgemesh.tunnel.punching import Puncher
 from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, Session, read_record
 
@@ -34,9 +42,25 @@ log = logging.getLogger(__name__)
 
 DIRECT_STAGGER = 0.25
 DIRECT_BUDGET = 2.5  # then the relay gets its turn (unanswered SYNs to a NAT just hang)
+PUNCH_BUDGET = 4.5  # a punch waits for its offer and crossed SYNs (a round trip or two)
 LOOKUP_TIMEOUT = 3.0
 RECORD_TTL = 30.0
-UPGRADE_PERIOD = 30.0
+MONITOR_PERIOD = 0.5
+SILENT_PROBE = 1.0  # idle this long: ping (the session's own pinger is every 10 s)
+SILENT_DEAD = 3.0  # no bytes this long despite probes: the path is gone
+RECOVER_DEFER = 2.0  # the larger-named side lets the smaller one reconnect first
+RETIRE_GRACE = 1.0  # a retired session closes once idle, not before this
+RELINK_AFTER = 20.0  # a server link from another port (tunnel port's 4-tuple in TIME_WAIT)
+
+
+def close_now(session: Session, reason: str) -> None:
+    """Close with RST, leaving no TIME_WAIT: the same 4-tuple (tunnel port to a server, or
+    to a peer's public address) must be usable again at once, to re-register or re-punch."""
+    try:
+        session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    session.close(reason)
 
 
 @dataclass
@@ -49,6 +73,7 @@ class PeerRecord:
     public: str = ""
     online: bool = False
     fetched: float = 0.0
+    nat: str = ""
 
 
 @dataclass
@@ -57,7 +82,9 @@ class ServerLink:
     address: str
     session: Session | None = None
     observed: str = ""
+    earlier: str = ""  # the observation before the last re-registration
     last_error: str = ""
+    local_port: int = 0  # not the tunnel port when that 4-tuple was still in TIME_WAIT
 
     @property
     def up(self) -> bool:
@@ -83,28 +110,48 @@ class Peers:
         self.make_session = make_session
         self.sessions: dict[str, list[Session]] = {}
         self.records: dict[str, PeerRecord] = {}
+        self.paths: dict[str, punch.PathState] = {}
+        self.nat = punch.NatKind.UNKNOWN
+        self.puncher = Puncher(self)
+        self._retiring: dict[Session, float] = {}
+        self._upgrading: set[str] = set()
         self._dialing: dict[str, gevent.event.AsyncResult] = {}
         self._lookups: dict[int, gevent.event.AsyncResult] = {}
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
+        self._stopping = False
+        # set by a relaying agent: True for a session a node registered on with us (our
+        # client, not a peer we need a path to)
+        self.is_client: Callable[[Session], bool] = lambda s: False
 
     def start(self) -> None:
         for link in self.links:
             self._greenlets.append(spawn(f"tunnel-server-{link.address}", self._link_loop,
                                          link))
-        self._greenlets.append(spawn("tunnel-upgrade", self._upgrade_loop))
+        self._greenlets.append(spawn("tunnel-paths", self._monitor_loop))
 
     def stop(self) -> None:
+        self._stopping = True
         for g in self._greenlets:
             g.kill(block=False)
         for sessions in list(self.sessions.values()):
             for s in list(sessions):
                 s.close("shutting down")
 
+    def state(self, node: str) -> punch.PathState:
+        return self.paths.setdefault(node, punch.PathState())
+
     # ---- sessions -----------------------------------------------------------------------------
 
     def add(self, session: Session) -> None:
         self.sessions.setdefault(session.peer, []).insert(0, session)
+        if self.is_link(session):
+            return
+        state = self.state(session.peer)
+        if session.path != "relayed":
+            state.went_direct()
+        elif state.next_at is None:
+            state.upgrade_failed(time.monotonic())  # keep trying direct, with backoff
 
     def removed(self, session: Session) -> None:
         sessions = self.sessions.get(session.peer, [])
@@ -112,16 +159,37 @@ class Peers:
             sessions.remove(session)
         if not sessions:
             self.sessions.pop(session.peer, None)
+        was_link = False
         for link in self.links:
             if link.session is session:
-                link.session = None
+                link.session, was_link = None, True
+        intended = self._retiring.pop(session, None) is not None
+        if not (intended or was_link or self._stopping or self.best(session.peer)
+                or self.is_client(session)):
+            self._lost(session)
+
+    def is_link(self, session: Session) -> bool:
+        return any(link.session is session for link in self.links) \
+            or session.peer_hello.role == "server"
 
     def best(self, node: str) -> Session | None:
-        """The preferred live session: direct before relayed, newest first."""
+        """The preferred live session: direct or punched before relayed, newest first."""
         live = [s for s in self.sessions.get(node, []) if not s.closed
-                and not s.mux.goaway_received]
+                and not s.mux.goaway_received and s not in self._retiring]
         live.sort(key=lambda s: s.path == "relayed")
         return live[0] if live else None
+
+    def retire(self, session: Session, reason: str) -> None:
+        """No new streams on ``session`` (GOAWAY to the peer); closed once idle."""
+        if session in self._retiring or session.closed:
+            return
+        self._retiring[session] = time.monotonic()
+        log.info("retiring session to %s (%s %s): %s", session.peer, session.path,
+                 session.address, reason)
+        try:
+            session.write(session.mux.goaway(0, reason[:200]))
+        except (EdgeMeshError, OSError):
+            pass
 
     def session_for(self, node: str, timeout: float) -> Session:
         """A session to ``node``, connecting along the path list (one dial per node at once)."""
@@ -139,10 +207,11 @@ class Peers:
         assert isinstance(session, Session)
         return session
 
-    def _dial(self, node: str, result: gevent.event.AsyncResult, deadline: float) -> None:
+    def _dial(self, node: str, result: gevent.event.AsyncResult, deadline: float,
+              paths: list[PathStrategy] | None = None) -> None:
         errors = []
         try:
-            for strategy in PATHS:
+            for strategy in paths or PATHS:
                 if time.monotonic() >= deadline:
                     break
                 try:
@@ -156,7 +225,8 @@ class Peers:
                 errors.append(f"{strategy.name}: no path")
             result.set_exception(UnavailableError(f"no path to {node} ({'; '.join(errors)})"))
         finally:
-            self._dialing.pop(node, None)
+            if self._dialing.get(node) is result:
+                self._dialing.pop(node, None)
 
     def adopt(self, sock: socket.socket, result: Any, reader: Any, *, initiator: bool,
               path: str, address: str) -> Session:
@@ -166,26 +236,145 @@ class Peers:
         session.start()
         return session
 
+    # ---- losing and regaining paths -----------------------------------------------------------
+
+    def _lost(self, session: Session) -> None:
+        """The last session to a peer ended without us asking: reconnect through a relay now
+        (fast and known to work), then let the monitor upgrade it."""
+        node = session.peer
+        if session.path != "relayed":
+            self.state(node).path_lost(time.monotonic(), session.close_reason)
+        delay = 0.0 if punch.is_initiator(self.node.name, node) else RECOVER_DEFER
+        # a LAN path comes back by itself; a punched or relayed one goes via a relay first
+        order = [DIRECT, RELAY] if session.path == "direct" else [RELAY, DIRECT]
+        spawn(f"tunnel-recover-{node}", self._recover, node, delay, order)
+
+    def _recover(self, node: str, delay: float, order: list[PathStrategy]) -> None:
+        gevent.sleep(delay)
+        if self.best(node) is not None or node in self._dialing:
+            return
+        pending = self._dialing[node] = gevent.event.AsyncResult()
+        self._dial(node, pending, time.monotonic() + 8.0, order)
+        if pending.successful():
+            log.info("reconnected to %s (%s)", node, pending.value.path)
+
+    def _monitor_loop(self) -> None:
+        while True:
+            gevent.sleep(MONITOR_PERIOD)
+            now = time.monotonic()
+            for session in self._all_sessions():
+                self._check_alive(session, now)
+            for session, since in list(self._retiring.items()):
+                if not session.closed and session.stream_count == 0 \
+                        and now - since >= RETIRE_GRACE:
+                    close_now(session, "retired")
+            for node in list(self.sessions):
+                self._tidy(node)
+                self._maybe_upgrade(node, now)
+
+    def _all_sessions(self) -> list[Session]:
+        out = [s for sessions in self.sessions.values() for s in sessions]
+        return out + [lk.session for lk in self.links if lk.session and lk.session not in out]
+
+    def _check_alive(self, session: Session, now: float) -> None:
+        if session.closed:
+            return
+        silent = now - session.last_seen
+        if silent > SILENT_DEAD:
+            close_now(session, f"path silent for {silent:.1f}s")
+        elif silent > SILENT_PROBE:
+            try:
+                session.ping()
+            except (EdgeMeshError, OSError):
+                pass
+
+    def _tidy(self, node: str) -> None:
+        """Drain relayed sessions once a direct one exists; one session per kind per pair."""
+        live = [s for s in self.sessions.get(node, []) if not s.closed
+                and s not in self._retiring and not self.is_link(s)]
+        direct = [s for s in live if s.path != "relayed" and not s.mux.goaway_received]
+        if direct:
+            for s in live:
+                if s.path == "relayed":
+                    self.retire(s, "upgraded to a direct path")
+        if not punch.is_initiator(self.node.name, node):
+            return  # the smaller name decides which duplicate stays; the peer follows GOAWAY
+        for group in (direct, [s for s in live if s.path == "relayed"]):
+            if len(group) > 1:
+                group.sort(key=lambda s: (not self._ours(s), -s.created))
+                for extra in group[1:]:
+                    self.retire(extra, "duplicate session")
+
+    def _ours(self, session: Session) -> bool:
+        """True when the smaller-named node opened the session (both sides compute the same)."""
+        return session.initiator == punch.is_initiator(self.node.name, session.peer)
+
+    def _maybe_upgrade(self, node: str, now: float) -> None:
+        best = self.best(node)
+        if best is None or best.path != "relayed" or node in self._upgrading:
+            return
+        state = self.state(node)
+        if state.next_at is None:
+            state.upgrade_failed(now)
+        elif now >= state.next_at:
+            self._upgrading.add(node)
+            spawn(f"tunnel-upgrade-{node}", self._upgrade, node)
+
+    def _upgrade(self, node: str) -> None:
+        try:
+            self.records.pop(node, None)  # the peer's NAT or address may have changed
+            session = DIRECT.connect(self, node, time.monotonic() + PUNCH_BUDGET + 1.0)
+        except (EdgeMeshError, OSError):
+            session = None
+        finally:
+            self._upgrading.discard(node)
+        if session is None:
+            self.state(node).upgrade_failed(time.monotonic())
+        else:
+            log.info("upgraded %s to a %s path (%s)", node, session.path, session.address)
+
     # ---- direct -------------------------------------------------------------------------------
 
-    def candidates(self, node: str) -> list[tuple[str, int]]:
-        """Direct addresses of ``node`` in order: LAN, Node object, public."""
+    def candidates(self, node: str) -> list[tuple[str, str, int]]:
+        """Direct addresses of ``node`` in order, with their kind: lan, node, public."""
         rec = self.records.get(node)
         port = rec.port if rec and rec.port else self.listen_port
-        out: list[tuple[str, int]] = []
+        out: list[tuple[str, str, int]] = []
         if rec:
-            out += [(a, port) for a in rec.addrs]
+            out += [("lan", a, port) for a in rec.addrs]
         obj = self.store.node(node)
         if obj is not None:
             for kind in ("InternalIP", "ExternalIP"):
-                out += [(a, port) for t, a in obj.addresses if t == kind]
+                out += [("node", a, port) for t, a in obj.addresses if t == kind]
         if rec and rec.public:
             try:
-                out.append(split_host_port(rec.public))
+                out.append(("public", *split_host_port(rec.public)))
             except ValueError:
                 pass
         seen: set[tuple[str, int]] = set()
-        return [c for c in out if not (c in seen or seen.add(c))]  # type: ignore[func-returns-value]
+        unique = []
+        for kind, host, p in out:
+            if (host, p) not in seen:
+                seen.add((host, p))
+                unique.append((kind, host, p))
+        return unique
+
+    def punch_link(self, node: str) -> tuple[ServerLink | None, str]:
+        """The server link to coordinate a punch with ``node``, or why there is none."""
+        rec = self.records.get(node)
+        if rec is None or not rec.online:
+            return None, "peer not registered with any server"
+        mine = next((lk.observed for lk in self.links if lk.up and lk.observed
+                     and lk.local_port == self.listen_port), "")
+        reason = punch.skip_reason(self.nat, mine, rec.nat, rec.public)
+        if reason:
+            return None, reason
+        link = next((lk for lk in self.links if lk.up and lk.local_port == self.listen_port),
+                    None)
+        return link, "" if link else "no server link from the tunnel port to coordinate"
+
+    def punch_tcp(self, link: ServerLink, node: str, deadline: float) -> Session:
+        return self.puncher.request(link, node, next(self._ids), deadline)
 
     def dial_direct(self, node: str, host: str, port: int, deadline: float) -> Session:
         timeout = max(0.1, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic()))
@@ -265,10 +454,14 @@ class Peers:
                 session = self.adopt(sock, result, reader, initiator=True, path="direct",
                                      address=link.address)
                 link.session, link.last_error, backoff = session, "", 0.5
-                session.send_control({"op": "register", "addrs": self.local_addresses(),
-                                      "port": self.listen_port})
+                link.local_port = sock.getsockname()[1]
+                self._register(link)
+                since = time.monotonic()
                 while not session.closed:
                     gevent.sleep(0.5)
+                    if link.local_port != self.listen_port \
+                            and time.monotonic() - since > RELINK_AFTER:
+                        close_now(session, "reconnecting from the tunnel port")
                 link.last_error = session.close_reason
             except (EdgeMeshError, OSError) as e:
                 link.last_error = str(e)
@@ -276,19 +469,44 @@ class Peers:
             gevent.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
+    def _register(self, link: ServerLink) -> None:
+        if link.session is not None:
+            link.session.send_control({"op": "register", "addrs": self.local_addresses(),
+                                       "port": self.listen_port, "nat": self.nat.value,
+                                       "mapped": link.local_port == self.listen_port})
+
+    def _observed(self, link: ServerLink, observed: str) -> None:
+        if link.observed and link.observed != observed:
+            link.earlier = link.observed
+        link.observed = observed
+        # only links from the tunnel port say what peers will see when we punch from it
+        mapped = [lk for lk in self.links if lk.local_port == self.listen_port]
+        nat = punch.classify_nat(self.local_addresses(), self.listen_port,
+                                 [lk.observed for lk in mapped if lk.up and lk.observed],
+                                 [lk.earlier for lk in mapped if lk.earlier])
+        if nat != self.nat:
+            log.info("NAT in front of this node: %s (servers see %s)", nat.value,
+                     ", ".join(lk.observed for lk in self.links if lk.observed))
+            self.nat = nat
+            for lk in self.links:
+                if lk.up:
+                    self._register(lk)
+
     def on_control(self, session: Session, msg: dict[str, Any]) -> bool:
         """Messages servers send to agents; False when not one of these."""
         op = msg.get("op")
+        server = next((lk for lk in self.links if lk.session is session), None)
         if op == "registered":
-            for link in self.links:
-                if link.session is session:
-                    link.observed = str(msg.get("observed", ""))
+            if server is not None:
+                self._observed(server, str(msg.get("observed", "")))
         elif op == "record":
             waiter = self._lookups.pop(msg.get("id"), None)  # type: ignore[arg-type]
             if waiter is not None:
                 waiter.set(msg)
+        elif op == "punch":
+            if server is not None:  # only our own servers may ask us to connect out
+                self.puncher.on_offer(msg)
         elif op == "incoming":
-            server = next((lk for lk in self.links if lk.session is session), None)
             if server is None:
                 return True  # only our own servers may ask us to open circuits
             try:
@@ -321,7 +539,8 @@ class Peers:
                 rec = PeerRecord(node, str(msg.get("key", "")),
                                  [str(a) for a in msg.get("addrs", [])],
                                  int(msg.get("port") or 0), str(msg.get("public", "")),
-                                 bool(msg.get("online")), time.monotonic())
+                                 bool(msg.get("online")), time.monotonic(),
+                                 str(msg.get("nat", "")))
                 self.records[node] = rec
                 return rec
         return rec
@@ -332,53 +551,70 @@ class Peers:
         own = [host] if host not in ("0.0.0.0", "::") else local_ipv4()
         return list(dict.fromkeys([*self.advertise, *own]))
 
-    # ---- background upgrade -------------------------------------------------------------------
+    # ---- what status shows --------------------------------------------------------------------
 
-    def _upgrade_loop(self) -> None:
-        while True:
-            gevent.sleep(UPGRADE_PERIOD)
-            for node, sessions in list(self.sessions.items()):
-                if sessions and all(s.path == "relayed" for s in sessions):
-                    try:
-                        DIRECT.connect(self, node, time.monotonic() + 5)
-                    except (EdgeMeshError, OSError):
-                        pass
+    def path_view(self, node: str, path: str) -> dict[str, Any]:
+        """``attempts``, ``next_attempt_in`` and a ``detail`` sentence for the peers view."""
+        state = self.paths.get(node)
+        if state is None:
+            return {"attempts": [], "next_attempt_in": None, "detail": ""}
+        upgrading = path == "relayed"
+        return {"attempts": [a.view() for a in state.attempts],
+                "next_attempt_in": state.next_in(time.monotonic()) if upgrading else None,
+                "detail": state.detail(path)}
+
+
+Dialer = Callable[[float], Session]
 
 
 class DirectPath:
+    """The peer's own addresses, and a hole punch where one can work; first handshake wins."""
     name = "direct"
 
     def connect(self, peers: Peers, node: str, deadline: float) -> Session | None:
         peers.lookup(node)
-        candidates = peers.candidates(node)
-        if not candidates:
+        plan = self.plan(peers, node)
+        if not plan:
             return None
+        state = peers.state(node)
         winner: gevent.event.AsyncResult = gevent.event.AsyncResult()
         errors: list[str] = []
+        pending = {i for i in range(len(plan))}
 
-        def attempt(i: int, host: str, port: int) -> None:
-            gevent.sleep(i * DIRECT_STAGGER)
+        def attempt(i: int, kind: str, where: str, dial: Dialer) -> None:
+            gevent.sleep(0 if kind == "punch-tcp" else i * DIRECT_STAGGER)
             if winner.ready():
                 return
             try:
-                session = peers.dial_direct(node, host, port, deadline)
+                session = dial(deadline)
             except (EdgeMeshError, OSError, ValueError) as e:
-                errors.append(f"{fmt_addr((host, port))}: {e}")
-                if len(errors) == len(candidates):
+                pending.discard(i)
+                errors.append(f"{where}: {e}")
+                if kind != "punch-tcp":  # the puncher records its own outcome
+                    state.tried(kind, False, f"{where}: {e}", time.time())
+                if not pending:
                     winner.set(None)
                 return
+            pending.discard(i)
             if winner.ready():
                 session.close("another path won")
-            else:
-                winner.set(session)
+                return
+            if kind != "punch-tcp":
+                state.tried(kind, True, where, time.time())
+            winner.set(session)
 
-        workers = [spawn("tunnel-direct", attempt, i, h, p)
-                   for i, (h, p) in enumerate(candidates)]
+        workers = [spawn("tunnel-direct", attempt, i, *step) for i, step in enumerate(plan)]
+        punching = any(kind == "punch-tcp" for kind, _, _ in plan)
         try:
-            budget = min(DIRECT_BUDGET, deadline - time.monotonic() - 1.0)
+            budget = min(PUNCH_BUDGET if punching else DIRECT_BUDGET,
+                         deadline - time.monotonic() - 1.0)
             session = winner.get(timeout=max(0.1, budget))
         except gevent.Timeout:
             session = None
+            for i in pending:
+                kind, where, _ = plan[i]
+                if kind != "punch-tcp":
+                    state.tried(kind, False, f"{where}: no answer", time.time())
         finally:
             for w in workers:
                 w.kill(block=False)
@@ -386,24 +622,52 @@ class DirectPath:
             raise UnavailableError("; ".join(errors))
         return session  # type: ignore[no-any-return]
 
+    @staticmethod
+    def plan(peers: Peers, node: str) -> list[tuple[str, str, Dialer]]:
+        """(kind, where, dial) for each direct attempt, in order."""
+        state = peers.state(node)
+        link, skip = peers.punch_link(node)
+        state.punch_skip = skip
+        plan: list[tuple[str, str, Dialer]] = []
+        for kind, host, port in peers.candidates(node):
+            if kind == "public" and link is not None:
+                continue  # the punch dials it, from the same port, at the agreed moment
+
+            def dial(dl: float, h: str = host, p: int = port) -> Session:
+                return peers.dial_direct(node, h, p, dl)
+            plan.append((kind, fmt_addr((host, port)), dial))
+        if link is not None:
+            plan.append(("punch-tcp", f"via {link.address}",
+                         lambda dl: peers.punch_tcp(link, node, dl)))
+        elif skip:
+            state.tried("punch-tcp", False, skip, time.time())
+        return plan
+
 
 class RelayPath:
+    """A circuit through each server link that is up, in order."""
     name = "relay"
 
     def connect(self, peers: Peers, node: str, deadline: float) -> Session | None:
         errors = []
+        state = peers.state(node)
         for link in peers.links:
             if not link.up:
                 continue
             try:
-                return peers.dial_relayed(link, node, deadline)
+                session = peers.dial_relayed(link, node, deadline)
             except (EdgeMeshError, OSError) as e:
                 errors.append(f"{link.address}: {e}")
+                state.tried(f"relay:{link.address}", False, str(e), time.time())
+                continue
+            state.tried(f"relay:{link.address}", True, "", time.time())
+            return session
         if errors:
             raise UnavailableError("; ".join(errors))
         return None
 
 
 DIRECT = DirectPath()
-# The order paths are tried in; hole punching goes between DIRECT and the relay.
-PATHS: list[PathStrategy] = [DIRECT, RelayPath()]
+RELAY = RelayPath()
+# The order paths are tried in (hole punching is part of DIRECT: it races the LAN addresses).
+PATHS: list[PathStrategy] = [DIRECT, RELAY]

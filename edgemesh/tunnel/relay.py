@@ -1,8 +1,8 @@
 """Rendezvous and relay: what ``edgemesh server`` (and ``edgemesh agent --relay``) offer.
 
 Rendezvous (control messages on a session, docs/tunnel-protocol.md §6): an agent ``register``s
-its addresses; the relay answers with the address it sees (``observed``) and answers
-``lookup``s for other nodes.
+its addresses; the relay answers with the address it sees (``observed``), answers ``lookup``s
+for other nodes, and on ``rendezvous`` sends both nodes a ``punch`` offer (see ``punch``).
 
 Relay: node A opens a *circuit* connection (handshake intent ``circuit``, ``connect: B``); the
 relay tells B (``incoming``), B opens a circuit connection with ``accept: <token>``; the relay
@@ -26,7 +26,7 @@ from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import frames as fr
-from edgemesh.tunnel import splice
+from edgemesh.tunnel import punch, splice
 from edgemesh.tunnel.node import Accepted
 from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import Session
@@ -43,6 +43,8 @@ RELAY_BYTES = metrics.counter("edgemesh_relay_bytes_total", "Bytes relayed, by s
                               ["peer"])
 THROTTLED = metrics.counter("edgemesh_relay_throttled_seconds_total",
                             "Time relay splicing waited on a peer's bytes/s limit.", ["peer"])
+PUNCHES = metrics.counter("edgemesh_relay_punches_total",
+                          "Hole-punch coordination requests, by outcome.", ["result"])
 REGISTERED = metrics.gauge("edgemesh_relay_registered_nodes", "Nodes registered here.")
 
 
@@ -71,10 +73,16 @@ class Registration:
     addrs: list[str]
     port: int
     observed: str
+    nat: str = punch.NatKind.UNKNOWN.value
+    mapped: bool = True  # the agent's link comes from its tunnel port: ``observed`` is punchable
 
     def record(self) -> dict[str, Any]:
         return {"node": self.node, "key": self.key, "addrs": self.addrs, "port": self.port,
-                "public": self.observed, "online": not self.session.closed}
+                "public": self.observed, "nat": self.nat, "online": not self.session.closed}
+
+    def party(self) -> punch.Party:
+        return punch.Party(self.node, self.key, self.observed, tuple(self.addrs), self.port,
+                           self.nat, self.session.rtt)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class RelayCore:
         self.circuits: dict[str, int] = {}
         self.buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, _Pending] = {}
+        self._cooldown = punch.PairCooldown()
         REGISTERED.fn = lambda: len(self.registry)
 
     # ---- rendezvous ---------------------------------------------------------------------------
@@ -108,17 +117,48 @@ class RelayCore:
             reply = reg.record() if reg else {"node": msg.get("node"), "online": False}
             session.send_control({"op": "record", "id": msg.get("id"), "found": bool(reg),
                                   **reply})
+        elif op == "rendezvous":
+            self._rendezvous(session, msg)
         else:
             return False
         return True
+
+    def _rendezvous(self, session: Session, msg: dict[str, Any]) -> None:
+        """Send both nodes a ``punch`` offer naming the other (docs/tunnel-protocol.md §8)."""
+        rid, target = msg.get("id"), str(msg.get("node", ""))
+        me, other = self.registry.get(session.peer), self.registry.get(target)
+        if me is None or me.session is not session:
+            reason = "register first"
+        elif other is None or other.session.closed:
+            reason = f"not registered here: {target}"
+        elif target == session.peer:
+            reason = "punch to self"
+        elif not (me.mapped and other.mapped):
+            who = "this node's" if not me.mapped else "the peer's"
+            reason = f"{who} link to this server is not from its tunnel port (yet)"
+        elif not self._cooldown.allow(session.peer, target, time.monotonic()):
+            PUNCHES.labels("coalesced").inc()
+            return  # an offer for this pair just went out; the asker waits for it
+        else:
+            to_me, to_other = punch.offers(me.party(), other.party(), rid)
+            PUNCHES.labels("offered").inc()
+            other.session.send_control(to_other)
+            session.send_control(to_me)
+            return
+        PUNCHES.labels("refused").inc()
+        session.send_control({"op": "punch", "id": rid, "node": target, "ok": False,
+                              "reason": reason})
 
     def _register(self, session: Session, msg: dict[str, Any]) -> None:
         addrs = [str(a) for a in msg.get("addrs", []) if isinstance(a, str)][:16]
         port = msg.get("port")
         if not isinstance(port, int) or not 0 < port < 65536:
             port = 0
+        nat = msg.get("nat")
+        nat = nat if nat in {k.value for k in punch.NatKind} else punch.NatKind.UNKNOWN.value
         self.registry[session.peer] = Registration(session.peer, session, session.peer_key.hex(),
-                                                   addrs, port, session.address)
+                                                   addrs, port, session.address, nat,
+                                                   msg.get("mapped", True) is not False)
         session.send_control({"op": "registered", "observed": session.address})
         log.info("registered %s (lan %s port %d, seen as %s)", session.peer, addrs, port,
                  session.address)
