@@ -70,7 +70,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not netns and not binary and not slow" tests
 
 lint: setup
-	$(BIN)/ruff check edgemesh tests bench
+	$(BIN)/ruff check edgemesh tests bench examples
 
 # PYTHONHASHSEED=0: set and frozenset constants marshal in one order, so the same sources and
 # pinned dependencies give a byte-identical binary
