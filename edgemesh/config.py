@@ -257,6 +257,8 @@ class EdgeTunnel:
     listenPort: int = opt(20006, "Tunnel port (also the port used towards servers).", port)
     servers: list[str] = opt([], "Rendezvous/relay servers HOST:PORT.", host_ports)
     relay: bool = opt(False, "This agent also relays for others.")
+    holePunching: bool = opt(True, "Try TCP hole punching, coordinated by a server, before "
+                                   "relaying a peer behind another NAT.")
     advertiseAddresses: list[str] = opt([], "Extra addresses peers may use to reach this node.")
     psk: PSK = section(PSK, "Cluster membership key.")
     maxStreamsPerPeer: int = opt(1024, "Streams a peer may open to us at once.", positive)

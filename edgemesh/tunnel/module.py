@@ -62,6 +62,7 @@ class TunnelModule:
         log.info("tunnel listening on %s:%d as %s (key %s)", host, port, self.node.name,
                  self.node.public_key.hex()[:16])
         self.peers.listen_port = port
+        self.peers.hole_punching = self.cfg.holePunching
         if self.relay is not None:
             relay = self.relay
             self.peers.is_client = lambda s: getattr(relay.registry.get(s.peer), "session",

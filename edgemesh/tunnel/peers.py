@@ -120,6 +120,7 @@ class Peers:
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = False
+        self.hole_punching = True
         # set by a relaying agent: True for a session a node registered on with us (our
         # client, not a peer we need a path to)
         self.is_client: Callable[[Session], bool] = lambda s: False
@@ -361,6 +362,8 @@ class Peers:
 
     def punch_link(self, node: str) -> tuple[ServerLink | None, str]:
         """The server link to coordinate a punch with ``node``, or why there is none."""
+        if not self.hole_punching:
+            return None, "hole punching is off (modules.edgeTunnel.holePunching)"
         rec = self.records.get(node)
         if rec is None or not rec.online:
             return None, "peer not registered with any server"
