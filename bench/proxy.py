@@ -237,22 +237,39 @@ def main() -> None:
             bench.stop()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(bench: Bench, agent: dict[str, int]) -> None:
-    tp: dict[str, list[float]] = {"direct": [], "haproxy": [], "agent": []}
-    cps: dict[str, list[float]] = {"direct": [], "haproxy": [], "agent": []}
+    names = ("direct", "haproxy", "agent")
+    pids = {"direct": None, "haproxy": bench.haproxy.pid, "agent": bench.agent.pid}
+    tp: dict[str, list[float]] = {n: [] for n in names}
+    cps: dict[str, list[float]] = {n: [] for n in names}
+    cpu_gb: dict[str, list[float]] = {n: [] for n in names}
+    cpu_conn: dict[str, list[float]] = {n: [] for n in names}
+    seconds = bench.args.seconds
     for _ in range(bench.args.rounds):
-        for name, port in (("direct", bench.iperf), ("haproxy", bench.hp_iperf),
-                           ("agent", agent["iperf"])):
+        for name, port in zip(names, (bench.iperf, bench.hp_iperf, agent["iperf"]), strict=True):
+            c0 = cpu_seconds(pids[name])
             tp[name].append(bench.iperf_gbps(port))
-        for name, port in (("direct", bench.http), ("haproxy", bench.hp_http),
-                           ("agent", agent["http"])):
+            cpu_gb[name].append((cpu_seconds(pids[name]) - c0) / (tp[name][-1] * seconds / 8))
+        for name, port in zip(names, (bench.http, bench.hp_http, agent["http"]), strict=True):
+            c0 = cpu_seconds(pids[name])
             cps[name].append(bench.conns_per_second(port))
-    print(f"{'TCP throughput (iperf3, 1 stream)':<40} Gbit/s per round")
-    for name, values in tp.items():
-        print(f"  {name:<10} {' '.join(f'{v:7.2f}' for v in values)}")
-    print(f"{'new connections/s (wrk, Connection: close)':<40}")
-    for name, values in cps.items():
-        print(f"  {name:<10} {' '.join(f'{v:9.0f}' for v in values)}")
+            cpu_conn[name].append((cpu_seconds(pids[name]) - c0) * 1e6 / (cps[name][-1] * seconds))
+    print(f"{'TCP throughput (iperf3, 1 stream)':<44} Gbit/s per round | proxy CPU s per GB")
+    for name in names:
+        print(f"  {name:<10} {' '.join(f'{v:7.2f}' for v in tp[name])} | "
+              f"{statistics.median(cpu_gb[name]):.3f}")
+    print(f"{'new connections/s (wrk, Connection: close)':<44} per round | proxy CPU us per conn")
+    for name in names:
+        print(f"  {name:<10} {' '.join(f'{v:9.0f}' for v in cps[name])} | "
+              f"{statistics.median(cpu_conn[name]):.1f}")
     mem = {name: bench.idle_memory(pid, port) for name, pid, port in
            (("haproxy", bench.haproxy.pid, bench.hp_http),
             ("agent", bench.agent.pid, agent["http"]))}

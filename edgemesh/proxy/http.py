@@ -1,52 +1,44 @@
-"""Per-request HTTP/1.1 proxying on a service port: the thin I/O shell around the sans-IO parts.
+"""One HTTP/1.1 exchange engine for the service proxy (per-request ports) and the gateway.
 
-An http port is spliced like TCP unless its balancing needs to see requests: a DestinationRule
-``consistentHash`` on a header, cookie or query parameter, or ``modules.edgeProxy.perRequestHTTP``
-(``wants_per_request``). Then ``serve_connection`` handles the client connection:
+A *router* decides what each request gets; this module and ``httpflow`` do the I/O:
 
-- each request head is parsed (``http_head``, bounded in size and field count, within
-  ``head_timeout`` of its first byte; an idle keep-alive connection is closed after
-  ``idle_timeout``), its key taken (header, cookie, query parameter or source IP), an endpoint
-  picked by the port's balancer, and a pooled upstream connection to it reused or dialled;
-- the head and body go upstream as the client sent them (``http_body`` finds where the body
-  ends: content-length, chunked); the response head is parsed for framing only, and the response
-  goes back byte for byte, with one ``Set-Cookie`` line added when cookie persistence chose an
-  endpoint for a request without the cookie (Istio/Envoy semantics: the cookie value is hashed on
-  the ring, so later requests carrying it stick to the same endpoint);
-- ``Expect: 100-continue`` waits for the endpoint's ``100`` before the body moves;
-- ``Upgrade`` (WebSocket) requests are routed like any request; after ``101`` both directions
-  are spliced until either side closes;
-- failures answer with a short text naming the service: 503 no endpoints, 502 endpoints
-  unreachable or a broken response, 504 no response head within ``response_timeout``;
-  malformed requests get 400 (431 oversized, 501 unknown transfer coding). After an error the
-  connection is closed.
+- the router (``Router``) sees each parsed request head and answers ``Forward`` (endpoints,
+  balancer and key, the head's bytes as they go upstream, a response-head edit, response
+  timeout, attempts and which statuses are worth another endpoint) or ``Reply`` (a complete
+  response: redirect, direct response, 404). It also writes the error pages (``failed``) and
+  counts finished requests. ``http_listen.ProxyRouter`` (balancer, hash key from header,
+  cookie, query or source IP, Set-Cookie) and ``gateway.http.GatewayRouter`` (route table:
+  weighted destinations, rewrites, header operations, redirects, direct responses, timeouts,
+  retries) are the two routers.
+- ``serve_connection`` runs one client connection. The common case — a request without a
+  body answered with a content-length (or no) body on a pooled upstream connection — runs on
+  libev watcher callbacks (``httpflow.Fast``): no greenlet switch per request. Everything else
+  (request bodies, chunked or close-delimited or large responses, ``Expect: 100-continue``,
+  upgrades, dialling, errors) is handed to the greenlet exchange below, which then hands the
+  connection back.
+- heads are parsed by ``http_head`` (bounded, within ``head_timeout`` of their first byte; an
+  idle keep-alive connection closes after ``idle_timeout``); bodies pass through as sent, framed
+  by ``http_body``; ``Upgrade`` (WebSocket) requests are spliced both ways after ``101``.
+- failures: ``Failure`` says what went wrong, the router says what the client sees.
 
-Upstream connections are pooled per endpoint (``UpstreamPool``, at most ``max_idle`` idle ones
-each); a pooled connection that turns out closed is retried once on a fresh one for requests
-without a body, and one is checked before reuse when the request has a body.
-
-Cost, measured (``bench/http.py``): a small keep-alive request costs ~45 µs of CPU here against
-haproxy's ~15 µs; a bare greenlet relay that parses nothing already costs ~30 µs, so this
-design is bounded near half of haproxy per core. Deadlines are enforced by one watchdog
-greenlet rather than per-call socket timeouts (which arm a timer on every blocking read), and
-responses are parsed for framing only. The next step would be libev callbacks for the common
-bodiless request, as ``tcp.py`` does for splicing.
+Upstream connections are pooled per endpoint (``UpstreamPool``); a pooled connection that turns
+out closed is retried once on a fresh one for requests without a body, and checked before reuse
+when the request has one. Deadlines are enforced by one watchdog (``_Watchdog``) instead of
+per-call socket timeouts, which arm a timer on every blocking read.
 """
 from __future__ import annotations
 
+import enum
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import gevent
 
 from edgemesh.errors import UnavailableError
-from edgemesh.meta.istio import HttpCookie
-from edgemesh.meta.models import AppProtocol
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.http_body import BodyTracker
 from edgemesh.proxy.http_head import (
@@ -57,21 +49,15 @@ from edgemesh.proxy.http_head import (
     ResponseHead,
     head_end,
     parse_request_head,
-    parse_response_head,
+    parse_response_framing,
 )
-from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
+from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.logs import Once
 
 log = logging.getLogger(__name__)
 _once = Once()
 
-REQUESTS = metrics.counter("edgemesh_http_requests_total",
-                           "HTTP requests proxied per request, by service port and status.",
-                           ["service", "code"])
-DURATION = metrics.histogram("edgemesh_http_request_duration_seconds",
-                             "From a request head read to its response's last byte sent.",
-                             ["service"])
 MALFORMED = metrics.counter("edgemesh_http_malformed_total",
                             "Malformed HTTP messages rejected, by who sent them.", ["sender"])
 UPSTREAM_DIALS = metrics.counter("edgemesh_http_upstream_dials_total",
@@ -80,12 +66,11 @@ UPSTREAM_DIALS = metrics.counter("edgemesh_http_upstream_dials_total",
 
 RECV_SIZE = 65536
 CHECK_AFTER = 1.0  # seconds idle after which a pooled connection is checked before reuse
-_HTTP_KEYS = (HashKey.HTTP_HEADER, HashKey.HTTP_COOKIE, HashKey.HTTP_QUERY)
 
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """Bounds and timeouts (seconds) of the per-request proxy."""
+    """Bounds and timeouts (seconds) of one HTTP listener."""
     head: HeadLimits = HeadLimits()
     head_timeout: float = 30.0  # first byte of a request head → its end (slow clients)
     idle_timeout: float = 120.0  # a keep-alive connection waiting for its next request
@@ -94,31 +79,58 @@ class HttpLimits:
     connect_timeout: float = 5.0
     connect_attempts: int = 3  # endpoints tried before answering 502
     tunnel_idle_timeout: float = 3600.0  # an upgraded (WebSocket) connection with no traffic
+    max_body: int = 0  # request body bytes allowed (0: unlimited), else 413
 
 
-@dataclass
-class HttpPort:
-    """One http service port, as the per-request proxy needs it."""
-    name: str  # "namespace/service:port", for error texts, logs and metrics
+class Failure(enum.Enum):
+    """What went wrong with a request; the router turns it into what the client sees."""
+    BAD_REQUEST = "bad_request"  # malformed or oversized (the status is the parser's hint)
+    HEAD_TIMEOUT = "head_timeout"  # a request head not complete within head_timeout
+    NO_ENDPOINT = "no_endpoint"
+    UNREACHABLE = "unreachable"  # no endpoint could be connected to
+    BAD_RESPONSE = "bad_response"  # the endpoint broke the protocol
+    NO_ANSWER = "no_answer"  # the endpoint closed without answering
+    TIMEOUT = "timeout"  # no response head in time
+
+
+@dataclass(slots=True)
+class Reply:
+    """A complete response the router answers itself; ``keep``: the connection may go on."""
+    status: int
+    data: bytes
+    keep: bool
+
+
+@dataclass(slots=True)
+class Forward:
+    """Send the request to an endpoint of ``backends`` chosen by ``balancer`` for ``key``."""
     balancer: Balancer
-    backends: Callable[[], Sequence[Backend]]  # the current endpoints (read per request)
-    cookie: HttpCookie | None = None  # cookie persistence settings from the DestinationRule
-    _codes: dict[int, metrics.Counter] = field(default_factory=dict, repr=False)
-    _duration: metrics.Histogram | None = field(default=None, repr=False)
+    backends: Sequence[Backend]
+    key: str | None
+    wire: bytes  # the request head as it goes upstream
+    response_timeout: float = 0.0  # 0: the listener's ``response_timeout``
+    attempts: int = 0  # endpoints tried (0: the listener's ``connect_attempts``)
+    retry_on: Callable[[int], bool] | None = None  # statuses worth another endpoint (no body)
+    edit_response: Callable[[bytes], bytes] | None = None  # the response head as sent on
+    deadline: float = 0.0  # monotonic end of all attempts (0: none)
 
-    def count(self, code: int, started: float) -> None:
-        child = self._codes.get(code)
-        if child is None:
-            child = self._codes[code] = REQUESTS.labels(self.name, str(code))  # type: ignore[assignment]
-        child.inc()
-        if self._duration is None:
-            self._duration = DURATION.labels(self.name)  # type: ignore[assignment]
-        self._duration.observe(time.monotonic() - started)  # type: ignore[union-attr]
+    def wait(self, default: float) -> float:
+        """How long to wait for a response head now (``default``: the listener's timeout)."""
+        wait = self.response_timeout or default
+        if not self.deadline:
+            return wait
+        return max(0.001, min(wait, self.deadline - time.monotonic()))
 
 
-def wants_per_request(app: AppProtocol, spec: LBSpec, per_request_http: bool) -> bool:
-    """True when an http port must be balanced per request rather than spliced per connection."""
-    return app is AppProtocol.HTTP and (per_request_http or spec.hash_key in _HTTP_KEYS)
+class Router(Protocol):
+    """What a listener decides; see the module docstring."""
+
+    def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply: ...
+
+    def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
+        """The answer to a failure (None: close without one)."""
+
+    def count(self, status: int, started: float) -> None: ...
 
 
 class TcpDialer(Protocol):
@@ -127,25 +139,58 @@ class TcpDialer(Protocol):
     def dial_tcp(self, backend: Backend, timeout: float | None = None) -> socket.socket: ...
 
 
+class Pooled:
+    """One idle upstream connection, watched while idle: the endpoint closing it (or sending
+    bytes nobody asked for) removes it from the pool at once. The callback path borrows the
+    watcher too, so a reused connection costs no ``epoll_ctl``."""
+    __slots__ = ("pool", "backend", "sock", "watcher", "since", "on_idle")
+
+    def __init__(self, pool: UpstreamPool, backend: Backend, sock: socket.socket) -> None:
+        self.pool, self.backend, self.sock = pool, backend, sock
+        self.since = 0.0
+        self.on_idle = self._idle_readable
+        self.watcher = pool.loop.io(sock.fileno(), 1)
+
+    def _idle_readable(self) -> None:
+        idle = self.pool._idle.get(self.backend)
+        if idle is not None and self in idle:
+            idle.remove(self)
+        self.close()
+
+    def close(self) -> None:
+        self.watcher.stop()
+        self.watcher.close()
+        self.sock.close()
+
+
 class UpstreamPool:
     """Idle keep-alive connections to endpoints, at most ``max_idle`` per endpoint."""
 
     def __init__(self, dialer: TcpDialer, max_idle: int = 256) -> None:
         self.dialer = dialer
         self.max_idle = max_idle
-        self._idle: dict[Backend, list[tuple[socket.socket, float]]] = {}
+        self.loop = gevent.get_hub().loop
+        self._idle: dict[Backend, list[Pooled]] = {}
 
     def take(self, backend: Backend, check: bool) -> socket.socket | None:
-        """A pooled connection, or None. With ``check`` (or after ``CHECK_AFTER`` idle
-        seconds) it is first checked to be still open: a request that cannot be sent twice
-        should not be sent on a connection the endpoint has closed meanwhile."""
+        """A pooled connection for the greenlet path, or None. With ``check`` (or after
+        ``CHECK_AFTER`` idle seconds) it is first checked to be still open: a request that
+        cannot be sent twice should not be sent on a connection the endpoint has closed."""
         idle = self._idle.get(backend)
         while idle:
-            sock, since = idle.pop()
-            if not (check or time.monotonic() - since > CHECK_AFTER) or _still_open(sock):
+            entry = idle.pop()
+            entry.watcher.stop()
+            entry.watcher.close()
+            sock = entry.sock
+            if not (check or time.monotonic() - entry.since > CHECK_AFTER) or _still_open(sock):
                 return sock
             sock.close()
         return None
+
+    def borrow(self, backend: Backend) -> Pooled | None:
+        """A pooled connection for the callback path, its watcher still started."""
+        idle = self._idle.get(backend)
+        return idle.pop() if idle else None
 
     def dial(self, backend: Backend, timeout: float) -> socket.socket:
         try:
@@ -157,11 +202,20 @@ class UpstreamPool:
         return sock
 
     def put(self, backend: Backend, sock: socket.socket) -> None:
-        idle = self._idle.setdefault(backend, [])
+        """Keep a connection the greenlet path is done with."""
+        self.give_back(Pooled(self, backend, sock))
+
+    def give_back(self, entry: Pooled) -> None:
+        """Keep a connection (back from the callback path: its watcher may be started)."""
+        idle = self._idle.get(entry.backend)
+        if idle is None:
+            idle = self._idle[entry.backend] = []
         if len(idle) >= self.max_idle:
-            sock.close()
-        else:
-            idle.append((sock, time.monotonic()))
+            entry.close()
+            return
+        entry.since = time.monotonic()
+        entry.watcher.start(entry.on_idle)
+        idle.append(entry)
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -169,8 +223,8 @@ class UpstreamPool:
     def retain(self, backends: set[Backend]) -> None:
         """Close idle connections to endpoints that are gone."""
         for backend in [b for b in self._idle if b not in backends]:
-            for sock, _ in self._idle.pop(backend):
-                sock.close()
+            for entry in self._idle.pop(backend):
+                entry.close()
 
     def close(self) -> None:
         self.retain(set())
@@ -195,94 +249,27 @@ class _ClientGone(Exception):
 
 
 class _Failed(Exception):
-    """The exchange failed before any response byte reached the client; answer ``status``."""
+    """The exchange failed before any response byte reached the client."""
 
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-
-
-_REASONS = {400: b"Bad Request", 405: b"Method Not Allowed", 431:
-            b"Request Header Fields Too Large", 501: b"Not Implemented", 502: b"Bad Gateway",
-            503: b"Service Unavailable", 504: b"Gateway Timeout"}
-
-
-def error_response(status: int, text: str) -> bytes:
-    """A complete ``Connection: close`` response with a one-line text body."""
-    body = (text + "\n").encode("utf-8", "replace")
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (
-                status, _REASONS.get(status, b"Error"), len(body)) + body)
-
-
-def set_cookie_line(cookie: HttpCookie, value: str) -> bytes:
-    """The ``Set-Cookie`` field line Envoy writes for a generated hash cookie."""
-    parts = [f'{cookie.name}="{value}"']
-    if cookie.ttl > 0:
-        parts.append(f"Max-Age={int(cookie.ttl)}")
-    parts.append(f"Path={cookie.path or '/'}")
-    parts.append("HttpOnly")
-    return b"Set-Cookie: " + "; ".join(parts).encode("latin-1") + b"\r\n"
-
-
-def cookie_value(head: RequestHead, name: str) -> str | None:
-    """The value of cookie ``name`` in the request's Cookie fields (quotes removed)."""
-    wanted = name.encode("latin-1")
-    for n, v in head.headers:
-        if n.lower() != b"cookie":
-            continue
-        for pair in v.split(b";"):
-            k, eq, val = pair.strip().partition(b"=")
-            if eq and k == wanted:
-                return val.strip(b'"').decode("latin-1")
-    return None
-
-
-def query_value(target: bytes, name: str) -> str | None:
-    """The raw value of query parameter ``name`` in a request target."""
-    _, q, query = target.partition(b"?")
-    if not q:
-        return None
-    wanted = name.encode("latin-1")
-    for pair in query.split(b"#", 1)[0].split(b"&"):
-        k, _, val = pair.partition(b"=")
-        if k == wanted:
-            return val.decode("latin-1")
-    return None
-
-
-def request_key(spec: LBSpec, head: RequestHead, client_ip: str) -> str | None:
-    """The balancing key of a request under ``spec`` (None: no key, plain policy)."""
-    kind = spec.hash_key
-    if kind is HashKey.HTTP_HEADER:
-        value = head.header(spec.hash_name.lower().encode("latin-1"))
-        return value.decode("latin-1") if value is not None else None
-    if kind is HashKey.HTTP_COOKIE:
-        return cookie_value(head, spec.hash_name)
-    if kind is HashKey.HTTP_QUERY:
-        return query_value(head.target, spec.hash_name)
-    if kind is HashKey.SOURCE_IP or spec.affinity_timeout > 0:
-        return client_ip
-    return None
+    def __init__(self, failure: Failure, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.failure, self.status, self.detail = failure, status, detail
 
 
 class _Watchdog:
     """Enforces every connection's current deadline from one greenlet.
 
-    A gevent socket timeout arms a timer on every blocking call, which costs more than the
-    rest of a small request; instead each connection sets ``deadline`` (monotonic seconds, 0:
-    none) as it moves between phases, and this sweep shuts down the sockets of connections
-    past theirs, so the blocked call returns at once. Precision is a quarter of the shortest
+    Each connection sets ``deadline`` (monotonic seconds, 0: none) as it moves between phases;
+    this sweep calls ``expire()`` on those past theirs. Precision is a quarter of the shortest
     timeout in use (at most a second).
     """
 
     def __init__(self) -> None:
-        self.conns: set[_Connection] = set()
+        self.conns: set[Connection] = set()
         self.tick = 1.0
         self._greenlet: object = None
 
-    def add(self, conn: _Connection) -> None:
+    def add(self, conn: Connection) -> None:
         limits = conn.limits
         shortest = min(limits.head_timeout, limits.idle_timeout, limits.body_timeout,
                        limits.response_timeout)
@@ -298,83 +285,103 @@ class _Watchdog:
             conn.expire()
 
 
-_WATCHDOG = _Watchdog()
+WATCHDOG = _Watchdog()
 
 
-def serve_connection(client: socket.socket, client_addr: tuple[str, int], port: HttpPort,
-                     pool: UpstreamPool, limits: HttpLimits = HttpLimits()) -> None:
-    """Proxy one client connection request by request until either side ends it; closes it."""
-    conn = _Connection(client, client_addr[0], port, pool, limits)
-    _WATCHDOG.add(conn)
+def serve_connection(client: socket.socket, client_addr: tuple[str, int], router: Router,
+                     pool: UpstreamPool, limits: HttpLimits = HttpLimits(),
+                     fast: bool = True) -> None:
+    """Serve one client connection request by request until either side ends it; closes it.
+
+    ``fast``: the client is a plain (not TLS) gevent socket the callback path may drive.
+    """
+    conn = Connection(client, client_addr[0], router, pool, limits)
+    WATCHDOG.add(conn)
     try:
-        conn.run()
+        conn.run(fast)
     finally:
-        _WATCHDOG.conns.discard(conn)
+        WATCHDOG.conns.discard(conn)
         client.close()
 
 
 def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
     """``sock.sendall(data)``, trying one plain non-blocking send first: gevent's sendall asks
     the kernel for the send buffer size on every call, which shows on small responses."""
+    raw = getattr(sock, "_sock", None)
     try:
-        sent = sock._sock.send(data)  # type: ignore[attr-defined]
+        sent = raw.send(data) if raw is not None else 0
     except BlockingIOError:
         sent = 0
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
 
 
-def _shutdown(sock: socket.socket | None) -> None:
+def _shutdown(sock: Any, how: int = socket.SHUT_RDWR) -> None:
     if sock is not None:
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(how)
         except OSError:
             pass
 
 
-class _Connection:
-    __slots__ = ("client", "client_ip", "port", "pool", "limits", "buf", "deadline",
-                 "upstream", "awaiting_head", "expired")
+@dataclass(slots=True)
+class Resume:
+    """Where the callback path hands a request to the greenlet exchange."""
+    head: RequestHead
+    raw: bytes
+    fwd: Forward
+    started: float
+    exclude: set[Backend]
+    picked: Backend | None = None  # the endpoint already chosen (and not yet released)
+    # set once the response head was read on the callback path:
+    backend: Backend | None = None
+    upstream: socket.socket | None = None
+    response: tuple[ResponseHead, bytes, bytes] | None = None
 
-    def __init__(self, client: socket.socket, client_ip: str, port: HttpPort,
+
+class Connection:
+    """One client connection: its buffer, deadline and the greenlet exchange."""
+    __slots__ = ("client", "client_ip", "router", "pool", "limits", "buf", "deadline",
+                 "upstream", "awaiting_head", "reading_head", "expired", "fast")
+
+    def __init__(self, client: socket.socket, client_ip: str, router: Router,
                  pool: UpstreamPool, limits: HttpLimits) -> None:
         self.client = client
         self.client_ip = client_ip
-        self.port = port
+        self.router = router
         self.pool = pool
         self.limits = limits
         self.buf = b""  # bytes from the client not yet forwarded
         self.deadline = 0.0  # when the current phase times out (see _Watchdog)
         self.upstream: socket.socket | None = None  # the endpoint of the request in flight
         self.awaiting_head = False  # waiting for the endpoint's response head
+        self.reading_head = False  # waiting for the rest of a request head
         self.expired = False
+        self.fast: Any = None  # the callback path while it drives the connection
 
     def expire(self) -> None:
-        """The current phase ran out of time: unblock whoever waits (see _Watchdog)."""
-        self.expired = True
+        """The current phase ran out of time: unblock whoever waits."""
         self.deadline = 0.0
+        if self.fast is not None:
+            self.fast.expire()
+            return
+        self.expired = True
         _shutdown(self.upstream)
-        if not self.awaiting_head:  # then the client still gets its 504
+        if self.reading_head:  # the client may still get its 408
+            _shutdown(self.client, socket.SHUT_RD)
+        elif not self.awaiting_head:  # else the client still gets its 504
             _shutdown(self.client)
 
-    def run(self) -> None:
+    def run(self, fast: bool) -> None:
+        from edgemesh.proxy.httpflow import CLOSED, Fast
+        flow = Fast(self) if fast else None
         try:
             while True:
-                raw = self._read_request_head()
-                if raw is None:
+                step = flow.run() if flow is not None else None
+                if step is CLOSED:
                     return
-                started = time.monotonic()
-                try:
-                    head = parse_request_head(raw, self.limits.head)
-                except HeadError:
-                    MALFORMED.labels("client").inc()
-                    raise
-                if not self._exchange(head, raw, started):
+                if not (self._resume(step) if step is not None else self._one_request()):
                     return
-        except HeadError as e:
-            if _once(("client", str(e))):
-                log.info("%s: bad request from %s: %s", self.port.name, self.client_ip, e)
-            self._answer(e.status, f"bad request: {e}")
         except _ClientGone:
             pass
 
@@ -396,18 +403,25 @@ class _Connection:
             if not buf:
                 return None
         self.deadline = time.monotonic() + limits.head_timeout
-        while True:
-            end = head_end(buf, limits.head)
-            if end >= 0:
-                self.buf = buf[end:]
-                return buf[:end]
-            try:
-                data = self.client.recv(RECV_SIZE)  # under the head's deadline, not per read
-            except OSError as e:
-                raise _ClientGone(str(e)) from None
-            if not data:
-                raise _ClientGone("closed inside a request head")
-            buf += data
+        self.reading_head = True
+        try:
+            while True:
+                end = head_end(buf, limits.head)
+                if end >= 0:
+                    self.buf = buf[end:]
+                    return buf[:end]
+                try:
+                    data = self.client.recv(RECV_SIZE)  # under the head's deadline
+                except OSError as e:
+                    raise _ClientGone(str(e)) from None
+                if not data:
+                    if self.expired:
+                        self.buf = buf
+                        raise _Failed(Failure.HEAD_TIMEOUT, 408, "request head timeout")
+                    raise _ClientGone("closed inside a request head")
+                buf += data
+        finally:
+            self.reading_head = False
 
     def _send_client(self, data: bytes | memoryview) -> None:
         self.deadline = time.monotonic() + self.limits.body_timeout
@@ -416,99 +430,135 @@ class _Connection:
         except OSError as e:
             raise _ClientGone(str(e)) from None
 
-    def _answer(self, status: int, text: str) -> None:
+    def answer(self, failure: Failure, status: int, detail: str, started: float,
+               keep: bool = False) -> bool:
+        """Tell the client about a failure as the router words it; True if it may go on."""
+        reply = self.router.failed(failure, status, detail, keep)
+        if reply is None:
+            return False
+        self.router.count(reply.status, started)
         try:
-            self.client.sendall(error_response(status, text))
+            self.client.sendall(reply.data)
         except OSError:
-            pass
+            return False
+        return reply.keep
 
     # ---- one request ---------------------------------------------------------------------------
 
-    def _exchange(self, head: RequestHead, raw: bytes, started: float) -> bool:
-        """Proxy one request and its response; True if the client connection may go on."""
-        port = self.port
-        key = request_key(port.balancer.spec, head, self.client_ip)
-        new_cookie = None
-        if port.cookie is not None and key is None:
-            key = new_cookie = secrets.token_hex(8)
+    def _one_request(self) -> bool:
+        """Read, decide and proxy one request; True if the connection may go on."""
+        started = time.monotonic()
         try:
-            backend, upstream, fresh = self._connect(key, head.framing is not Framing.NONE)
+            raw = self._read_request_head()
+            if raw is None:
+                return False
+            head = parse_request_head(raw, self.limits.head)
+        except HeadError as e:
+            MALFORMED.labels("client").inc()
+            if _once(("client", str(e))):
+                log.info("bad request from %s: %s", self.client_ip, e)
+            return self.answer(Failure.BAD_REQUEST, e.status, str(e), started)
         except _Failed as e:
-            port.count(e.status, started)
-            self._answer(e.status, e.text)
-            return False
-        try:
-            return self._forward(head, raw, backend, upstream, fresh, new_cookie, started)
-        finally:
-            port.balancer.release(backend)
+            return self.answer(e.failure, e.status, e.detail, started)
+        max_body = self.limits.max_body
+        if max_body and head.framing is Framing.LENGTH and head.length > max_body:
+            return self.answer(Failure.BAD_REQUEST, 413, "request body too large", started)
+        decision = self.router.decide(head, raw, self.client_ip)
+        if isinstance(decision, Reply):
+            self.router.count(decision.status, started)
+            self._send_client(decision.data)
+            return decision.keep and head.framing is Framing.NONE and head.keep_alive
+        return self._exchange(Resume(head, raw, decision, started, set()))
 
-    def _connect(self, key: str | None, has_body: bool) -> tuple[Backend, socket.socket, bool]:
-        port, limits = self.port, self.limits
-        backends = port.backends()
-        if not backends:
-            raise _Failed(503, f"no endpoints available for service {port.name}")
-        exclude: set[Backend] = set()
+    def _resume(self, step: Resume) -> bool:
+        if step.response is None:
+            return self._exchange(step)
+        assert step.backend is not None and step.upstream is not None
+        body = BodyTracker(Framing.NONE)
+        try:
+            return self._finish(step, body, step.backend, step.upstream, *step.response)
+        finally:
+            step.fwd.balancer.release(step.backend)
+
+    def _exchange(self, step: Resume) -> bool:
+        """Proxy one request and its response; True if the client connection may go on."""
+        head, fwd = step.head, step.fwd
+        body = BodyTracker(head.framing, head.length)
+        out = fwd.wire + self._body_start(body)
+        replayable = body.done and not head.upgrade
+        while True:
+            try:
+                backend, upstream, fresh = self._connect(fwd, step.exclude, not replayable,
+                                                         step.picked)
+                step.picked = None
+            except _Failed as e:
+                return self.answer(e.failure, e.status, e.detail, step.started,
+                                   keep=replayable and head.keep_alive)
+            try:
+                upstream, resp = self._attempt(head, out, body, upstream, fresh, backend, fwd)
+                status = resp[0].status
+                if (replayable and fwd.retry_on is not None and fwd.retry_on(status)
+                        and len(step.exclude) + 1 < min(
+                            fwd.attempts or self.limits.connect_attempts, len(fwd.backends))):
+                    upstream.close()
+                    step.exclude.add(backend)
+                    continue
+                return self._finish(step, body, backend, upstream, *resp)
+            except _Failed as e:
+                upstream.close()
+                return self.answer(e.failure, e.status, e.detail, step.started,
+                                   keep=replayable and head.keep_alive)
+            finally:
+                fwd.balancer.release(backend)
+
+    def _connect(self, fwd: Forward, exclude: set[Backend], check: bool,
+                 picked: Backend | None) -> tuple[Backend, socket.socket, bool]:
+        if not fwd.backends:
+            raise _Failed(Failure.NO_ENDPOINT, 503, "no endpoints available")
         errors = []
-        for _ in range(limits.connect_attempts):
-            backend = port.balancer.pick(backends, key, exclude)
+        attempts = fwd.attempts or self.limits.connect_attempts
+        while len(exclude) < attempts:
+            backend = picked or fwd.balancer.pick(fwd.backends, fwd.key, exclude)
+            picked = None
             if backend is None:
                 break
-            sock = self.pool.take(backend, has_body)
+            sock = self.pool.take(backend, check)
             if sock is not None:
                 return backend, sock, False
             try:
-                return backend, self.pool.dial(backend, limits.connect_timeout), True
+                return backend, self.pool.dial(backend, self.limits.connect_timeout), True
             except UnavailableError as e:
-                port.balancer.release(backend)
+                fwd.balancer.release(backend)
                 exclude.add(backend)
                 errors.append(str(e))
-        if _once(("unreachable", port.name)):
-            log.warning("%s: endpoints unreachable: %s", port.name, "; ".join(errors))
-        raise _Failed(502, f"cannot reach any endpoint of service {port.name}")
+        if errors and _once(("unreachable", tuple(fwd.backends))):
+            log.warning("endpoints unreachable: %s", "; ".join(errors))
+        raise _Failed(Failure.UNREACHABLE, 502, "cannot reach any endpoint")
 
-    def _forward(self, head: RequestHead, raw: bytes, backend: Backend, upstream: socket.socket,
-                 fresh: bool, new_cookie: str | None, started: float) -> bool:
-        port = self.port
-        body = BodyTracker(head.framing, head.length)
-        reusable = False
+    def _attempt(self, head: RequestHead, out: bytes, body: BodyTracker,
+                 upstream: socket.socket, fresh: bool, backend: Backend, fwd: Forward
+                 ) -> tuple[socket.socket, tuple[ResponseHead, bytes, bytes]]:
+        """Send the request (once more on a fresh connection if a pooled one proves closed);
+        the connection used, and the final response head, its bytes and what followed it."""
         try:
             try:
-                first = self._body_start(body)
-                resp = self._send_and_read(head, raw + first, body, upstream, fresh, backend)
+                resp = self._send_and_read(head, out, body, upstream, fresh, fwd)
                 if resp is None:  # a stale pooled connection: once more on a fresh one
                     upstream.close()
                     upstream = self.pool.dial(backend, self.limits.connect_timeout)
-                    resp = self._send_and_read(head, raw + first, body, upstream, True, backend)
+                    resp = self._send_and_read(head, out, body, upstream, True, fwd)
                     if resp is None:
-                        raise _Failed(502, f"endpoint of service {port.name} closed the "
-                                           "connection without answering")
-            except UnavailableError:
-                raise _Failed(502, f"cannot reach any endpoint of service {port.name}") from None
-            except HeadError as e:
-                MALFORMED.labels("endpoint").inc()
-                raise _Failed(502, f"bad response from an endpoint of service {port.name}: "
-                                   f"{e}") from None
-            rhead, rraw, rest = resp
-            if rhead.status == 101 and head.upgrade:
-                port.count(101, started)
-                self._send_client(rraw + rest)
-                self.deadline = 0.0  # an upgraded connection has its own idle timeout
-                self._splice(upstream)
-                return False
-            reusable = self._relay_response(head, rhead, rraw, rest, upstream, new_cookie)
-            port.count(rhead.status, started)
-            return (head.keep_alive and rhead.framing is not Framing.CLOSE and body.done
-                    and rhead.status != 101)
-        except _Failed as e:
-            port.count(e.status, started)
-            self._answer(e.status, e.text)
-            return False
-        finally:
-            self.upstream = None
-            if reusable:
-                self.pool.put(backend, upstream)
-            else:
-                upstream.close()
+                        raise _Failed(Failure.NO_ANSWER, 502,
+                                      "endpoint closed the connection without answering")
+            finally:
+                self.upstream = None
+        except UnavailableError:
+            raise _Failed(Failure.UNREACHABLE, 502, "cannot reach any endpoint") from None
+        except HeadError as e:
+            MALFORMED.labels("endpoint").inc()
+            raise _Failed(Failure.BAD_RESPONSE, 502, f"bad response from an endpoint: {e}"
+                          ) from None
+        return upstream, resp
 
     def _body_start(self, body: BodyTracker) -> bytes:
         """The part of the request body already read with its head."""
@@ -519,7 +569,7 @@ class _Connection:
         return first
 
     def _send_and_read(self, head: RequestHead, out: bytes, body: BodyTracker,
-                       upstream: socket.socket, fresh: bool, backend: Backend
+                       upstream: socket.socket, fresh: bool, fwd: Forward
                        ) -> tuple[ResponseHead, bytes, bytes] | None:
         """Send the request, move its body (after a 100 if asked), read the final response head.
 
@@ -542,66 +592,75 @@ class _Connection:
             else:  # the body moves when the client sends it: after our 100, or its own timer
                 pump = tasks.spawn("http-body", self._pump_quietly, body, upstream)
         try:
-            buf = b""
-            while True:
-                got = self._read_response_head(upstream, buf, head.method, retry_ok)
-                if got is None:
-                    return None
-                rhead, rraw, buf = got
-                if rhead.status >= 200 or rhead.status == 101:
-                    return rhead, rraw, buf
-                self._send_client(rraw)  # 100 Continue, 103 Early Hints, ...
-                retry_ok = False
+            return self._final_head(head, upstream, b"", fwd, retry_ok)
         finally:
             if pump is not None:
                 pump.kill()  # a final answer came first: the client's body is not wanted
 
+    def _final_head(self, head: RequestHead, upstream: socket.socket, buf: bytes,
+                    fwd: Forward, retry_ok: bool) -> tuple[ResponseHead, bytes, bytes] | None:
+        """Read response heads, relaying 1xx ones, up to the final one (or 101)."""
+        while True:
+            got = self._read_response_head(upstream, buf, head.method, fwd, retry_ok)
+            if got is None:
+                return None
+            rhead, rraw, buf = got
+            if rhead.status >= 200 or rhead.status == 101:
+                return rhead, rraw, buf
+            self._send_client(rraw)  # 100 Continue, 103 Early Hints, ...
+            retry_ok = False
+
     def _pump_quietly(self, body: BodyTracker, upstream: socket.socket) -> None:
         try:
             self._pump_body(body, upstream)
-        except (_ClientGone, UnavailableError) as e:
-            log.debug("%s: request body stopped: %s", self.port.name, e)
+        except (_ClientGone, UnavailableError, HeadError) as e:
+            log.debug("request body stopped: %s", e)
 
     def _read_response_head(self, upstream: socket.socket, buf: bytes, method: bytes,
-                            retry_ok: bool) -> tuple[ResponseHead, bytes, bytes] | None:
+                            fwd: Forward, retry_ok: bool
+                            ) -> tuple[ResponseHead, bytes, bytes] | None:
         limits = self.limits
-        self.deadline = time.monotonic() + limits.response_timeout
+        self.deadline = time.monotonic() + fwd.wait(limits.response_timeout)
         self.awaiting_head = True
         try:
             while True:
                 end = head_end(buf, limits.head, request=False) if buf else -1
                 if end >= 0:
-                    return (parse_response_head(buf[:end], method, limits.head), buf[:end],
+                    return (parse_response_framing(buf[:end], method, limits.head), buf[:end],
                             buf[end:])
                 try:
                     data = upstream.recv(RECV_SIZE)
                 except OSError:
                     data = b""
                 if not data:
-                    self._response_head_missing(buf, retry_ok)
+                    self._response_head_missing(buf, retry_ok, fwd)
                     return None
                 buf += data
         finally:
             self.awaiting_head = False
 
-    def _response_head_missing(self, buf: bytes, retry_ok: bool) -> None:
+    def _response_head_missing(self, buf: bytes, retry_ok: bool, fwd: Forward) -> None:
         """The endpoint closed (or the watchdog did, at the deadline) before a complete
         response head; returns only when the request may be retried on a fresh connection."""
         if self.expired:
             self.expired = False
-            raise _Failed(504, f"endpoint of service {self.port.name} did not answer in "
-                               f"{self.limits.response_timeout:g}s")
+            wait = fwd.response_timeout or self.limits.response_timeout
+            raise _Failed(Failure.TIMEOUT, 504, f"endpoint did not answer in {wait:g}s")
         if not (retry_ok and not buf):
             raise HeadError("endpoint closed the connection before a complete response head",
                             502)
 
     def _pump_body(self, body: BodyTracker, upstream: socket.socket) -> None:
         """Forward the rest of the request body from the client."""
+        max_body, sent = self.limits.max_body, 0
         while not body.done:
             data = self._recv_client(self.limits.body_timeout)
             if not data:
                 raise _ClientGone("closed inside a request body")
             n = body.feed(data)
+            sent += n
+            if max_body and sent > max_body:
+                raise _ClientGone("request body too large")
             if n < len(data):
                 self.buf = data[n:]  # pipelined next request
             try:
@@ -609,13 +668,42 @@ class _Connection:
             except OSError as e:
                 raise UnavailableError(f"endpoint stopped reading the body: {e}") from None
 
+    def _finish(self, step: Resume, body: BodyTracker, backend: Backend,
+                upstream: socket.socket, rhead: ResponseHead, rraw: bytes, rest: bytes) -> bool:
+        """Relay the response whose head was read; True if the client connection may go on."""
+        head, fwd = step.head, step.fwd
+        reusable = False
+        try:
+            if rhead.status < 200 and rhead.status != 101:  # from the callback path
+                self._send_client(rraw)
+                got = self._final_head(head, upstream, rest, fwd, False)
+                assert got is not None
+                rhead, rraw, rest = got
+            if rhead.status == 101 and head.upgrade:
+                self.router.count(101, step.started)
+                self._send_client(rraw + rest)
+                self.deadline = 0.0  # an upgraded connection has its own idle timeout
+                self._splice(upstream)
+                return False
+            if fwd.edit_response is not None:
+                rraw = fwd.edit_response(rraw)
+            reusable = self._relay_response(head, rhead, rraw, rest, upstream)
+            self.router.count(rhead.status, step.started)
+            return (head.keep_alive and rhead.framing is not Framing.CLOSE and body.done
+                    and rhead.status != 101)
+        except (_Failed, HeadError) as e:
+            status, failure = (e.status, e.failure) if isinstance(e, _Failed) else \
+                (502, Failure.BAD_RESPONSE)
+            return self.answer(failure, status, str(e), step.started)
+        finally:
+            if reusable:
+                self.pool.put(backend, upstream)
+            else:
+                upstream.close()
+
     def _relay_response(self, head: RequestHead, rhead: ResponseHead, rraw: bytes, rest: bytes,
-                        upstream: socket.socket, new_cookie: str | None) -> bool:
+                        upstream: socket.socket) -> bool:
         """Send the response to the client as it comes; True if ``upstream`` can be pooled."""
-        if new_cookie is not None and self.port.cookie is not None:
-            line_end = rraw.index(b"\n") + 1
-            rraw = rraw[:line_end] + set_cookie_line(self.port.cookie, new_cookie) + \
-                rraw[line_end:]
         if rhead.framing is Framing.LENGTH and len(rest) == rhead.length:  # the common case
             self._send_client(rraw + rest)
             return rhead.keep_alive and head.keep_alive and not head.upgrade
@@ -665,7 +753,4 @@ def _pump(src: socket.socket, dst: socket.socket, timeout: float) -> None:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(s)

@@ -235,6 +235,40 @@ def parse_response_head(data: bytes, request_method: bytes,
         tuple(_RESPONSE_FIELD.findall(block))
     if len(headers) > limits.max_fields:
         raise HeadError(f"more than {limits.max_fields} response header fields", 502)
+    return _response(version, status_text, reason, headers, request_method)
+
+
+_RESPONSE_FRAMING_NAMES = (b"\ncontent-length:", b"\ntransfer-encoding:", b"\nconnection:")
+
+
+def parse_response_framing(data: bytes, request_method: bytes,
+                           limits: HeadLimits = HeadLimits()) -> ResponseHead:
+    """``parse_response_head`` for a proxy that relays the head as it is: the same checks and
+    framing, but ``headers`` holds only the framing fields (Content-Length, Transfer-Encoding,
+    Connection), found by searching instead of splitting every field. Folded or numerous
+    fields take the full parse."""
+    m = _RESPONSE_HEAD.fullmatch(data) if len(data) <= limits.max_size else None
+    if m is None:
+        return parse_response_head(data, request_method, limits)
+    version, status_text, reason, block = m.groups()
+    if block.count(b"\n") > limits.max_fields or _FOLDED.search(block):
+        return parse_response_head(data, request_method, limits)
+    low = b"\n" + block.lower()
+    found = []
+    for name in _RESPONSE_FRAMING_NAMES:
+        pos = low.find(name)
+        while pos >= 0:
+            line = block[pos:block.index(b"\n", pos)].rstrip(b"\r")  # ``low`` is one longer
+            field = _FIELD_LINE.fullmatch(line)
+            if field is None:
+                return parse_response_head(data, request_method, limits)
+            found.append((field.group(1), field.group(2)))
+            pos = low.find(name, pos + 1)
+    return _response(version, status_text, reason, tuple(found), request_method)
+
+
+def _response(version: bytes, status_text: bytes, reason: bytes | None, headers: Headers,
+              request_method: bytes) -> ResponseHead:
     try:
         f = _scan_fields(headers)
     except HeadError as e:

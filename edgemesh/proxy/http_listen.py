@@ -6,7 +6,16 @@ both listeners look like ``tcp.TCPListener`` to the module (``address``, ``balan
 ``backends``, ``update``, ``close``, ``kind``).
 
 - ``HTTPListener``: a gevent ``StreamServer`` (bounded by ``maxConnections``) that hands each
-  client connection to ``http.serve_connection``; one ``UpstreamPool`` per port.
+  client connection to the HTTP engine (``http.serve_connection``) with the port's router,
+  ``HttpPort``: each request's key (header, cookie, query parameter or source IP) picks an
+  endpoint with the port's balancer; with cookie persistence (a DestinationRule
+  ``consistentHash.httpCookie``) a request without the cookie gets a generated value, and its
+  response one ``Set-Cookie`` line (Istio/Envoy semantics: the value is hashed on the ring, so
+  later requests carrying it stick to the same endpoint). Errors answer with a short text
+  naming the service and close the connection: 503 no endpoints, 502 unreachable or broken,
+  504 no response head in time, 400/431/501/405 malformed requests; a request head not
+  complete within ``httpHeaderTimeout`` closes the connection without an answer.
+  One ``UpstreamPool`` per port.
 - ``TLSListener``: the TCP splice path, but each accepted connection first waits (at most
   ``SNI_WAIT`` seconds, on libev watchers, no greenlet) for the ClientHello, peeked with
   ``MSG_PEEK`` so the bytes stay in the socket for the splice. TLS is never terminated;
@@ -17,7 +26,10 @@ from __future__ import annotations
 
 import _socket
 import logging
-from collections.abc import Callable
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from gevent.pool import Pool
@@ -28,13 +40,15 @@ from edgemesh.meta.models import AppProtocol, Service, ServicePort
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.http import (
+    Failure,
+    Forward,
     HttpLimits,
-    HttpPort,
+    Reply,
     UpstreamPool,
     serve_connection,
-    wants_per_request,
 )
-from edgemesh.proxy.lb import Balancer, LBSpec
+from edgemesh.proxy.http_head import RequestHead
+from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, REJECTED, Conn, TCPListener, TCPProxy
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
 from edgemesh.runtime import metrics
@@ -43,6 +57,13 @@ from edgemesh.runtime.logs import Once
 log = logging.getLogger(__name__)
 _once = Once()
 
+REQUESTS = metrics.counter("edgemesh_http_requests_total",
+                           "HTTP requests proxied per request, by service port and status.",
+                           ["service", "code"])
+DURATION = metrics.histogram("edgemesh_http_request_duration_seconds",
+                             "From a request head read to its response's last byte sent.",
+                             ["service"])
+_HTTP_KEYS = (HashKey.HTTP_HEADER, HashKey.HTTP_COOKIE, HashKey.HTTP_QUERY)
 SNI_WAIT = 2.0  # seconds an https connection may take to send its ClientHello
 SNI_RETRY = 0.01  # a partial ClientHello is peeked again after this long
 MAX_SNI_LABELS = 256  # distinct server names reported as metric labels; the rest are "other"
@@ -52,6 +73,122 @@ TLS_CONNECTIONS = metrics.counter("edgemesh_proxy_tls_connections_total",
                                   "the client asked for (\"\": none, \"other\": past the label "
                                   "limit, \"not-tls\": no ClientHello).", ["service", "sni"])
 _sni_labels: set[str] = set()
+
+
+def wants_per_request(app: AppProtocol, spec: LBSpec, per_request_http: bool) -> bool:
+    """True when an http port must be balanced per request rather than spliced per connection."""
+    return app is AppProtocol.HTTP and (per_request_http or spec.hash_key in _HTTP_KEYS)
+
+
+_REASONS = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large", 431:
+            b"Request Header Fields Too Large", 501: b"Not Implemented", 502: b"Bad Gateway",
+            503: b"Service Unavailable", 504: b"Gateway Timeout"}
+
+
+def error_response(status: int, text: str) -> bytes:
+    """A complete ``Connection: close`` response with a one-line text body."""
+    body = (text + "\n").encode("utf-8", "replace")
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (
+                status, _REASONS.get(status, b"Error"), len(body)) + body)
+
+
+def set_cookie_line(cookie: HttpCookie, value: str) -> bytes:
+    """The ``Set-Cookie`` field line Envoy writes for a generated hash cookie."""
+    parts = [f'{cookie.name}="{value}"']
+    if cookie.ttl > 0:
+        parts.append(f"Max-Age={int(cookie.ttl)}")
+    parts.append(f"Path={cookie.path or '/'}")
+    parts.append("HttpOnly")
+    return b"Set-Cookie: " + "; ".join(parts).encode("latin-1") + b"\r\n"
+
+
+def cookie_value(head: RequestHead, name: str) -> str | None:
+    """The value of cookie ``name`` in the request's Cookie fields (quotes removed)."""
+    wanted = name.encode("latin-1")
+    for n, v in head.headers:
+        if n.lower() != b"cookie":
+            continue
+        for pair in v.split(b";"):
+            k, eq, val = pair.strip().partition(b"=")
+            if eq and k == wanted:
+                return val.strip(b'"').decode("latin-1")
+    return None
+
+
+def query_value(target: bytes, name: str) -> str | None:
+    """The raw value of query parameter ``name`` in a request target."""
+    _, q, query = target.partition(b"?")
+    if not q:
+        return None
+    wanted = name.encode("latin-1")
+    for pair in query.split(b"#", 1)[0].split(b"&"):
+        k, _, val = pair.partition(b"=")
+        if k == wanted:
+            return val.decode("latin-1")
+    return None
+
+
+def request_key(spec: LBSpec, head: RequestHead, client_ip: str) -> str | None:
+    """The balancing key of a request under ``spec`` (None: no key, plain policy)."""
+    kind = spec.hash_key
+    if kind is HashKey.HTTP_HEADER:
+        value = head.header(spec.hash_name.lower().encode("latin-1"))
+        return value.decode("latin-1") if value is not None else None
+    if kind is HashKey.HTTP_COOKIE:
+        return cookie_value(head, spec.hash_name)
+    if kind is HashKey.HTTP_QUERY:
+        return query_value(head.target, spec.hash_name)
+    if kind is HashKey.SOURCE_IP or spec.affinity_timeout > 0:
+        return client_ip
+    return None
+
+
+def _cookie_edit(line: bytes) -> Callable[[bytes], bytes]:
+    def edit(rraw: bytes) -> bytes:
+        end = rraw.index(b"\n") + 1
+        return rraw[:end] + line + rraw[end:]
+    return edit
+
+
+@dataclass
+class HttpPort:
+    """One http service port's router for the HTTP engine (see the module docstring)."""
+    name: str  # "namespace/service:port", for error texts, logs and metrics
+    balancer: Balancer
+    backends: Callable[[], Sequence[Backend]]  # the current endpoints (read per request)
+    cookie: HttpCookie | None = None  # cookie persistence settings from the DestinationRule
+    _codes: dict[int, metrics.Counter] = field(default_factory=dict, repr=False)
+    _duration: metrics.Histogram | None = field(default=None, repr=False)
+
+    def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply:
+        balancer = self.balancer
+        key = request_key(balancer.spec, head, client_ip)
+        edit = None
+        if self.cookie is not None and key is None:
+            key = secrets.token_hex(8)
+            edit = _cookie_edit(set_cookie_line(self.cookie, key))
+        return Forward(balancer, self.backends(), key, raw, edit_response=edit)
+
+    def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
+        if failure is Failure.HEAD_TIMEOUT:
+            return None
+        if failure is Failure.BAD_REQUEST:
+            text = f"bad request: {detail}"
+        elif failure is Failure.NO_ENDPOINT:
+            text = f"no endpoints available for service {self.name}"
+        else:
+            text = f"{detail} (service {self.name})"
+        return Reply(status, error_response(status, text), False)
+
+    def count(self, code: int, started: float) -> None:
+        child = self._codes.get(code)
+        if child is None:
+            child = self._codes[code] = REQUESTS.labels(self.name, str(code))  # type: ignore[assignment]
+        child.inc()
+        if self._duration is None:
+            self._duration = DURATION.labels(self.name)  # type: ignore[assignment]
+        self._duration.observe(time.monotonic() - started)  # type: ignore[union-attr]
 
 
 def kind_for(port: ServicePort, spec: LBSpec, per_request_http: bool) -> str | None:
@@ -109,7 +246,7 @@ class HTTPListener:
     def _handle(self, sock: Any, addr: tuple[str, int]) -> None:
         self._accepted.inc()
         sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        serve_connection(sock, addr, self.port, self.pool, self.limits)
+        serve_connection(sock, addr, self.port, self.pool, self.limits)  # type: ignore[arg-type]
 
     def update(self, balancer: Balancer, backends: list[Backend]) -> None:
         self.balancer = self.port.balancer = balancer

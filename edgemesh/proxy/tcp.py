@@ -50,6 +50,10 @@ F_SETPIPE_SZ = 1031
 POOL_KEEP = 32
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RST = struct.pack("ii", 1, 0)
+_SHUT_WR = _socket.SHUT_WR
+_SOL_SOCKET, _SO_ERROR = _socket.SOL_SOCKET, _socket.SO_ERROR
+_STREAM, _TCP, _NODELAY = _socket.SOCK_STREAM, _socket.IPPROTO_TCP, _socket.TCP_NODELAY
+splice = os.splice
 _once = Once()
 
 CONNECTIONS = metrics.counter("edgemesh_proxy_connections_total",
@@ -99,15 +103,25 @@ class PipePool:
 
 
 class Flow:
-    """One direction of a connection: ``src`` → pipe → ``dst``."""
-    __slots__ = ("conn", "src", "dst", "rw", "ww", "pipe", "pending", "done", "counter")
+    """One direction of a connection: ``src`` → pipe → ``dst``.
+
+    The hot path of the proxy: written flat, with locals, because every connection runs it
+    several times (see the module docstring for the shape).
+    """
+    __slots__ = ("conn", "pool", "loop", "src", "dst", "src_fd", "dst_fd", "rw", "ww", "pipe",
+                 "pending", "done", "counter")
 
     def __init__(self, conn: Conn, src: Any, dst: Any, counter: Any,
                  watcher: Any = None) -> None:
+        proxy = conn.proxy
         self.conn = conn
+        self.pool = proxy.pipes
+        self.loop = proxy.loop
         self.src = src
         self.dst = dst
-        self.rw = watcher or conn.proxy.loop.io(src.fileno(), READ)
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.rw = watcher or proxy.loop.io(self.src_fd, READ)
         self.ww: Any = None
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
@@ -119,91 +133,97 @@ class Flow:
 
     def on_readable(self) -> None:
         try:
-            self._read()
+            pipe = self.pipe or self.pool.take()
+            self.pipe = pipe
+            src, wfd, rfd, dst = self.src_fd, pipe[1], pipe[0], self.dst_fd
+            for _ in range(READ_ROUNDS):
+                try:
+                    n = splice(src, wfd, CHUNK, None, None, SPLICE_FLAGS)
+                except BlockingIOError:
+                    break
+                if n == 0:
+                    self._eof()
+                    return
+                self.counter.value += n
+                pending = self.pending + n
+                try:
+                    while pending:
+                        pending -= splice(rfd, dst, pending, None, None, SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.pending = pending
+                    self._wait_writable()
+                    return
+                self.pending = 0
+                if n < CHUNK:  # a short read emptied the socket: no syscall to learn it again
+                    break
+            if not self.pending:
+                self.pool.give(pipe)
+                self.pipe = None
+            self.conn.last = self.loop.now()
+        except OSError:
+            self.conn.abort()
         except Exception:
             _callback_failed(self.conn)
 
-    def _read(self) -> None:
-        conn = self.conn
-        pool = conn.proxy.pipes
-        src, last_round = self.src.fileno(), READ_ROUNDS - 1
-        for i in range(READ_ROUNDS):
-            if self.pipe is None:
-                self.pipe = pool.take()
-            try:
-                n = os.splice(src, self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                if not self.pending:
-                    pool.give(self.pipe)
-                    self.pipe = None
-                return
-            except OSError:
-                conn.abort()
-                return
-            if n == 0:
-                self._eof()
-                return
-            self.pending += n
-            self.counter.value += n
-            # a short read emptied the socket: don't spend a syscall to learn that again
-            if not self._drain() or n < CHUNK or i == last_round:
-                break
-        conn.last = conn.proxy.loop.now()
-
-    def _drain(self) -> bool:
-        """Move the pipe's bytes on; False when the destination is full (wait to write)."""
-        assert self.pipe is not None
-        while self.pending:
-            try:
-                m = os.splice(self.pipe[0], self.dst.fileno(), self.pending, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                self.rw.stop()
-                if self.ww is None:
-                    self.ww = self.conn.proxy.loop.io(self.dst.fileno(), WRITE)
-                self.ww.start(self.on_writable)
-                return False
-            except OSError:
-                self.conn.abort()
-                return False
-            self.pending -= m
-        self.conn.proxy.pipes.give(self.pipe)
-        self.pipe = None
-        if self.ww is not None and self.ww.active:
-            self.ww.stop()
-            self.rw.start(self.on_readable)
-        return True
+    def _wait_writable(self) -> None:
+        self.rw.stop()
+        if self.ww is None:
+            self.ww = self.loop.io(self.dst_fd, WRITE)
+        self.ww.start(self.on_writable)
 
     def on_writable(self) -> None:
         try:
-            self.conn.last = self.conn.proxy.loop.now()
-            self._drain()
+            pipe = self.pipe
+            assert pipe is not None
+            pending, rfd, dst = self.pending, pipe[0], self.dst_fd
+            try:
+                while pending:
+                    pending -= splice(rfd, dst, pending, None, None, SPLICE_FLAGS)
+            except BlockingIOError:
+                self.pending = pending
+                return
+            self.pending = 0
+            self.pool.give(pipe)
+            self.pipe = None
+            self.ww.stop()
+            self.rw.start(self.on_readable)
+            self.conn.last = self.loop.now()
+        except OSError:
+            self.conn.abort()
         except Exception:
             _callback_failed(self.conn)
 
     def _eof(self) -> None:
         self.rw.stop()
         if self.pipe is not None:
-            self.conn.proxy.pipes.give(self.pipe)
+            self.pool.give(self.pipe)
             self.pipe = None
         self.done = True
         conn = self.conn
-        if conn.flows is not None and all(f.done for f in conn.flows):
-            conn.close()  # both sides sent FIN: close() sends ours, no shutdown needed
-            return
+        flows = conn.flows
+        if flows is not None:
+            other = flows[1] if flows[0] is self else flows[0]
+            if other.done:
+                conn.close()  # both sides sent FIN: close() sends ours, no shutdown needed
+                return
+            if not other.pending:
+                # often the peer closed too (request/response then close): finding its EOF
+                # now closes both without a shutdown and another loop iteration
+                other.on_readable()
+                if conn.closed:
+                    return
         try:
-            self.dst.shutdown(_socket.SHUT_WR)
+            self.dst.shutdown(_SHUT_WR)
         except OSError:
             conn.abort()
 
     def stop(self) -> None:
         self.rw.stop()
-        self.rw.close()
         if self.ww is not None:
             self.ww.stop()
-            self.ww.close()
         if self.pipe is not None:
             # bytes may still sit in it: never lend such a pipe again
-            self.conn.proxy.pipes.give(self.pipe, clean=self.pending == 0)
+            self.pool.give(self.pipe, clean=self.pending == 0)
             self.pipe = None
 
 
@@ -220,7 +240,7 @@ class Conn:
         self.client_ip = client_ip
         self.server: Any = None
         self.backend: Backend | None = None
-        self.tried: list[Backend] = []
+        self.tried: list[Backend] | None = None  # endpoints that failed for this connection
         self.flows: tuple[Flow, Flow] | None = None
         self.last = proxy.loop.now()
         self.cw: Any = None
@@ -231,29 +251,31 @@ class Conn:
 
     def connect_next(self) -> None:
         listener = self.listener
-        if len(self.tried) >= MAX_ATTEMPTS:
+        balancer = listener.balancer
+        tried = self.tried or ()
+        if len(tried) >= MAX_ATTEMPTS:
             self._reject("endpoints failed")
             return
-        key = self.client_ip if listener.balancer.wants_client_ip else None
-        backend = listener.balancer.pick(listener.backends, key, self.tried)
+        key = self.client_ip if balancer.wants_client_ip else None
+        backend = balancer.pick(listener.backends, key, tried)
         if backend is None:
-            self._reject("no endpoints" if not self.tried else "endpoints failed")
+            self._reject("endpoints failed" if tried else "no endpoints")
             return
         self.backend = backend
-        self.tried.append(backend)
-        dialer = self.proxy.dialer
+        proxy = self.proxy
+        dialer = proxy.dialer
         if not dialer.is_local(backend):
             tasks.spawn("proxy-dial", self._dial_remote, backend)
             return
         try:
-            self.server = dialer.start_connect(backend)
+            server = self.server = dialer.start_connect(backend)
         except UnavailableError:
             self._connect_failed()
             return
-        proxy = self.proxy
-        self.cw = proxy.loop.io(self.server.fileno(), WRITE)
-        self.cw.start(self.on_connect_done)
-        self.deadline = proxy.loop.now() + proxy.connect_timeout
+        loop = proxy.loop
+        cw = self.cw = loop.io(server.fileno(), WRITE)
+        cw.start(self.on_connect_done)
+        self.deadline = loop.now() + proxy.connect_timeout
         proxy.connecting.add(self)
 
     def on_connect_done(self) -> None:
@@ -261,9 +283,8 @@ class Conn:
             self.proxy.connecting.discard(self)
             watcher, self.cw = self.cw, None
             watcher.stop()
-            err = self.server.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            err = self.server.getsockopt(_SOL_SOCKET, _SO_ERROR)
             if err:
-                watcher.close()
                 self._connect_failed()
             else:
                 watcher.events = READ  # reused for the server → client flow
@@ -282,13 +303,15 @@ class Conn:
         self.proxy.connecting.discard(self)
         if self.cw is not None:
             self.cw.stop()
-            self.cw.close()
             self.cw = None
 
     def _connect_failed(self) -> None:
         CONNECT_FAILURES.labels(self.listener.name).inc()
         assert self.backend is not None
         self.listener.balancer.release(self.backend)
+        if self.tried is None:
+            self.tried = []
+        self.tried.append(self.backend)
         self.backend = None
         if self.server is not None:
             self.server.close()
@@ -313,13 +336,13 @@ class Conn:
     def _pump(self, server: Any, server_watcher: Any = None) -> None:
         self.server = server
         up, down = self.listener.counters
-        self.flows = (Flow(self, self.client, server, up),
-                      Flow(self, server, self.client, down, server_watcher))
-        self.last = self.proxy.loop.now()
-        for flow in self.flows:
-            flow.start()
+        first = Flow(self, self.client, server, up)
+        second = Flow(self, server, self.client, down, server_watcher)
+        self.flows = (first, second)
+        first.rw.start(first.on_readable)
+        second.rw.start(second.on_readable)
         # the client usually spoke first and its bytes are waiting: skip one loop iteration
-        self.flows[0].on_readable()
+        first.on_readable()
 
     def abort(self) -> None:
         """An error on either side: reset both."""
@@ -341,13 +364,15 @@ class Conn:
         if self.closed:
             return
         self.closed = True
-        self._stop_connect_watchers()
-        if self.flows is not None:
-            for flow in self.flows:
-                flow.stop()
-        for sock in (self.client, self.server):
-            if sock is not None:
-                sock.close()
+        if self.cw is not None:
+            self._stop_connect_watchers()
+        flows = self.flows
+        if flows is not None:
+            flows[0].stop()
+            flows[1].stop()
+        self.client.close()
+        if self.server is not None:
+            self.server.close()
         if self.backend is not None:
             self.listener.balancer.release(self.backend)
         self.proxy.conns.discard(self)
@@ -444,13 +469,13 @@ class TCPListener:
                 if _once(("accept", e.errno)):
                     log.error("accept on %s: %s", self.name, e)
                 return
-            client = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
             if len(proxy.conns) >= proxy.max_connections:
                 REJECTED.labels(self.name, "limit").inc()
-                client.close()
+                os.close(fd)
                 continue
+            client = _socket.socket(self.family, _STREAM, 0, fd)
             client.setblocking(False)
-            client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            client.setsockopt(_TCP, _NODELAY, 1)
             self._accepted.value += 1
             conn = Conn(proxy, self, client, addr[0])
             proxy.conns.add(conn)
