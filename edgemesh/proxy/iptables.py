@@ -90,7 +90,7 @@ def hook_fixes(saved: str) -> list[list[str]]:
 def cleanup_commands(saved: str) -> list[list[str]]:
     """iptables arguments removing every jump rule and chain of ours found in ``saved``."""
     lines = saved.splitlines()
-    cmds = []
+    cmds: list[list[str]] = []
     for parent, chain in HOOKS:
         cmds.extend(["-t", "nat", "-D", parent, "-j", chain]
                     for line in lines if line.strip() == hook_rule(parent, chain))

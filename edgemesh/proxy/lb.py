@@ -158,9 +158,8 @@ class Balancer:
         candidates = self._candidates(backends, exclude)
         if not candidates:
             return None
-        chosen = self._sticky(key, candidates) if self.spec.affinity_timeout > 0 else None
-        if chosen is None:
-            chosen = self._choose(backends, candidates, key, exclude)
+        sticky = self._sticky(key, candidates) if self.spec.affinity_timeout > 0 else None
+        chosen = sticky or self._choose(backends, candidates, key, exclude)
         if self.spec.affinity_timeout > 0 and key is not None:
             self._remember(key, chosen)
         if self._counts:

@@ -462,7 +462,7 @@ class TCPListener:
         proxy = self.proxy
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, addr = self.sock._accept()
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as e:  # EMFILE and friends: try again on the next wake-up
