@@ -17,6 +17,7 @@ from edgemesh.proxy.http_head import (
     head_end,
     header_value,
     parse_request_head,
+    parse_response_framing,
     parse_response_head,
 )
 
@@ -236,6 +237,33 @@ def test_response_heads_read_as_h11_reads_them(data: bytes, method: bytes) -> No
         assert (head.framing, head.length) == framing_of(method, ref)
     else:
         assert head.framing is Framing.NONE
+
+
+def _reading(parse, data: bytes, method: bytes):  # type: ignore[no-untyped-def]
+    try:
+        h = parse(data, method)
+    except HeadError as e:
+        return e.status
+    framing = {n.lower(): v for n, v in h.headers if n.lower() in (
+        b"content-length", b"transfer-encoding", b"connection")}
+    return h.version, h.status, h.reason, h.framing, h.length, h.keep_alive, framing
+
+
+@given(response_heads(), st.sampled_from([b"GET", b"HEAD"]), st.data())
+@settings(max_examples=300)
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\ncontent-length: 2\r\n\r\n", b"GET", None)
+@example(b"HTTP/1.1 200 OK\r\nConnection: close\r\nX: y\r\nConnection: x\r\n\r\n", b"GET",
+         None)
+def test_framing_only_reading_agrees_with_the_full_parse(data: bytes, method: bytes,
+                                                          draw: st.DataObject | None) -> None:
+    """What the fast path reads of a response (status, framing, keep-alive, framing fields)
+    is what the full parse reads, and it rejects the same heads, also after mutations."""
+    if draw is not None and draw.draw(st.booleans()):
+        i = draw.draw(st.integers(0, len(data) - 1))
+        data = data[:i] + draw.draw(st.sampled_from([b"\r", b"\n", b" ", b":", b"\x00", b"",
+                                                     b"Content-Length: 5\r\n"])) + data[i + 1:]
+    assert _reading(parse_response_framing, data, method) == \
+        _reading(parse_response_head, data, method)
 
 
 def test_response_framing_rules() -> None:

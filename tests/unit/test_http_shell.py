@@ -17,7 +17,8 @@ from websockets.sync.client import connect as ws_connect
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.dialer import Dialer
-from edgemesh.proxy.http import HttpLimits, HttpPort, UpstreamPool, serve_connection
+from edgemesh.proxy.http import HttpLimits, UpstreamPool, serve_connection
+from edgemesh.proxy.http_listen import HttpPort
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec, Policy
 from tests.httpbackends import EchoBackend
 from tests.procs import free_port
