@@ -9,8 +9,10 @@ import os
 import socket
 
 import gevent
+import gevent.queue
 import pytest
 
+from edgemesh.errors import UnavailableError
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer, LBSpec, Policy
@@ -170,3 +172,95 @@ def test_udp_sessions_are_bounded_and_expire() -> None:
             c.close()
         lst.close()
         srv.close()
+
+
+class FakeTunnel:
+    """Stands in for the tunnel module: streams are socketpairs served by an echo greenlet
+    that prefixes the target it was asked for; datagram channels echo the same way."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, str, int]] = []
+
+    def open_stream(self, node: str, protocol: str, ip: str, port: int,
+                    timeout: float | None) -> socket.socket:
+        self.asked.append((node, protocol, ip, port))
+        if node == "down":
+            raise ConnectionRefusedError("peer unreachable")
+        ours, theirs = socket.socketpair()
+
+        def serve() -> None:
+            with theirs:
+                theirs.sendall(f"{node}:{ip}:{port}\n".encode())
+                while data := theirs.recv(65536):
+                    theirs.sendall(data)
+        gevent.spawn(serve)
+        return ours
+
+    def open_datagram(self, node: str, ip: str, port: int) -> "FakeChannel":
+        self.asked.append((node, "udp", ip, port))
+        return FakeChannel(node)
+
+
+class FakeChannel:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.queue: gevent.queue.Queue[bytes] = gevent.queue.Queue()
+
+    def send(self, data: bytes) -> None:
+        self.queue.put(self.node.encode() + b" " + data)
+
+    def recv(self) -> bytes:
+        return self.queue.get()
+
+    def close(self) -> None:
+        pass
+
+
+def test_remote_endpoints_go_through_the_tunnel(proxy: TCPProxy) -> None:
+    tunnel = FakeTunnel()
+    proxy.dialer.tunnel = tunnel
+    backends = [Backend("10.0.0.9", 80, node_name="down"),
+                Backend("172.17.0.2", 8080, node_name="n2")]
+    lst = TCPListener(proxy, "t/remote", "127.0.0.1", Balancer(LBSpec()), backends)
+    try:
+        for _ in range(2):  # round robin starts once on the dead node: it is skipped
+            with socket.create_connection(lst.address, timeout=5) as c:
+                f = c.makefile("rb")
+                assert f.readline() == b"n2:172.17.0.2:8080\n"
+                c.sendall(b"through the tunnel")
+                c.shutdown(socket.SHUT_WR)
+                assert f.read() == b"through the tunnel"
+        assert ("down", "tcp", "10.0.0.9", 80) in tunnel.asked
+    finally:
+        lst.close()
+        proxy.dialer.tunnel = None
+
+
+def test_local_endpoints_never_use_the_tunnel() -> None:
+    dialer = Dialer("n1", 1.0)
+    dialer.tunnel = FakeTunnel()
+    assert dialer.is_local(Backend("127.0.0.1", 1, node_name="n1"))
+    assert dialer.is_local(Backend("127.0.0.1", 1, node_name=""))
+    assert not dialer.is_local(Backend("127.0.0.1", 1, node_name="n2"))
+    with pytest.raises(UnavailableError):
+        dialer.dial_tcp(Backend("127.0.0.1", _dead_port(), node_name="n1"))
+    with pytest.raises(UnavailableError):
+        dialer.dial_tcp(Backend("10.0.0.1", 80, node_name="down"))
+
+
+def test_udp_to_a_remote_endpoint_uses_a_tunnel_channel() -> None:
+    dialer = Dialer("n1", 1.0)
+    dialer.tunnel = FakeTunnel()
+    lst = UDPListener(dialer, "t/udp-remote", "127.0.0.1", Balancer(LBSpec()),
+                      [Backend("172.17.0.3", 53, node_name="n3")], idle_timeout=5,
+                      max_sessions=4)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        c.settimeout(5)
+        c.connect(lst.address)
+        c.send(b"query")
+        assert c.recv(100) == b"n3 query"
+        assert dialer.tunnel.asked == [("n3", "udp", "172.17.0.3", 53)]
+    finally:
+        c.close()
+        lst.close()
