@@ -58,6 +58,12 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"{'PEER':24} {'PATH':10} {'ADDRESS':24} {'RTT':>9} DETAIL")
         for p in peers:
             rtt = f"{p['rtt_ms']:.2f}ms" if p.get("rtt_ms") is not None else "-"
+            detail = p.get("detail", "")
+            if p.get("next_attempt_in") is not None:
+                detail += f" (next direct attempt in {p['next_attempt_in']:.0f}s)"
             lines.append(f"{p['node']:24} {p.get('path', '-'):10} {p.get('address') or '-':24} "
-                         f"{rtt:>9} {p.get('detail', '')}")
+                         f"{rtt:>9} {detail}")
+            for a in p.get("attempts", [])[-3:]:
+                reason = f": {a['reason']}" if a.get("reason") else ""
+                lines.append(f"{'':24}   tried {a['path']} {a['result']}{reason}")
     return "\n".join(lines)

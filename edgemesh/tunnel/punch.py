@@ -141,20 +141,22 @@ def parse_offer(msg: dict[str, Any]) -> Offer | str:
 
 
 class PairCooldown:
-    """Server side: at most one coordinated punch per pair of nodes per PAIR_COOLDOWN."""
+    """Server side: when both nodes of a pair ask within PAIR_COOLDOWN, the second request
+    is answered by the offer already sent (both sides already got one). A node asking again
+    itself is a new attempt, and is not held back. Keys name sessions, not only nodes: a
+    restarted agent is a new party."""
 
     def __init__(self, cooldown: float = PAIR_COOLDOWN, limit: int = 4096) -> None:
         self.cooldown = cooldown
         self.limit = limit
-        self._last: dict[frozenset[str], float] = {}
+        self._last: dict[tuple[str, str], float] = {}
 
-    def allow(self, a: str, b: str, now: float) -> bool:
-        pair = frozenset((a, b))
-        if now - self._last.get(pair, -1e9) < self.cooldown:
+    def allow(self, asker: str, target: str, now: float) -> bool:
+        if now - self._last.get((target, asker), -1e9) < self.cooldown:
             return False
         if len(self._last) >= self.limit:
             self._last = {p: t for p, t in self._last.items() if now - t < self.cooldown}
-        self._last[pair] = now
+        self._last[(asker, target)] = now
         return True
 
 

@@ -136,7 +136,8 @@ class RelayCore:
         elif not (me.mapped and other.mapped):
             who = "this node's" if not me.mapped else "the peer's"
             reason = f"{who} link to this server is not from its tunnel port (yet)"
-        elif not self._cooldown.allow(session.peer, target, time.monotonic()):
+        elif not self._cooldown.allow(f"{session.peer}/{id(session)}",
+                                      f"{target}/{id(other.session)}", time.monotonic()):
             PUNCHES.labels("coalesced").inc()
             return  # an offer for this pair just went out; the asker waits for it
         else:

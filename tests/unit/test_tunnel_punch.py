@@ -96,9 +96,9 @@ def test_parse_offer_never_raises(msg: dict) -> None:
 def test_pair_cooldown_coalesces_both_sides_asking() -> None:
     cd = punch.PairCooldown(cooldown=2.0, limit=2)
     assert cd.allow("a", "b", 0.0)
-    assert not cd.allow("b", "a", 1.0)  # the same pair, from the other side
-    assert cd.allow("a", "c", 1.0)
-    assert cd.allow("a", "b", 2.5)
+    assert not cd.allow("b", "a", 1.0)  # the other side asking too: the offer already went
+    assert cd.allow("a", "b", 1.5)  # the same side asking again: a new attempt
+    assert cd.allow("b", "a", 4.0)
     assert cd.allow("x", "y", 10.0) and len(cd._last) <= 2  # bounded
 
 
@@ -129,3 +129,18 @@ def test_path_state_detail_says_why_a_peer_is_relayed() -> None:
     view = st_.attempts[-1].view()
     assert view == {"path": "lan", "result": "failed", "reason": "unreachable",
                     "at": float(punch.MAX_ATTEMPTS_KEPT + 4)}
+
+
+def test_status_text_shows_why_and_when_next() -> None:
+    from edgemesh.status import render
+    peer = {"node": "b1", "path": "relayed", "address": "via 198.18.0.10:20004", "rtt_ms": 1.5,
+            "detail": "peer behind a symmetric NAT: relayed", "next_attempt_in": 8.0,
+            "attempts": [{"path": "lan", "result": "failed", "reason": "unreachable", "at": 1},
+                         {"path": "punch-tcp", "result": "failed",
+                          "reason": "peer behind a symmetric NAT", "at": 2},
+                         {"path": "relay:198.18.0.10:20004", "result": "ok", "reason": "",
+                          "at": 3}]}
+    text = render({"node": {"node": "a1", "synced": True}, "peers": [peer]})
+    assert "peer behind a symmetric NAT: relayed (next direct attempt in 8s)" in text
+    assert "tried punch-tcp failed: peer behind a symmetric NAT" in text
+    assert "tried relay:198.18.0.10:20004 ok" in text
