@@ -178,17 +178,22 @@ class Bench:
                               text=True, timeout=120).stdout
 
     def iperf_gbps(self, port: int) -> float:
-        out = self.client(["iperf3", "-c", HOST, "-p", str(port), "-t", str(self.args.seconds),
-                           "-J"])
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+        for _ in range(5):  # "the server is busy" right after a test: try again
+            out = self.client(["iperf3", "-c", HOST, "-p", str(port), "-t",
+                               str(self.args.seconds), "-J"])
+            report = json.loads(out)
+            if "error" not in report:
+                return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+            time.sleep(0.5)
+        raise SystemExit(f"iperf3 via port {port} failed: {report['error']}")
 
     def conns_per_second(self, port: int) -> float:
         out = self.client(["wrk", "-t1", "-c50", f"-d{self.args.seconds}s", "-H",
                            "Connection: close", f"http://{HOST}:{port}/"])
         for line in out.splitlines():
-            if line.startswith("Requests/sec:"):
+            if line.startswith("Requests/sec:") and float(line.split()[1]) > 0:
                 return float(line.split()[1])
-        raise SystemExit("wrk printed no rate:\n" + out)
+        raise SystemExit(f"wrk via port {port} made no requests:\n{out}")
 
     def idle_memory(self, pid: int, port: int) -> tuple[int, int, int, int]:
         """RSS KiB before, with ``--idle`` open connections, after closing them, and after a
