@@ -1,10 +1,12 @@
 """HTTP requests/s through `edgemesh gateway` against haproxy doing the same routing.
 
 Both route by host and path to two nginx backends (``Host: shop.example.com``, ``/api/``
-prefix to one, the rest to the other), one thread each (haproxy ``nbthread 1``), measured
-with wrk on loopback in the same run; the ratio is printed.
+prefix to one, the rest to the other), one thread each (haproxy ``nbthread 1``), pinned to one
+core with taskset, wrk (``-t1``) to the other, on loopback in the same run. Rounds are
+interleaved; medians of per-round ratios are printed, of requests/s and of requests per
+CPU-second of the proxy process (``/proc/PID/stat``), the "per core" comparison.
 
-    .venv/bin/python -m bench.gateway [--seconds 10] [--connections 32]
+    .venv/bin/python -m bench.gateway [--seconds 10] [--rounds 3] [--connections 32]
 """
 from __future__ import annotations
 
@@ -14,11 +16,17 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from bench.http import cpu_seconds
+from bench.proxy import cpus
+
+SERVER_CPU, CLIENT_CPU = cpus()
 
 HOST = "shop.example.com"
 
@@ -74,7 +82,8 @@ backend be_api
 backend be_web
     server s1 127.0.0.1:{backends['web']}
 """)
-    return subprocess.Popen(["haproxy", "-f", conf], stderr=subprocess.DEVNULL)
+    return subprocess.Popen(["taskset", "-c", SERVER_CPU, "haproxy", "-f", conf],
+                            stderr=subprocess.DEVNULL)
 
 
 def _manifests(tmp: str, port: int, backends: dict[str, int]) -> str:
@@ -114,7 +123,8 @@ def _gateway(tmp: str, port: int, backends: dict[str, int]) -> tuple[subprocess.
         json.dump({"kind": "EdgeMeshGateway", "modules": {"edgeTunnel": {"enable": False}}}, f)
     admin = f"127.0.0.1:{_free_port()}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "edgemesh", "gateway", "--config", config,
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, sys.executable, "-m", "edgemesh",
+                             "gateway", "--config", config,
                              "--manifests", mdir, "--admin", admin, "--nic", "lo",
                              "--include-ip", "127.0.0.1", "--state-dir",
                              os.path.join(tmp, "state"), "--node-name", "bench", "-v", "0"],
@@ -123,17 +133,22 @@ def _gateway(tmp: str, port: int, backends: dict[str, int]) -> tuple[subprocess.
     return proc, admin
 
 
-def _wrk(port: int, path: str, seconds: int, connections: int) -> float:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-H",
-                          f"Host: {HOST}", f"http://127.0.0.1:{port}{path}"],
+def _wrk(port: int, path: str, seconds: int, connections: int, pid: int = 0
+         ) -> tuple[float, float]:
+    """(requests/s, requests per CPU-second of process ``pid``)."""
+    before = cpu_seconds(pid) if pid else 0.0
+    out = subprocess.run(["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}",
+                          f"-d{seconds}s", "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         raise SystemExit(f"errors through port {port}: {non2xx.group(1)}\n{out}")
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if m is None:
+    total = re.search(r"(\d+) requests in", out)
+    if m is None or total is None:
         raise SystemExit(out)
-    return float(m.group(1))
+    used = cpu_seconds(pid) - before if pid else 0.0
+    return float(m.group(1)), (int(total.group(1)) / used if used else 0.0)
 
 
 def _check(port: int, path: str, want: str) -> None:
@@ -147,6 +162,7 @@ def _check(port: int, path: str, want: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "wrk"):
@@ -158,7 +174,8 @@ def main() -> None:
             backends = {"api": _free_port(), "web": _free_port()}
             procs.append(_nginx(tmp, backends))
             hp, gp = _free_port(), _free_port()
-            procs.append(_haproxy(tmp, hp, backends))
+            haproxy = _haproxy(tmp, hp, backends)
+            procs.append(haproxy)
             gw, _admin = _gateway(tmp, gp, backends)
             procs.append(gw)
             for p in (*backends.values(), hp, gp):
@@ -166,15 +183,23 @@ def main() -> None:
             for port in (hp, gp):
                 _check(port, "/api/x", "api")
                 _check(port, "/", "web")
-            results = {}
-            for name, port in (("haproxy", hp), ("edgemesh", gp)):
+            paths = (("haproxy", hp, haproxy.pid), ("edgemesh", gp, gw.pid))
+            for _, port, _ in paths:
                 _wrk(port, "/api/x", 1, args.connections)  # warm up
-                results[name] = _wrk(port, "/api/x", args.seconds, args.connections)
-            print(f"HTTP req/s, host+path routing, {args.connections} connections, "
-                  f"{args.seconds}s, one thread each:")
-            for name, rps in results.items():
-                print(f"  {name:9s} {rps:10.0f}")
-            print(f"  ratio edgemesh/haproxy: {results['edgemesh'] / results['haproxy']:.3f}")
+            rounds = []
+            for r in range(args.rounds):
+                result = {name: _wrk(port, "/api/x", args.seconds, args.connections, pid)
+                          for name, port, pid in paths}
+                rounds.append(result)
+                print(f"round {r + 1}: " + ", ".join(
+                    f"{n} {rps:,.0f} req/s ({per:,.0f}/cpu-s)" for n, (rps, per) in
+                    result.items()))
+            rps = statistics.median(r["edgemesh"][0] / r["haproxy"][0] for r in rounds)
+            per = statistics.median(r["edgemesh"][1] / r["haproxy"][1] for r in rounds)
+            print(f"HTTP host+path routing, wrk -t1 -c{args.connections}, {args.seconds}s, "
+                  f"one core each, medians of {args.rounds} per-round ratios:")
+            print(f"  edgemesh gateway {rps:.2f}x haproxy req/s, {per:.2f}x haproxy req per "
+                  "CPU-second")
         finally:
             for p in procs:
                 p.terminate()

@@ -6,7 +6,7 @@ Every connection looks up its port's *current* spec, so a route change applies t
 request even on a kept-alive connection, and nothing established is dropped.
 
 Per connection, by port kind:
-- HTTP: ``http.serve``;
+- HTTP: ``http.serve`` (the proxy's HTTP engine with the gateway's router);
 - TLS (HTTPS/TLS servers): peek at the ClientHello's SNI, pick the server; PASSTHROUGH
   splices to the ``tls`` route for that SNI; otherwise terminate with the server's Secret and
   serve HTTP (HTTPS servers) or splice to the ``tcp`` route (TLS servers);
@@ -29,6 +29,7 @@ from edgemesh.gateway.listeners import ListenerSet, check_ip_lists, parse_ip_add
 from edgemesh.gateway.routes import PortKind, PortSpec, ServerRef, Table, Target, TLSMode
 from edgemesh.gateway.tls import CredentialError, Credentials
 from edgemesh.proxy.dialer import Dialer
+from edgemesh.proxy.http import HttpLimits
 from edgemesh.proxy.http_head import HeadLimits
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
@@ -56,10 +57,10 @@ class GatewayModule:
         cfg = self.cfg
         self.table = Table()
         self.addresses: list[str] = []
-        self.settings = http.HttpSettings(
-            limits=HeadLimits(cfg.maxHeaderBytes, cfg.maxHeaderFields),
-            header_timeout=cfg.requestHeaderTimeout, idle_timeout=cfg.idleTimeout,
-            client_timeout=cfg.clientTimeout, upstream_timeout=cfg.upstreamTimeout,
+        self.settings = HttpLimits(
+            head=HeadLimits(cfg.maxHeaderBytes, cfg.maxHeaderFields),
+            head_timeout=cfg.requestHeaderTimeout, idle_timeout=cfg.idleTimeout,
+            body_timeout=cfg.clientTimeout, response_timeout=cfg.upstreamTimeout,
             connect_timeout=cfg.connectTimeout, max_body=cfg.maxRequestBodyBytes,
             tunnel_idle_timeout=cfg.tcpIdleTimeout)
         dialer = ctx.services.get("dialer")
@@ -69,7 +70,7 @@ class GatewayModule:
             ctx.services["dialer"] = dialer
         self.dialer = dialer
         self.balancers = Balancers(ctx.store, ctx.config.modules.edgeProxy, ctx.node_name)
-        self.upstreams = http.Upstreams(ctx.store, self.balancers, dialer.dial_tcp)
+        self.upstreams = http.Upstreams(ctx.store, self.balancers, dialer)
         self.credentials = Credentials(lambda ns, name: ctx.store.get("Secret", ns, name))
         self.listeners = ListenerSet(self._handle, cfg.maxConnections)
         self.reconciler = tasks.Reconciler("gateway", self.reconcile,
@@ -240,7 +241,7 @@ class GatewayModule:
             if server.protocol == "HTTPS":
                 http.serve(tls_sock, peer, lambda: self._spec(spec.port, PortKind.TLS, server,
                                                               index),
-                           index, "https", self.upstreams, self.settings)
+                           index, "https", self.upstreams, self.settings, fast=False)
                 return "ok"
             return self._tcp(tls_sock, peer, spec, spec.l4_target(spec.tcp, sni,
                                                                   random.random()))

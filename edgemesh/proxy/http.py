@@ -307,9 +307,8 @@ def serve_connection(client: socket.socket, client_addr: tuple[str, int], router
 def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
     """``sock.sendall(data)``, trying one plain non-blocking send first: gevent's sendall asks
     the kernel for the send buffer size on every call, which shows on small responses."""
-    raw = getattr(sock, "_sock", None)
     try:
-        sent = raw.send(data) if raw is not None else 0
+        sent = sock._sock.send(data)  # type: ignore[attr-defined]
     except BlockingIOError:
         sent = 0
     if sent < len(data):
@@ -342,7 +341,7 @@ class Resume:
 class Connection:
     """One client connection: its buffer, deadline and the greenlet exchange."""
     __slots__ = ("client", "client_ip", "router", "pool", "limits", "buf", "deadline",
-                 "upstream", "awaiting_head", "reading_head", "expired", "fast")
+                 "upstream", "awaiting_head", "reading_head", "expired", "fast", "plain")
 
     def __init__(self, client: socket.socket, client_ip: str, router: Router,
                  pool: UpstreamPool, limits: HttpLimits) -> None:
@@ -358,6 +357,7 @@ class Connection:
         self.reading_head = False  # waiting for the rest of a request head
         self.expired = False
         self.fast: Any = None  # the callback path while it drives the connection
+        self.plain = False  # the client socket is a plain one (not TLS)
 
     def expire(self) -> None:
         """The current phase ran out of time: unblock whoever waits."""
@@ -374,6 +374,7 @@ class Connection:
 
     def run(self, fast: bool) -> None:
         from edgemesh.proxy.httpflow import CLOSED, Fast
+        self.plain = fast
         flow = Fast(self) if fast else None
         try:
             while True:
@@ -426,7 +427,10 @@ class Connection:
     def _send_client(self, data: bytes | memoryview) -> None:
         self.deadline = time.monotonic() + self.limits.body_timeout
         try:
-            send_all(self.client, data)
+            if self.plain:
+                send_all(self.client, data)
+            else:  # TLS: the bytes must go through the TLS layer
+                self.client.sendall(data)
         except OSError as e:
             raise _ClientGone(str(e)) from None
 
