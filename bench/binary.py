@@ -140,10 +140,15 @@ def idle_rss(argv: list[str], settle: float) -> tuple[float, str]:
             anon = sum(rss_kb(p, "RssAnon") for p in pids)
             with urllib.request.urlopen(f"http://{admin}/debug/node", timeout=3) as r:
                 node = json.load(r)
+            with urllib.request.urlopen(f"http://{admin}/debug/runtime", timeout=3) as r:
+                runtime = json.load(r)
             log.seek(0)
             started = re.findall(r"module (\S+) started", log.read().decode(errors="replace"))
+            parent = (f"; onefile parent {rss_kb(proc.pid) / 1024:.1f} MB"
+                      if len(pids) > 1 else "")
             return total / 1024, (f"(anonymous {anon / 1024:.1f} MB; the rest is mapped "
-                                  f"libraries) synced={node.get('synced')} "
+                                  f"libraries{parent}) {runtime['modules_loaded']} Python "
+                                  f"modules, synced={node.get('synced')} "
                                   f"modules={','.join(started)}")
         finally:
             proc.terminate()
