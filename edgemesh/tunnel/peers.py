@@ -1,6 +1,6 @@
 """The agent's side of the mesh: server links, peer lookup, and the path to each peer.
 
-Paths to a node are tried in order (``PATHS``): direct — the peer's LAN addresses from its
+Paths to a node are tried in order (``paths.PATHS``): direct — the peer's LAN addresses from its
 registration, its Node object's addresses, then a hole punch coordinated by a server (or, when
 punching cannot work, a plain dial to its public address); attempts staggered, first
 handshake wins — then through a relay (each server link that is up).
@@ -22,7 +22,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import gevent
 import gevent.event
@@ -34,15 +34,13 @@ from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel import punch
 from edgemesh.tunnel.node import TunnelNode, fmt_addr
+from edgemesh.tunnel.paths import DIRECT, PATHS, PUNCH_BUDGET, RELAY, PathStrategy
 from edgemesh.tunnel.punching import Puncher
 from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, Session, read_record
 
 log = logging.getLogger(__name__)
 
-DIRECT_STAGGER = 0.25
-DIRECT_BUDGET = 2.5  # then the relay gets its turn (unanswered SYNs to a NAT just hang)
-PUNCH_BUDGET = 4.5  # a punch waits for its offer and crossed SYNs (a round trip or two)
 LOOKUP_TIMEOUT = 3.0
 RECORD_TTL = 30.0
 MONITOR_PERIOD = 0.5
@@ -89,12 +87,6 @@ class ServerLink:
     @property
     def up(self) -> bool:
         return self.session is not None and not self.session.closed
-
-
-class PathStrategy(Protocol):
-    name: str
-
-    def connect(self, peers: "Peers", node: str, deadline: float) -> Session | None: ...
 
 
 class Peers:
@@ -565,112 +557,3 @@ class Peers:
         return {"attempts": [a.view() for a in state.attempts],
                 "next_attempt_in": state.next_in(time.monotonic()) if upgrading else None,
                 "detail": state.detail(path)}
-
-
-Dialer = Callable[[float], Session]
-
-
-class DirectPath:
-    """The peer's own addresses, and a hole punch where one can work; first handshake wins."""
-    name = "direct"
-
-    def connect(self, peers: Peers, node: str, deadline: float) -> Session | None:
-        peers.lookup(node)
-        plan = self.plan(peers, node)
-        if not plan:
-            return None
-        state = peers.state(node)
-        winner: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        errors: list[str] = []
-        pending = {i for i in range(len(plan))}
-
-        def attempt(i: int, kind: str, where: str, dial: Dialer) -> None:
-            gevent.sleep(0 if kind == "punch-tcp" else i * DIRECT_STAGGER)
-            if winner.ready():
-                return
-            try:
-                session = dial(deadline)
-            except (EdgeMeshError, OSError, ValueError) as e:
-                pending.discard(i)
-                errors.append(f"{where}: {e}")
-                if kind != "punch-tcp":  # the puncher records its own outcome
-                    state.tried(kind, False, f"{where}: {e}", time.time())
-                if not pending:
-                    winner.set(None)
-                return
-            pending.discard(i)
-            if winner.ready():
-                session.close("another path won")
-                return
-            if kind != "punch-tcp":
-                state.tried(kind, True, where, time.time())
-            winner.set(session)
-
-        workers = [spawn("tunnel-direct", attempt, i, *step) for i, step in enumerate(plan)]
-        punching = any(kind == "punch-tcp" for kind, _, _ in plan)
-        try:
-            budget = min(PUNCH_BUDGET if punching else DIRECT_BUDGET,
-                         deadline - time.monotonic() - 1.0)
-            session = winner.get(timeout=max(0.1, budget))
-        except gevent.Timeout:
-            session = None
-            for i in pending:
-                kind, where, _ = plan[i]
-                if kind != "punch-tcp":
-                    state.tried(kind, False, f"{where}: no answer", time.time())
-        finally:
-            for w in workers:
-                w.kill(block=False)
-        if session is None and errors:
-            raise UnavailableError("; ".join(errors))
-        return session  # type: ignore[no-any-return]
-
-    @staticmethod
-    def plan(peers: Peers, node: str) -> list[tuple[str, str, Dialer]]:
-        """(kind, where, dial) for each direct attempt, in order."""
-        state = peers.state(node)
-        link, skip = peers.punch_link(node)
-        state.punch_skip = skip
-        plan: list[tuple[str, str, Dialer]] = []
-        for kind, host, port in peers.candidates(node):
-            if kind == "public" and link is not None:
-                continue  # the punch dials it, from the same port, at the agreed moment
-
-            def dial(dl: float, h: str = host, p: int = port) -> Session:
-                return peers.dial_direct(node, h, p, dl)
-            plan.append((kind, fmt_addr((host, port)), dial))
-        if link is not None:
-            plan.append(("punch-tcp", f"via {link.address}",
-                         lambda dl: peers.punch_tcp(link, node, dl)))
-        elif skip:
-            state.tried("punch-tcp", False, skip, time.time())
-        return plan
-
-
-class RelayPath:
-    """A circuit through each server link that is up, in order."""
-    name = "relay"
-
-    def connect(self, peers: Peers, node: str, deadline: float) -> Session | None:
-        errors = []
-        state = peers.state(node)
-        for link in peers.links:
-            if not link.up:
-                continue
-            try:
-                session = peers.dial_relayed(link, node, deadline)
-            except (EdgeMeshError, OSError) as e:
-                errors.append(f"{link.address}: {e}")
-                state.tried(f"relay:{link.address}", False, str(e), time.time())
-                continue
-            state.tried(f"relay:{link.address}", True, "", time.time())
-            return session
-        if errors:
-            raise UnavailableError("; ".join(errors))
-        return None
-
-
-DIRECT = DirectPath()
-RELAY = RelayPath()
-# The order paths are tried in (hole punching is part of DIRECT: it races the LAN addresses).
-PATHS: list[PathStrategy] = [DIRECT, RELAY]
