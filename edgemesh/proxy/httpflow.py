@@ -43,6 +43,7 @@ from edgemesh.proxy.http import (
 from edgemesh.proxy.http_head import (
     Framing,
     HeadError,
+    HeadLimits,
     RequestHead,
     ResponseHead,
     head_end,
@@ -56,6 +57,43 @@ log = logging.getLogger(__name__)
 READ, WRITE = 1, 2
 FAST_BODY = 65536  # response bodies up to this size are read whole on the fast path
 CLOSED = object()
+MEMO_HEAD = 1024  # heads up to this size are remembered parsed ...
+MEMO_ENTRIES = 1024  # ... this many of each kind (about 1 MiB at most)
+
+
+class _Memo:
+    """Parsed heads by their exact bytes. The parsers are pure and their results frozen, and
+    clients and endpoints repeat the same heads (same client, path and fields; same endpoint
+    answer with the same length): a repeat costs a dict lookup instead of a parse."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[bytes, HeadLimits], RequestHead] = {}
+        self.responses: dict[tuple[bytes, bytes, HeadLimits], ResponseHead] = {}
+
+    def request(self, raw: bytes, limits: HeadLimits) -> RequestHead:
+        key = (raw, limits)
+        head = self.requests.get(key)
+        if head is None:
+            head = parse_request_head(raw, limits)
+            if len(raw) <= MEMO_HEAD:
+                if len(self.requests) >= MEMO_ENTRIES:
+                    self.requests.clear()
+                self.requests[key] = head
+        return head
+
+    def response(self, raw: bytes, method: bytes, limits: HeadLimits) -> ResponseHead:
+        key = (raw, method, limits)
+        head = self.responses.get(key)
+        if head is None:
+            head = parse_response_framing(raw, method, limits)
+            if len(raw) <= MEMO_HEAD:
+                if len(self.responses) >= MEMO_ENTRIES:
+                    self.responses.clear()
+                self.responses[key] = head
+        return head
+
+
+MEMO = _Memo()
 CALLBACK_ERRORS = metrics.counter("edgemesh_http_callback_errors_total",
                                   "Unexpected errors in the HTTP fast path (bugs).")
 
@@ -213,7 +251,7 @@ class Fast:
                     self._leave(CLOSED)
                 return
             raw = buf[:end]
-            head = parse_request_head(raw, conn.limits.head)
+            head = MEMO.request(raw, conn.limits.head)
         except HeadError:
             self._leave(None)  # the greenlet path parses it again and answers
             return
@@ -297,7 +335,7 @@ class Fast:
             end = head_end(rbuf, conn.limits.head, request=False)
             if end < 0:
                 return False
-            rhead = parse_response_framing(rbuf[:end], head.method, conn.limits.head)
+            rhead = MEMO.response(rbuf[:end], head.method, conn.limits.head)
         except HeadError as e:
             MALFORMED.labels("endpoint").inc()
             self._fail(Failure.BAD_RESPONSE, 502, f"bad response from an endpoint: {e}")
