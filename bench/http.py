@@ -9,7 +9,12 @@ fronts the same nginx. The proxies are pinned to one core with taskset, wrk (``-
 the other. Rounds are interleaved; medians of per-round ratios are printed, with requests per
 second per CPU-second of the proxy process (``/proc/PID/stat``) for the "per core" comparison.
 
+``--unique-targets`` gives every request its own target (``/?n=<counter>``, a wrk Lua
+script), so no request head is ever seen twice: the cost of parsing, not of the parsed-head
+memo (``proxy/httpflow.py``).
+
     .venv/bin/python -m bench.http [--seconds 5] [--rounds 3] [--connections 50]
+                                   [--unique-targets]
 """
 from __future__ import annotations
 
@@ -78,6 +83,14 @@ defaults
 listen http
   bind 127.0.0.1:{hp}
   server s1 127.0.0.1:{nginx}
+"""
+
+
+UNIQUE_TARGETS = """counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/?n=" .. counter)
+end
 """
 
 
@@ -152,10 +165,16 @@ class Bench:
     def wrk(self, port: int, pid: int | None) -> tuple[float, float]:
         """(requests/s, requests per CPU-second of the proxy; 0 for direct)."""
         before = cpu_seconds(pid) if pid else 0.0
+        script = []
+        if self.args.unique_targets:
+            lua = os.path.join(self.tmp, "unique.lua")
+            with open(lua, "w", encoding="utf-8") as f:
+                f.write(UNIQUE_TARGETS)
+            script = ["-s", lua]
         out = subprocess.run(["taskset", "-c", self.client_cpu, "wrk", "-t1",
                               f"-c{self.args.connections}", f"-d{self.args.seconds}s",
-                              f"http://{HOST}:{port}/"], capture_output=True, text=True,
-                             timeout=self.args.seconds + 60).stdout
+                              *script, f"http://{HOST}:{port}/"], capture_output=True,
+                             text=True, timeout=self.args.seconds + 60).stdout
         used = cpu_seconds(pid) - before if pid else 0.0
         total = next((int(line.split()[0]) for line in out.splitlines()
                       if "requests in" in line), 0)
@@ -182,6 +201,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--unique-targets", action="store_true",
+                        help="a different request target on every request")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, tmp)
