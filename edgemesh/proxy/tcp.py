@@ -145,7 +145,7 @@ class Flow:
                     self._eof()
                     return
                 self.counter.value += n
-                pending = self.pending + n
+                pending = self.pending = self.pending + n  # stop() must see a dirty pipe
                 try:
                     while pending:
                         pending -= splice(rfd, dst, pending, None, None, SPLICE_FLAGS)
@@ -206,12 +206,6 @@ class Flow:
             if other.done:
                 conn.close()  # both sides sent FIN: close() sends ours, no shutdown needed
                 return
-            if not other.pending:
-                # often the peer closed too (request/response then close): finding its EOF
-                # now closes both without a shutdown and another loop iteration
-                other.on_readable()
-                if conn.closed:
-                    return
         try:
             self.dst.shutdown(_SHUT_WR)
         except OSError:
@@ -219,8 +213,10 @@ class Flow:
 
     def stop(self) -> None:
         self.rw.stop()
+        self.rw.close()
         if self.ww is not None:
             self.ww.stop()
+            self.ww.close()
         if self.pipe is not None:
             # bytes may still sit in it: never lend such a pipe again
             self.pool.give(self.pipe, clean=self.pending == 0)
@@ -303,6 +299,7 @@ class Conn:
         self.proxy.connecting.discard(self)
         if self.cw is not None:
             self.cw.stop()
+            self.cw.close()
             self.cw = None
 
     def _connect_failed(self) -> None:

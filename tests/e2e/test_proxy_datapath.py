@@ -5,8 +5,11 @@ These drive ``TCPProxy``/``TCPListener``/``UDPListener`` directly with real sock
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 
 import gevent
 import gevent.queue
@@ -264,3 +267,39 @@ def test_udp_to_a_remote_endpoint_uses_a_tunnel_channel() -> None:
     finally:
         c.close()
         lst.close()
+
+
+def _unread(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_pipe_with_bytes_is_never_lent_again(proxy: TCPProxy) -> None:
+    # The endpoint closes at once; the client keeps writing. The proxy's write to the endpoint
+    # then fails with bytes still in its pipe: that pipe must be dropped, not pooled, or the
+    # next connection would receive this one's bytes.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+
+    def close_at_once() -> None:
+        while True:
+            conn, _ = srv.accept()
+            conn.close()
+    server = Server(srv, gevent.spawn(close_at_once))
+    lst = TCPListener(proxy, "t/dirty", "127.0.0.1", Balancer(LBSpec()),
+                      [Backend("127.0.0.1", srv.getsockname()[1])])
+    try:
+        for _ in range(5):
+            with socket.create_connection(lst.address, timeout=5) as c:
+                assert c.recv(10) == b""  # the endpoint's FIN, passed on
+                try:
+                    for _ in range(20):
+                        c.sendall(b"x" * 65536)
+                        gevent.sleep(0.01)
+                except OSError:
+                    pass  # reset by the proxy once its writes to the endpoint fail
+            gevent.sleep(0.05)
+        assert all(_unread(r) == 0 for r, _ in proxy.pipes._free)
+    finally:
+        lst.close()
+        server.close()
