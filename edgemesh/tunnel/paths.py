@@ -98,8 +98,10 @@ class DirectPath:
         state.punch_skip = skip
         plan: list[tuple[str, str, Dialer]] = []
         for kind, host, port in peers.candidates(node):
-            if kind == "public" and link is not None:
-                continue  # the punch dials it, from the same port, at the agreed moment
+            if kind == "public" and (link is not None or "symmetric NAT" in skip):
+                # the punch dials it, from the same port, at the agreed moment; behind a
+                # symmetric NAT an unsolicited SYN cannot get in: don't wait for it
+                continue
 
             def dial(dl: float, h: str = host, p: int = port) -> Session:
                 return peers.dial_direct(node, h, p, dl)
