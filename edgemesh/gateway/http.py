@@ -27,6 +27,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from edgemesh.gateway.routes import (
     Forward as RouteForward,
@@ -42,7 +43,7 @@ from edgemesh.gateway.routes import (
 )
 from edgemesh.meta.istio import HeaderOps
 from edgemesh.meta.models import Service, ServicePort
-from edgemesh.meta.store import Store
+from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.http import (
     Failure,
     Forward,
@@ -68,6 +69,8 @@ DURATION = metrics.histogram("edgemesh_gateway_request_duration_seconds",
 BAD_REQUESTS = metrics.counter("edgemesh_gateway_bad_requests_total",
                                "Requests refused as malformed or over a limit.", ["reason"])
 POOL_PER_BACKEND = 32
+MAX_KNOWN_TARGETS = 1024
+MEMO_PLANS = 32  # request heads remembered with their routing, per client connection
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -82,12 +85,34 @@ _FAILURE_PAGES = {Failure.NO_ENDPOINT: (503, b"no healthy upstream\n"),
 
 
 class Upstreams:
-    """Endpoints for targets (store + balancers), and the kept-alive connections to them."""
+    """Endpoints for targets (store + balancers), and the kept-alive connections to them.
+
+    What a target resolves to (balancer, endpoints) is remembered until the store changes."""
 
     def __init__(self, store: Store, balancers: object, dialer: TcpDialer) -> None:
         self.store = store
         self.balancers = balancers
         self.pool = UpstreamPool(dialer, POOL_PER_BACKEND)
+        self._known: dict[int, tuple[Target, Balancer, list[Backend]] | None] = {}
+        store.subscribe(self._forget)
+
+    def _forget(self, _kinds: object = None) -> None:
+        self._known.clear()
+
+    def endpoints(self, target: Target) -> tuple[Balancer, list[Backend]] | None:
+        """The balancer and endpoints of ``target``; None if it names no service port."""
+        known = self._known.get(id(target))
+        if known is None or known[0] is not target:
+            resolved = self.resolve(target)
+            if resolved is None:
+                return None
+            svc, sport = resolved
+            if len(self._known) >= MAX_KNOWN_TARGETS:
+                self._known.clear()
+            known = self._known[id(target)] = (
+                target, self.balancers.get(svc, sport),  # type: ignore[attr-defined]
+                self.store.backends(svc, sport))
+        return known[1], known[2]
 
     def resolve(self, target: Target) -> tuple[Service, ServicePort] | None:
         svc = self.store.service(target.namespace, target.name)
@@ -100,6 +125,8 @@ class Upstreams:
         return (svc, port) if port is not None else None
 
     def close(self) -> None:
+        self.store.unsubscribe(self._forget)
+        self._forget()
         self.pool.close()
 
 
@@ -159,8 +186,23 @@ def _first(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> bytes | Non
     return None
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What a request head is routed to, up to the per-request parts (endpoints, deadline)."""
+    req: Request
+    target: Target
+    route: Route
+    wire: bytes
+    response_timeout: float
+    edit: Callable[[bytes], bytes] | None
+    retry: Callable[[int], bool]
+
+
 class GatewayRouter:
-    """The route table's decision for each request on one client connection."""
+    """The route table's decision for each request on one client connection.
+
+    A head seen before on this connection, under the same route table, routed without a
+    weighted choice, reuses its plan (``MEMO_PLANS``): the route, the rewritten head."""
 
     def __init__(self, spec_of: Callable[[], PortSpec | None], server: int, scheme: str,
                  upstreams: Upstreams, limits: HttpLimits) -> None:
@@ -172,46 +214,60 @@ class GatewayRouter:
         self.port = 0
         self._counters: dict[int, metrics.Counter] = {}
         self._duration: metrics.Histogram | None = None
+        self._plans: dict[bytes, tuple[PortSpec, _Plan | Reply]] = {}
 
     def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply:
         spec = self.spec_of()
         if spec is None:
             return Reply(404, page(404, b"no gateway server on this port\n", False), False)
-        if spec.port != self.port:
-            self.port, self._counters, self._duration = spec.port, {}, None
+        known = self._plans.get(raw)
+        if known is not None and known[0] is spec:
+            plan = known[1]
+        else:
+            if spec.port != self.port:
+                self.port, self._counters, self._duration = spec.port, {}, None
+            plan, fixed = self._plan(spec, head, client_ip)
+            if fixed:
+                if len(self._plans) >= MEMO_PLANS:
+                    self._plans.clear()
+                self._plans[raw] = (spec, plan)
+        if isinstance(plan, Reply):
+            return plan
+        found = self.upstreams.endpoints(plan.target)
+        if found is None:
+            return Reply(503, page(503, b"no such service port\n", False), False)
+        balancer, backends = found
+        route = plan.route
+        return Forward(balancer, backends, _hash_key(balancer, plan.req, client_ip), plan.wire,
+                       response_timeout=plan.response_timeout,
+                       attempts=1 + max(route.attempts, 0), retry_on=plan.retry,
+                       edit_response=plan.edit,
+                       deadline=time.monotonic() + route.timeout if route.timeout else 0.0)
+
+    def _plan(self, spec: PortSpec, head: RequestHead, client_ip: str
+              ) -> tuple[_Plan | Reply, bool]:
+        """The plan for a request, and whether it holds for the same head again."""
         req = Request(method=head.method.decode("latin-1"),
                       target=head.target.decode("latin-1"), host=head.host.decode("latin-1"),
                       headers=_HeaderView(head), scheme=self.scheme, port=spec.port)
         action = spec.decide(req, random.random(), self.server)
         keep = head.framing is Framing.NONE and head.keep_alive
         if isinstance(action, NotFound):
-            return Reply(404, page(404, b"no route\n", keep), keep)
+            return Reply(404, page(404, b"no route\n", keep), keep), True
         if isinstance(action, SendRedirect):
             location = ((b"Location", action.location.encode("latin-1")),)
-            return Reply(action.status, page(action.status, b"", keep, location), keep)
+            return Reply(action.status, page(action.status, b"", keep, location), keep), True
         if isinstance(action, SendDirect):
-            return Reply(action.status, page(action.status, action.body, keep), keep)
-        return self._forward(head, req, action, client_ip)
-
-    def _forward(self, head: RequestHead, req: Request, action: RouteForward, client_ip: str
-                 ) -> Forward | Reply:
-        upstreams = self.upstreams
-        resolved = upstreams.resolve(action.target)
-        if resolved is None:
-            return Reply(503, page(503, b"no such service port\n", False), False)
-        svc, sport = resolved
-        balancer: Balancer = upstreams.balancers.get(svc, sport)  # type: ignore[attr-defined]
+            return Reply(action.status, page(action.status, action.body, keep), keep), True
         route = action.route
         ops = _ops(action, "response")
-        return Forward(
-            balancer, upstreams.store.backends(svc, sport), _hash_key(balancer, req, client_ip),
-            _request_head(head, action, client_ip, self.scheme),
-            response_timeout=route.per_try_timeout or route.timeout or
-            self.limits.response_timeout,
-            attempts=1 + max(route.attempts, 0),
-            retry_on=functools.partial(_retriable, route),
-            edit_response=functools.partial(_edit_response, ops, head.method) if ops else None,
-            deadline=time.monotonic() + route.timeout if route.timeout else 0.0)
+        plan = _Plan(req, action.target, route, _request_head(head, action, client_ip,
+                                                              self.scheme),
+                     route.per_try_timeout or route.timeout or self.limits.response_timeout,
+                     functools.partial(_edit_response, ops, head.method) if ops else None,
+                     functools.partial(_retriable, route))
+        weighted = sum(1 for t in route.targets if t.weight > 0)
+        return plan, len(route.targets) == 1 or weighted == 1
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
         if failure in (Failure.BAD_REQUEST, Failure.HEAD_TIMEOUT):
