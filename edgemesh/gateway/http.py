@@ -49,11 +49,10 @@ from edgemesh.proxy.http import (
     Forward,
     HttpLimits,
     Reply,
-    TcpDialer,
-    UpstreamPool,
     serve_connection,
 )
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
+from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
 from edgemesh.proxy.lb import Balancer, HashKey
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once

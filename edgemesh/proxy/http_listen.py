@@ -49,7 +49,7 @@ from edgemesh.proxy.http import (
 )
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
-from edgemesh.proxy.tcp import CONNECTIONS, READ, REJECTED, Conn, TCPListener, TCPProxy
+from edgemesh.proxy.tcp import CONNECTIONS, READ, Conn, TCPListener, TCPProxy
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
@@ -268,28 +268,9 @@ class TLSListener(TCPListener):
                  backends: list[Backend]) -> None:
         super().__init__(proxy, name, ip, balancer, backends)
 
-    def _accept_batch(self) -> None:
-        proxy = self.proxy
-        for _ in range(64):
-            try:
-                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if _once(("accept", e.errno)):
-                    log.error("accept on %s: %s", self.name, e)
-                return
-            client = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
-            if len(proxy.conns) >= proxy.max_connections:
-                REJECTED.labels(self.name, "limit").inc()
-                client.close()
-                continue
-            client.setblocking(False)
-            client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            self._accepted.value += 1
-            conn = Conn(proxy, self, client, addr[0])
-            proxy.conns.add(conn)
-            _HelloWait(self, conn)
+    def _start(self, conn: Conn) -> None:
+        self.proxy.conns.add(conn)
+        _HelloWait(self, conn)
 
 
 class _HelloWait:

@@ -36,7 +36,6 @@ from edgemesh.proxy.http import (
     Connection,
     Failure,
     Forward,
-    Pooled,
     Reply,
     Resume,
 )
@@ -50,6 +49,7 @@ from edgemesh.proxy.http_head import (
     parse_request_head,
     parse_response_framing,
 )
+from edgemesh.proxy.http_pool import Pooled
 from edgemesh.runtime import metrics
 
 log = logging.getLogger(__name__)

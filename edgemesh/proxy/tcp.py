@@ -474,9 +474,12 @@ class TCPListener:
             client.setblocking(False)
             client.setsockopt(_TCP, _NODELAY, 1)
             self._accepted.value += 1
-            conn = Conn(proxy, self, client, addr[0])
-            proxy.conns.add(conn)
-            conn.connect_next()
+            self._start(Conn(proxy, self, client, addr[0]))
+
+    def _start(self, conn: Conn) -> None:
+        """Begin proxying an accepted connection (``http_listen.TLSListener`` peeks first)."""
+        self.proxy.conns.add(conn)
+        conn.connect_next()
 
     def close(self) -> None:
         """Stop accepting; connections already proxied carry on."""
