@@ -217,6 +217,9 @@ class Flow:
         if self.ww is not None:
             self.ww.stop()
             self.ww.close()
+        # break the flow ↔ watcher (callback) cycle: memory comes back at close, not at the
+        # next full garbage collection
+        self.rw = self.ww = None
         if self.pipe is not None:
             # bytes may still sit in it: never lend such a pipe again
             self.pool.give(self.pipe, clean=self.pending == 0)
@@ -367,6 +370,7 @@ class Conn:
         if flows is not None:
             flows[0].stop()
             flows[1].stop()
+            self.flows = None  # and the conn ↔ flows cycle
         self.client.close()
         if self.server is not None:
             self.server.close()
