@@ -9,6 +9,8 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 
+import gevent
+import h11
 import pytest
 import requests
 from gevent.server import StreamServer
@@ -17,8 +19,10 @@ from websockets.sync.client import connect as ws_connect
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.dialer import Dialer
-from edgemesh.proxy.http import HttpLimits, UpstreamPool, serve_connection
+from edgemesh.proxy.http import Forward, HttpLimits, Reply, UpstreamPool, serve_connection
+from edgemesh.proxy.http_head import HeadError, HeadLimits, RequestHead, parse_request_head
 from edgemesh.proxy.http_listen import HttpPort
+from edgemesh.proxy.httpflow import MEMO_ENTRIES, _Memo
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec, Policy
 from tests.httpbackends import EchoBackend
 from tests.procs import free_port
@@ -149,7 +153,6 @@ def test_stale_pooled_connections_are_retried(echo: list[EchoBackend]) -> None:
         with requests.Session() as s:
             for _ in range(4):
                 assert s.get(proxy.url).status_code == 200
-                import gevent
                 gevent.sleep(0.15)  # the endpoint closes its idle connection meanwhile
         assert quick.connections == 4
     finally:
@@ -228,3 +231,119 @@ def test_slow_client_is_dropped(echo: list[EchoBackend]) -> None:
         assert s.recv(100) == b""  # closed by the proxy, not by our timeout
     with socket.create_connection((host, int(port)), timeout=5) as s:
         assert s.recv(100) == b""  # an idle connection too
+
+
+# ---- the engine's callback path and its hand-overs ------------------------------------------
+
+
+def read_responses(sock: socket.socket, n: int) -> list[h11.Response | h11.Data]:
+    """``n`` complete responses (each: the Response event and its body) read with h11."""
+    conn = h11.Connection(h11.CLIENT)
+    out: list = []
+    for _ in range(n):
+        conn.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+        conn.send(h11.EndOfMessage())
+        head, body = None, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        out += [head, body]
+        conn.start_next_cycle()
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        for _ in range(2):  # the second round runs on pooled connections (callback path)
+            s.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(3)))
+            got = read_responses(s, 3)
+            assert [json.loads(got[i * 2 + 1])["target"] for i in range(3)] == ["/0", "/1", "/2"]
+
+
+def test_timeout_on_a_pooled_connection_is_504(echo: list[EchoBackend]) -> None:
+    proxy = make_proxy(echo[:1], limits=HttpLimits(response_timeout=0.3))
+    with requests.Session() as s:
+        assert s.get(proxy.url + "/").status_code == 200  # leaves a pooled connection
+        r = s.get(proxy.url + "/slow")
+        assert r.status_code == 504 and "default/web:80" in r.text
+        assert s.get(proxy.url + "/").status_code == 200
+
+
+def test_an_endpoint_closing_an_idle_connection_empties_the_pool() -> None:
+    quick = EchoBackend("quick", idle_close=0.05)
+    try:
+        proxy = make_proxy([quick])
+        assert requests.get(proxy.url).status_code == 200
+        for _ in range(500):  # polled, no request made: the idle watcher notices the close
+            if proxy.pool.idle_count() == 0:
+                break
+            gevent.sleep(0.01)
+        assert proxy.pool.idle_count() == 0
+    finally:
+        quick.stop()
+
+
+class Always503:
+    """An endpoint answering every request with 503 (keep-alive)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.backend = Backend("127.0.0.1", self.server.server_port)
+
+    def _handle(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        buf = b""
+        while data := sock.recv(65536):
+            buf += data
+            while b"\r\n\r\n" in buf:
+                _, buf = buf.split(b"\r\n\r\n", 1)
+                self.requests += 1
+                sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+
+
+class RetryingPort(HttpPort):
+    """The proxy's router with the gateway's kind of retry: 503 moves to another endpoint."""
+
+    def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply:
+        fwd = super().decide(head, raw, client_ip)
+        assert isinstance(fwd, Forward)
+        fwd.attempts, fwd.retry_on = 2, (lambda status: status == 503)
+        return fwd
+
+
+def test_router_retries_a_status_on_another_endpoint(echo: list[EchoBackend]) -> None:
+    bad = Always503()
+    try:
+        proxy = Proxy([bad.backend])
+        proxy.port = RetryingPort("default/web:80", Balancer(LBSpec()), lambda: proxy.backends)
+        with requests.Session() as s:
+            # nothing else to try: the 503 is the answer, and its connection is pooled
+            assert [s.get(proxy.url).status_code for _ in range(2)] == [503, 503]
+            proxy.backends = [bad.backend, echo[0].backend]
+            assert {s.get(proxy.url).status_code for _ in range(20)} == {200}
+        assert bad.requests >= 7  # tried, on a pooled connection and on fresh ones
+    finally:
+        bad.server.stop(timeout=1)
+
+
+def test_head_memo_returns_what_the_parser_returns() -> None:
+    memo = _Memo()
+    raw = b"GET /x HTTP/1.1\r\nHost: a\r\nX-User: u\r\n\r\n"
+    first = memo.request(raw, HeadLimits())
+    assert first == parse_request_head(raw) and memo.request(raw, HeadLimits()) is first
+    for tighter in (HeadLimits(max_fields=1), HeadLimits(max_size=10)):  # limits in the key
+        with pytest.raises(HeadError):
+            memo.request(raw, tighter)
+    for i in range(MEMO_ENTRIES + 10):
+        memo.request(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i, HeadLimits())
+    assert len(memo.requests) <= MEMO_ENTRIES
