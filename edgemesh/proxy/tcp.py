@@ -19,6 +19,13 @@ Per connection:
 - EOF on one side becomes ``shutdown(SHUT_WR)`` on the other (half-close); a reset or error
   aborts both sides, with RST towards the peer that is still there.
 - an idle sweep closes connections with no traffic for ``tcpIdleTimeout`` seconds.
+
+Invariants: a pipe goes back to the pool only when empty (``Flow.pending`` counts what is in
+it before any write is tried, so a failed write drops the pipe instead of lending another
+connection its bytes); closing a connection breaks its conn/flow/watcher cycles, so its memory
+is reused at once. Measured (bench/proxy.py): ~0.25 s CPU per GB against haproxy's ~0.4, about
+1 KiB per idle connection, but ~90 µs CPU per new connection against haproxy's ~70 µs — most of
+both is the kernel's loopback TCP work; the rest here is Python and a few extra syscalls.
 """
 from __future__ import annotations
 
