@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from edgemesh.errors import RemoteProtocolError
 
@@ -69,8 +70,8 @@ class HeadLimits:
     max_fields: int = 100
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """A parsed request head (a named tuple: immutable, and cheap to build on every request)."""
     method: bytes
     target: bytes
     version: bytes  # b"1.1" or b"1.0"
@@ -87,8 +88,8 @@ class RequestHead:
         return header_value(self.headers, name)
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
+    """A parsed response head."""
     version: bytes
     status: int
     reason: bytes
