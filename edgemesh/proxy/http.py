@@ -277,6 +277,9 @@ class Connection:
                     return
         except _ClientGone:
             pass
+        finally:
+            if flow is not None:
+                flow.close()
 
     # ---- the client side ----------------------------------------------------------------------
 

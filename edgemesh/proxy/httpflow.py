@@ -13,6 +13,10 @@ without an idle pooled connection (dialling), a response that is chunked, close-
 larger than ``FAST_BODY`` bytes, a 1xx response, or a status the route retries. The greenlet
 path then hands the connection back for the next request.
 
+Heads are parsed once per distinct head (``_Memo``, bounded): the parsers are pure, their
+results immutable, and the same client and endpoint repeat the same heads — measured, parsing
+was most of the Python time of a small request.
+
 A request is dispatched only when the pooled connection took its whole head in one ``send``;
 anything that goes wrong before the first response byte hands the request over untouched
 (a request without a body may be sent again). Responses are buffered only up to
@@ -137,6 +141,14 @@ class Fast:
             self.conn.fast = None
             self.waiter = None
             self._stop()
+
+    def close(self) -> None:
+        """The connection is over: free the watchers (and the cycles through their callbacks)."""
+        self._stop()
+        for w in (self.cw, self.ww):
+            if w is not None:
+                w.close()
+        self.ww = self.on_upstream_cb = None  # type: ignore[assignment]
 
     # ---- leaving the fast path ----------------------------------------------------------------
 
