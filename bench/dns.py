@@ -3,11 +3,14 @@
 Both servers are pinned to one core (taskset), dnsperf to another. Cluster names: the agent
 answers them from manifests, dnsmasq from ``--host-record``. Cached upstream names: both
 forward to a third dnsmasq (``--address=/example.test/...``) and answer from their caches after
-a warm-up. Runs are interleaved for ``--rounds`` rounds; the median per-round ratio is printed,
+a warm-up. Runs are interleaved for ``--rounds`` rounds, the order swapped every round (ABBA:
+a drifting load on the shared machine hits both alike); the median per-round ratio is printed,
 of queries per second and of queries per CPU-second of the server (steadier on a shared
-machine, and fair when dnsperf rather than the server is the limit).
+machine, and fair when dnsperf rather than the server is the limit). Each run also shows how
+busy the server's and dnsperf's cores were (CPU-seconds per second): a server well below 100%
+while dnsperf is near 100% means dnsperf, not the server, was the limit.
 
-    .venv/bin/python -m bench.dns [--seconds 10] [--rounds 3] [--names 100]
+    .venv/bin/python -m bench.dns [--seconds 3] [--rounds 8] [--names 100] [--outstanding 100]
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZONE = "cluster.local"
@@ -82,14 +87,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def dnsperf(port: int, queries: str, seconds: float, core: str,
-            pid: int | None = None) -> tuple[float, float]:
-    """(queries per second, queries per CPU-second of the server ``pid``)."""
+@dataclass
+class Run:
+    qps: float
+    per_cpu: float  # queries per CPU-second of the server
+    server_busy: float  # the server's CPU-seconds per second of the run
+    client_busy: float  # dnsperf's
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def dnsperf(port: int, queries: str, seconds: float, core: str, pid: int | None = None,
+            outstanding: int = 100, clients: int = 1) -> Run:
+    """One dnsperf run against ``port``; ``pid`` is the server whose CPU time is measured."""
     cpu_before = cpu_seconds(pid) if pid else 0.0
+    client_before, started = children_cpu(), time.monotonic()
     out = subprocess.run(["taskset", "-c", core, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
-                          "-d", queries, "-l", str(seconds), "-q", "100"],
+                          "-d", queries, "-l", str(seconds), "-q", str(outstanding),
+                          "-c", str(clients)],
                          capture_output=True, text=True, timeout=seconds + 30)
+    wall = time.monotonic() - started
     cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
+    client_cpu = children_cpu() - client_before
     found = re.search(r"Queries per second:\s+([\d.]+)", out.stdout)
     completed = re.search(r"Queries completed:\s+(\d+)", out.stdout)
     if not found:
@@ -101,14 +123,18 @@ def dnsperf(port: int, queries: str, seconds: float, core: str,
         print(f"  (port {port} {os.path.basename(queries)}: {lost.group(1)} queries lost)",
               file=sys.stderr)
     per_cpu = int(completed.group(1)) / cpu if completed and cpu > 0 else 0.0
-    return float(found.group(1)), per_cpu
+    return Run(float(found.group(1)), per_cpu, cpu / wall, client_cpu / wall)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--names", type=int, default=100)
+    parser.add_argument("--outstanding", type=int, default=100,
+                        help="dnsperf -q: queries in flight (more than a socket buffer of a "
+                        "peer holds only measures its drops)")
+    parser.add_argument("--clients", type=int, default=1, help="dnsperf -c")
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "dig", "taskset"):
         if shutil.which(tool) is None:
@@ -172,18 +198,25 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
           f"{args.names} names, {args.seconds:g} s per run, {args.rounds} rounds")
     ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
     cpu_ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
+    print("per run: qps (queries per server CPU-second; server busy, dnsperf busy)")
     for r in range(args.rounds):
         for kind, queries in (("cluster", cluster_q), ("upstream", upstream_q)):
-            ours, ours_cpu = dnsperf(our_port, queries, args.seconds, client_core, our_pid)
-            theirs, theirs_cpu = dnsperf(peer_port, queries, args.seconds, client_core,
-                                         peer_pid)
-            ratios[kind].append(ours / theirs)
-            cpu_ratios[kind].append(ours_cpu / theirs_cpu if theirs_cpu else 0.0)
-            print(f"round {r + 1} {kind:<8} edgemesh {ours:8.0f} qps ({ours_cpu:7.0f}/cpu-s)"
-                  f"   dnsmasq {theirs:8.0f} qps ({theirs_cpu:7.0f}/cpu-s)"
-                  f"   ratio {ours / theirs:.2f}")
+            runs: dict[str, Run] = {}
+            order = [("edgemesh", our_port, our_pid), ("dnsmasq", peer_port, peer_pid)]
+            for who, port, pid in order if r % 2 == 0 else order[::-1]:
+                runs[who] = dnsperf(port, queries, args.seconds, client_core, pid,
+                                    args.outstanding, args.clients)
+            ours, theirs = runs["edgemesh"], runs["dnsmasq"]
+            ratios[kind].append(ours.qps / theirs.qps)
+            cpu_ratios[kind].append(ours.per_cpu / theirs.per_cpu if theirs.per_cpu else 0.0)
+            print(f"round {r + 1} {kind:<8} " + "   ".join(
+                f"{who} {run.qps:7.0f} ({run.per_cpu:6.0f}/cpu-s; {run.server_busy:4.0%}, "
+                f"{run.client_busy:4.0%})" for who, run in runs.items())
+                + f"   ratio {ratios[kind][-1]:.2f}")
     for kind in ratios:
-        print(f"{kind} names: edgemesh/dnsmasq = {statistics.median(ratios[kind]):.2f}x qps, "
+        q = sorted(ratios[kind])
+        print(f"{kind} names: edgemesh/dnsmasq = {statistics.median(q):.2f}x qps "
+              f"(rounds {q[0]:.2f}..{q[-1]:.2f}), "
               f"{statistics.median(cpu_ratios[kind]):.2f}x queries per CPU-second (medians)")
     return 0
 

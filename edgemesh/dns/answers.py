@@ -69,7 +69,7 @@ class Answerer:
         self.exact_size = exact_size
         self.exact: dict[bytes, tuple[bytes, metrics.Counter]] = {}
         self.upstream_exact: dict[bytes, tuple[bytes, float, metrics.Counter]] = {}
-        self._clock = clock or time.monotonic
+        self.clock = clock or time.monotonic
 
     def invalidate(self, *_: object) -> None:
         """The store changed: forget the zone and every answer derived from it."""
@@ -109,7 +109,7 @@ class Answerer:
         return self._from_cache(query, udp)
 
     def _from_cache(self, query: wire.Query, udp: bool) -> bytes | Forward:
-        now = self._clock()
+        now = self.clock()
         entry = self.cache.get(query.cache_key, now) if self.cache is not None else None
         if entry is None or not entry.fresh(now):
             CACHE_MISSES.labels("upstream").inc()
@@ -128,7 +128,7 @@ class Answerer:
     def forwarded(self, fwd: Forward, response: bytes | None) -> bytes:
         """The client's answer once the upstream answered (``response``) or failed (None)."""
         query = fwd.query
-        now = self._clock()
+        now = self.clock()
         if response is not None and self.cache is not None:
             self.cache.put(fwd.key, response, now)
         if fwd.cname is not None:
@@ -191,7 +191,7 @@ class Answerer:
             return data[:2] + hit[0]
         up = self.upstream_exact.get(data[2:])
         if up is not None:
-            if self._clock() < up[1]:
+            if self.clock() < up[1]:
                 up[2].value += 1
                 UPSTREAM_HITS.value += 1
                 return data[:2] + up[0]

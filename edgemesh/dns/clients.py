@@ -20,6 +20,7 @@ class ClientPolicy:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in (*LOOPBACK, *networks)]
         self.local: frozenset[str] = frozenset()
         self.memo: dict[str, bool] = {}
+        self.raw_memo: dict[object, bool] = {}  # the UDP loop's: raw sender address → allowed
         self.set_local(local)
 
     def set_local(self, addresses: Iterable[str]) -> None:
@@ -28,6 +29,7 @@ class ClientPolicy:
         if local != self.local:
             self.local = local
             self.memo.clear()  # in place: the UDP loop holds a reference
+            self.raw_memo.clear()
 
     def allowed(self, ip: str) -> bool:
         ok = self.memo.get(ip)
@@ -36,6 +38,14 @@ class ClientPolicy:
             if len(self.memo) >= MEMO_LIMIT:
                 self.memo.clear()
             self.memo[ip] = ok
+        return ok
+
+    def allowed_raw(self, key: object, ip: str) -> bool:
+        """``allowed(ip)``, remembered under ``key`` (the sender's address as read raw)."""
+        ok = self.allowed(ip)
+        if len(self.raw_memo) >= MEMO_LIMIT:
+            self.raw_memo.clear()
+        self.raw_memo[key] = ok
         return ok
 
     def _decide(self, ip: str) -> bool:
