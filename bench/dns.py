@@ -3,14 +3,18 @@
 Both servers are pinned to one core (taskset), dnsperf to another. Cluster names: the agent
 answers them from manifests, dnsmasq from ``--host-record``. Cached upstream names: both
 forward to a third dnsmasq (``--address=/example.test/...``) and answer from their caches after
-a warm-up. Runs are interleaved for ``--rounds`` rounds, the order swapped every round (ABBA:
-a drifting load on the shared machine hits both alike); the median per-round ratio is printed,
-of queries per second and of queries per CPU-second of the server (steadier on a shared
-machine, and fair when dnsperf rather than the server is the limit). Each run also shows how
+a warm-up. Each round loads both servers at the same time, each with its own dnsperf, both
+dnsperf on the client core: the two servers share one core and whatever else the shared machine
+runs on it, so the noise hits both alike (round ratios within a few percent even when the
+servers get a fifth of the core). ``--interleaved`` runs them one after the other instead, the
+order swapped every round (ABBA), which swings 0.5-2x per round on a busy machine. The median
+per-round ratio is printed, of queries per second and of queries per CPU-second of the server
+(fair when dnsperf rather than the server is the limit). Each run also shows how
 busy the server's and dnsperf's cores were (CPU-seconds per second): a server well below 100%
 while dnsperf is near 100% means dnsperf, not the server, was the limit.
 
     .venv/bin/python -m bench.dns [--seconds 3] [--rounds 8] [--names 100] [--outstanding 100]
+                                  [--clients 1] [--interleaved]
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import argparse
 import os
 import random
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -95,35 +98,51 @@ class Run:
     client_busy: float  # dnsperf's
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def dnsperf(port: int, queries: str, seconds: float, core: str, pid: int | None = None,
             outstanding: int = 100, clients: int = 1) -> Run:
     """One dnsperf run against ``port``; ``pid`` is the server whose CPU time is measured."""
-    cpu_before = cpu_seconds(pid) if pid else 0.0
-    client_before, started = children_cpu(), time.monotonic()
-    out = subprocess.run(["taskset", "-c", core, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
-                          "-d", queries, "-l", str(seconds), "-q", str(outstanding),
-                          "-c", str(clients)],
-                         capture_output=True, text=True, timeout=seconds + 30)
-    wall = time.monotonic() - started
-    cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
-    client_cpu = children_cpu() - client_before
-    found = re.search(r"Queries per second:\s+([\d.]+)", out.stdout)
-    completed = re.search(r"Queries completed:\s+(\d+)", out.stdout)
+    return dnsperf_together([(port, pid)], queries, seconds, core, outstanding, clients)[0]
+
+
+def dnsperf_together(targets: list[tuple[int, int | None]], queries: str, seconds: float,
+                     core: str, outstanding: int = 100, clients: int = 1) -> list[Run]:
+    """One dnsperf per (port, server pid), all at the same time, all on ``core``."""
+    cpu_before = [cpu_seconds(pid) if pid else 0.0 for _, pid in targets]
+    started = time.monotonic()
+    procs = []
+    for port, _ in targets:
+        out = tempfile.TemporaryFile(mode="w+")
+        procs.append((subprocess.Popen(
+            ["taskset", "-c", core, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d",
+             queries, "-l", str(seconds), "-q", str(outstanding), "-c", str(clients)],
+            stdout=out, stderr=subprocess.STDOUT, text=True), out))
+    runs = []
+    for (port, pid), before, (proc, out) in zip(targets, cpu_before, procs, strict=True):
+        _, status, usage = os.wait4(proc.pid, 0)  # taskset execs dnsperf: its own rusage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - started
+        cpu = cpu_seconds(pid) - before if pid else 0.0
+        out.seek(0)
+        runs.append(parse_run(out.read(), port, queries, cpu, wall,
+                              (usage.ru_utime + usage.ru_stime) / wall))
+        out.close()
+    return runs
+
+
+def parse_run(stdout: str, port: int, queries: str, cpu: float, wall: float,
+              client_busy: float) -> Run:
+    found = re.search(r"Queries per second:\s+([\d.]+)", stdout)
+    completed = re.search(r"Queries completed:\s+(\d+)", stdout)
     if not found:
-        raise RuntimeError(f"dnsperf said:\n{out.stdout}\n{out.stderr}")
-    lost = re.search(r"Queries lost:\s+(\d+)", out.stdout)
+        raise RuntimeError(f"dnsperf said:\n{stdout}")
+    lost = re.search(r"Queries lost:\s+(\d+)", stdout)
     if float(found.group(1)) == 0:
-        print(out.stdout, out.stderr, file=sys.stderr)
+        print(stdout, file=sys.stderr)
     if lost and int(lost.group(1)):
         print(f"  (port {port} {os.path.basename(queries)}: {lost.group(1)} queries lost)",
               file=sys.stderr)
     per_cpu = int(completed.group(1)) / cpu if completed and cpu > 0 else 0.0
-    return Run(float(found.group(1)), per_cpu, cpu / wall, client_cpu / wall)
+    return Run(float(found.group(1)), per_cpu, cpu / wall, client_busy)
 
 
 def main() -> int:
@@ -135,6 +154,9 @@ def main() -> int:
                         help="dnsperf -q: queries in flight (more than a socket buffer of a "
                         "peer holds only measures its drops)")
     parser.add_argument("--clients", type=int, default=1, help="dnsperf -c")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="load the servers one after the other (ABBA) instead of at the "
+                        "same time")
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "dig", "taskset"):
         if shutil.which(tool) is None:
@@ -203,7 +225,14 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
         for kind, queries in (("cluster", cluster_q), ("upstream", upstream_q)):
             runs: dict[str, Run] = {}
             order = [("edgemesh", our_port, our_pid), ("dnsmasq", peer_port, peer_pid)]
-            for who, port, pid in order if r % 2 == 0 else order[::-1]:
+            if r % 2:
+                order.reverse()
+            if not args.interleaved:
+                both = dnsperf_together([(port, pid) for _, port, pid in order], queries,
+                                        args.seconds, client_core, args.outstanding,
+                                        args.clients)
+                runs = {who: run for (who, _, _), run in zip(order, both, strict=True)}
+            for who, port, pid in order if args.interleaved else ():
                 runs[who] = dnsperf(port, queries, args.seconds, client_core, pid,
                                     args.outstanding, args.clients)
             ours, theirs = runs["edgemesh"], runs["dnsmasq"]
