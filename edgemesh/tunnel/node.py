@@ -85,7 +85,10 @@ class TunnelNode:
         self.claims: dict[tuple[str, int], Callable[[socket.socket], None]] = {}
 
     def hello(self, intent: str = "session", **extra: object) -> Hello:
-        return Hello(self.name, self.role, intent, self.window, dict(extra))
+        # "port": our tunnel port, so a peer that only ever saw our connections knows where
+        # to dial us back without asking a server (docs/tunnel-protocol.md §8.1)
+        return Hello(self.name, self.role, intent, self.window,
+                     {"port": self.listen_addr[1], **extra})
 
     # ---- listening ----------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ MONITOR_PERIOD = 0.5
 SILENT_PROBE = 1.0  # idle this long: ping (the session's own pinger is every 10 s)
 SILENT_DEAD = 3.0  # no bytes this long despite probes: the path is gone
 RECOVER_DEFER = 2.0  # the larger-named side lets the smaller one reconnect first
+MAX_SEEN = 4096
 RETIRE_GRACE = 1.0  # a retired session closes once idle, not before this
 RELINK_AFTER = 20.0  # a server link from another port (tunnel port's 4-tuple in TIME_WAIT)
 
@@ -103,6 +104,7 @@ class Peers:
         self.sessions: dict[str, list[Session]] = {}
         self.records: dict[str, PeerRecord] = {}
         self.paths: dict[str, punch.PathState] = {}
+        self.seen: dict[str, tuple[str, int]] = {}  # node -> (ip, tunnel port) of a direct peer
         self.nat = punch.NatKind.UNKNOWN
         self.puncher = Puncher(self)
         self._retiring: dict[Session, float] = {}
@@ -140,11 +142,23 @@ class Peers:
         self.sessions.setdefault(session.peer, []).insert(0, session)
         if self.is_link(session):
             return
+        if session.path == "direct":
+            self._remember_seen(session)
         state = self.state(session.peer)
         if session.path != "relayed":
             state.went_direct()
         elif state.next_at is None:
             state.upgrade_failed(time.monotonic())  # keep trying direct, with backoff
+
+    def _remember_seen(self, session: Session) -> None:
+        """The address a direct session came from, at the port its Hello names: a path back
+        to the peer that needs no server."""
+        where = punch.split(session.address)
+        port = session.peer_hello.extra.get("port")
+        if where is not None and isinstance(port, int) and 0 < port < 65536:
+            self.seen[session.peer] = (where[0], port)
+            if len(self.seen) > MAX_SEEN:
+                self.seen.pop(next(iter(self.seen)))
 
     def removed(self, session: Session) -> None:
         sessions = self.sessions.get(session.peer, [])
@@ -329,12 +343,16 @@ class Peers:
     # ---- direct -------------------------------------------------------------------------------
 
     def candidates(self, node: str) -> list[tuple[str, str, int]]:
-        """Direct addresses of ``node`` in order, with their kind: lan, node, public."""
+        """Direct addresses of ``node`` in order, with their kind: lan (registered, or seen on
+        a direct session), node (its Node object), public."""
         rec = self.records.get(node)
-        port = rec.port if rec and rec.port else self.listen_port
+        seen = self.seen.get(node)
+        port = rec.port if rec and rec.port else seen[1] if seen else self.listen_port
         out: list[tuple[str, str, int]] = []
         if rec:
             out += [("lan", a, port) for a in rec.addrs]
+        if seen:
+            out.append(("lan", *seen))
         obj = self.store.node(node)
         if obj is not None:
             for kind in ("InternalIP", "ExternalIP"):

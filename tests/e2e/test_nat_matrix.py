@@ -295,6 +295,14 @@ def test_a_punched_pair_outlives_every_server(matrix: Matrix) -> None:
     # same LAN, no server at all: a2 restarts, a1 reconnects to its LAN address
     matrix.agents["a2"].stop()
     matrix.agents["a2"] = matrix.agent("a2")
-    netlab.wait_for(lambda: matrix.curl("a1", "10.96.2.3") == "hello from a2", 30,
-                    interval=0.5, what="a1 -> a2 with every server down")
+    # curl only once a2 listens: failed connects before that would only teach a1's proxy
+    # that the endpoint is down
+    netlab.wait_for(lambda: ":20007" in matrix.ns["a2"].run("ss", "-ltnH").stdout, 30,
+                    interval=0.2, what="a2 listening again")
+    try:
+        netlab.wait_for(lambda: matrix.curl("a1", "10.96.2.3") == "hello from a2", 20,
+                        interval=0.5, what="a1 -> a2 with every server down")
+    except TimeoutError:
+        raise AssertionError(f"{matrix.peer('a1', 'a2')}\n{matrix.agents['a1'].log()[-4000:]}"
+                             f"\n--- a2\n{matrix.agents['a2'].log()[-2000:]}") from None
     assert matrix.peer("a1", "a2")["path"] == "direct"
