@@ -6,7 +6,11 @@ core with taskset, wrk (``-t1``) to the other, on loopback in the same run. Roun
 interleaved; medians of per-round ratios are printed, of requests/s and of requests per
 CPU-second of the proxy process (``/proc/PID/stat``), the "per core" comparison.
 
+``--unique-targets`` gives every request its own target (``/api/x?n=<counter>``), so no head
+repeats and neither the parsed-head memo nor the per-connection routing plans help.
+
     .venv/bin/python -m bench.gateway [--seconds 10] [--rounds 3] [--connections 32]
+                                      [--unique-targets]
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 
-from bench.http import cpu_seconds
+from bench.http import UNIQUE_TARGETS, cpu_seconds
 from bench.proxy import cpus
 
 SERVER_CPU, CLIENT_CPU = cpus()
@@ -133,12 +137,12 @@ def _gateway(tmp: str, port: int, backends: dict[str, int]) -> tuple[subprocess.
     return proc, admin
 
 
-def _wrk(port: int, path: str, seconds: int, connections: int, pid: int = 0
-         ) -> tuple[float, float]:
+def _wrk(port: int, path: str, seconds: int, connections: int, pid: int = 0,
+         script: tuple[str, ...] = ()) -> tuple[float, float]:
     """(requests/s, requests per CPU-second of process ``pid``)."""
     before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}",
-                          f"-d{seconds}s", "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}{path}"],
+                          f"-d{seconds}s", *script, "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
@@ -164,6 +168,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--unique-targets", action="store_true",
+                        help="a different request target on every request")
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None:
@@ -184,12 +190,18 @@ def main() -> None:
                 _check(port, "/api/x", "api")
                 _check(port, "/", "web")
             paths = (("haproxy", hp, haproxy.pid), ("edgemesh", gp, gw.pid))
+            script: tuple[str, ...] = ()
+            if args.unique_targets:
+                lua = os.path.join(tmp, "unique.lua")
+                with open(lua, "w") as f:
+                    f.write(UNIQUE_TARGETS.replace('"/?n="', '"/api/x?n="'))
+                script = ("-s", lua)
             for _, port, _ in paths:
                 _wrk(port, "/api/x", 1, args.connections)  # warm up
             rounds = []
             for r in range(args.rounds):
-                result = {name: _wrk(port, "/api/x", args.seconds, args.connections, pid)
-                          for name, port, pid in paths}
+                result = {name: _wrk(port, "/api/x", args.seconds, args.connections, pid,
+                                     script) for name, port, pid in paths}
                 rounds.append(result)
                 print(f"round {r + 1}: " + ", ".join(
                     f"{n} {rps:,.0f} req/s ({per:,.0f}/cpu-s)" for n, (rps, per) in
