@@ -271,13 +271,16 @@ class Peers:
             now = time.monotonic()
             for session in self._all_sessions():
                 self._check_alive(session, now)
-            for session, since in list(self._retiring.items()):
-                if not session.closed and session.stream_count == 0 \
-                        and now - since >= RETIRE_GRACE:
-                    close_now(session, "retired")
+            self._close_retired(now)
             for node in list(self.sessions):
                 self._tidy(node)
                 self._maybe_upgrade(node, now)
+
+    def _close_retired(self, now: float) -> None:
+        for session, since in list(self._retiring.items()):
+            if not session.closed and session.stream_count == 0 \
+                    and now - since >= RETIRE_GRACE:
+                close_now(session, "retired")
 
     def _all_sessions(self) -> list[Session]:
         out = [s for sessions in self.sessions.values() for s in sessions]
