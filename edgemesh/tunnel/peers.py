@@ -349,13 +349,13 @@ class Peers:
         """Direct addresses of ``node`` in order, with their kind: lan (registered, or seen on
         a direct session), node (its Node object), public."""
         rec = self.records.get(node)
-        seen = self.seen.get(node)
-        port = rec.port if rec and rec.port else seen[1] if seen else self.listen_port
+        came_from = self.seen.get(node)
+        port = rec.port if rec and rec.port else came_from[1] if came_from else self.listen_port
         out: list[tuple[str, str, int]] = []
         if rec:
             out += [("lan", a, port) for a in rec.addrs]
-        if seen:
-            out.append(("lan", *seen))
+        if came_from:
+            out.append(("lan", *came_from))
         obj = self.store.node(node)
         if obj is not None:
             for kind in ("InternalIP", "ExternalIP"):
@@ -365,11 +365,11 @@ class Peers:
                 out.append(("public", *split_host_port(rec.public)))
             except ValueError:
                 pass
-        seen: set[tuple[str, int]] = set()
+        done: set[tuple[str, int]] = set()
         unique = []
         for kind, host, p in out:
-            if (host, p) not in seen:
-                seen.add((host, p))
+            if (host, p) not in done:
+                done.add((host, p))
                 unique.append((kind, host, p))
         return unique
 
