@@ -105,10 +105,13 @@ class Env:
         self.liedir = os.path.join(tmp, "lie")
         os.mkdir(self.liedir)
         self.write("lie/lie.yaml", yaml.safe_dump_all(LIE))
+        # Hole punching off: these sites would punch (tests/e2e/test_nat_matrix.py covers
+        # that); here the relay itself is under test.
         self.config = self.write("config.yaml", yaml.safe_dump({
             "modules": {"edgeDNS": {"enable": True, "listenAddress": "127.0.0.1",
                                     "listenPort": 1053,
-                                    "cacheDNS": {"upstreamServers": ["127.0.0.1:9"]}}}}))
+                                    "cacheDNS": {"upstreamServers": ["127.0.0.1:9"]}},
+                        "edgeTunnel": {"holePunching": False}}}))
         self.start_pods()
         self.procs: dict[str, Proc] = {}
         server_config = self.write("server.yaml", yaml.safe_dump(
