@@ -306,7 +306,8 @@ class VirtualService:
 
 
 def _string_match(obj: Any, where: str) -> StringMatch | None:
-    """``{exact|prefix|regex: value}``; ``{}`` or absent is no constraint (for a header: present)."""
+    """``{exact|prefix|regex: value}``; ``{}`` or absent is no constraint
+    (for a header: present)."""
     if obj is None or obj == {}:
         return None
     if not isinstance(obj, dict) or len(obj) != 1:

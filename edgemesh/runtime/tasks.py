@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gevent
 import gevent.event
