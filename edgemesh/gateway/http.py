@@ -44,15 +44,10 @@ from edgemesh.gateway.routes import (
 from edgemesh.meta.istio import HeaderOps
 from edgemesh.meta.models import Service, ServicePort
 from edgemesh.meta.store import Backend, Store
-from edgemesh.proxy.http import (
-    Failure,
-    Forward,
-    HttpLimits,
-    Reply,
-    serve_connection,
-)
+from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
 from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
 from edgemesh.proxy.lb import Balancer, HashKey
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once

@@ -29,8 +29,8 @@ from edgemesh.gateway.listeners import ListenerSet, check_ip_lists, parse_ip_add
 from edgemesh.gateway.routes import PortKind, PortSpec, ServerRef, Table, Target, TLSMode
 from edgemesh.gateway.tls import CredentialError, Credentials
 from edgemesh.proxy.dialer import Dialer
-from edgemesh.proxy.http import HttpLimits
 from edgemesh.proxy.http_head import HeadLimits
+from edgemesh.proxy.http_router import HttpLimits
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
 from edgemesh.runtime import metrics, tasks

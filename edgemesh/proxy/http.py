@@ -2,14 +2,14 @@
 
 A *router* decides what each request gets; this module and ``httpflow`` do the I/O:
 
-- the router (``Router``) sees each parsed request head and answers ``Forward`` (endpoints,
-  balancer and key, the head's bytes as they go upstream, a response-head edit, response
-  timeout, attempts and which statuses are worth another endpoint) or ``Reply`` (a complete
-  response: redirect, direct response, 404). It also writes the error pages (``failed``) and
-  counts finished requests. ``http_listen.HttpPort`` (balancer, hash key from header,
-  cookie, query or source IP, Set-Cookie) and ``gateway.http.GatewayRouter`` (route table:
-  weighted destinations, rewrites, header operations, redirects, direct responses, timeouts,
-  retries) are the two routers.
+- the router (``http_router.Router``) sees each parsed request head and answers ``Forward``
+  (endpoints, balancer and key, the head's bytes as they go upstream, a response-head edit,
+  response timeout, attempts and which statuses are worth another endpoint) or ``Reply`` (a
+  complete response: redirect, direct response, 404). It also writes the error pages
+  (``failed``) and counts finished requests. ``http_listen.HttpPort`` (balancer, hash key from
+  header, cookie, query or source IP, Set-Cookie) and ``gateway.http.GatewayRouter`` (route
+  table: weighted destinations, rewrites, header operations, redirects, direct responses,
+  timeouts, retries) are the two routers.
 - ``serve_connection`` runs one client connection. The common case — a request without a
   body answered with a content-length (or no) body on a pooled upstream connection — runs on
   libev watcher callbacks (``httpflow.Fast``): no greenlet switch per request. Everything else
@@ -33,13 +33,11 @@ haproxy's ~15 µs; on callbacks, with heads parsed once per distinct head (``htt
 """
 from __future__ import annotations
 
-import enum
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import gevent
 
@@ -49,7 +47,6 @@ from edgemesh.proxy.http_body import BodyTracker
 from edgemesh.proxy.http_head import (
     Framing,
     HeadError,
-    HeadLimits,
     RequestHead,
     ResponseHead,
     head_end,
@@ -57,7 +54,7 @@ from edgemesh.proxy.http_head import (
     parse_response_framing,
 )
 from edgemesh.proxy.http_pool import UpstreamPool
-from edgemesh.proxy.lb import Balancer
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, Router
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.logs import Once
 
@@ -68,71 +65,6 @@ MALFORMED = metrics.counter("edgemesh_http_malformed_total",
                             "Malformed HTTP messages rejected, by who sent them.", ["sender"])
 
 RECV_SIZE = 65536
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """Bounds and timeouts (seconds) of one HTTP listener."""
-    head: HeadLimits = HeadLimits()
-    head_timeout: float = 30.0  # first byte of a request head → its end (slow clients)
-    idle_timeout: float = 120.0  # a keep-alive connection waiting for its next request
-    body_timeout: float = 60.0  # longest pause inside a body, either direction
-    response_timeout: float = 60.0  # request sent → response head read, else 504
-    connect_timeout: float = 5.0
-    connect_attempts: int = 3  # endpoints tried before answering 502
-    tunnel_idle_timeout: float = 3600.0  # an upgraded (WebSocket) connection with no traffic
-    max_body: int = 0  # request body bytes allowed (0: unlimited), else 413
-
-
-class Failure(enum.Enum):
-    """What went wrong with a request; the router turns it into what the client sees."""
-    BAD_REQUEST = "bad_request"  # malformed or oversized (the status is the parser's hint)
-    HEAD_TIMEOUT = "head_timeout"  # a request head not complete within head_timeout
-    NO_ENDPOINT = "no_endpoint"
-    UNREACHABLE = "unreachable"  # no endpoint could be connected to
-    BAD_RESPONSE = "bad_response"  # the endpoint broke the protocol
-    NO_ANSWER = "no_answer"  # the endpoint closed without answering
-    TIMEOUT = "timeout"  # no response head in time
-
-
-@dataclass(slots=True)
-class Reply:
-    """A complete response the router answers itself; ``keep``: the connection may go on."""
-    status: int
-    data: bytes
-    keep: bool
-
-
-@dataclass(slots=True)
-class Forward:
-    """Send the request to an endpoint of ``backends`` chosen by ``balancer`` for ``key``."""
-    balancer: Balancer
-    backends: Sequence[Backend]
-    key: str | None
-    wire: bytes  # the request head as it goes upstream
-    response_timeout: float = 0.0  # 0: the listener's ``response_timeout``
-    attempts: int = 0  # endpoints tried (0: the listener's ``connect_attempts``)
-    retry_on: Callable[[int], bool] | None = None  # statuses worth another endpoint (no body)
-    edit_response: Callable[[bytes], bytes] | None = None  # the response head as sent on
-    deadline: float = 0.0  # monotonic end of all attempts (0: none)
-
-    def wait(self, default: float) -> float:
-        """How long to wait for a response head now (``default``: the listener's timeout)."""
-        wait = self.response_timeout or default
-        if not self.deadline:
-            return wait
-        return max(0.001, min(wait, self.deadline - time.monotonic()))
-
-
-class Router(Protocol):
-    """What a listener decides; see the module docstring."""
-
-    def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply: ...
-
-    def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
-        """The answer to a failure (None: close without one)."""
-
-    def count(self, status: int, started: float) -> None: ...
 
 
 class _ClientGone(Exception):

@@ -39,15 +39,10 @@ from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.models import AppProtocol, Service, ServicePort
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.dialer import Dialer
-from edgemesh.proxy.http import (
-    Failure,
-    Forward,
-    HttpLimits,
-    Reply,
-    UpstreamPool,
-    serve_connection,
-)
+from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_head import RequestHead
+from edgemesh.proxy.http_pool import UpstreamPool
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, Conn, TCPListener, TCPProxy
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni

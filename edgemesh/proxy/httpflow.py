@@ -34,15 +34,7 @@ import gevent
 from gevent.hub import Waiter
 
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.http import (
-    MALFORMED,
-    RECV_SIZE,
-    Connection,
-    Failure,
-    Forward,
-    Reply,
-    Resume,
-)
+from edgemesh.proxy.http import MALFORMED, RECV_SIZE, Connection, Resume
 from edgemesh.proxy.http_head import (
     Framing,
     HeadError,
@@ -54,6 +46,7 @@ from edgemesh.proxy.http_head import (
     parse_response_framing,
 )
 from edgemesh.proxy.http_pool import Pooled
+from edgemesh.proxy.http_router import Failure, Forward, Reply
 from edgemesh.runtime import metrics
 
 log = logging.getLogger(__name__)

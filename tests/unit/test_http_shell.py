@@ -19,9 +19,11 @@ from websockets.sync.client import connect as ws_connect
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.dialer import Dialer
-from edgemesh.proxy.http import Forward, HttpLimits, Reply, UpstreamPool, serve_connection
+from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_head import HeadError, HeadLimits, RequestHead, parse_request_head
 from edgemesh.proxy.http_listen import HttpPort
+from edgemesh.proxy.http_pool import UpstreamPool
+from edgemesh.proxy.http_router import Forward, HttpLimits, Reply
 from edgemesh.proxy.httpflow import MEMO_ENTRIES, _Memo
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec, Policy
 from tests.httpbackends import EchoBackend
