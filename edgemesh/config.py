@@ -436,12 +436,6 @@ def load(path: str | None) -> Config:
     return from_mapping(data)
 
 
-def get_path(config: Any, path: str) -> Any:
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
 def set_path(config: Any, path: str, value: Any) -> None:
     """Set ``a.b.c`` to ``value`` after checking it like a file value would be."""
     *parents, last = path.split(".")

@@ -238,17 +238,6 @@ def records(data: bytes) -> Iterator[RecordRef]:
         raise FormatError(f"malformed response: {e}", FORMERR) from e
 
 
-def response_rcode(data: bytes) -> int:
-    return data[3] & 0xF
-
-
-def question_matches(response: bytes, query: Query) -> bool:
-    """The response answers our question (case-insensitively) with our ID."""
-    end = len(query.question) + 12
-    return (len(response) >= end and response[12:end].lower() == query.question.lower()
-            and struct.unpack_from("!H", response, 4)[0] == 1)
-
-
 def make_query(name: str, qtype: int, qclass: int = 1, edns: bool = True) -> bytes:
     """A recursive query for ``name`` (ID 0; the forwarder sets its own)."""
     labels = [label.encode("latin-1") for label in name.strip(".").split(".") if label]
