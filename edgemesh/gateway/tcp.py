@@ -1,4 +1,5 @@
-"""Byte splicing for TCP routes, TLS passthrough and upgraded HTTP connections (WebSocket).
+"""Byte splicing for TCP routes and TLS passthrough (upgraded HTTP connections are spliced by
+``proxy.http``).
 
 ``splice(a, b)`` pumps both directions until both have ended, propagating half-close
 (``shutdown(SHUT_WR)`` when one side's reading ends) and closing nothing itself: callers close
@@ -9,9 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 
-import gevent
-
-from edgemesh.runtime import metrics
+from edgemesh.runtime import metrics, tasks
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ def splice(client: socket.socket, upstream: socket.socket, to_upstream: bytes = 
     """Pump client ⇄ upstream (after sending the pending bytes) until both directions end."""
     client.settimeout(idle_timeout)
     upstream.settimeout(idle_timeout)
-    back = gevent.spawn(_pump, upstream, client, to_client, BYTES.labels("to_client"))
+    back = tasks.spawn("gateway-splice", _pump, upstream, client, to_client,
+                       BYTES.labels("to_client"))
     try:
         _pump(client, upstream, to_upstream, BYTES.labels("to_upstream"))
         back.join()
