@@ -327,6 +327,11 @@ class Conn:
             self.connect_next()
 
     def _dial_remote(self, backend: Backend) -> None:
+        # a tunnel that pumps the client socket itself saves the socketpair hop (dialer.py)
+        attach = getattr(self.proxy.dialer.tunnel, "attach_stream", None)
+        if attach is not None:
+            self._attach_remote(attach, backend)
+            return
         try:
             sock = self.proxy.dialer.dial_tcp(backend)
         except UnavailableError as e:
@@ -337,6 +342,26 @@ class Conn:
             sock.close()
             return
         self._pump(sock)
+
+    def _attach_remote(self, attach: Any, backend: Backend) -> None:
+        """The tunnel takes over the pumping (``TunnelDialer.attach_stream``): it calls
+        ``close`` when the stream is over and ``_touch`` as bytes move (the idle sweep);
+        ``self.server`` becomes its handle (``close``/``setsockopt`` like a socket)."""
+        try:
+            handle = attach(backend.node_name, "tcp", backend.ip, backend.port, self.client,
+                            self.proxy.dialer.connect_timeout, on_end=self.close,
+                            on_activity=self._touch)
+        except (UnavailableError, OSError) as e:
+            log.debug("tunnel to %s failed: %s", backend, e)
+            if not self.closed:  # close() already released the pick
+                self._connect_failed()
+            return
+        self.server = handle
+        if self.closed:
+            handle.close()
+
+    def _touch(self) -> None:
+        self.last = self.proxy.loop.now()
 
     # ---- pumping and closing ------------------------------------------------------------------
 

@@ -6,17 +6,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from edgemesh.agent import Context
-from edgemesh.errors import UnavailableError
+from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel import identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.peers import Peers
 from edgemesh.tunnel.policy import REFUSED, LocalEndpoints
-from edgemesh.tunnel.pumps import TunnelDatagrams, serve_tcp, serve_udp, stream_socket
+from edgemesh.tunnel.pumps import (
+    AttachedStream,
+    TunnelDatagrams,
+    serve_tcp,
+    serve_udp,
+    stream_socket,
+)
 from edgemesh.tunnel.relay import RelayCore
 from edgemesh.tunnel.session import Session, Stream
 
@@ -36,7 +43,8 @@ RELAY_UP = metrics.gauge("edgemesh_tunnel_servers_up", "Server links that are up
 
 
 class TunnelModule:
-    """Implements the proxy's ``TunnelDialer``: ``open_stream`` and ``open_datagram``."""
+    """Implements the proxy's ``TunnelDialer``: ``open_stream``, ``open_datagram`` and the
+    optional ``attach_stream``."""
     name = "edgeTunnel"
 
     def __init__(self, ctx: Context) -> None:
@@ -96,6 +104,25 @@ class TunnelModule:
         STREAMS_OPENED.labels("tcp").inc()
         return stream_socket(stream)
 
+    def attach_stream(self, node: str, proto: str, ip: str, port: int,
+                      client: socket.socket, timeout: float | None, *,
+                      on_end: Callable[[], None] | None = None,
+                      on_activity: Callable[[], None] | None = None) -> AttachedStream:
+        """Open a stream to ip:port on ``node`` and pump ``client`` to and from it ourselves
+        (the proxy's TCP path: no socketpair hop). Raises UnavailableError like
+        ``open_stream``, with ``client`` untouched; see ``pumps.AttachedStream`` after."""
+        if proto.lower() != "tcp":
+            raise UnavailableError(f"attach_stream: unsupported protocol {proto}")
+        stream = self._open(node, fr.Target(fr.Proto.TCP, ip, port), timeout)
+        STREAMS_OPENED.labels("tcp").inc()
+        try:
+            attached = AttachedStream(stream, client, on_end)
+        except OSError as e:  # the client went away meanwhile (closed descriptor)
+            stream.reset(fr.ResetCode.CANCEL)
+            raise UnavailableError(f"attach_stream: {e}") from e
+        stream.on_activity = on_activity
+        return attached
+
     def open_datagram(self, node: str, ip: str, port: int) -> TunnelDatagrams:
         stream = self._open(node, fr.Target(fr.Proto.UDP, ip, port), self.connect_timeout)
         STREAMS_OPENED.labels("udp").inc()
@@ -104,7 +131,10 @@ class TunnelModule:
     def _open(self, node: str, target: fr.Target, timeout: float | None) -> Stream:
         timeout = self.connect_timeout if timeout is None else timeout
         session = self.peers.session_for(node, timeout)
-        return session.open_stream(target, timeout)
+        try:
+            return session.open_stream(target, timeout)
+        except LocalProtocolError as e:  # the peer sent GOAWAY since: callers move on
+            raise UnavailableError(f"stream to {node}: {e}") from e
 
     # ---- sessions -----------------------------------------------------------------------------
 
