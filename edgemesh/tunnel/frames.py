@@ -156,7 +156,7 @@ class StreamRejected:
 @dataclass(frozen=True)
 class DataReceived:
     stream: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)

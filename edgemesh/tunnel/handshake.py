@@ -133,9 +133,9 @@ class CipherState:
         state.n = self.n
         return state
 
-    def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
+    def decrypt(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
         if self._aead is None:
-            return ciphertext
+            return bytes(ciphertext)  # no key yet (handshake): a copy, never the hot path
         if self.n >= NONCE_LIMIT:
             raise RemoteProtocolError("nonce space exhausted")
         try:

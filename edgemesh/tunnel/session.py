@@ -223,7 +223,8 @@ class Stream:
             room = self._room()
             session.wait_writable()
             wait_read(sock.fileno())  # an idle stream holds no buffers
-            records, views = [], []
+            records: list[memoryview] = []
+            views: list[memoryview] = []
             while room > 0 and len(records) < PUMP_RECORDS:
                 record = memoryview(bytearray(size))
                 k = min(room, fr.MAX_PAYLOAD)
