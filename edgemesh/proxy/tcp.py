@@ -55,11 +55,14 @@ CHUNK = PIPE_SIZE  # one splice moves what the socket holds, up to a full pipe
 READ_ROUNDS = 4  # splices per wake-up while reads come back full
 F_SETPIPE_SZ = 1031
 POOL_KEEP = 32
+WATCHERS_KEEP = 1024  # stopped io watchers kept for reuse: creating one costs an fcntl(F_GETFD)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+SPLICE_EOF_FLAGS = SPLICE_FLAGS | os.SPLICE_F_MORE  # the last bytes before our FIN
 _LINGER_RST = struct.pack("ii", 1, 0)
 _SHUT_WR = _socket.SHUT_WR
 _SOL_SOCKET, _SO_ERROR = _socket.SOL_SOCKET, _socket.SO_ERROR
 _STREAM, _TCP, _NODELAY = _socket.SOCK_STREAM, _socket.IPPROTO_TCP, _socket.TCP_NODELAY
+_TCP_INFO, _ESTABLISHED = _socket.TCP_INFO, b"\x01"  # tcpi_state, the first byte of tcp_info
 splice = os.splice
 _once = Once()
 
@@ -116,7 +119,7 @@ class Flow:
     several times (see the module docstring for the shape).
     """
     __slots__ = ("conn", "pool", "loop", "src", "dst", "src_fd", "dst_fd", "rw", "ww", "pipe",
-                 "pending", "done", "counter")
+                 "pending", "done", "counter", "peek_eof")
 
     def __init__(self, conn: Conn, src: Any, dst: Any, counter: Any,
                  watcher: Any = None) -> None:
@@ -128,12 +131,13 @@ class Flow:
         self.dst = dst
         self.src_fd = src.fileno()
         self.dst_fd = dst.fileno()
-        self.rw = watcher or proxy.loop.io(self.src_fd, READ)
+        self.rw = watcher or proxy.watcher(self.src_fd, READ)
         self.ww: Any = None
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         self.done = False
         self.counter = counter
+        self.peek_eof = False  # set on the endpoint → client direction
 
     def start(self) -> None:
         self.rw.start(self.on_readable)
@@ -153,14 +157,32 @@ class Flow:
                     return
                 self.counter.value += n
                 pending = self.pending = self.pending + n  # stop() must see a dirty pipe
+                flags = SPLICE_FLAGS
+                if n < CHUNK and self.peek_eof:
+                    # endpoints often answer and close at once: seeing the EOF now sends the
+                    # answer and our FIN in one segment (MORE holds the bytes for shutdown)
+                    # and saves a wake-up; the EOF stays readable if the write must wait
+                    try:
+                        m = splice(src, wfd, CHUNK, None, None, SPLICE_FLAGS)
+                    except BlockingIOError:
+                        m = -1
+                    if m == 0:
+                        flags = SPLICE_EOF_FLAGS
+                    elif m > 0:
+                        self.counter.value += m
+                        pending = self.pending = pending + m
+                        n = CHUNK  # more may follow: keep reading
                 try:
                     while pending:
-                        pending -= splice(rfd, dst, pending, None, None, SPLICE_FLAGS)
+                        pending -= splice(rfd, dst, pending, None, None, flags)
                 except BlockingIOError:
                     self.pending = pending
                     self._wait_writable()
                     return
                 self.pending = 0
+                if flags == SPLICE_EOF_FLAGS:
+                    self._eof()
+                    return
                 if n < CHUNK:  # a short read emptied the socket: no syscall to learn it again
                     break
             if not self.pending:
@@ -175,7 +197,7 @@ class Flow:
     def _wait_writable(self) -> None:
         self.rw.stop()
         if self.ww is None:
-            self.ww = self.loop.io(self.dst_fd, WRITE)
+            self.ww = self.conn.proxy.watcher(self.dst_fd, WRITE)
         self.ww.start(self.on_writable)
 
     def on_writable(self) -> None:
@@ -219,11 +241,10 @@ class Flow:
             conn.abort()
 
     def stop(self) -> None:
-        self.rw.stop()
-        self.rw.close()
+        release = self.conn.proxy.release_watcher
+        release(self.rw)
         if self.ww is not None:
-            self.ww.stop()
-            self.ww.close()
+            release(self.ww)
         # break the flow ↔ watcher (callback) cycle: memory comes back at close, not at the
         # next full garbage collection
         self.rw = self.ww = None
@@ -278,19 +299,25 @@ class Conn:
         except UnavailableError:
             self._connect_failed()
             return
-        loop = proxy.loop
-        cw = self.cw = loop.io(server.fileno(), WRITE)
-        cw.start(self.on_connect_done)
-        self.deadline = loop.now() + proxy.connect_timeout
+        if server.getsockopt(_TCP, _TCP_INFO, 1) == _ESTABLISHED:
+            # on loopback the handshake is done before connect() returns: pump at once
+            # instead of a loop iteration (and two epoll_ctl) waiting for writability
+            self._pump(server, proxy.watcher(server.fileno(), READ))
+            return
+        # read and write: a failed connect reports both (EPOLLERR|EPOLLHUP), a completed one
+        # only writability unless the endpoint spoke first, so SO_ERROR is rarely asked
+        cw = self.cw = proxy.watcher(server.fileno(), READ | WRITE)
+        cw.start(self.on_connect_done, pass_events=True)
+        self.deadline = proxy.loop.now() + proxy.connect_timeout
         proxy.connecting.add(self)
 
-    def on_connect_done(self) -> None:
+    def on_connect_done(self, events: int) -> None:
         try:
             self.proxy.connecting.discard(self)
             watcher, self.cw = self.cw, None
             watcher.stop()
-            err = self.server.getsockopt(_SOL_SOCKET, _SO_ERROR)
-            if err:
+            if events & READ and self.server.getsockopt(_SOL_SOCKET, _SO_ERROR):
+                self.proxy.release_watcher(watcher)
                 self._connect_failed()
             else:
                 watcher.events = READ  # reused for the server → client flow
@@ -308,8 +335,7 @@ class Conn:
     def _stop_connect_watchers(self) -> None:
         self.proxy.connecting.discard(self)
         if self.cw is not None:
-            self.cw.stop()
-            self.cw.close()
+            self.proxy.release_watcher(self.cw)
             self.cw = None
 
     def _connect_failed(self) -> None:
@@ -370,6 +396,7 @@ class Conn:
         up, down = self.listener.counters
         first = Flow(self, self.client, server, up)
         second = Flow(self, server, self.client, down, server_watcher)
+        second.peek_eof = True
         self.flows = (first, second)
         first.rw.start(first.on_readable)
         second.rw.start(second.on_readable)
@@ -433,12 +460,30 @@ class TCPProxy:
         self.pipes = PipePool()
         self.conns: set[Conn] = set()
         self.connecting: set[Conn] = set()
+        self._watchers: list[Any] = []
         ACTIVE.fn = lambda: len(self.conns)
         # one ticker for every pending connect instead of a timer per connection
         self._connect_ticker = tasks.spawn_forever("proxy-tcp-connect-timeouts",
                                                    self._expire_connects, backoff=0.1)
         self._sweeper = tasks.spawn_forever("proxy-tcp-idle", self._sweep_once,
                                             backoff=min(idle_timeout / 4, 30.0))
+
+    def watcher(self, fd: int, events: int) -> Any:
+        """A stopped io watcher for ``fd``: a released one when there is one."""
+        if self._watchers:
+            w = self._watchers.pop()
+            w.fd = fd
+            w.events = events
+            return w
+        return self.loop.io(fd, events)
+
+    def release_watcher(self, w: Any) -> None:
+        """Stop ``w`` (which drops its callback) and keep it for reuse."""
+        w.stop()
+        if len(self._watchers) < WATCHERS_KEEP:
+            self._watchers.append(w)
+        else:
+            w.close()
 
     def _sweep_once(self) -> None:
         cutoff = self.loop.now() - self.idle_timeout
@@ -456,6 +501,8 @@ class TCPProxy:
         for conn in list(self.conns):
             conn.close()
         self.pipes.close()
+        while self._watchers:
+            self._watchers.pop().close()
 
 
 class TCPListener:
@@ -472,6 +519,7 @@ class TCPListener:
         family = _socket.AF_INET6 if ":" in ip else _socket.AF_INET
         self.sock = _socket.socket(family, _socket.SOCK_STREAM)
         self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(_TCP, _NODELAY, 1)  # accepted sockets inherit it: no call each
         self.sock.bind((ip, port))
         self.sock.listen(4096)
         self.sock.setblocking(False)
@@ -508,7 +556,6 @@ class TCPListener:
                 continue
             client = _socket.socket(self.family, _STREAM, 0, fd)
             client.setblocking(False)
-            client.setsockopt(_TCP, _NODELAY, 1)
             self._accepted.value += 1
             self._start(Conn(proxy, self, client, addr[0]))
 
