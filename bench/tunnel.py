@@ -5,7 +5,9 @@ the same namespaces:
   raw direct   iperf3 a1 -> a2 (same LAN)              vs  tunnel direct: a1 -> ClusterIP ->
   raw relay    iperf3 a1 -> server (a1's uplink)            proxy -> tunnel -> a2/b1 -> iperf3
 and the round trip of 1-byte request/response over each path (TCP ping-pong), and prints the
-ratios (throughput: the median of per-round ratios, raw and tunnel measured alternately).
+ratios (throughput: the median of per-round ratios, raw and tunnel measured alternately) and
+the CPU seconds per GB of the sending (a1) and receiving (a2/b1) agents, which the machine's
+load disturbs less than throughput does.
 Targets: direct tunnel >= 0.4x raw, relay >= 0.3x raw.
 
     .venv/bin/python -m bench.tunnel [--seconds 5] [--profile DIR]
@@ -67,9 +69,18 @@ def docs() -> list[dict]:
     return out
 
 
-def iperf(ns: netlab.Netns, ip: str, seconds: int) -> float:
+def iperf(ns: netlab.Netns, ip: str, seconds: int) -> tuple[float, int]:
+    """Gbit/s and bytes received of one iperf3 run."""
     out = ns.run("iperf3", "-c", ip, "-t", str(seconds), "-J", timeout=seconds + 60).stdout
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    got = json.loads(out)["end"]["sum_received"]
+    return float(got["bits_per_second"]) / 1e9, int(got["bytes"])
+
+
+def cpu_seconds(proc: Proc) -> float:
+    """User + system CPU the process used so far (/proc/PID/stat)."""
+    with open(f"/proc/{proc.popen.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rtt_us(ns: netlab.Netns, ip: str, port: int, n: int = 2000) -> float:
@@ -156,26 +167,34 @@ def main() -> int:
         for name, raw_ip, tun_ip, echo_ip in (("direct", NODES["a2"], "10.96.2.1", "10.96.2.3"),
                                               ("relay", "198.18.0.10", "10.96.2.2",
                                                "10.96.2.4")):
-            raws, tuns, ratios = [], [], []
+            raws, tuns, ratios, cpus = [], [], [], []
+            ends = (agents["a1"], agents["a2" if name == "direct" else "b1"])
             for i in range(args.rounds):  # interleaved: drift hits both sides of a ratio
-                raws.append(iperf(a1, raw_ip, args.seconds))
+                raws.append(iperf(a1, raw_ip, args.seconds)[0])
+                before = [cpu_seconds(p) for p in ends]
                 with profiled(args.profile if i == 0 else None, name, spied[name]):
-                    tuns.append(iperf(a1, tun_ip, args.seconds))
+                    gbps, nbytes = iperf(a1, tun_ip, args.seconds)
+                tuns.append(gbps)
+                # CPU seconds per GB moved, sender's agent and receiver's: noise-proof-ish
+                cpus.append([(cpu_seconds(p) - b) / (nbytes / 1e9) for p, b in zip(ends, before,
+                                                                                 strict=True)])
                 ratios.append(tuns[-1] / raws[-1])
             raw_rtt, tun_rtt = rtt_us(a1, raw_ip, 7000), rtt_us(a1, echo_ip, 7000)
-            rows.append((name, median(raws), median(tuns), median(ratios), raw_rtt, tun_rtt))
+            rows.append((name, median(raws), median(tuns), median(ratios), raw_rtt, tun_rtt,
+                         median(c[0] for c in cpus), median(c[1] for c in cpus)))
         paths = json.loads(a1.run(sys.executable, "-m", "edgemesh", "status", "--json",
                                   "--admin", ADMIN).stdout)["peers"]
         for p in procs:
             p.stop()
     print(f"{'path':8} {'raw Gbit/s':>11} {'tunnel Gbit/s':>14} {'ratio':>6} {'target':>7} "
-          f"{'raw RTT us':>11} {'tunnel RTT us':>14} {'added us':>9}")
+          f"{'raw RTT us':>11} {'tunnel RTT us':>14} {'added us':>9} {'a1 CPU s/GB':>12} "
+          f"{'far CPU s/GB':>13}")
     ok = True
-    for (name, raw, tun, ratio, raw_rtt, tun_rtt), target in zip(rows, (0.4, 0.3),
-                                                                  strict=True):
+    for (name, raw, tun, ratio, raw_rtt, tun_rtt, near, far), target in zip(rows, (0.4, 0.3),
+                                                                             strict=True):
         ok &= ratio >= target
         print(f"{name:8} {raw:11.2f} {tun:14.2f} {ratio:6.2f} {target:7.2f} {raw_rtt:11.0f} "
-              f"{tun_rtt:14.0f} {tun_rtt - raw_rtt:9.0f}")
+              f"{tun_rtt:14.0f} {tun_rtt - raw_rtt:9.0f} {near:12.3f} {far:13.3f}")
     print("peers:", ", ".join(f"{p['node']}={p['path']}" for p in paths))
     print("targets met" if ok else "targets NOT met")
     return 0
