@@ -3,7 +3,9 @@
 Everything runs on loopback (127.0.0.1): the agent with ``--no-iptables`` (its per-port
 listeners, found in ``/debug/proxy``), haproxy in front of the same backends, and the backends
 themselves for the direct path. Both proxies are pinned to one core with taskset, the clients
-to the other. Measured, interleaved for ``--rounds`` rounds, median per-round ratios printed:
+to the other (the backends are not pinned). Measured, interleaved for ``--rounds`` rounds
+(the proxies' order alternating), median per-round ratios printed, and each proxy's CPU
+per GB and per new connection (steadier than rates on a shared machine):
 
 - bulk throughput: ``iperf3 -c`` (one stream) through each path;
 - new connections per second: ``wrk -H "Connection: close"`` against a one-worker nginx that
@@ -258,14 +260,18 @@ def run(bench: Bench, agent: dict[str, int]) -> None:
     cpu_gb: dict[str, list[float]] = {n: [] for n in names}
     cpu_conn: dict[str, list[float]] = {n: [] for n in names}
     seconds = bench.args.seconds
-    for _ in range(bench.args.rounds):
-        for name, port in zip(names, (bench.iperf, bench.hp_iperf, agent["iperf"]), strict=True):
+    iperf_ports = {"direct": bench.iperf, "haproxy": bench.hp_iperf, "agent": agent["iperf"]}
+    http_ports = {"direct": bench.http, "haproxy": bench.hp_http, "agent": agent["http"]}
+    for rnd in range(bench.args.rounds):
+        # the order alternates: neither proxy always runs right after the other's TIME_WAITs
+        order = names if rnd % 2 == 0 else ("direct", "agent", "haproxy")
+        for name in order:
             c0 = cpu_seconds(pids[name])
-            tp[name].append(bench.iperf_gbps(port))
+            tp[name].append(bench.iperf_gbps(iperf_ports[name]))
             cpu_gb[name].append((cpu_seconds(pids[name]) - c0) / (tp[name][-1] * seconds / 8))
-        for name, port in zip(names, (bench.http, bench.hp_http, agent["http"]), strict=True):
+        for name in order:
             c0 = cpu_seconds(pids[name])
-            cps[name].append(bench.conns_per_second(port))
+            cps[name].append(bench.conns_per_second(http_ports[name]))
             cpu_conn[name].append((cpu_seconds(pids[name]) - c0) * 1e6 / (cps[name][-1] * seconds))
     print(f"{'TCP throughput (iperf3, 1 stream)':<44} Gbit/s per round | proxy CPU s per GB")
     for name in names:
@@ -294,6 +300,10 @@ def run(bench: Bench, agent: dict[str, int]) -> None:
     print(f"  new conns/s  agent/haproxy {ratio(cps, 'agent', 'haproxy'):.2f}   "
           f"agent/direct {ratio(cps, 'agent', 'direct'):.2f}   "
           f"haproxy/direct {ratio(cps, 'haproxy', 'direct'):.2f}")
+    # the machine is shared: CPU spent per unit of work is steadier than the rates above
+    print(f"  CPU per GB   haproxy/agent {ratio(cpu_gb, 'haproxy', 'agent'):.2f}   "
+          f"CPU per new connection   haproxy/agent {ratio(cpu_conn, 'haproxy', 'agent'):.2f}"
+          "   (> 1: the agent spends less)")
     print(f"  memory       agent {per_conn['agent']:.2f} KiB/conn, "
           f"haproxy {per_conn['haproxy']:.2f} KiB/conn")
 

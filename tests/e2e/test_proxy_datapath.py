@@ -303,3 +303,38 @@ def test_pipe_with_bytes_is_never_lent_again(proxy: TCPProxy) -> None:
     finally:
         lst.close()
         server.close()
+
+
+@pytest.mark.parametrize("size", [100, 3_000_000])
+def test_answer_and_close_reaches_the_client_whole(proxy: TCPProxy, size: int) -> None:
+    # The endpoint answers and closes at once: the proxy sees the EOF right after the answer
+    # (and sends answer and FIN together); a big answer must still arrive whole when the
+    # client reads slowly, the EOF only after the last byte.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    answer = os.urandom(size)
+
+    def answer_and_close() -> None:
+        while True:
+            conn, _ = srv.accept()
+            conn.recv(100)
+            conn.sendall(answer)
+            conn.close()
+    server = Server(srv, gevent.spawn(answer_and_close))
+    lst = TCPListener(proxy, "t/answer", "127.0.0.1", Balancer(LBSpec()),
+                      [Backend("127.0.0.1", srv.getsockname()[1])])
+    try:
+        for _ in range(3):
+            with socket.create_connection(lst.address, timeout=5) as c:
+                c.sendall(b"request")
+                gevent.sleep(0.05)  # let the proxy's pipe and the client's buffer fill up
+                got = bytearray()
+                while chunk := c.recv(65536):
+                    got += chunk
+                assert bytes(got) == answer
+        gevent.sleep(0.05)
+        assert not proxy.conns
+    finally:
+        lst.close()
+        server.close()
