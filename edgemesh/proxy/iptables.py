@@ -25,6 +25,7 @@ import logging
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgemesh.config import Config
@@ -58,8 +59,12 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "").replace('"', "")[:250] + '"'
 
 
-def render_rules(portals: list[Portal]) -> str:
-    """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``."""
+def render_rules(portals: list[Portal], hook_lines: Sequence[str] = ()) -> str:
+    """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``.
+
+    ``hook_lines`` (from ``hook_fixes``) go into the same transaction, so rules and the jumps
+    into them change together: no moment with rules but no hook, or a hook twice.
+    """
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     for _, chain in HOOKS:
         lines.append(f"-A {chain} -j {SERVICES_CHAIN}")
@@ -67,6 +72,7 @@ def render_rules(portals: list[Portal]) -> str:
         comment = f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
         lines.append(f"-A {SERVICES_CHAIN} -d {p.cluster_ip}/32 -p {p.protocol} -m {p.protocol} "
                      f"--dport {p.port}{comment} -j DNAT --to-destination {p.to_ip}:{p.to_port}")
+    lines.extend(hook_lines)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -75,15 +81,15 @@ def hook_rule(parent: str, chain: str) -> str:
     return f"-A {parent} -j {chain}"
 
 
-def hook_fixes(saved: str) -> list[list[str]]:
-    """iptables arguments that leave exactly one of each jump rule, given ``iptables-save``."""
+def hook_fixes(saved: str) -> list[str]:
+    """Restore lines leaving exactly one of each jump rule, given ``iptables-save -t nat``."""
     lines = saved.splitlines()
     fixes = []
     for parent, chain in HOOKS:
         count = sum(1 for line in lines if line.strip() == hook_rule(parent, chain))
         if count == 0:
-            fixes.append(["-t", "nat", "-I", parent, "1", "-j", chain])
-        fixes.extend(["-t", "nat", "-D", parent, "-j", chain] for _ in range(count - 1))
+            fixes.append(f"-I {parent} 1 -j {chain}")
+        fixes.extend(f"-D {parent} -j {chain}" for _ in range(count - 1))
     return fixes
 
 
@@ -141,12 +147,10 @@ class Rules:
     def sync(self, portals: list[Portal]) -> None:
         """Make the chains hold exactly ``portals`` and the hooks exist once."""
         started = time.monotonic()
-        text = render_rules(portals)
+        text = render_rules(portals, hook_fixes(_save(self.binary)))
         try:
             tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
                       timeout=30)
-            for args in hook_fixes(_save(self.binary)):
-                tasks.run([self.binary, "-w", "5", *args], timeout=10)
         except subprocess.CalledProcessError as e:
             SYNC_FAILURES.inc()
             log.error("iptables sync failed: %s", (e.stderr or b"").decode(errors="replace"))

@@ -48,9 +48,15 @@ COMMIT
 
 def test_hook_fixes_add_missing_and_drop_duplicates() -> None:
     assert hook_fixes(SAVED) == [
-        ["-t", "nat", "-I", "PREROUTING", "1", "-j", "EDGEMESH-PREROUTING"],
-        ["-t", "nat", "-D", "OUTPUT", "-j", "EDGEMESH-OUTPUT"],
-        ["-t", "nat", "-D", "OUTPUT", "-j", "EDGEMESH-OUTPUT"]]
+        "-I PREROUTING 1 -j EDGEMESH-PREROUTING",
+        "-D OUTPUT -j EDGEMESH-OUTPUT",
+        "-D OUTPUT -j EDGEMESH-OUTPUT"]
+    # the fixes travel in the rules' own transaction, after the chains are declared
+    text = render_rules(P, hook_fixes(SAVED))
+    body = text.splitlines()
+    assert body[-1] == "COMMIT" and body[-2] == "-D OUTPUT -j EDGEMESH-OUTPUT"
+    assert body.index("-I PREROUTING 1 -j EDGEMESH-PREROUTING") > body.index(
+        ":EDGEMESH-PREROUTING - [0:0]")
     fixed = SAVED.replace("-A OUTPUT -j EDGEMESH-OUTPUT\n", "", 2) + \
         "-A PREROUTING -j EDGEMESH-PREROUTING\n"
     assert hook_fixes(fixed) == []
