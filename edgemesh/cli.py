@@ -171,6 +171,8 @@ def agent(config_file: str | None, **params: Any) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML config file (its `server` section).")
 @click.option("--listen", help="Listen HOST:PORT [default: 0.0.0.0:20004].")
+@click.option("--node-name", help="The name this server proves in the mesh (agents list it "
+                                  "as a peer) [default: $NODE_NAME, then the hostname].")
 @click.option("--advertise", multiple=True, help="Address agents should use (repeatable).")
 @click.option("--psk-file", type=click.Path(dir_okay=False),
               help="File with the cluster pre-shared key [default: /etc/edgemesh/psk].")
@@ -187,6 +189,7 @@ def server(config_file: str | None, **params: Any) -> None:
     if click.get_current_context().invoked_subcommand:
         return
     overrides = _overrides(params, {"listen": "server.listen", "advertise": "server.advertise",
+                                    "node_name": "nodeName",
                                     "psk_file": "modules.edgeTunnel.psk.path",
                                     "state_dir": "commonConfig.stateDir",
                                     "admin": "commonConfig.adminAddress",

@@ -113,7 +113,8 @@ class World:
 
     def start(self) -> None:
         edgemesh = edgemesh_argv()
-        self.spawn("relay", "server", [*edgemesh, "server", "--listen", "0.0.0.0:20004",
+        self.spawn("relay", "server", [*edgemesh, "server", "--node-name", "relay",
+                                       "--listen", "0.0.0.0:20004",
                                        "--psk-file", self.psk, "--admin", "127.0.0.1:10558",
                                        "--state-dir", os.path.join(STATE, "relay")])
         for node, pods in PODS.items():
