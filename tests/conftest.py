@@ -3,6 +3,9 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests import netlab  # noqa: E402
@@ -17,3 +20,15 @@ def lab():
         pytest.skip(reason)
     with netlab.Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture(scope="module")
+def module_lab(request: pytest.FixtureRequest) -> Iterator[tuple[netlab.Lab, str]]:
+    """One lab and one temporary directory shared by a module's tests, torn down after its
+    last test (skips without root). Modules build their topology on it in their own fixture."""
+    reason = netlab.can_run()
+    if reason:
+        pytest.skip(reason)
+    prefix = f"em-{request.module.__name__.rsplit('.', 1)[-1]}-"
+    with netlab.Lab() as the_lab, tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield the_lab, tmp

@@ -1,8 +1,10 @@
 """Shared pieces of the mesh end-to-end tests (tunnel, gateway through NAT): manifests for
 services whose pods live on lo addresses of one node, the relay server and agent command lines,
-a raw TCP client, and reading one metric from Prometheus text.
+a raw TCP client, reading one metric from Prometheus text, and writing a file into a
+test's directory.
 
-Not a test module: test_tunnel.py and test_gateway_nat.py build their labs from these.
+Not a test module: test_tunnel.py, test_gateway_nat.py and test_nat_matrix.py build their labs
+from these.
 """
 from __future__ import annotations
 
@@ -75,3 +77,11 @@ def metric(text: str, name: str, **labels: str) -> float:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def write(directory: str, name: str, text: str) -> str:
+    """Write ``text`` to ``directory``/``name`` (its parent must exist); the file's path."""
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path

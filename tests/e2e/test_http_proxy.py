@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -147,14 +146,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
-    reason = netlab.can_run()
-    if reason:
-        pytest.skip(reason)
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-        e = Env(lab, tmp)
-        yield e
-        e.proc.stop()
+def env(module_lab: tuple[netlab.Lab, str]):
+    e = Env(*module_lab)
+    yield e
+    e.proc.stop()
 
 
 def test_listeners_are_http_and_https_where_they_should_be(env: Env) -> None:
