@@ -19,15 +19,13 @@ memo (``proxy/httpflow.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
+from bench.listeners import agent_ports
 from bench.proxy import HOST, ROOT, cpus, free_port, wait_port
 
 SERVICE = """apiVersion: v1
@@ -140,27 +138,12 @@ class Bench:
                             "--manifests", mdir, "--no-iptables", "--admin", self.admin,
                             "--node-name", "bench", "-v", "0"], stderr=self.agent_log,
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
-        ports = self._agent_ports()
+        ports = agent_ports(self.admin, self.agent_log.name)
         for port in (self.nginx, self.hp, *ports.values()):
             wait_port(port)
         return {"direct": (self.nginx, None), "haproxy": (self.hp, haproxy.pid),
                 "agent per request": (ports["perreq"], agent.pid),
                 "agent spliced": (ports["spliced"], agent.pid)}
-
-    def _agent_ports(self) -> dict[str, int]:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://{self.admin}/debug/proxy", timeout=2) as r:
-                    view = json.load(r)
-                found = {lst["service"].split("/")[1]: int(lst["listen"].rsplit(":", 1)[1])
-                         for lst in view["listeners"]}
-                if len(found) == 2:
-                    return found
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("agent did not come up; log: " + self.agent_log.name)
 
     def wrk(self, port: int, pid: int | None) -> tuple[float, float]:
         """(requests/s, requests per CPU-second of the proxy; 0 for direct)."""

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from bench.listeners import agent_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -155,25 +156,10 @@ class Bench:
                                  "--manifests", mdir, "--no-iptables", "--admin", self.admin,
                                  "--node-name", "bench", "-v", "1"], stderr=self.agent_log,
                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
-        ports = self._agent_ports()
+        ports = agent_ports(self.admin, self.agent_log.name)
         for port in (self.iperf, self.http, self.hp_iperf, self.hp_http, *ports.values()):
             wait_port(port)
         return ports
-
-    def _agent_ports(self) -> dict[str, int]:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://{self.admin}/debug/proxy", timeout=2) as r:
-                    view = json.load(r)
-                found = {lst["service"].split("/")[1]: int(lst["listen"].rsplit(":", 1)[1])
-                         for lst in view["listeners"]}
-                if len(found) == 2:
-                    return found
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("agent did not come up; log: " + self.agent_log.name)
 
     def client(self, argv: list[str]) -> str:
         return subprocess.run(["taskset", "-c", self.client_cpu, *argv], capture_output=True,
