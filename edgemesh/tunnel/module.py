@@ -25,7 +25,8 @@ from edgemesh.tunnel.pumps import (
     stream_socket,
 )
 from edgemesh.tunnel.relay import RelayCore
-from edgemesh.tunnel.session import Session, Stream
+from edgemesh.tunnel.session import Session
+from edgemesh.tunnel.stream import Stream
 
 log = logging.getLogger(__name__)
 

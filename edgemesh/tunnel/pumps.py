@@ -23,7 +23,7 @@ import gevent
 from edgemesh.errors import UnavailableError
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel.frames import MAX_PAYLOAD, ResetCode
-from edgemesh.tunnel.session import Stream, StreamClosed
+from edgemesh.tunnel.stream import Stream, StreamClosed
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """The I/O shell of one secure connection: handshake over a socket, then a reader greenlet that
-feeds the sans-IO ``Mux``, a keepalive pinger, and ``Stream`` objects for the application.
+feeds the sans-IO ``Mux``, a keepalive pinger, and ``Stream`` objects (``tunnel/stream.py``)
+for the application.
 
 Writing: a frame is encrypted the moment it is written (records must leave in nonce order, and
 nothing yields between sealing and queueing), then queued; the writer sends what is queued
@@ -33,21 +34,19 @@ from edgemesh.runtime import metrics
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.handshake import Handshake, Hello, Result
+from edgemesh.tunnel.policy import REFUSED
 from edgemesh.tunnel.records import RecordReader, SecureChannel, frame_record
+from edgemesh.tunnel.stream import DEAD_AFTER, PING_INTERVAL, RECORD_OVERHEAD, Stream, StreamClosed
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
-PING_INTERVAL = 10.0
-DEAD_AFTER = 3 * PING_INTERVAL + 5
 IDLE_READ = 16 * 1024  # a read shorter than this gives the reader's buffer back
 MAX_CONTROL = 60000
 WRITE_HIGH = 1024 * 1024      # queued ciphertext above which bulk senders wait
 WRITE_LOW = 256 * 1024        # ... until the writer brought it below this
 SEND_BATCH = 64               # records per sendmsg
-PUMP_RECORDS = 16             # records a pump reads from its socket with one recvmsg_into
 BUFFER_CAP = 32 * 1024 * 1024  # received bytes held for a session's consumers, at most
-RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
 
 WIRE_BYTES = metrics.counter("edgemesh_tunnel_bytes_total",
                              "Encrypted bytes on tunnel connections, by peer and direction.",
@@ -55,14 +54,6 @@ WIRE_BYTES = metrics.counter("edgemesh_tunnel_bytes_total",
 SESSION_ERRORS = metrics.counter("edgemesh_tunnel_session_errors_total",
                                  "Sessions closed because the peer broke the protocol.",
                                  ["reason"])
-
-
-class StreamClosed(UnavailableError):
-    """The stream was reset by the peer, or its session ended."""
-
-    def __init__(self, message: str, code: int = fr.ResetCode.CANCEL) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def handshake_over(sock: socket.socket, initiator: bool, static: X25519PrivateKey, psk: bytes,
@@ -92,224 +83,6 @@ def read_record(sock: socket.socket, reader: RecordReader, deadline: float) -> b
             raise UnavailableError("connection closed during the handshake")
         reader.feed(data)
     return body
-
-
-class Stream:
-    """One multiplexed stream: blocking ``send``/``recv`` for greenlets, flow-controlled."""
-
-    def __init__(self, session: "Session", sid: int, target: fr.Target) -> None:
-        self.session = session
-        self.id = sid
-        self.target = target
-        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
-        self._readable = gevent.event.Event()
-        self._writable = gevent.event.Event()
-        self._accepted = gevent.event.Event()
-        self.sink: socket.socket | None = None  # drain_to's socket: the reader sends to it
-        self._batch: list[bytes | memoryview] = []  # for the sink, sent after a read's records
-        self._queued = 0  # bytes in _chunks
-        # called when bytes moved either way (an attached proxy connection's idle clock)
-        self.on_activity: Callable[[], None] | None = None
-        self.eof = False
-        self.error: StreamClosed | None = None
-
-    # called by the session's reader --------------------------------------------------------------
-    def _feed(self, data: bytes | memoryview) -> None:
-        if self.sink is not None and not self._chunks:
-            if not self._batch:
-                self.session.touched.append(self)
-            self._batch.append(data)
-            self.session.buffered += len(data)
-            return
-        self._queue(data)
-
-    def _queue(self, data: bytes | memoryview) -> None:
-        self._queued += len(data)
-        self._chunks.append(data)
-        self.session.buffered += len(data)
-        self._readable.set()
-
-    def _flush_batch(self) -> None:
-        """Send what this read brought for the sink with one non-blocking sendmsg; queue
-        the rest for ``drain_to``."""
-        batch, self._batch = self._batch, []
-        if not batch:
-            return
-        total = sum(len(b) for b in batch)
-        self.session.unbuffer(total)
-        sent = 0
-        if self.sink is not None and not self._chunks:
-            try:
-                sent = self.sink.sendmsg(batch, (), socket.MSG_DONTWAIT)
-            except OSError:
-                sent = 0  # full (EAGAIN), or broken: drain_to meets the error and resets
-        if sent:
-            self._delivered(sent, total - sent + self._queued)
-            if self.on_activity is not None:
-                self.on_activity()
-        for data in batch:
-            if sent >= len(data):
-                sent -= len(data)
-                continue
-            self._queue(data[sent:] if sent else data)
-            sent = 0
-
-    def _end(self) -> None:
-        self._flush_batch()
-        self.eof = True
-        self._readable.set()
-
-    def _fail(self, error: StreamClosed) -> None:
-        self._flush_batch()
-        self.error = error
-        self.session.unbuffer(self._queued)
-        self._queued = 0
-        self._chunks.clear()
-        for event in (self._readable, self._writable, self._accepted):
-            event.set()
-
-    def _delivered(self, n: int, backlog: int) -> None:
-        grant = self.session.mux.consumed(self.id, n, backlog)
-        if grant is not None:
-            self.session.write(grant)
-
-    def _pop(self) -> bytes | memoryview:
-        data = self._chunks.popleft()
-        self.session.unbuffer(len(data))
-        self._queued -= len(data)
-        self._delivered(len(data), self._queued)
-        return data
-
-    # the application's side ---------------------------------------------------------------------
-    def wait_accepted(self, timeout: float | None) -> None:
-        if not self._accepted.wait(timeout):
-            self.reset()
-            raise UnavailableError(f"stream to {self.session.peer} not accepted in time")
-        if self.error:
-            raise self.error
-
-    def _room(self) -> int:
-        """Send window now, waiting (up to the keepalive timeout) while it is closed."""
-        mux = self.session.mux
-        while True:
-            if self.error:
-                raise self.error
-            if self.id not in mux.streams:
-                raise StreamClosed("stream closed")
-            n = mux.send_room(self.id)
-            if n:
-                return n
-            self._writable.clear()
-            if mux.send_room(self.id) == 0:
-                self._writable.wait(timeout=DEAD_AFTER)
-
-    def send(self, data: bytes | memoryview, fin: bool = False) -> None:
-        """Send all of ``data`` (waiting for window as needed); ``fin`` half-closes after it."""
-        view = memoryview(data)
-        while view:
-            n = min(len(view), self._room())
-            self.session.write_data(self.id, view[:n], fin and n == len(view))
-            view = view[n:]
-        if fin and not data:
-            self.shutdown_write()
-        self.session.forget_if_done(self.id)
-
-    def send_from(self, sock: socket.socket) -> None:
-        """Pump ``sock`` into the stream until EOF (then FIN): the bulk path. Each read lands
-        in the payload room of up to PUMP_RECORDS records, which are then sealed in place;
-        they are allocated once ``sock`` is readable and live until the writer sent them."""
-        session, size = self.session, fr.MAX_PAYLOAD + RECORD_OVERHEAD
-        while True:
-            room = self._room()
-            session.wait_writable()
-            wait_read(sock.fileno())  # an idle stream holds no buffers
-            records: list[memoryview] = []
-            views: list[memoryview] = []
-            while room > 0 and len(records) < PUMP_RECORDS:
-                record = memoryview(bytearray(size))
-                k = min(room, fr.MAX_PAYLOAD)
-                records.append(record)
-                views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
-                room -= k
-            n = sock.recvmsg_into(views)[0]
-            if not n:
-                self.shutdown_write()
-                return
-            if self.on_activity is not None:
-                self.on_activity()
-            for record, view in zip(records, views, strict=True):
-                k = min(n, len(view))
-                if not k:
-                    break
-                session.seal_data(self.id, record[:k + RECORD_OVERHEAD])
-                n -= k
-            session.flush()
-
-    def drain_to(self, sock: socket.socket) -> None:
-        """Pump the stream into ``sock`` until the peer's FIN (then SHUT_WR); raises
-        StreamClosed / OSError. The reader sends to ``sock`` itself while it keeps up."""
-        self.sink = sock
-        try:
-            while True:
-                while self._chunks:
-                    sock.sendall(self._chunks[0])  # popped only once sent: keeps the order
-                    self._pop()
-                    if self.on_activity is not None:
-                        self.on_activity()
-                if self.error:
-                    raise self.error
-                if self.eof:
-                    sock.shutdown(socket.SHUT_WR)
-                    return
-                self._readable.clear()
-                if not self._chunks and not self.eof and not self.error:
-                    self._readable.wait()
-        finally:
-            self.sink = None
-
-    def send_datagram(self, data: bytes) -> bool:
-        """One datagram as one DATA frame; False (dropped) when the window has no room."""
-        if self.error:
-            raise self.error
-        if len(data) > fr.MAX_PAYLOAD or self.session.mux.send_window(self.id) < len(data):
-            return False
-        self.session.write(self.session.mux.send(self.id, data))
-        return True
-
-    def recv(self, timeout: float | None = None) -> bytes:
-        """The next chunk (one DATA frame's payload); b"" at end of stream."""
-        while not self._chunks:
-            if self.error:
-                raise self.error
-            if self.eof:
-                return b""
-            self._readable.clear()
-            if not self._chunks and not self.eof and not self.error:
-                if not self._readable.wait(timeout):
-                    raise TimeoutError("stream recv timed out")
-        return bytes(self._pop())
-
-    def shutdown_write(self) -> None:
-        """Half-close: send FIN (no-op when the stream is already gone)."""
-        info = self.session.mux.streams.get(self.id)
-        if self.error is None and info is not None and not info.local_fin \
-                and info.state is fr.StreamState.OPEN:
-            self.session.write(self.session.mux.send(self.id, b"", fin=True))
-            self.session.forget_if_done(self.id)
-
-    def accept(self) -> None:
-        self.session.write(self.session.mux.accept(self.id))
-
-    def reset(self, code: int = fr.ResetCode.CANCEL, reason: str = "") -> None:
-        frame = self.session.mux.reset(self.id, code, reason)
-        self.session.streams.pop(self.id, None)
-        if frame is not None and not self.session.closed:
-            try:
-                self.session.write(frame)
-            except OSError:
-                pass
-        if self.error is None:
-            self._fail(StreamClosed("reset locally", code))
 
 
 StreamHandler = Callable[["Session", Stream], None]
@@ -614,7 +387,6 @@ class Session:
         elif isinstance(event, fr.GoAwayReceived):
             log.info("%s is going away: %s", self.peer, event.reason)
         elif isinstance(event, fr.StreamRejected):
-            from edgemesh.tunnel.policy import REFUSED
             REFUSED.labels(event.code.name.lower()).inc()
 
     def _on_opened(self, event: fr.StreamOpened) -> None:
