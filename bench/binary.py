@@ -17,13 +17,14 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from tests.procs import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONEFILE = os.path.join(ROOT, "dist", "edgemesh")
@@ -64,22 +65,6 @@ def start_time(argv: list[str], runs: int) -> float:
     return statistics.median(times)
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port free for TCP (and, for SOCK_DGRAM, for UDP too: DNS binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            if kind == socket.SOCK_STREAM:
-                return port
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-
-
 def rss_kb(pid: int, field: str = "VmRSS") -> int:
     """VmRSS (all resident pages) or RssAnon (heap and stacks only) of ``pid`` in KiB."""
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
@@ -107,8 +92,8 @@ def agent_config(tmp: str) -> str:
         f.write(f"""modules:
   edgeDNS:
     listenAddress: 127.0.0.1
-    listenPort: {free_port(socket.SOCK_DGRAM)}
-    cacheDNS: {{upstreamServers: [127.0.0.1:{free_port(socket.SOCK_DGRAM)}]}}
+    listenPort: {free_port()}
+    cacheDNS: {{upstreamServers: [127.0.0.1:{free_port()}]}}
   edgeProxy: {{iptables: false, listenAddress: 127.0.0.1}}
   edgeTunnel:
     listenAddress: 127.0.0.1

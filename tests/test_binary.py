@@ -9,7 +9,6 @@ import pkgutil
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -134,18 +133,6 @@ def test_agent_serves_examples_and_stops_on_sigterm(binary: str, tmp_path,
         assert agent.stop(signal.SIGTERM) == 0, agent.log()
 
 
-def tcp_and_udp_port() -> int:
-    """A loopback port free for both TCP and UDP (DNS listens on both)."""
-    while True:
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 def test_agent_with_every_module_starts(binary: str, tmp_path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """DNS, proxy (no iptables) and tunnel on loopback: their imports (cryptography's Rust
@@ -154,7 +141,7 @@ def test_agent_with_every_module_starts(binary: str, tmp_path,
     psk = tmp_path / "psk"
     psk.write_text(os.urandom(24).hex())
     psk.chmod(0o600)
-    dns_port = tcp_and_udp_port()
+    dns_port = free_port()  # free for UDP too: DNS binds both
     config = tmp_path / "agent.yaml"
     config.write_text(
         f"modules:\n"
