@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import textwrap
 
 import pytest
@@ -189,15 +188,11 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
-    reason = netlab.can_run()
-    if reason:
-        pytest.skip(reason)
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-        e = Env(lab, tmp)
-        e.proc = e.agent()
-        yield e
-        e.proc.stop()
+def env(module_lab: tuple[netlab.Lab, str]):
+    e = Env(*module_lab)
+    e.proc = e.agent()
+    yield e
+    e.proc.stop()
 
 
 def test_rules_installed_for_cluster_ips_only(env: Env) -> None:
