@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -98,35 +97,29 @@ class Env:
         self.ns["x1"] = lab.host("x1", site_b.lan, "192.168.20.9/24", gw="192.168.20.1")
         for n in ("b1", "a2"):
             self.ns[n].run("ip", "addr", "add", f"{POD}/32", "dev", "lo")
-        self.psk = self.write("psk", "correct horse battery staple, cluster one")
+        self.psk = meshlab.write(self.tmp, "psk", "correct horse battery staple, cluster one")
         self.mdir = os.path.join(tmp, "manifests")
         os.mkdir(self.mdir)
-        self.write("manifests/all.yaml", yaml.safe_dump_all(manifests()))
+        meshlab.write(self.tmp, "manifests/all.yaml", yaml.safe_dump_all(manifests()))
         self.liedir = os.path.join(tmp, "lie")
         os.mkdir(self.liedir)
-        self.write("lie/lie.yaml", yaml.safe_dump_all(LIE))
+        meshlab.write(self.tmp, "lie/lie.yaml", yaml.safe_dump_all(LIE))
         # Hole punching off: these sites would punch (tests/e2e/test_nat_matrix.py covers
         # that); here the relay itself is under test.
-        self.config = self.write("config.yaml", yaml.safe_dump({
+        self.config = meshlab.write(self.tmp, "config.yaml", yaml.safe_dump({
             "modules": {"edgeDNS": {"enable": True, "listenAddress": "127.0.0.1",
                                     "listenPort": 1053,
                                     "cacheDNS": {"upstreamServers": ["127.0.0.1:9"]}},
                         "edgeTunnel": {"holePunching": False}}}))
         self.start_pods()
         self.procs: dict[str, Proc] = {}
-        server_config = self.write("server.yaml", yaml.safe_dump(
+        server_config = meshlab.write(self.tmp, "server.yaml", yaml.safe_dump(
             {"kind": "EdgeMeshServer", "server": {"relayBytesPerSecond": RELAY_RATE}}))
         self.server = meshlab.server(self.srv, tmp, self.psk, SERVER_ADMIN, server_config)
         for n in NODES:
             self.procs[n] = self.agent(n, self.ns[n], n)
         for n in NODES:
             wait_ready(self.procs[n], ADMIN, self.ns[n], timeout=40)
-
-    def write(self, name: str, text: str) -> str:
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
 
     def start_pods(self) -> None:
         b1, a2 = self.ns["b1"], self.ns["a2"]
@@ -179,15 +172,11 @@ def make_big(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def env():
-    reason = netlab.can_run()
-    if reason:
-        pytest.skip(reason)
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-        e = Env(lab, tmp)
-        yield e
-        for p in [*e.procs.values(), e.server]:
-            p.stop()
+def env(module_lab: tuple[netlab.Lab, str]):
+    e = Env(*module_lab)
+    yield e
+    for p in [*e.procs.values(), e.server]:
+        p.stop()
 
 
 def curl(env: Env, node: str, url: str, *extra: str) -> str:
@@ -263,7 +252,7 @@ def test_a_stream_to_an_address_that_is_not_a_local_endpoint_is_refused(env: Env
 
 def test_wrong_psk_and_a_second_key_for_a_bound_name_are_refused(env: Env) -> None:
     x1 = env.ns["x1"]
-    bad_psk = env.write("bad-psk", "not the cluster secret at all, sorry")
+    bad_psk = meshlab.write(env.tmp, "bad-psk", "not the cluster secret at all, sorry")
     p = env.agent("x1", x1, "x1", psk=bad_psk)
     try:
         netlab.wait_for(lambda: "no relay server reachable" in x1.run(
