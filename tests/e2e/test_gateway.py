@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -311,55 +310,52 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
-    reason = netlab.can_run()
-    if reason:
-        pytest.skip(reason)
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory(prefix="em-gw-") as tmp:
-        lan = lab.switch("lan")
-        mgmt = lab.switch("mgmt")
-        gw = lab.host("gw", lan, f"{GW}/24")
-        lab.plug(gw, mgmt, "eth1", f"{MGMT}/24")
-        gw.run("ip", "addr", "add", f"{GW6}/64", "dev", "eth0", "nodad")
-        node = lab.host("node", lan, f"{NODE}/24")
-        outside = lab.host("outside", lan, f"{OUT}/24")
-        outside.run("ip", "addr", "add", "fd00:20::100/64", "dev", "eth0", "nodad")
-        lab.host("mgmt-client", mgmt, "10.30.0.100/24")
-        certs = _certs(tmp)
-        spec = {name: (port, kind, os.path.join(tmp, "pass.pem"))
-                for name, (port, kind) in BACKENDS.items()}
-        backend = node.popen([PY, "-c", BACKEND_SCRIPT, json.dumps(spec)],
-                             stdout=__import__("subprocess").PIPE)
-        assert backend.stdout is not None and backend.stdout.readline().strip() == b"ready"
-        mdir = os.path.join(tmp, "manifests")
-        os.makedirs(mdir)
-        docs: list[dict] = []
-        for name, (port, _) in BACKENDS.items():
-            ns = "backend" if name == "api" else "edge"
-            docs += _service(name, ns, 443 if name == "inner" else 80, port)
-        docs += [_secret("a-cert", certs, "a"), _secret("wild-cert", certs, "wild"),
-                 _secret("mtls-cert", certs, "mtls", ca=True)]
-        _write(os.path.join(mdir, "services.yaml"), docs)
-        _write(os.path.join(mdir, "gateways.yaml"), list(GATEWAYS))
-        _write(os.path.join(mdir, "routes.yaml"), ROUTES)
-        config = os.path.join(tmp, "gateway.yaml")
-        _write(config, [{"kind": "EdgeMeshGateway", "modules": {
-            "edgeTunnel": {"enable": False},
-            "edgeGateway": {"interfaceResync": 1.0, "requestHeaderTimeout": 2.0}}}])
-        proc = Proc(["gateway", "--config", config, "--manifests", mdir, "--admin", ADMIN,
-                     "--nic", "eth0", "--state-dir", os.path.join(tmp, "state"),
-                     "--node-name", "gw"], ns=gw)
-        try:
-            wait_ready(proc, ADMIN, ns=gw)
-            e = Env(lab, tmp, proc, outside, gw, mdir)
-            netlab.wait_for(lambda: len(e.view()["listening"]) >= 6, timeout=15,
-                            what="gateway listeners")
-            yield e
-        finally:
-            log = proc.log()
-            proc.stop()
-            if os.environ.get("EDGEMESH_TEST_LOGS"):
-                print(log)
+def env(module_lab: tuple[netlab.Lab, str]):
+    lab, tmp = module_lab
+    lan = lab.switch("lan")
+    mgmt = lab.switch("mgmt")
+    gw = lab.host("gw", lan, f"{GW}/24")
+    lab.plug(gw, mgmt, "eth1", f"{MGMT}/24")
+    gw.run("ip", "addr", "add", f"{GW6}/64", "dev", "eth0", "nodad")
+    node = lab.host("node", lan, f"{NODE}/24")
+    outside = lab.host("outside", lan, f"{OUT}/24")
+    outside.run("ip", "addr", "add", "fd00:20::100/64", "dev", "eth0", "nodad")
+    lab.host("mgmt-client", mgmt, "10.30.0.100/24")
+    certs = _certs(tmp)
+    spec = {name: (port, kind, os.path.join(tmp, "pass.pem"))
+            for name, (port, kind) in BACKENDS.items()}
+    backend = node.popen([PY, "-c", BACKEND_SCRIPT, json.dumps(spec)],
+                         stdout=__import__("subprocess").PIPE)
+    assert backend.stdout is not None and backend.stdout.readline().strip() == b"ready"
+    mdir = os.path.join(tmp, "manifests")
+    os.makedirs(mdir)
+    docs: list[dict] = []
+    for name, (port, _) in BACKENDS.items():
+        ns = "backend" if name == "api" else "edge"
+        docs += _service(name, ns, 443 if name == "inner" else 80, port)
+    docs += [_secret("a-cert", certs, "a"), _secret("wild-cert", certs, "wild"),
+             _secret("mtls-cert", certs, "mtls", ca=True)]
+    _write(os.path.join(mdir, "services.yaml"), docs)
+    _write(os.path.join(mdir, "gateways.yaml"), list(GATEWAYS))
+    _write(os.path.join(mdir, "routes.yaml"), ROUTES)
+    config = os.path.join(tmp, "gateway.yaml")
+    _write(config, [{"kind": "EdgeMeshGateway", "modules": {
+        "edgeTunnel": {"enable": False},
+        "edgeGateway": {"interfaceResync": 1.0, "requestHeaderTimeout": 2.0}}}])
+    proc = Proc(["gateway", "--config", config, "--manifests", mdir, "--admin", ADMIN,
+                 "--nic", "eth0", "--state-dir", os.path.join(tmp, "state"),
+                 "--node-name", "gw"], ns=gw)
+    try:
+        wait_ready(proc, ADMIN, ns=gw)
+        e = Env(lab, tmp, proc, outside, gw, mdir)
+        netlab.wait_for(lambda: len(e.view()["listening"]) >= 6, timeout=15,
+                        what="gateway listeners")
+        yield e
+    finally:
+        log = proc.log()
+        proc.stop()
+        if os.environ.get("EDGEMESH_TEST_LOGS"):
+            print(log)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------
