@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -95,20 +94,20 @@ class Env:
         site = lab.site("b", inet, wan="198.18.0.2/24", lan="192.168.20.1/24")
         self.b1 = lab.host("b1", site.lan, f"{B1}/24", gw="192.168.20.1")
         self.b1.run("ip", "addr", "add", f"{POD}/32", "dev", "lo")
-        self.psk = self.write("psk", "gateway through NAT, cluster secret")
+        self.psk = meshlab.write(self.tmp, "psk", "gateway through NAT, cluster secret")
         self.mdir = os.path.join(tmp, "manifests")
         os.mkdir(self.mdir)
         docs = meshlab.nodes({"b1": B1, "gw-node": GW})
         docs += meshlab.service("web-b1", "10.96.2.1", 80, 8000, "b1", POD, port_name="http")
         docs += meshlab.service("echo-b1", "10.96.2.2", 80, 9001, "b1", POD)
-        self.write("manifests/services.yaml", yaml.safe_dump_all(docs))
-        self.write("manifests/routes.yaml", ROUTES)
+        meshlab.write(self.tmp, "manifests/services.yaml", yaml.safe_dump_all(docs))
+        meshlab.write(self.tmp, "manifests/routes.yaml", ROUTES)
         self.start_pods()
         self.procs: list[Proc] = [meshlab.server(self.srv, tmp, self.psk, SERVER_ADMIN)]
-        agent_config = self.write("agent.yaml", yaml.safe_dump(
+        agent_config = meshlab.write(self.tmp, "agent.yaml", yaml.safe_dump(
             {"modules": {"edgeDNS": {"enable": False}}}))
         self.agent = Proc(["agent", "--config", agent_config, *self.mesh("b1")], ns=self.b1)
-        gw_config = self.write("gateway.yaml", yaml.safe_dump(
+        gw_config = meshlab.write(self.tmp, "gateway.yaml", yaml.safe_dump(
             {"kind": "EdgeMeshGateway", "modules": {"edgeTunnel": {"enable": True},
                                                     "edgeGateway": {"interfaceResync": 1.0}}}))
         self.gateway = Proc(["gateway", "--config", gw_config, "--nic", "eth0",
@@ -120,12 +119,6 @@ class Env:
     def mesh(self, node: str) -> list[str]:
         return meshlab.mesh_args(node, SERVER, self.psk, os.path.join(self.tmp, f"state-{node}"),
                                  ADMIN, [self.mdir])
-
-    def write(self, name: str, text: str) -> str:
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
 
     def start_pods(self) -> None:
         www = os.path.join(self.tmp, "www", "shop")
@@ -149,22 +142,18 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
-    reason = netlab.can_run()
-    if reason:
-        pytest.skip(reason)
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory(prefix="em-gwnat-") as tmp:
-        e = None
-        try:
-            e = Env(lab, tmp)
-            yield e
-        finally:
-            if e is not None:
-                if os.environ.get("EDGEMESH_TEST_LOGS"):
-                    for p in e.procs:
-                        print(p.log())
+def env(module_lab: tuple[netlab.Lab, str]):
+    e = None
+    try:
+        e = Env(*module_lab)
+        yield e
+    finally:
+        if e is not None:
+            if os.environ.get("EDGEMESH_TEST_LOGS"):
                 for p in e.procs:
-                    p.stop()
+                    print(p.log())
+            for p in e.procs:
+                p.stop()
 
 
 def test_nothing_outside_the_nat_can_reach_b1_or_its_pod(env: Env) -> None:
