@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from tests import netlab
+from tests.e2e import meshlab
 from tests.procs import Proc, wait_ready
 
 pytestmark = pytest.mark.netns
@@ -81,16 +81,16 @@ class Matrix:
         docs += service("web-a2", "10.96.2.3", 8000, "a2")
         self.mdir = os.path.join(tmp, "manifests")
         os.mkdir(self.mdir)
-        self.write("manifests/all.yaml", yaml.safe_dump_all(docs))
-        self.psk = self.write("psk", "correct horse battery staple, nat matrix")
-        self.config = self.write("config.yaml", yaml.safe_dump(
+        meshlab.write(self.tmp, "manifests/all.yaml", yaml.safe_dump_all(docs))
+        self.psk = meshlab.write(self.tmp, "psk", "correct horse battery staple, nat matrix")
+        self.config = meshlab.write(self.tmp, "config.yaml", yaml.safe_dump(
             {"modules": {"edgeDNS": {"enable": False}}}))
         for n in ("b1", "a2"):
             ns = self.ns[n]
             ns.run("ip", "addr", "add", f"{POD}/32", "dev", "lo")
             www = os.path.join(tmp, f"www-{n}")
             os.mkdir(www)
-            self.write(f"www-{n}/index.html", f"hello from {n}")
+            meshlab.write(self.tmp, f"www-{n}/index.html", f"hello from {n}")
             ns.popen(["python3", "-m", "http.server", "8000", "--bind", POD, "--directory", www])
         self.ns["b1"].popen(["socat", f"TCP-LISTEN:8080,bind={POD},reuseaddr,fork",
                              "SYSTEM:cat"])
@@ -100,16 +100,10 @@ class Matrix:
         for n in NODES:
             wait_ready(self.agents[n], ADMIN, self.ns[n], timeout=40)
 
-    def write(self, name: str, text: str) -> str:
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
     def start_relays(self) -> None:
         for name in SERVERS:
             if name not in self.relays or not self.relays[name].alive():
-                config = self.write(f"{name}.yaml", yaml.safe_dump(
+                config = meshlab.write(self.tmp, f"{name}.yaml", yaml.safe_dump(
                     {"kind": "EdgeMeshServer", "nodeName": name}))
                 self.relays[name] = Proc(
                     ["server", "--config", config, "--listen", "0.0.0.0:20004",
@@ -189,15 +183,11 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix() -> Iterator[Matrix]:
-    reason = netlab.can_run()
-    if reason:
-        pytest.skip(reason)
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-        m = Matrix(lab, tmp)
-        yield m
-        for p in [*m.agents.values(), *m.relays.values()]:
-            p.stop()
+def matrix(module_lab: tuple[netlab.Lab, str]) -> Iterator[Matrix]:
+    m = Matrix(*module_lab)
+    yield m
+    for p in [*m.agents.values(), *m.relays.values()]:
+        p.stop()
 
 
 def fresh_cell(m: Matrix, nat_a: str, nat_b: str) -> None:
