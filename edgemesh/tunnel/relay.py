@@ -12,6 +12,7 @@ Per-peer limits: circuits at once, and bytes/s (a token bucket per node, over al
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import socket
@@ -247,7 +248,6 @@ class RelayCore:
 
     @staticmethod
     def _answer(sock: socket.socket, channel: SecureChannel, ok: bool, reason: str) -> None:
-        import json
         body = json.dumps({"op": "circuit", "ok": ok, "reason": reason}).encode()
         sock.sendall(channel.seal(fr.encode_frame(fr.Frame(fr.FrameType.CONTROL, 0, body))))
 
