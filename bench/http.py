@@ -26,6 +26,7 @@ import sys
 import tempfile
 
 from bench.listeners import agent_ports
+from bench.processes import Children, cpu_seconds
 from bench.proxy import HOST, ROOT, cpus, free_port, wait_port
 
 SERVICE = """apiVersion: v1
@@ -92,25 +93,12 @@ end
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Bench:
+class Bench(Children):
     def __init__(self, args: argparse.Namespace, tmp: str) -> None:
         self.args, self.tmp = args, tmp
-        self.server_cpu, self.client_cpu = cpus()
-        self.procs: list[subprocess.Popen[bytes]] = []
+        server_cpu, self.client_cpu = cpus()
+        super().__init__(server_cpu)
         self.nginx, self.hp = free_port(), free_port()
-
-    def spawn(self, argv: list[str], pin: bool = True, **kw: object) -> subprocess.Popen[bytes]:
-        full = (["taskset", "-c", self.server_cpu] if pin else []) + argv
-        proc = subprocess.Popen(full, stdout=subprocess.DEVNULL,  # type: ignore[call-overload]
-                                stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
-        self.procs.append(proc)
-        return proc
 
     def start(self) -> dict[str, tuple[int, int | None]]:
         """Path name → (port, pid of the proxy or None for direct)."""
@@ -168,15 +156,6 @@ class Bench:
             if line.startswith("Requests/sec:"):
                 return float(line.split()[1]), (total / used if used else 0.0)
         raise SystemExit("wrk printed no rate:\n" + out)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from bench.listeners import agent_ports
+from bench.processes import Children, cpu_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -112,21 +113,14 @@ listen http
 """
 
 
-class Bench:
+class Bench(Children):
     def __init__(self, args: argparse.Namespace, tmp: str) -> None:
         self.args = args
         self.tmp = tmp
-        self.server_cpu, self.client_cpu = cpus()
-        self.procs: list[subprocess.Popen[bytes]] = []
+        server_cpu, self.client_cpu = cpus()
+        super().__init__(server_cpu)
         self.iperf, self.http = free_port(), free_port()
         self.hp_iperf, self.hp_http = free_port(), free_port()
-
-    def spawn(self, argv: list[str], pin: bool = True, **kw: object) -> subprocess.Popen[bytes]:
-        full = (["taskset", "-c", self.server_cpu] if pin else []) + argv
-        proc = subprocess.Popen(full, stdout=subprocess.DEVNULL,  # type: ignore[call-overload]
-                                stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
-        self.procs.append(proc)
-        return proc
 
     def start(self) -> dict[str, int]:
         """Backends, haproxy and the agent; returns path name → iperf port, and http ports."""
@@ -201,15 +195,6 @@ class Bench:
                 after = rss_kib(pid)
         return before, during, after, rss_kib(pid)
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -228,14 +213,6 @@ def main() -> None:
             run(bench, bench.start())
         finally:
             bench.stop()
-
-
-def cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(bench: Bench, agent: dict[str, int]) -> None:
