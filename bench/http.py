@@ -25,28 +25,9 @@ import subprocess
 import sys
 import tempfile
 
-from bench.listeners import agent_ports
+from bench.listeners import agent_ports, service
 from bench.processes import Children, cpu_seconds
 from bench.proxy import HOST, ROOT, cpus, free_port, wait_port
-
-SERVICE = """apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: bench}}
-spec:
-  clusterIP: {ip}
-  ports: [{{name: http, port: 80, targetPort: {target}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: bench
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: http, port: {target}, protocol: TCP}}]
-endpoints: [{{addresses: ["127.0.0.1"]}}]
----
-"""
 
 RULE = """apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
@@ -113,8 +94,8 @@ class Bench(Children):
         mdir = os.path.join(self.tmp, "m")
         os.mkdir(mdir)
         with open(os.path.join(mdir, "svc.yaml"), "w", encoding="utf-8") as f:
-            f.write(SERVICE.format(name="perreq", ip="10.96.0.21", target=self.nginx))
-            f.write(SERVICE.format(name="spliced", ip="10.96.0.22", target=self.nginx))
+            for name, ip in (("perreq", "10.96.0.21"), ("spliced", "10.96.0.22")):
+                f.write(service(name, ip, 80, self.nginx, port_name="http") + "---\n")
             f.write(RULE)
         cfg = os.path.join(self.tmp, "agent.yaml")
         with open(cfg, "w", encoding="utf-8") as f:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from bench.listeners import agent_ports
+from bench.listeners import agent_ports, service
 from bench.processes import Children, cpu_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,24 +65,6 @@ def rss_kib(pid: int) -> int:
                 return int(line.split()[1])
     return 0
 
-
-SERVICE = """apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: bench}}
-spec:
-  clusterIP: {ip}
-  ports: [{{name: tcp, port: {port}, targetPort: {target}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: bench
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: tcp, port: {target}, protocol: TCP}}]
-endpoints: [{{addresses: ["127.0.0.1"]}}]
-"""
 
 NGINX = """worker_processes 1;
 daemon off;
@@ -136,9 +118,9 @@ class Bench(Children):
         mdir = os.path.join(self.tmp, "m")
         os.mkdir(mdir)
         with open(os.path.join(mdir, "svc.yaml"), "w", encoding="utf-8") as f:
-            f.write(SERVICE.format(name="iperf", ip="10.96.0.10", port=5201, target=self.iperf))
+            f.write(service("iperf", "10.96.0.10", 5201, self.iperf))
             f.write("---\n")
-            f.write(SERVICE.format(name="http", ip="10.96.0.11", port=80, target=self.http))
+            f.write(service("http", "10.96.0.11", 80, self.http))
         cfg = os.path.join(self.tmp, "agent.yaml")
         with open(cfg, "w", encoding="utf-8") as f:
             f.write("modules: {edgeDNS: {enable: false}, edgeTunnel: {enable: false}, "
