@@ -35,6 +35,7 @@ from edgemesh.tunnel.session import Session
 log = logging.getLogger(__name__)
 
 CIRCUIT_WAIT = 10.0
+ANSWER_TIMEOUT = 5.0  # seconds to write a circuit answer to a member's socket
 
 CIRCUITS = metrics.gauge("edgemesh_relay_circuits", "Relay circuits open, by requesting peer.",
                          ["peer"])
@@ -231,6 +232,9 @@ class RelayCore:
             self._answer(acc.sock, channel, False, "unknown circuit")
             acc.sock.close()
             return
+        # A token is good for one accept: a second one is an unknown circuit, and the socket
+        # the first one left waiting is never overwritten (and leaked).
+        del self._pending[token]
         pending.arrived.set((acc.sock, channel, acc.reader.leftover()))
 
     def _refusal(self, requester: str, target: str) -> str:
@@ -249,7 +253,9 @@ class RelayCore:
     @staticmethod
     def _answer(sock: socket.socket, channel: SecureChannel, ok: bool, reason: str) -> None:
         body = json.dumps({"op": "circuit", "ok": ok, "reason": reason}).encode()
-        sock.sendall(channel.seal(fr.encode_frame(fr.Frame(fr.FrameType.CONTROL, 0, body))))
+        record = channel.seal(fr.encode_frame(fr.Frame(fr.FrameType.CONTROL, 0, body)))
+        with gevent.Timeout(ANSWER_TIMEOUT, TimeoutError("circuit answer timed out")):
+            sock.sendall(record)
 
     def _splice(self, a: socket.socket, a_left: bytes, a_name: str, b: socket.socket,
                 b_left: bytes, b_name: str) -> None:
