@@ -27,6 +27,8 @@ from edgemesh.runtime import metrics, tasks
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65535
+OPENING_QUEUE = 16  # datagrams a new client may send while its session is being opened
+MAX_OPENING = 256  # sessions being opened at once per service port (dials through the tunnel)
 SESSIONS = metrics.gauge("edgemesh_proxy_udp_sessions", "Active UDP sessions, by service port.",
                          ["service"])
 DATAGRAMS = metrics.counter("edgemesh_proxy_udp_datagrams_total",
@@ -88,6 +90,10 @@ class UDPListener:
         self.sock.bind((ip, port))
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self.sessions: OrderedDict[tuple[str, int], Session] = OrderedDict()
+        # A new client's session is opened in a greenlet of its own: a dial through the tunnel
+        # to an unreachable node may take seconds and must not stall the service's other
+        # clients. Datagrams that arrive meanwhile wait here, boundedly, in order.
+        self._opening: dict[tuple[str, int], list[bytes]] = {}
         self.up = DATAGRAMS.labels(name, "upstream")
         self.down = DATAGRAMS.labels(name, "downstream")
         SESSIONS.labels(name).fn = lambda: len(self.sessions)
@@ -104,20 +110,52 @@ class UDPListener:
             try:
                 data, client = self.sock.recvfrom(RECV_SIZE)
             except OSError as e:  # ICMP errors from our replies' clients surface here
+                if self.sock.fileno() < 0:
+                    return  # closed under us: a closed socket fails at once, never yields
                 log.debug("udp %s recv: %s", self.name, e)
                 continue
-            session = self.sessions.get(client) or self._open(client)
+            session = self.sessions.get(client)
             if session is None:
-                DROPPED.labels(self.name).inc()
+                self._queue_for_new(client, data)
                 continue
-            session.last = time.monotonic()
-            self.sessions.move_to_end(client)
-            try:
-                session.channel.send(data)
-                self.up.value += 1
-            except UnavailableError:
-                UDP_FAILURES.labels(self.name).inc()
-                self.forget(session)
+            self._forward(session, data)
+
+    def _queue_for_new(self, client: tuple[str, int], data: bytes) -> None:
+        waiting = self._opening.get(client)
+        if waiting is not None:
+            if len(waiting) < OPENING_QUEUE:
+                waiting.append(data)
+            else:
+                DROPPED.labels(self.name).inc()
+        elif len(self._opening) >= MAX_OPENING:
+            DROPPED.labels(self.name).inc()
+        else:
+            self._opening[client] = [data]
+            tasks.spawn(f"proxy-udp-open-{self.name}", self._open_and_flush, client)
+
+    def _open_and_flush(self, client: tuple[str, int]) -> None:
+        try:
+            session = self._open(client)
+        finally:
+            waiting = self._opening.pop(client, [])
+        if session is None:
+            DROPPED.labels(self.name).inc(len(waiting))
+            return
+        for data in waiting:
+            self._forward(session, data)
+
+    def _forward(self, session: "Session", data: bytes) -> None:
+        if self.sessions.get(session.client) is not session:
+            DROPPED.labels(self.name).inc()  # evicted or failed while its queue was flushed
+            return
+        session.last = time.monotonic()
+        self.sessions.move_to_end(session.client)
+        try:
+            session.channel.send(data)
+            self.up.value += 1
+        except UnavailableError:
+            UDP_FAILURES.labels(self.name).inc()
+            self.forget(session)
 
     def _open(self, client: tuple[str, int]) -> Session | None:
         key = client[0] if self.balancer.wants_client_ip else None

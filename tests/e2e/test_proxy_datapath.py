@@ -12,6 +12,7 @@ import struct
 import termios
 
 import gevent
+import gevent.event
 import gevent.queue
 import pytest
 
@@ -267,6 +268,48 @@ def test_udp_to_a_remote_endpoint_uses_a_tunnel_channel() -> None:
     finally:
         c.close()
         lst.close()
+
+
+def test_a_slow_remote_udp_dial_does_not_stall_other_clients() -> None:
+    """The dial for a new client's session (through the tunnel, maybe to an unreachable
+    node) runs beside the service's receive loop: other clients keep being served, and the
+    waiting client's datagrams are delivered, in order, once its session is open."""
+    gate = gevent.event.Event()
+
+    class GatedTunnel(FakeTunnel):
+        def open_datagram(self, node: str, ip: str, port: int) -> FakeChannel:
+            if node == "slow":
+                gate.wait()
+            return super().open_datagram(node, ip, port)
+
+    srv, port = _udp_echo()
+    dialer = Dialer("n1", 1.0)
+    dialer.tunnel = GatedTunnel()
+    lst = UDPListener(dialer, "t/udp-slow", "127.0.0.1", Balancer(LBSpec()),
+                      [Backend("127.0.0.1", port, node_name="n1"),
+                       Backend("172.17.0.9", 53, node_name="slow")],
+                      idle_timeout=5, max_sessions=8)
+    first, second = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    try:
+        for c in (first, second):
+            c.settimeout(10)
+            c.connect(lst.address)
+        first.send(b"one")  # round robin: the local echo
+        assert first.recv(100) == b"one"
+        second.send(b"a")  # the remote node: its dial waits on the gate
+        second.send(b"b")
+        first.send(b"two")  # served while the other session is still being opened
+        with gevent.Timeout(10, AssertionError("a pending dial stalled the other client")):
+            assert first.recv(100) == b"two"
+        assert not lst.sessions.get(second.getsockname())
+        gate.set()
+        assert [second.recv(100), second.recv(100)] == [b"slow a", b"slow b"]
+    finally:
+        gate.set()
+        for c in (first, second):
+            c.close()
+        lst.close()
+        srv.close()
 
 
 def _unread(fd: int) -> int:
