@@ -14,20 +14,29 @@ they depend on the ephemeral keys only held in memory).
 Nothing here does I/O: ``write_message()`` returns bytes to send, ``read_message(data)``
 consumes one received handshake message. Messages are framed on the wire by the caller
 (a 2-byte big-endian length, like every record, see ``records``).
+
+``cryptography`` (DH and AEAD) is imported by ``primitives()`` on the first handshake message
+or cipher, not with this module: an agent without peers never loads it (~7.7 MB of RSS).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.errors import LocalProtocolError, RemoteProtocolError
+from edgemesh.tunnel.x25519 import StaticKey
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 PROTOCOL_NAME = b"Noise_XXpsk0_25519_ChaChaPoly_SHA256"
 PROLOGUE = b"edgemesh-tunnel/1"
@@ -60,7 +69,36 @@ class HandshakeFailed(RemoteProtocolError):
     """The peer's handshake bytes did not verify (wrong PSK, tampering, garbage)."""
 
 
-def public_bytes(key: X25519PrivateKey | X25519PublicKey) -> bytes:
+@dataclass(frozen=True)
+class Primitives:
+    """What the handshake and the transport ciphers use from ``cryptography``."""
+    generate_key: Callable[[], X25519PrivateKey]
+    load_public_key: Callable[[bytes], X25519PublicKey]
+    aesgcm: type[AESGCM]
+    chacha: type[ChaCha20Poly1305]
+    invalid_tag: type[Exception]
+
+
+@functools.cache
+def primitives() -> Primitives:
+    """``cryptography``'s DH and AEAD classes, imported on first use (then cached)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    return Primitives(X25519PrivateKey.generate, X25519PublicKey.from_public_bytes, AESGCM,
+                      ChaCha20Poly1305, InvalidTag)
+
+
+def public_bytes(key: StaticKey | X25519PrivateKey | X25519PublicKey) -> bytes:
+    """The raw 32-byte public key of ``key`` (no ``cryptography`` import for a StaticKey)."""
+    if isinstance(key, StaticKey):
+        return key.public
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     pub = key.public_key() if isinstance(key, X25519PrivateKey) else key
     # public_bytes_raw(): same bytes as public_bytes(Raw, Raw) without importing
     # cryptography's serialization package (ssh, rsa, dsa, ec...: ~1 MB RSS idle)
@@ -102,7 +140,8 @@ class CipherState:
         self._aead: ChaCha20Poly1305 | AESGCM | None = None
         self._nonce = _nonce_be if aead == AESGCM_NAME else _nonce
         if key is not None:
-            self._aead = AESGCM(key) if aead == AESGCM_NAME else ChaCha20Poly1305(key)
+            p = primitives()
+            self._aead = p.aesgcm(key) if aead == AESGCM_NAME else p.chacha(key)
         self.key = key
         self.aead = aead
         self.n = 0
@@ -140,7 +179,7 @@ class CipherState:
             raise RemoteProtocolError("nonce space exhausted")
         try:
             out = self._aead.decrypt(self._nonce(self.n), ciphertext, ad)
-        except InvalidTag:
+        except primitives().invalid_tag:  # evaluated only when decrypt raised
             raise HandshakeFailed("authentication tag mismatch") from None
         self.n += 1
         return out
@@ -239,12 +278,12 @@ class Handshake:
     ``next_is_write`` says whose turn it is; ``result`` is set once the handshake completed.
     """
 
-    def __init__(self, initiator: bool, static: X25519PrivateKey, psk: bytes, hello: Hello,
-                 ephemeral: X25519PrivateKey | None = None) -> None:
+    def __init__(self, initiator: bool, static: StaticKey | X25519PrivateKey, psk: bytes,
+                 hello: Hello, ephemeral: X25519PrivateKey | None = None) -> None:
         if len(psk) != 32:
             raise LocalProtocolError("the PSK must be 32 bytes")
         self.initiator = initiator
-        self._s = static
+        self._s = static if isinstance(static, StaticKey) else StaticKey.from_cryptography(static)
         self._e = ephemeral
         self._psk = psk
         self._hello = hello
@@ -275,12 +314,12 @@ class Handshake:
         elif self._step == 1:
             out += self._write_e()
             ss.mix_key(self._dh(self._e, self._re))
-            out += ss.encrypt_and_hash(public_bytes(self._s))
-            ss.mix_key(self._dh(self._s, self._re))
+            out += ss.encrypt_and_hash(self._s.public)
+            ss.mix_key(self._dh(self._s.dh_key(), self._re))
             out += ss.encrypt_and_hash(self._hello.encode())
         else:
-            out += ss.encrypt_and_hash(public_bytes(self._s))
-            ss.mix_key(self._dh(self._s, self._re))
+            out += ss.encrypt_and_hash(self._s.public)
+            ss.mix_key(self._dh(self._s.dh_key(), self._re))
             out += ss.encrypt_and_hash(self._hello.encode())
             self._finish()
         self._step += 1
@@ -314,7 +353,7 @@ class Handshake:
 
     def _write_e(self) -> bytes:
         if self._e is None:
-            self._e = X25519PrivateKey.generate()
+            self._e = primitives().generate_key()
         pub = public_bytes(self._e)
         self._ss.mix_hash(pub)
         self._ss.mix_key(pub)  # psk handshakes mix e into the key too (Noise §9.2)
@@ -324,7 +363,7 @@ class Handshake:
         if len(data) < DHLEN:
             raise HandshakeFailed("handshake message too short")
         pub = data[:DHLEN]
-        self._re = X25519PublicKey.from_public_bytes(pub)
+        self._re = primitives().load_public_key(pub)
         self._ss.mix_hash(pub)
         self._ss.mix_key(pub)
         return data[DHLEN:]
@@ -333,7 +372,7 @@ class Handshake:
         n = DHLEN + TAGLEN
         if len(data) < n:
             raise HandshakeFailed("handshake message too short")
-        self._rs = X25519PublicKey.from_public_bytes(self._ss.decrypt_and_hash(data[:n]))
+        self._rs = primitives().load_public_key(self._ss.decrypt_and_hash(data[:n]))
         return data[n:]
 
     @staticmethod

@@ -19,10 +19,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from edgemesh.errors import ConfigError, EdgeMeshError
-from edgemesh.tunnel.handshake import public_bytes
+from edgemesh.tunnel.x25519 import StaticKey
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +32,23 @@ class BindingConflict(EdgeMeshError):
     """A node name is bound to another key than the one just proved."""
 
 
-def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> X25519PrivateKey:
-    """The node's static key, created (0600, atomically) on first start."""
+def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> StaticKey:
+    """The node's static key, created (0600, atomically) on first start.
+
+    Loading or creating it does not import ``cryptography`` (see ``tunnel/x25519.py``).
+    """
     path = os.path.join(state_dir, filename)
     try:
         with open(path, "rb") as f:
             raw = f.read()
         if len(raw) != 32:
             raise ConfigError([f"--state-dir: {path} is not a 32-byte X25519 key"])
-        return X25519PrivateKey.from_private_bytes(raw)
+        return StaticKey(raw)
     except FileNotFoundError:
         pass
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    key = X25519PrivateKey.generate()
-    raw = key.private_bytes_raw()  # = private_bytes(Raw, Raw, NoEncryption()), see handshake
+    key = StaticKey.generate()
+    raw = key.private
     import tempfile  # only when a key is created: tempfile + shutil cost an idle agent ~0.4 MB
 
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tunnel.key.")
@@ -58,7 +59,7 @@ def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> X25519Pr
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    log.info("created node key %s (public %s)", path, public_bytes(key).hex()[:16])
+    log.info("created node key %s (public %s)", path, key.public.hex()[:16])
     return key
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import gevent
 import gevent.event
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from gevent.socket import wait_read
 
 from edgemesh.errors import EdgeMeshError, RemoteProtocolError, UnavailableError
@@ -37,6 +36,7 @@ from edgemesh.tunnel.handshake import Handshake, Hello, Result
 from edgemesh.tunnel.policy import REFUSED
 from edgemesh.tunnel.records import RecordReader, SecureChannel, frame_record
 from edgemesh.tunnel.stream import DEAD_AFTER, PING_INTERVAL, RECORD_OVERHEAD, Stream, StreamClosed
+from edgemesh.tunnel.x25519 import StaticKey
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ SESSION_ERRORS = metrics.counter("edgemesh_tunnel_session_errors_total",
                                  ["reason"])
 
 
-def handshake_over(sock: socket.socket, initiator: bool, static: X25519PrivateKey, psk: bytes,
+def handshake_over(sock: socket.socket, initiator: bool, static: StaticKey, psk: bytes,
                    hello: Hello, timeout: float = HANDSHAKE_TIMEOUT,
                    reader: RecordReader | None = None) -> tuple[Result, RecordReader]:
     """Run the Noise handshake on ``sock``; the reader keeps any bytes read past it."""

@@ -11,12 +11,14 @@ from edgemesh.errors import ConfigError, RemoteProtocolError
 from edgemesh.tunnel import identity
 from edgemesh.tunnel.handshake import Handshake, HandshakeFailed, Hello, public_bytes
 from edgemesh.tunnel.records import RecordReader, SecureChannel, frame_record
+from edgemesh.tunnel.x25519 import StaticKey
 
 PSK = identity.psk_from_bytes(b"a cluster secret of some length")
 
 
-def run_handshake(psk_i: bytes = PSK, psk_r: bytes = PSK, *, tamper: int | None = None):
-    si, sr = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+def run_handshake(psk_i: bytes = PSK, psk_r: bytes = PSK, *, tamper: int | None = None,
+                  si: StaticKey | X25519PrivateKey | None = None):
+    si, sr = si or StaticKey.generate(), StaticKey.generate()
     i = Handshake(True, si, psk_i, Hello("node-a", intent="session"))
     r = Handshake(False, sr, psk_r, Hello("node-b", role="server"))
     for step in range(3):
@@ -36,6 +38,13 @@ def test_both_sides_learn_the_proven_static_key_and_hello():
     assert i.result.remote_hello.node == "node-b" and i.result.remote_hello.role == "server"
     assert r.result.remote_hello.node == "node-a"
     assert i.result.handshake_hash == r.result.handshake_hash
+
+
+def test_a_cryptography_key_works_as_the_static_key():
+    key = X25519PrivateKey.generate()
+    i, r, *_ = run_handshake(si=key)
+    assert r.result.remote_static == public_bytes(key) == public_bytes(key.public_key())
+    assert public_bytes(StaticKey(key.private_bytes_raw())) == public_bytes(key)
 
 
 def test_transport_keys_work_both_ways_and_detect_tampering():
@@ -66,7 +75,7 @@ def test_tampered_handshake_messages_are_refused(step):
 
 
 def test_a_wrong_psk_fails_at_the_first_message():
-    si, sr = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    si, sr = StaticKey.generate(), StaticKey.generate()
     i = Handshake(True, si, identity.psk_from_bytes(b"not the cluster secret!!"), Hello("x"))
     r = Handshake(False, sr, PSK, Hello("y"))
     with pytest.raises(HandshakeFailed):
@@ -103,6 +112,10 @@ def test_key_is_created_once_with_mode_0600(tmp_path):
     assert mode == 0o600
     other = identity.load_or_create_key(str(tmp_path / "other"))
     assert public_bytes(other) != public_bytes(k1)
+    # the file holds the raw private key; cryptography derives the same public key from it
+    raw = (tmp_path / "tunnel.key").read_bytes()
+    assert k1.private == raw
+    assert X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw() == k1.public
 
 
 def test_psk_file_whitespace_does_not_matter_and_short_secrets_are_refused(tmp_path):
@@ -136,8 +149,8 @@ def test_bindings_refuse_a_second_key_until_released(tmp_path):
     ((("chachapoly",), ("aesgcm",)), "chachapoly"),
 ])
 def test_the_transport_aead_is_aesgcm_only_when_both_hellos_offer_it(offers, chosen):
-    i = Handshake(True, X25519PrivateKey.generate(), PSK, Hello("node-a", aead=offers[0]))
-    r = Handshake(False, X25519PrivateKey.generate(), PSK, Hello("node-b", aead=offers[1]))
+    i = Handshake(True, StaticKey.generate(), PSK, Hello("node-a", aead=offers[0]))
+    r = Handshake(False, StaticKey.generate(), PSK, Hello("node-b", aead=offers[1]))
     for step in range(3):
         writer, reader = (i, r) if step % 2 == 0 else (r, i)
         reader.read_message(writer.write_message())
