@@ -254,7 +254,7 @@ class Session:
 
     def _write_failed(self, e: OSError) -> None:
         self._out.clear()
-        gevent.spawn(self.close, f"write failed: {e}")
+        spawn(f"tunnel-close-{self.peer}", self.close, f"write failed: {e}")
 
     def forget_if_done(self, sid: int) -> None:
         """Drop our Stream object once the mux has closed the stream both ways."""
@@ -321,7 +321,7 @@ class Session:
         except OSError as e:
             reason = f"read failed: {e}"
         finally:
-            gevent.spawn(self.close, reason)
+            spawn(f"tunnel-close-{self.peer}", self.close, reason)
 
     def _consume(self) -> None:
         try:
