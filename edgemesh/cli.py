@@ -126,21 +126,33 @@ def _setup_logging(config: Any) -> None:
     logs.setup(config.commonConfig.logFormat, config.commonConfig.verbosity)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Every command's help text is passed as help=, not taken from its docstring: the frozen binary
+# is built with optimize=2, which strips docstrings (~1 MB of an idle agent's memory).
+MAIN_HELP = """EdgeMesh: the data plane of an edge Kubernetes (KubeEdge) cluster.
+
+One `edgemesh agent` per node answers cluster DNS names, proxies service traffic to
+endpoints on this node or (through the tunnel) on other nodes, behind NATs or not.
+`edgemesh server` relays for nodes that cannot reach each other directly;
+`edgemesh gateway` lets outside clients in.
+
+Start without a cluster:  edgemesh agent --manifests examples/ --no-iptables
+"""
+
+
+SERVER_HELP = """Run a rendezvous and relay server for agents that cannot reach each other.
+
+`edgemesh server release NODE` frees a node name bound to a key (the operator's action).
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             help=MAIN_HELP)
 @click.version_option(__version__, "--version", prog_name="edgemesh")
 def main() -> None:
-    """EdgeMesh: the data plane of an edge Kubernetes (KubeEdge) cluster.
-
-    One `edgemesh agent` per node answers cluster DNS names, proxies service traffic to
-    endpoints on this node or (through the tunnel) on other nodes, behind NATs or not.
-    `edgemesh server` relays for nodes that cannot reach each other directly;
-    `edgemesh gateway` lets outside clients in.
-
-    Start without a cluster:  edgemesh agent --manifests examples/ --no-iptables
-    """
+    pass  # the subcommands do the work
 
 
-@main.command()
+@main.command(help="Run the node agent: DNS, service proxy and tunnel.")
 @meta_options
 @tunnel_options
 @click.option("--relay", is_flag=True, default=None, help="Also relay for other agents.")
@@ -151,7 +163,6 @@ def main() -> None:
 @click.option("--no-iptables", is_flag=True, default=None,
               help="Run the proxy's listeners without touching iptables.")
 def agent(config_file: str | None, **params: Any) -> None:
-    """Run the node agent: DNS, service proxy and tunnel."""
     overrides = _overrides(params, {**META_FLAGS, **TUNNEL_FLAGS,
                                     "relay": "modules.edgeTunnel.relay",
                                     "service_cidr": "modules.edgeProxy.serviceCIDR"})
@@ -167,7 +178,7 @@ def agent(config_file: str | None, **params: Any) -> None:
     sys.exit(_run(agent_mod.run, config, role="agent"))
 
 
-@main.group(invoke_without_command=True)
+@main.group(invoke_without_command=True, help=SERVER_HELP)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML config file (its `server` section).")
 @click.option("--listen", help="Listen HOST:PORT [default: 0.0.0.0:20004].")
@@ -182,10 +193,6 @@ def agent(config_file: str | None, **params: Any) -> None:
 @click.option("-v", "verbosity", type=int, help="Log verbosity 0-10 [default: 2].")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log format.")
 def server(config_file: str | None, **params: Any) -> None:
-    """Run a rendezvous and relay server for agents that cannot reach each other.
-
-    `edgemesh server release NODE` frees a node name bound to a key (the operator's action).
-    """
     if click.get_current_context().invoked_subcommand:
         return
     overrides = _overrides(params, {"listen": "server.listen", "advertise": "server.advertise",
@@ -201,25 +208,25 @@ def server(config_file: str | None, **params: Any) -> None:
     sys.exit(_run(server_main.run, config))
 
 
-@server.command("release")
+@server.command("release", help="Free NODE's name binding: the next key that proves NODE is "
+                                "bound (a re-installed node).")
 @click.argument("node")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="The server's state dir [default: /var/lib/edgemesh].")
 def server_release(node: str, state_dir: str | None) -> None:
-    """Free NODE's name binding: the next key that proves NODE is bound (a re-installed node)."""
     from edgemesh.config import Config
     from edgemesh.server import main as server_main
     sys.exit(server_main.release(state_dir or Config().commonConfig.stateDir, node))
 
 
-@main.command()
+@main.command(help="Run the ingress gateway: outside clients in, routed by Istio "
+                   "Gateway/VirtualService.")
 @meta_options
 @tunnel_options
 @click.option("--nic", help="Interfaces to listen on: '*' or comma-separated names.")
 @click.option("--include-ip", help="IPs/CIDRs to listen on: '*' or comma-separated.")
 @click.option("--exclude-ip", help="IPs/CIDRs never to listen on (comma-separated).")
 def gateway(config_file: str | None, **params: Any) -> None:
-    """Run the ingress gateway: outside clients in, routed by Istio Gateway/VirtualService."""
     overrides = _overrides(params, {**META_FLAGS, **TUNNEL_FLAGS,
                                     "nic": "modules.edgeGateway.nic",
                                     "include_ip": "modules.edgeGateway.includeIP",
@@ -234,32 +241,30 @@ def gateway(config_file: str | None, **params: Any) -> None:
     sys.exit(_run(agent_mod.run, config, role="gateway"))
 
 
-@main.command()
+@main.command(help="Show what the local agent knows: services, endpoints, peers and their paths.")
 @click.option("--admin", default="127.0.0.1:10557", show_default=True,
               help="The local agent's admin endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(admin: str, as_json: bool) -> None:
-    """Show what the local agent knows: services, endpoints, peers and their paths."""
     from edgemesh import status as status_mod
     sys.exit(status_mod.show(admin, as_json))
 
 
-@main.group()
+@main.group(help="Print or check configuration files.")
 def config() -> None:
-    """Print or check configuration files."""
+    pass  # the subcommands do the work
 
 
-@config.command("default")
+@config.command("default", help="Print a complete, commented default config.")
 def config_default() -> None:
-    """Print a complete, commented default config."""
     from edgemesh.config import render_default
     click.echo(render_default(), nl=False)
 
 
-@config.command("validate")
+@config.command("validate", help="Check FILE; list every problem with its key path (exit 2), "
+                                 "or say it is valid.")
 @click.argument("file", type=click.Path(dir_okay=False))
 def config_validate(file: str) -> None:
-    """Check FILE; list every problem with its key path (exit 2), or say it is valid."""
     from edgemesh import config as cfg
     from edgemesh.errors import ConfigError
     try:
@@ -269,20 +274,18 @@ def config_validate(file: str) -> None:
     click.echo(f"{file}: valid")
 
 
-@main.command()
+@main.command(help="Remove every iptables rule and network device the agent made.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="The agent's config (for device and address names).")
 def cleanup(config_file: str | None) -> None:
-    """Remove every iptables rule and network device the agent made."""
     config = _load(config_file, {}, "EdgeMeshAgent")
     from edgemesh import cleanup as cleanup_mod
     sys.exit(cleanup_mod.run(config))
 
 
-@main.command()
+@main.command(help="Print the version.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def version(as_json: bool) -> None:
-    """Print the version."""
     if as_json:
         click.echo(json.dumps({"version": __version__,
                                "python": sys.version.split()[0],
