@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 CIRCUIT_WAIT = 10.0
 ANSWER_TIMEOUT = 5.0  # seconds to write a circuit answer to a member's socket
+# A circuit member that vanishes (power cut, link gone) sends no FIN or RST: without these the
+# relay's copy from it would wait forever and hold its sockets and its circuit slot. Probes
+# start after KEEPALIVE_IDLE s of silence (agents ping every 10 s through a live circuit);
+# KEEPALIVE_COUNT unanswered probes, or bytes unacknowledged for USER_TIMEOUT_MS, end it.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 15, 5, 3
+USER_TIMEOUT_MS = 30_000
 
 CIRCUITS = metrics.gauge("edgemesh_relay_circuits", "Relay circuits open, by requesting peer.",
                          ["peer"])
@@ -259,6 +265,8 @@ class RelayCore:
 
     def _splice(self, a: socket.socket, a_left: bytes, a_name: str, b: socket.socket,
                 b_left: bytes, b_name: str) -> None:
+        for sock in (a, b):
+            detect_dead_peer(sock)
         one = spawn("relay-splice", self._copy, a, b, a_left, a_name)
         try:
             self._copy(b, a, b_left, b_name)
@@ -287,3 +295,12 @@ class RelayCore:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def detect_dead_peer(sock: socket.socket) -> None:
+    """TCP keepalive and a user timeout: a vanished peer errors the socket within ~30 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)

@@ -250,6 +250,28 @@ def test_a_stream_to_an_address_that_is_not_a_local_endpoint_is_refused(env: Env
     assert after >= before + 1
 
 
+def test_a_circuit_whose_members_vanish_is_freed_and_the_mesh_recovers(env: Env) -> None:
+    # both sites' packets to and from the relay are dropped: no FIN, no RST ever arrives,
+    # as when a site loses power. The relay must notice by itself (TCP keepalive and user
+    # timeout on circuit sockets), free the circuit, and serve again once the sites are back.
+    assert curl(env, "a1", "http://10.96.1.1/") == "hello from b1"
+    circuits = lambda: metric(env.metrics(env.srv, SERVER_ADMIN),  # noqa: E731
+                              "edgemesh_relay_circuits")
+    assert circuits() >= 1
+    rules = [(chain, flag, wan) for wan in ("198.18.0.1", "198.18.0.2")
+             for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d"))]
+    for chain, flag, wan in rules:
+        env.srv.run("iptables", "-I", chain, flag, wan, "-j", "DROP")
+    try:
+        netlab.wait_for(lambda: circuits() == 0, 75, 1.0, what="the relay freeing dead circuits")
+    finally:
+        for chain, flag, wan in rules:
+            env.srv.run("iptables", "-D", chain, flag, wan, "-j", "DROP")
+    netlab.wait_for(lambda: env.run("a1", "curl", "-s", "--max-time", "5",
+                                    "http://10.96.1.1/", timeout=10) == "hello from b1",
+                    120, 1.0, what="a1 reaching b1 through the relay again")
+
+
 def test_wrong_psk_and_a_second_key_for_a_bound_name_are_refused(env: Env) -> None:
     x1 = env.ns["x1"]
     bad_psk = meshlab.write(env.tmp, "bad-psk", "not the cluster secret at all, sorry")
