@@ -16,12 +16,13 @@ import pytest
 from edgemesh.runtime.admin import BadRequest, parse_request_head, render_response
 from tests.procs import ROOT, Proc, debug_view, free_port, wait_ready
 
-# Needed only by the kube source (requests: https, auth), the gateway's TLS (ssl, pyOpenSSL) or
+# Needed only by the kube source (requests: https, auth), the gateway's TLS (ssl, pyOpenSSL),
+# the tunnel's first handshake (cryptography: ~7 MB with its Rust module) or
 # gevent's plugin lookup, which the CLI skips; each costs 1-5 MB of RSS when loaded.
 NOT_ON_THE_IDLE_PATH = ("requests", "urllib3", "charset_normalizer", "idna", "certifi",
                         "OpenSSL", "ssl", "_ssl", "http.client", "email", "email.parser",
                         "importlib.metadata", "zipfile", "csv", "gevent.pywsgi",
-                        "cryptography.hazmat.primitives.serialization", "cryptography.x509")
+                        "cryptography", "cryptography.hazmat.bindings._rust")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_idle_agent_loads_no_heavy_module(idle_agent) -> None:
     loaded = set(view["modules"])
     # the three modules really run (so an empty or broken view cannot pass)
     assert {"edgemesh.dns.module", "edgemesh.proxy.module", "edgemesh.tunnel.module",
-            "cryptography.hazmat.bindings._rust", "gevent.server"} <= loaded, agent.log()
+            "edgemesh.tunnel.x25519", "gevent.server"} <= loaded, agent.log()
     assert sorted(loaded.intersection(NOT_ON_THE_IDLE_PATH)) == []
     assert view["modules_loaded"] == len(loaded)
     assert view["rss_bytes"] >= view["rss_anon_bytes"] > 0
