@@ -116,6 +116,14 @@ def cidr(v: str) -> str | None:
 cidrs = each(cidr)
 
 
+def ipv4_cidr(v: str) -> str | None:
+    try:
+        ipaddress.IPv4Network(v, strict=False)
+    except ValueError:
+        return f"expected an IPv4 network (CIDR), got {shown(v)}"
+    return None
+
+
 def dns_name(v: str) -> str | None:
     labels = v.rstrip(".").split(".")
     if not v or any(not lab or len(lab) > 63 for lab in labels):
@@ -235,6 +243,10 @@ class EdgeProxy:
     maxUDPSessions: int = opt(4096, "Maximum UDP sessions per service port.", positive)
     maxConnections: int = opt(20000, "Maximum proxied TCP connections.", positive)
     perRequestHTTP: bool = opt(False, "Balance HTTP ports per request instead of per connection.")
+    nodePortAddresses: list[str] = opt([], "IPv4 ranges whose local addresses accept NodePort "
+                                       "traffic (like kube-proxy's --nodeport-addresses); "
+                                       "empty: every local address but 127.0.0.0/8.",
+                                       each(ipv4_cidr))
     httpHeaderTimeout: float = opt(30.0, "Seconds a client may take to send one request head "
                                    "(per-request HTTP).", positive)
     httpIdleTimeout: float = opt(120.0, "Seconds a keep-alive HTTP client may wait between "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +167,15 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
+class LoadBalancerIngress:
+    """One ``status.loadBalancer.ingress[]`` entry. ``ip_mode`` ``Proxy`` means the load
+    balancer does not deliver packets with the IP as destination, so it is not intercepted."""
+    ip: str = ""
+    hostname: str = ""
+    ip_mode: str = ""  # "" (VIP before Kubernetes 1.29) | "VIP" | "Proxy"
+
+
+@dataclass(frozen=True)
 class Service:
     meta: ObjectMeta
     type: str = "ClusterIP"
@@ -177,6 +187,7 @@ class Service:
     affinity_timeout: int = 10800
     publish_not_ready: bool = False
     external_ips: tuple[str, ...] = ()
+    load_balancer_ingress: tuple[LoadBalancerIngress, ...] = ()
 
     @property
     def headless(self) -> bool:
@@ -211,6 +222,25 @@ def _parse_port(p: Any, i: int) -> ServicePort:
                        app_protocol=_str(p, "appProtocol", where))
 
 
+def _parse_lb_ingress(obj: dict[str, Any]) -> tuple[LoadBalancerIngress, ...]:
+    where = "status.loadBalancer."
+    ingress = _list(_map(_map(obj, "status", ""), "loadBalancer", "status."), "ingress", where)
+    out = []
+    for i, item in enumerate(ingress):
+        at = f"{where}ingress[{i}]."
+        if not isinstance(item, dict):
+            raise ManifestError(f"{where}ingress[{i}]: expected a mapping")
+        ip = _str(item, "ip", at)
+        if ip:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ManifestError(f"{at}ip: expected an IP address, got {ip!r}") from None
+        out.append(LoadBalancerIngress(ip=ip, hostname=_str(item, "hostname", at),
+                                       ip_mode=_str(item, "ipMode", at)))
+    return tuple(out)
+
+
 def parse_service(obj: dict[str, Any]) -> Service:
     meta = parse_meta(obj)
     spec = _map(obj, "spec", "")
@@ -233,7 +263,8 @@ def parse_service(obj: dict[str, Any]) -> Service:
                                                 "spec.sessionAffinityConfig.clientIP.",
                                                 10800) or 10800,
                    publish_not_ready=_bool(spec, "publishNotReadyAddresses", "spec.", False),
-                   external_ips=_strs(spec, "externalIPs", "spec."))
+                   external_ips=_strs(spec, "externalIPs", "spec."),
+                   load_balancer_ingress=_parse_lb_ingress(obj))
 
 
 # ---- EndpointSlice / Endpoints ----------------------------------------------------------------

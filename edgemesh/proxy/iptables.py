@@ -1,19 +1,28 @@
 """Interception rules: rendered whole from the desired state, applied atomically, removed on exit.
 
-The proxy owns three chains in the ``nat`` table and nothing else but two jump rules:
+The proxy owns four chains in the ``nat`` table and nothing else but two jump rules:
 
     PREROUTING -j EDGEMESH-PREROUTING    (clients in other namespaces / pods routed via us)
     OUTPUT     -j EDGEMESH-OUTPUT        (clients on this node)
     EDGEMESH-PREROUTING, EDGEMESH-OUTPUT -j EDGEMESH-SERVICES
-    EDGEMESH-SERVICES: one DNAT per (ClusterIP, port, protocol) → the listener of that port
+    EDGEMESH-SERVICES: one DNAT per (service IP, port, protocol) → the listener of that port,
+        where a service IP is a ClusterIP, an externalIP or a load-balancer ingress IP; then,
+        when there are NodePorts, a jump for local destinations (``-m addrtype --dst-type
+        LOCAL``, within each ``nodePortAddresses`` range if any) to
+    EDGEMESH-NODEPORTS: ``-d 127.0.0.0/8 -j RETURN``, then one DNAT per (nodePort, protocol)
+        → the listener of the same service port.
+
+As in kube-proxy, ClusterIP rules come first and NodePorts last, so a service IP that happens
+to be local is matched by its own port. Loopback destinations are never NodePorts (that would
+need ``route_localnet``, which opens 127.0.0.0/8 to the network).
 
 Every sync renders the full text (``render_rules``, a pure function) and feeds it to one
 ``iptables-restore --noflush``: declaring a chain flushes it, so the three chains are replaced
 in one transaction and rules of others stay untouched. The jump rules are checked against
 ``iptables-save`` and added once (extra copies from a crash or a second agent are removed), so
 any number of restarts leaves exactly one of each. DNAT to a per-port listener tells the
-listener which service a connection or datagram was for, and UDP replies get the ClusterIP
-back from conntrack.
+listener which service a connection or datagram was for, and UDP replies get the address the
+client sent to (ClusterIP, externalIP or node address and nodePort) back from conntrack.
 
 Backends: the host's ``iptables`` may be nf_tables or legacy; ``detect_backend`` picks the one
 that already holds rules (as kube-proxy's iptables-wrapper does), so we never add rules that
@@ -21,6 +30,7 @@ the host's tools cannot show.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
 import subprocess
@@ -34,8 +44,10 @@ from edgemesh.runtime import metrics, tasks
 log = logging.getLogger(__name__)
 
 SERVICES_CHAIN = "EDGEMESH-SERVICES"
+NODEPORTS_CHAIN = "EDGEMESH-NODEPORTS"
 HOOKS = (("PREROUTING", "EDGEMESH-PREROUTING"), ("OUTPUT", "EDGEMESH-OUTPUT"))
-CHAINS = (SERVICES_CHAIN, *(chain for _, chain in HOOKS))
+CHAINS = (SERVICES_CHAIN, *(chain for _, chain in HOOKS), NODEPORTS_CHAIN)
+NODE = ""  # Portal.ip of a NodePort: any local address of this node
 ROUTE_PROTO = "237"  # marks the service-CIDR routes we add, so cleanup removes only ours
 
 SYNC_SECONDS = metrics.histogram("edgemesh_proxy_iptables_sync_seconds",
@@ -46,8 +58,12 @@ SYNC_FAILURES = metrics.counter("edgemesh_proxy_iptables_sync_failures_total",
 
 @dataclass(frozen=True, order=True)
 class Portal:
-    """Traffic to ``cluster_ip:port/protocol`` goes to the listener at ``to_ip:to_port``."""
-    cluster_ip: str
+    """Traffic to ``ip:port/protocol`` goes to the listener at ``to_ip:to_port``.
+
+    ``ip`` is an IPv4 ClusterIP, externalIP or load-balancer IP, or ``NODE`` for a NodePort
+    (``port`` is then the nodePort and the address any local one within nodePortAddresses).
+    """
+    ip: str
     port: int
     protocol: str  # "tcp" | "udp"
     to_ip: str
@@ -59,19 +75,42 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "").replace('"', "")[:250] + '"'
 
 
-def render_rules(portals: list[Portal], hook_lines: Sequence[str] = ()) -> str:
+def _dnat(chain: str, p: Portal) -> str:
+    dest = f" -d {p.ip}/32" if p.ip != NODE else ""
+    comment = f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
+    return (f"-A {chain}{dest} -p {p.protocol} -m {p.protocol} --dport {p.port}{comment} "
+            f"-j DNAT --to-destination {p.to_ip}:{p.to_port}")
+
+
+def node_port_matches(node_port_addresses: Sequence[str]) -> list[str]:
+    """Destination matches of the jumps to the NodePort chain: one per range (deduplicated,
+    host bits cleared), or a single empty one (any local address) when no range is given or
+    one is ``0.0.0.0/0``. Ranges must be IPv4 CIDRs (the config validates them)."""
+    nets = sorted({ipaddress.IPv4Network(a, strict=False) for a in node_port_addresses})
+    if not nets or any(n.prefixlen == 0 for n in nets):
+        return [""]
+    return [f"-d {n} " for n in nets]
+
+
+def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
+                 node_port_addresses: Sequence[str] = ()) -> str:
     """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``.
 
     ``hook_lines`` (from ``hook_fixes``) go into the same transaction, so rules and the jumps
     into them change together: no moment with rules but no hook, or a hook twice.
+    ``node_port_addresses`` limits NodePorts to local addresses in those IPv4 ranges.
     """
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     for _, chain in HOOKS:
         lines.append(f"-A {chain} -j {SERVICES_CHAIN}")
-    for p in sorted(set(portals)):
-        comment = f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
-        lines.append(f"-A {SERVICES_CHAIN} -d {p.cluster_ip}/32 -p {p.protocol} -m {p.protocol} "
-                     f"--dport {p.port}{comment} -j DNAT --to-destination {p.to_ip}:{p.to_port}")
+    unique = sorted(set(portals))
+    lines.extend(_dnat(SERVICES_CHAIN, p) for p in unique if p.ip != NODE)
+    node_ports = [p for p in unique if p.ip == NODE]
+    if node_ports:
+        lines.extend(f"-A {SERVICES_CHAIN} {match}-m addrtype --dst-type LOCAL "
+                     f"-j {NODEPORTS_CHAIN}" for match in node_port_matches(node_port_addresses))
+        lines.append(f"-A {NODEPORTS_CHAIN} -d 127.0.0.0/8 -j RETURN")
+        lines.extend(_dnat(NODEPORTS_CHAIN, p) for p in node_ports)
     lines.extend(hook_lines)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
@@ -144,10 +183,10 @@ class Rules:
         self.binary = binary or detect_backend()
         self.last_text = ""
 
-    def sync(self, portals: list[Portal]) -> None:
+    def sync(self, portals: list[Portal], node_port_addresses: Sequence[str] = ()) -> None:
         """Make the chains hold exactly ``portals`` and the hooks exist once."""
         started = time.monotonic()
-        text = render_rules(portals, hook_fixes(_save(self.binary)))
+        text = render_rules(portals, hook_fixes(_save(self.binary)), node_port_addresses)
         try:
             tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
                       timeout=30)

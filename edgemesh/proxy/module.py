@@ -12,12 +12,20 @@ service-proxy-name`` label (``FilterIfLabelExists``: skip labelled services;
 are carried as UDP; every other protocol (HTTP, gRPC, WebSocket, TCP) as TCP bytes; SCTP is
 not carried.
 
+Each served port is reached, as kube-proxy reaches it, at every IPv4 ClusterIP, every
+``spec.externalIPs`` address and (type LoadBalancer) every ``status.loadBalancer.ingress`` IP
+whose ``ipMode`` is not ``Proxy``, on the service port; and (types NodePort and LoadBalancer)
+at every local address of this node within ``nodePortAddresses`` (default: all but loopback)
+on its ``nodePort``. All of them lead to the port's one listener. Addresses that are not IP
+addresses are skipped, counted and logged once; IPv6 ones are skipped (IPv4 rules only).
+
 Listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on ephemeral ports;
 with ``iptables: false`` (``--no-iptables``) they bind ``listenAddress`` or 127.0.0.1 and
 nothing on the host is changed — ``/debug/proxy`` lists where each port listens.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +35,19 @@ from edgemesh.agent import Context
 from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, ServicePort
 from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
-from edgemesh.proxy.iptables import Portal
+from edgemesh.proxy.iptables import NODE, Portal
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.tcp import TCPListener, TCPProxy
 from edgemesh.proxy.udp import UDPListener
+from edgemesh.runtime import metrics
+from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import Reconciler
 
 log = logging.getLogger(__name__)
+_once = Once()
+
+BAD_SERVICE_IPS = metrics.counter("edgemesh_proxy_invalid_service_ips_total",
+                                  "Distinct service addresses skipped as not IP addresses.")
 
 WATCHED = ("Service", "EndpointSlice", "Endpoints", "DestinationRule")
 
@@ -66,6 +80,34 @@ def proxied(service: Service, filter_mode: str) -> bool:
 
 def cluster_ips(service: Service) -> list[str]:
     return [ip for ip in service.cluster_ips if ip and ip != "None" and ":" not in ip]
+
+
+def _ipv4(service: Service, ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).version == 4
+    except ValueError:
+        if _once((service.key, ip)):
+            BAD_SERVICE_IPS.inc()
+            log.warning("service %s/%s: %r is not an IP address; not intercepted",
+                        *service.key, ip)
+        return False
+
+
+def service_ips(service: Service) -> list[str]:
+    """IPv4 addresses whose service ports we intercept: ClusterIPs, externalIPs and (type
+    LoadBalancer) load-balancer ingress IPs delivered to nodes, in that order, each once."""
+    ips = [*cluster_ips(service), *service.external_ips]
+    if service.type == "LoadBalancer":
+        ips += [i.ip for i in service.load_balancer_ingress if i.ip and i.ip_mode != "Proxy"]
+    return [ip for ip in dict.fromkeys(ips) if _ipv4(service, ip)]
+
+
+def node_port_of(service: Service, port: ServicePort) -> int | None:
+    """The port's nodePort where the service type has one (the API clears it elsewhere; a
+    manifest may not)."""
+    if service.type not in ("NodePort", "LoadBalancer") or not port.node_port:
+        return None
+    return port.node_port if 1 <= port.node_port <= 65535 else None
 
 
 class ProxyModule:
@@ -156,12 +198,15 @@ class ProxyModule:
         portals = []
         for key, (svc, port) in want.items():
             listener = self._listener_for(key, svc, port)
-            for ip in cluster_ips(svc):
-                portals.append(Portal(ip, port.port, key.protocol, listener.address[0],
-                                      listener.address[1], str(key)))
+            to_ip, to_port = listener.address[:2]
+            for ip in service_ips(svc):
+                portals.append(Portal(ip, port.port, key.protocol, to_ip, to_port, str(key)))
+            node_port = node_port_of(svc, port)
+            if node_port:
+                portals.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if self.rules is not None:
-            self.rules.sync(portals)
+            self.rules.sync(portals, self.config.nodePortAddresses)
         self.synced = True
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:

@@ -5,19 +5,31 @@ import shutil
 
 import pytest
 
+from edgemesh import config
+from edgemesh.errors import ConfigError
+from edgemesh.meta.models import PROXY_NAME_LABEL, Service, parse_service
 from edgemesh.proxy import iptables
-from edgemesh.proxy.iptables import Portal, cleanup_commands, hook_fixes, render_rules
+from edgemesh.proxy.iptables import (
+    NODE,
+    Portal,
+    cleanup_commands,
+    hook_fixes,
+    node_port_matches,
+    render_rules,
+)
+from edgemesh.proxy.module import BAD_SERVICE_IPS, node_port_of, proxied, service_ips
 
 P = [Portal("10.96.0.10", 80, "tcp", "169.254.96.16", 41000, 'shop/web:http "x"'),
      Portal("10.96.0.20", 53, "udp", "169.254.96.16", 41001, "kube-system/dns:dns")]
 
 
-def test_render_owns_three_chains_and_one_dnat_per_portal() -> None:
+def test_render_owns_four_chains_and_one_dnat_per_portal() -> None:
     text = render_rules(P + P[:1])
     lines = text.splitlines()
     assert lines[0] == "*nat" and lines[-1] == "COMMIT"
     assert [line for line in lines if line.startswith(":")] == [
-        ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]"]
+        ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]",
+        ":EDGEMESH-NODEPORTS - [0:0]"]
     dnat = [line for line in lines if "DNAT" in line]
     assert dnat == [
         '-A EDGEMESH-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment '
@@ -26,6 +38,7 @@ def test_render_owns_three_chains_and_one_dnat_per_portal() -> None:
         '"kube-system/dns:dns" -j DNAT --to-destination 169.254.96.16:41001']
     # nothing outside our chains is ever written
     assert all(line.split()[1].startswith("EDGEMESH-") for line in lines if line.startswith("-A"))
+    assert "NODEPORTS" not in "".join(lines[5:])  # no NodePort: declared, empty, never jumped to
 
 
 def test_render_is_deterministic() -> None:
@@ -80,15 +93,18 @@ def test_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
     code = (
         "import sys; from edgemesh.proxy import iptables as I\n"
         f"r = I.Rules('{binary}')\n"
-        "P = [I.Portal('10.96.0.10', 80, 'tcp', '169.254.96.16', 41000, 'a/b:http')]\n"
-        "for _ in range(3): r.sync(P)\n"
+        "P = [I.Portal('10.96.0.10', 80, 'tcp', '169.254.96.16', 41000, 'a/b:http'),\n"
+        "     I.Portal(I.NODE, 30080, 'tcp', '169.254.96.16', 41000, 'a/b:http')]\n"
+        "for _ in range(3): r.sync(P, ['192.168.0.0/16'])\n"
         "print(I._save(r.binary))\n"
         "r.remove(); print('---'); print(I._save(r.binary))\n")
     out = ns.run(".venv/bin/python", "-c", code).stdout
     before, after = out.split("---")
     assert before.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert before.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
-    assert before.count("--to-destination 169.254.96.16:41000") == 1
+    assert before.count("--to-destination 169.254.96.16:41000") == 2
+    assert before.count("-A EDGEMESH-SERVICES -d 192.168.0.0/16 -m addrtype --dst-type LOCAL "
+                        "-j EDGEMESH-NODEPORTS") == 1
     assert "EDGEMESH" not in after
 
 
@@ -100,3 +116,102 @@ def test_detect_backend_prefers_the_one_with_rules(monkeypatch) -> None:
     assert iptables.detect_backend() == "iptables-nft"
     counts.update({"iptables-legacy": -1, "iptables-nft": -1})
     assert iptables.detect_backend() == "iptables"
+
+
+# ---- externalIPs, load-balancer IPs, NodePorts -------------------------------------------------
+
+L = ("169.254.96.16", 41000)
+WEB = "shop/web:80/tcp"
+EXTRA = [Portal("10.96.0.10", 80, "tcp", *L, WEB),
+         Portal("192.0.2.50", 80, "tcp", *L, WEB),          # externalIP
+         Portal("203.0.113.7", 80, "tcp", *L, WEB),         # load-balancer ingress IP
+         Portal(NODE, 30080, "tcp", *L, WEB),
+         Portal(NODE, 30053, "udp", "169.254.96.16", 41001, "kube-system/dns:53/udp")]
+
+
+def _rules(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("-A EDGEMESH-SERVICES -d")
+            or line.startswith("-A EDGEMESH-SERVICES -m") or line.startswith("-A EDGEMESH-NODE")]
+
+
+def test_render_service_ips_then_node_ports_on_any_local_address() -> None:
+    c = ' -m comment --comment "shop/web:80/tcp" -j DNAT --to-destination 169.254.96.16:41000'
+    assert _rules(render_rules(EXTRA)) == [
+        "-A EDGEMESH-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80" + c,
+        "-A EDGEMESH-SERVICES -d 192.0.2.50/32 -p tcp -m tcp --dport 80" + c,
+        "-A EDGEMESH-SERVICES -d 203.0.113.7/32 -p tcp -m tcp --dport 80" + c,
+        # last, as in kube-proxy: a local service IP is matched by its own port first
+        "-A EDGEMESH-SERVICES -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
+        "-A EDGEMESH-NODEPORTS -d 127.0.0.0/8 -j RETURN",
+        '-A EDGEMESH-NODEPORTS -p udp -m udp --dport 30053 -m comment --comment '
+        '"kube-system/dns:53/udp" -j DNAT --to-destination 169.254.96.16:41001',
+        "-A EDGEMESH-NODEPORTS -p tcp -m tcp --dport 30080" + c]
+
+
+def test_render_node_port_addresses_one_jump_per_range() -> None:
+    text = render_rules(EXTRA, node_port_addresses=["192.168.50.7/24", "10.0.0.0/8",
+                                                    "192.168.50.0/24"])
+    jumps = [line for line in text.splitlines() if "-j EDGEMESH-NODEPORTS" in line]
+    assert jumps == [  # host bits cleared, duplicates merged, sorted
+        "-A EDGEMESH-SERVICES -d 10.0.0.0/8 -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
+        "-A EDGEMESH-SERVICES -d 192.168.50.0/24 -m addrtype --dst-type LOCAL "
+        "-j EDGEMESH-NODEPORTS"]
+    assert "-A EDGEMESH-NODEPORTS -d 127.0.0.0/8 -j RETURN" in text  # even if a range holds it
+    assert node_port_matches(["10.0.0.0/8", "0.0.0.0/0"]) == [""]  # everything: no -d
+    assert node_port_matches([]) == [""]
+    # ranges given but no NodePort: no jump at all
+    rules = render_rules(P, node_port_addresses=["10.0.0.0/8"]).splitlines()[5:]
+    assert not any("NODEPORTS" in line for line in rules)
+
+
+def _svc(type_: str = "ClusterIP", cluster_ip: str = "10.96.0.10", labels: dict | None = None,
+         **extra: object) -> Service:
+    meta = {"name": "web", "namespace": "shop", "labels": labels or {}}
+    spec = {"type": type_, "clusterIP": cluster_ip,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}], **extra}
+    status = {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"},
+                                           {"ip": "203.0.113.8", "ipMode": "Proxy"},
+                                           {"ip": "fd00::1"}, {"hostname": "lb.example"}]}}
+    return parse_service({"metadata": meta, "spec": spec, "status": status})
+
+
+def test_service_ips_and_node_ports_follow_the_service_type() -> None:
+    ext = {"externalIPs": ["192.0.2.50", "10.96.0.10", "fd00::2", "not-an-ip"]}
+    before = metrics_value()
+    clusterip = _svc(**ext)
+    assert service_ips(clusterip) == ["10.96.0.10", "192.0.2.50"]  # dup, v6 and junk dropped
+    assert node_port_of(clusterip, clusterip.ports[0]) is None     # ClusterIP: no nodePort
+    assert metrics_value() == before + 1  # junk counted once, however often it is seen
+    service_ips(clusterip)
+    assert metrics_value() == before + 1
+    nodeport = _svc("NodePort")
+    assert service_ips(nodeport) == ["10.96.0.10"]  # ingress IPs are for LoadBalancers only
+    assert node_port_of(nodeport, nodeport.ports[0]) == 30080
+    lb = _svc("LoadBalancer", **ext)
+    assert service_ips(lb) == ["10.96.0.10", "192.0.2.50", "203.0.113.7"]  # not ipMode Proxy
+    assert node_port_of(lb, lb.ports[0]) == 30080
+
+
+def test_services_left_to_kube_proxy_or_headless_get_nothing() -> None:
+    label = {PROXY_NAME_LABEL: "kube-proxy"}
+    assert proxied(_svc("LoadBalancer"), "FilterIfLabelExists")
+    assert not proxied(_svc("LoadBalancer", labels=label), "FilterIfLabelExists")
+    assert not proxied(_svc("NodePort"), "FilterIfLabelDoesNotExists")
+    assert not proxied(_svc("NodePort", cluster_ip="None"), "FilterIfLabelExists")
+    assert not proxied(_svc("ExternalName", externalName="x.example"), "FilterIfLabelExists")
+
+
+def metrics_value() -> float:
+    return BAD_SERVICE_IPS.value
+
+
+@pytest.mark.parametrize("value, problem", [
+    (["10.0.0.0/33"], '[0]: expected an IPv4 network (CIDR), got "10.0.0.0/33"'),
+    (["192.168.0.0/16", "fd00::/64"], '[1]: expected an IPv4 network (CIDR), got "fd00::/64"'),
+])
+def test_node_port_addresses_are_validated(value: list[str], problem: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_mapping({"modules": {"edgeProxy": {"nodePortAddresses": value}}})
+    assert e.value.problems == [f"modules.edgeProxy.nodePortAddresses{problem}"]
+    ok = config.from_mapping({"modules": {"edgeProxy": {"nodePortAddresses": ["10.1.2.3/8"]}}})
+    assert ok.modules.edgeProxy.nodePortAddresses == ["10.1.2.3/8"]

@@ -129,6 +129,37 @@ def test_service_bad_shapes(spec, field):
     raises(models.parse_service, {**meta(), "spec": spec}, field)
 
 
+def test_service_load_balancer_ingress():
+    svc = models.parse_service({**meta("lb"), "spec": {"type": "LoadBalancer"}, "status": {
+        "loadBalancer": {"ingress": [{"ip": "203.0.113.7"},
+                                     {"ip": "203.0.113.8", "ipMode": "Proxy"},
+                                     {"hostname": "lb.example.com"}]}}})
+    assert svc.load_balancer_ingress == (
+        models.LoadBalancerIngress(ip="203.0.113.7"),
+        models.LoadBalancerIngress(ip="203.0.113.8", ip_mode="Proxy"),
+        models.LoadBalancerIngress(hostname="lb.example.com"))
+    for status in (None, {}, {"loadBalancer": None}, {"loadBalancer": {"ingress": None}}):
+        svc = models.parse_service({**meta("lb"), "spec": {}, "status": status})
+        assert svc.load_balancer_ingress == ()
+
+
+@pytest.mark.parametrize("status, field", [
+    ([], "status: expected a mapping"),
+    ({"loadBalancer": []}, "status.loadBalancer: expected a mapping"),
+    ({"loadBalancer": {"ingress": {}}}, "status.loadBalancer.ingress: expected a list"),
+    ({"loadBalancer": {"ingress": ["1.2.3.4"]}},
+     "status.loadBalancer.ingress[0]: expected a mapping"),
+    ({"loadBalancer": {"ingress": [{"ip": 7}]}},
+     "status.loadBalancer.ingress[0].ip: expected a string, got 7"),
+    ({"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}, {"ip": "lb.example"}]}},
+     "status.loadBalancer.ingress[1].ip: expected an IP address, got 'lb.example'"),
+    ({"loadBalancer": {"ingress": [{"ipMode": False}]}},
+     "status.loadBalancer.ingress[0].ipMode: expected a string"),
+])
+def test_service_load_balancer_bad_shapes(status, field):
+    raises(models.parse_service, {**meta(), "spec": {}, "status": status}, field)
+
+
 @pytest.mark.parametrize("app_protocol, name, protocol, expected", [
     ("", "http", "TCP", AppProtocol.HTTP),
     ("", "http-0", "TCP", AppProtocol.HTTP),
@@ -528,7 +559,8 @@ json_values = st.recursive(
                          "conditions", "ready", "ip", "match", "uri", "route", "destination",
                          "host", "number", "loadBalancer", "consistentHash", "httpCookie",
                          "servers", "tls", "hosts", "headers", "request", "subsets", "type",
-                         "status", "containers", "containerPort", "podIPs", "exact"]),
+                         "status", "containers", "containerPort", "podIPs", "exact",
+                         "ingress", "ipMode"]),
         inner, max_size=4),
     max_leaves=20)
 
