@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dnslib import RR, DNSError, DNSRecord
-
 from edgemesh.dns import wire
 from edgemesh.dns.cache import AnswerCache, CachedAnswer
 from edgemesh.dns.zone import Reply, ZoneData, resolve
@@ -145,6 +143,8 @@ class Answerer:
         """The ExternalName's CNAME followed by the upstream's answer for its target (D5.2)."""
         if response is None:
             return wire.rcode_reply(query, wire.SERVFAIL)
+        from dnslib import RR, DNSError, DNSRecord  # on use: an idle agent never loads dnslib
+
         try:
             upstream = DNSRecord.parse(response)
         except (DNSError, ValueError, IndexError) as e:

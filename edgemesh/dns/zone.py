@@ -29,16 +29,19 @@ import enum
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSLabel
+if TYPE_CHECKING:
+    from dnslib import RR, DNSLabel
 
 SCHEMA_VERSION = "1.1.0"
 VERSION_TTL = 28800
 MAX_CHASE = 8
-T_A, T_AAAA, T_SRV, T_PTR, T_CNAME = QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR, QTYPE.CNAME
-T_TXT, T_SOA, T_NS, T_ANY = QTYPE.TXT, QTYPE.SOA, QTYPE.NS, QTYPE.ANY
-NOERROR, NXDOMAIN, SERVFAIL = RCODE.NOERROR, RCODE.NXDOMAIN, RCODE.SERVFAIL
+# dnslib's QTYPE/RCODE values, written out: dnslib (0.9 MB) is imported where the first answer
+# is built, never by an idle agent (tests/unit/test_dns_lazy_dnslib.py checks both)
+T_A, T_AAAA, T_SRV, T_PTR, T_CNAME = 1, 28, 33, 12, 5
+T_TXT, T_SOA, T_NS, T_ANY = 16, 6, 2, 255
+NOERROR, NXDOMAIN, SERVFAIL = 0, 3, 2
 
 
 class ServiceKind(enum.Enum):
@@ -200,6 +203,8 @@ class _Asked:
             return self._apex()
         if rel == ["dns-version"]:
             if self.qtype in (T_TXT, T_ANY):
+                from dnslib import RR, TXT
+
                 return Reply(answer=[RR(self.owner, T_TXT, ttl=VERSION_TTL,
                                         rdata=TXT(SCHEMA_VERSION))])
             return self._negative(NOERROR)
@@ -229,6 +234,8 @@ class _Asked:
         if self.qtype == T_SOA:
             return Reply(answer=[self._soa()])
         if self.qtype == T_NS:
+            from dnslib import NS, RR
+
             target = f"ns.dns.{self.zone_as_asked}"
             return Reply(answer=[RR(self.owner, T_NS, ttl=self.data.ttl, rdata=NS(target))],
                          additional=self._addresses(target, self.data.ns_ips))
@@ -283,6 +290,8 @@ class _Asked:
         target = svc.external_name
         if not target or _is_ip(target):
             return self._negative(NXDOMAIN)  # D5.4
+        from dnslib import CNAME, RR
+
         cname = RR(self.owner, T_CNAME, ttl=self.data.ttl, rdata=CNAME(target))
         if self.qtype in (T_CNAME, T_SRV):
             return Reply(answer=[cname]) if self.qtype == T_CNAME else self._negative(NOERROR)
@@ -307,6 +316,8 @@ class _Asked:
         return Reply(answer=wanted) if wanted else self._negative(NOERROR)
 
     def _addresses(self, owner: str | DNSLabel, ips: Iterable[str]) -> list[RR]:
+        from dnslib import AAAA, RR, A
+
         out, seen = [], set()
         for ip in ips:
             if ip in seen:
@@ -319,6 +330,8 @@ class _Asked:
     def _srv(self, pairs: list[tuple[str, int]], svc: ServiceRecord) -> Reply:
         if not pairs:
             return self._negative(NOERROR)
+        from dnslib import RR, SRV
+
         weight = max(1, 100 // len(pairs))
         seen: dict[tuple[str, int], None] = dict.fromkeys((t.lower(), p) for t, p in pairs)
         answer, additional = [], []
@@ -333,6 +346,8 @@ class _Asked:
         return Reply(answer=answer, additional=additional)
 
     def _soa(self) -> RR:
+        from dnslib import RR, SOA
+
         z, ttl = self.zone_as_asked, self.data.ttl
         return RR(z, T_SOA, ttl=min(ttl, 300),
                   rdata=SOA(f"ns.dns.{z}", f"hostmaster.{z}",
@@ -344,6 +359,8 @@ class _Asked:
 
 def owner_of(labels: Sequence[str]) -> DNSLabel:
     """The owner name exactly as asked (labels may hold any byte)."""
+    from dnslib import DNSLabel
+
     return DNSLabel(tuple(label.encode("latin-1") for label in labels))
 
 
@@ -374,6 +391,8 @@ def _reverse(data: ZoneData, owner: DNSLabel, qtype: int, lower: list[str]) -> R
     targets = data.reverse.get(ip) if ip else None
     if not targets:
         return None  # falls through to the upstream, as EdgeMesh's Corefile says (D11.1)
+    from dnslib import PTR, RR, SOA, DNSLabel
+
     if qtype not in (T_PTR, T_ANY):
         apex = DNSLabel(owner.label[-2:])
         soa = RR(apex, T_SOA, ttl=min(data.ttl, 300),
