@@ -245,7 +245,8 @@ class EdgeProxy:
     perRequestHTTP: bool = opt(False, "Balance HTTP ports per request instead of per connection.")
     nodePortAddresses: list[str] = opt([], "IPv4 ranges whose local addresses accept NodePort "
                                        "traffic (like kube-proxy's --nodeport-addresses); "
-                                       "empty: every local address but 127.0.0.0/8.",
+                                       "empty: every local address (127.0.0.0/8 only for "
+                                       "clients on this node).",
                                        each(ipv4_cidr))
     httpHeaderTimeout: float = opt(30.0, "Seconds a client may take to send one request head "
                                    "(per-request HTTP).", positive)

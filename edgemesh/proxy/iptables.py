@@ -4,20 +4,22 @@ The proxy owns four chains in the ``nat`` table and nothing else but two jump ru
 
     PREROUTING -j EDGEMESH-PREROUTING    (clients in other namespaces / pods routed via us)
     OUTPUT     -j EDGEMESH-OUTPUT        (clients on this node)
-    EDGEMESH-PREROUTING, EDGEMESH-OUTPUT -j EDGEMESH-SERVICES
+    EDGEMESH-PREROUTING: -d 127.0.0.0/8 -j RETURN, then -j EDGEMESH-SERVICES
+    EDGEMESH-OUTPUT -j EDGEMESH-SERVICES
     EDGEMESH-SERVICES: one DNAT per (service IP, port, protocol) → the listener of that port,
         where a service IP is a ClusterIP, an externalIP or a load-balancer ingress IP; then,
         when there are NodePorts, a jump for local destinations (``-m addrtype --dst-type
         LOCAL``, within each ``nodePortAddresses`` range if any) to
-    EDGEMESH-NODEPORTS: ``-d 127.0.0.0/8 -j RETURN``, then one DNAT per (nodePort, protocol)
-        → the listener of the same service port.
+    EDGEMESH-NODEPORTS: one DNAT per (nodePort, protocol) → the listener of the same port.
 
 As in kube-proxy, ClusterIP rules come first and NodePorts last, so a service IP that happens
-to be local is matched by its own port. Loopback destinations are never NodePorts (that would
-need ``route_localnet``, which opens 127.0.0.0/8 to the network).
+to be local is matched by its own port. Clients on this node reach NodePorts on 127.0.0.1 too
+(as with the Go EdgeMesh's userspace proxier; the listener is local, so no ``route_localnet``
+is needed), but packets from the network for 127.0.0.0/8 are never rewritten: DNAT before
+routing would let them past the kernel's martian check (the hole of CVE-2020-8558).
 
 Every sync renders the full text (``render_rules``, a pure function) and feeds it to one
-``iptables-restore --noflush``: declaring a chain flushes it, so the three chains are replaced
+``iptables-restore --noflush``: declaring a chain flushes it, so our chains are replaced
 in one transaction and rules of others stay untouched. The jump rules are checked against
 ``iptables-save`` and added once (extra copies from a crash or a second agent are removed), so
 any number of restarts leaves exactly one of each. DNAT to a per-port listener tells the
@@ -48,6 +50,7 @@ NODEPORTS_CHAIN = "EDGEMESH-NODEPORTS"
 HOOKS = (("PREROUTING", "EDGEMESH-PREROUTING"), ("OUTPUT", "EDGEMESH-OUTPUT"))
 CHAINS = (SERVICES_CHAIN, *(chain for _, chain in HOOKS), NODEPORTS_CHAIN)
 NODE = ""  # Portal.ip of a NodePort: any local address of this node
+LOOPBACK_GUARD = "-A EDGEMESH-PREROUTING -d 127.0.0.0/8 -j RETURN"
 ROUTE_PROTO = "237"  # marks the service-CIDR routes we add, so cleanup removes only ours
 
 SYNC_SECONDS = metrics.histogram("edgemesh_proxy_iptables_sync_seconds",
@@ -101,6 +104,7 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
     ``node_port_addresses`` limits NodePorts to local addresses in those IPv4 ranges.
     """
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
+    lines.append(LOOPBACK_GUARD)
     for _, chain in HOOKS:
         lines.append(f"-A {chain} -j {SERVICES_CHAIN}")
     unique = sorted(set(portals))
@@ -109,7 +113,6 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
     if node_ports:
         lines.extend(f"-A {SERVICES_CHAIN} {match}-m addrtype --dst-type LOCAL "
                      f"-j {NODEPORTS_CHAIN}" for match in node_port_matches(node_port_addresses))
-        lines.append(f"-A {NODEPORTS_CHAIN} -d 127.0.0.0/8 -j RETURN")
         lines.extend(_dnat(NODEPORTS_CHAIN, p) for p in node_ports)
     lines.extend(hook_lines)
     lines.append("COMMIT")

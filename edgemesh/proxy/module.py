@@ -15,9 +15,11 @@ not carried.
 Each served port is reached, as kube-proxy reaches it, at every IPv4 ClusterIP, every
 ``spec.externalIPs`` address and (type LoadBalancer) every ``status.loadBalancer.ingress`` IP
 whose ``ipMode`` is not ``Proxy``, on the service port; and (types NodePort and LoadBalancer)
-at every local address of this node within ``nodePortAddresses`` (default: all but loopback)
-on its ``nodePort``. All of them lead to the port's one listener. Addresses that are not IP
-addresses are skipped, counted and logged once; IPv6 ones are skipped (IPv4 rules only).
+at every local address of this node within ``nodePortAddresses`` (default: all of them;
+127.0.0.1 for clients on this node only) on its ``nodePort``. All of them lead to the port's
+one listener. Service addresses that are not IP addresses, or that the API server would
+refuse as externalIPs (loopback, link-local, multicast, unspecified), are skipped, counted and
+logged once; IPv6 ones are skipped (IPv4 rules only).
 
 Listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on ephemeral ports;
 with ``iptables: false`` (``--no-iptables``) they bind ``listenAddress`` or 127.0.0.1 and
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 _once = Once()
 
 BAD_SERVICE_IPS = metrics.counter("edgemesh_proxy_invalid_service_ips_total",
-                                  "Distinct service addresses skipped as not IP addresses.")
+                                  "Distinct service addresses skipped as not IP addresses "
+                                  "or as loopback, link-local, multicast or unspecified.")
 
 WATCHED = ("Service", "EndpointSlice", "Endpoints", "DestinationRule")
 
@@ -84,13 +87,19 @@ def cluster_ips(service: Service) -> list[str]:
 
 def _ipv4(service: Service, ip: str) -> bool:
     try:
-        return ipaddress.ip_address(ip).version == 4
+        addr = ipaddress.ip_address(ip)
     except ValueError:
+        addr = None
+    if addr is not None and addr.version == 6:
+        return False
+    if addr is None or addr.is_loopback or addr.is_link_local or addr.is_multicast \
+            or addr.is_unspecified:
         if _once((service.key, ip)):
             BAD_SERVICE_IPS.inc()
-            log.warning("service %s/%s: %r is not an IP address; not intercepted",
+            log.warning("service %s/%s: %r is not a usable service address; not intercepted",
                         *service.key, ip)
         return False
+    return True
 
 
 def service_ips(service: Service) -> list[str]:

@@ -104,21 +104,27 @@ class Env:
         self.node.popen(["python3", "-c", UDP_ECHO, POD])
         self.node.popen(["socat", f"TCP-LISTEN:30080,bind={OTHER_NODE_IP},reuseaddr,fork",
                          "SYSTEM:echo not intercepted"])
-        mdir = os.path.join(tmp, "manifests")
-        os.mkdir(mdir)
-        with open(os.path.join(mdir, "all.yaml"), "w") as f:
+        self.tmp = tmp
+        self.mdir = os.path.join(tmp, "manifests")
+        os.mkdir(self.mdir)
+        with open(os.path.join(self.mdir, "all.yaml"), "w") as f:
             yaml.safe_dump_all(manifests(), f)
-        config = os.path.join(tmp, "config.yaml")
+        self.proc = self.agent(["192.168.50.0/24"])
+
+    def agent(self, node_port_addresses: list[str]) -> Proc:
+        config = os.path.join(self.tmp, "config.yaml")
         with open(config, "w") as f:
             yaml.safe_dump({"modules": {
                 "edgeDNS": {"enable": False}, "edgeTunnel": {"enable": False},
-                "edgeProxy": {"connectTimeout": 1.0, "nodePortAddresses": ["192.168.50.0/24"]}},
-                "commonConfig": {"stateDir": os.path.join(tmp, "state")}}, f)
-        self.proc = Proc(["agent", "--config", config, "--manifests", mdir, "--node-name", "node",
-                          "--admin", ADMIN], ns=self.node)
-        wait_ready(self.proc, ADMIN, self.node)
+                "edgeProxy": {"connectTimeout": 1.0,
+                              "nodePortAddresses": node_port_addresses}},
+                "commonConfig": {"stateDir": os.path.join(self.tmp, "state")}}, f)
+        proc = Proc(["agent", "--config", config, "--manifests", self.mdir, "--node-name",
+                     "node", "--admin", ADMIN], ns=self.node)
+        wait_ready(proc, ADMIN, self.node)
         netlab.wait_for(lambda: "[+] proxy ok" in self.node.run(
             "curl", "-s", f"http://{ADMIN}/readyz").stdout, timeout=20, what="proxy ready")
+        return proc
 
     def curl(self, ns: netlab.Netns, url: str) -> tuple[int, str]:
         # --http0.9: the plain server on OTHER_NODE_IP answers a bare line, not HTTP
@@ -176,12 +182,26 @@ def test_udp_replies_come_from_the_address_the_client_sent_to(env: Env) -> None:
 
 def test_node_port_on_the_node_itself(env: Env) -> None:
     assert env.curl(env.node, f"http://{NODE_IP}:30080/") == (0, "hello from web")
-    assert env.curl(env.node, "http://127.0.0.1:30080/")[0] == 7  # loopback is never a NodePort
+    # 127.0.0.1 is outside nodePortAddresses (192.168.50.0/24): refused
+    assert env.curl(env.node, "http://127.0.0.1:30080/")[0] == 7
 
 
 def test_node_port_outside_node_port_addresses_is_not_intercepted(env: Env) -> None:
     for ns in (env.client, env.node):
         assert env.curl(ns, f"http://{OTHER_NODE_IP}:30080/") == (0, "not intercepted\n")
+
+
+def test_no_node_port_addresses_means_every_local_address(env: Env) -> None:
+    env.proc.stop()
+    env.proc = env.agent([])
+    assert "-A EDGEMESH-SERVICES -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS" in env.nat()
+    for ns in (env.client, env.node):
+        for ip in (NODE_IP, OTHER_NODE_IP):
+            assert env.curl(ns, f"http://{ip}:30080/") == (0, "hello from web")
+    # loopback too, for clients on the node (the listener is local: no route_localnet needed)
+    assert env.curl(env.node, "http://127.0.0.1:30080/") == (0, "hello from web")
+    assert env.udp(env.node, "127.0.0.1", 30007)[:3] == ["echo ping 0", "echo ping 1",
+                                                          "echo ping 2"]
 
 
 def test_rules_vanish_on_exit(env: Env) -> None:

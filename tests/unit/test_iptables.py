@@ -142,7 +142,6 @@ def test_render_service_ips_then_node_ports_on_any_local_address() -> None:
         "-A EDGEMESH-SERVICES -d 203.0.113.7/32 -p tcp -m tcp --dport 80" + c,
         # last, as in kube-proxy: a local service IP is matched by its own port first
         "-A EDGEMESH-SERVICES -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
-        "-A EDGEMESH-NODEPORTS -d 127.0.0.0/8 -j RETURN",
         '-A EDGEMESH-NODEPORTS -p udp -m udp --dport 30053 -m comment --comment '
         '"kube-system/dns:53/udp" -j DNAT --to-destination 169.254.96.16:41001',
         "-A EDGEMESH-NODEPORTS -p tcp -m tcp --dport 30080" + c]
@@ -156,7 +155,6 @@ def test_render_node_port_addresses_one_jump_per_range() -> None:
         "-A EDGEMESH-SERVICES -d 10.0.0.0/8 -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
         "-A EDGEMESH-SERVICES -d 192.168.50.0/24 -m addrtype --dst-type LOCAL "
         "-j EDGEMESH-NODEPORTS"]
-    assert "-A EDGEMESH-NODEPORTS -d 127.0.0.0/8 -j RETURN" in text  # even if a range holds it
     assert node_port_matches(["10.0.0.0/8", "0.0.0.0/0"]) == [""]  # everything: no -d
     assert node_port_matches([]) == [""]
     # ranges given but no NodePort: no jump at all
@@ -176,14 +174,15 @@ def _svc(type_: str = "ClusterIP", cluster_ip: str = "10.96.0.10", labels: dict 
 
 
 def test_service_ips_and_node_ports_follow_the_service_type() -> None:
-    ext = {"externalIPs": ["192.0.2.50", "10.96.0.10", "fd00::2", "not-an-ip"]}
+    ext = {"externalIPs": ["192.0.2.50", "10.96.0.10", "fd00::2", "not-an-ip", "127.0.0.1",
+                           "169.254.1.1", "224.0.0.1", "0.0.0.0"]}
     before = metrics_value()
     clusterip = _svc(**ext)
     assert service_ips(clusterip) == ["10.96.0.10", "192.0.2.50"]  # dup, v6 and junk dropped
     assert node_port_of(clusterip, clusterip.ports[0]) is None     # ClusterIP: no nodePort
-    assert metrics_value() == before + 1  # junk counted once, however often it is seen
+    assert metrics_value() == before + 5  # junk counted once each, however often it is seen
     service_ips(clusterip)
-    assert metrics_value() == before + 1
+    assert metrics_value() == before + 5
     nodeport = _svc("NodePort")
     assert service_ips(nodeport) == ["10.96.0.10"]  # ingress IPs are for LoadBalancers only
     assert node_port_of(nodeport, nodeport.ports[0]) == 30080
@@ -215,3 +214,13 @@ def test_node_port_addresses_are_validated(value: list[str], problem: str) -> No
     assert e.value.problems == [f"modules.edgeProxy.nodePortAddresses{problem}"]
     ok = config.from_mapping({"modules": {"edgeProxy": {"nodePortAddresses": ["10.1.2.3/8"]}}})
     assert ok.modules.edgeProxy.nodePortAddresses == ["10.1.2.3/8"]
+
+
+def test_loopback_from_the_network_is_never_rewritten() -> None:
+    # NodePorts on 127.0.0.1 serve clients on this node (OUTPUT) only: in PREROUTING a DNAT
+    # would carry a packet for 127.x past the martian check (CVE-2020-8558)
+    for text in (render_rules([]), render_rules(EXTRA, node_port_addresses=["127.0.0.0/8"])):
+        lines = text.splitlines()
+        guard = lines.index("-A EDGEMESH-PREROUTING -d 127.0.0.0/8 -j RETURN")
+        assert guard < lines.index("-A EDGEMESH-PREROUTING -j EDGEMESH-SERVICES")
+        assert not any("127.0.0.0/8" in line for line in lines if "OUTPUT" in line)
