@@ -12,6 +12,14 @@ The proxy owns four chains in the ``nat`` table and nothing else but two jump ru
         LOCAL``, within each ``nodePortAddresses`` range if any) to
     EDGEMESH-NODEPORTS: one DNAT per (nodePort, protocol) → the listener of the same port.
 
+In the ``filter`` table one chain and one jump rule more, so a host firewall that drops
+unsolicited input (policy DROP, as on many routers) still lets intercepted traffic reach the
+listeners, as the Go EdgeMesh's ``KUBE-NODEPORT-NON-LOCAL`` chain does:
+
+    INPUT -j EDGEMESH-INPUT               (inserted first)
+    EDGEMESH-INPUT: one ACCEPT per listener, for packets our DNAT sent there
+        (``-m conntrack --ctstate DNAT``): nothing else reaches the listeners through it.
+
 As in kube-proxy, ClusterIP rules come first and NodePorts last, so a service IP that happens
 to be local is matched by its own port. Clients on this node reach NodePorts on 127.0.0.1 too
 (as with the Go EdgeMesh's userspace proxier; the listener is local, so no ``route_localnet``
@@ -49,6 +57,8 @@ SERVICES_CHAIN = "EDGEMESH-SERVICES"
 NODEPORTS_CHAIN = "EDGEMESH-NODEPORTS"
 HOOKS = (("PREROUTING", "EDGEMESH-PREROUTING"), ("OUTPUT", "EDGEMESH-OUTPUT"))
 CHAINS = (SERVICES_CHAIN, *(chain for _, chain in HOOKS), NODEPORTS_CHAIN)
+INPUT_CHAIN = "EDGEMESH-INPUT"
+FILTER_HOOKS = (("INPUT", INPUT_CHAIN),)
 NODE = ""  # Portal.ip of a NodePort: any local address of this node
 LOOPBACK_GUARD = "-A EDGEMESH-PREROUTING -d 127.0.0.0/8 -j RETURN"
 ROUTE_PROTO = "237"  # marks the service-CIDR routes we add, so cleanup removes only ours
@@ -96,11 +106,13 @@ def node_port_matches(node_port_addresses: Sequence[str]) -> list[str]:
 
 
 def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
-                 node_port_addresses: Sequence[str] = ()) -> str:
+                 node_port_addresses: Sequence[str] = (),
+                 filter_hook_lines: Sequence[str] = ()) -> str:
     """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``.
 
-    ``hook_lines`` (from ``hook_fixes``) go into the same transaction, so rules and the jumps
-    into them change together: no moment with rules but no hook, or a hook twice.
+    ``hook_lines`` and ``filter_hook_lines`` (from ``hook_fixes`` for the nat and filter
+    tables) go into the same transaction as each table's rules, so rules and the jumps into
+    them change together: no moment with rules but no hook, or a hook twice.
     ``node_port_addresses`` limits NodePorts to local addresses in those IPv4 ranges.
     """
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
@@ -115,6 +127,11 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
                      f"-j {NODEPORTS_CHAIN}" for match in node_port_matches(node_port_addresses))
         lines.extend(_dnat(NODEPORTS_CHAIN, p) for p in node_ports)
     lines.extend(hook_lines)
+    lines += ["COMMIT", "*filter", f":{INPUT_CHAIN} - [0:0]"]
+    listeners = sorted({(p.to_ip, p.protocol, p.to_port) for p in unique})
+    lines.extend(f"-A {INPUT_CHAIN} -d {ip}/32 -p {proto} -m {proto} --dport {port} "
+                 f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners)
+    lines.extend(filter_hook_lines)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -123,11 +140,12 @@ def hook_rule(parent: str, chain: str) -> str:
     return f"-A {parent} -j {chain}"
 
 
-def hook_fixes(saved: str) -> list[str]:
-    """Restore lines leaving exactly one of each jump rule, given ``iptables-save -t nat``."""
+def hook_fixes(saved: str, hooks: Sequence[tuple[str, str]] = HOOKS) -> list[str]:
+    """Restore lines leaving exactly one of each jump rule in ``hooks``, given the table's
+    ``iptables-save -t nat`` (or ``-t filter`` with ``FILTER_HOOKS``)."""
     lines = saved.splitlines()
     fixes = []
-    for parent, chain in HOOKS:
+    for parent, chain in hooks:
         count = sum(1 for line in lines if line.strip() == hook_rule(parent, chain))
         if count == 0:
             fixes.append(f"-I {parent} 1 -j {chain}")
@@ -135,24 +153,26 @@ def hook_fixes(saved: str) -> list[str]:
     return fixes
 
 
-def cleanup_commands(saved: str) -> list[list[str]]:
-    """iptables arguments removing every jump rule and chain of ours found in ``saved``."""
+def cleanup_commands(saved: str, table: str = "nat") -> list[list[str]]:
+    """iptables arguments removing every jump rule and chain of ours found in ``saved``
+    (``iptables-save -t`` of ``table``: nat or filter)."""
+    hooks, chains = (HOOKS, CHAINS) if table == "nat" else (FILTER_HOOKS, (INPUT_CHAIN,))
     lines = saved.splitlines()
     cmds: list[list[str]] = []
-    for parent, chain in HOOKS:
-        cmds.extend(["-t", "nat", "-D", parent, "-j", chain]
+    for parent, chain in hooks:
+        cmds.extend(["-t", table, "-D", parent, "-j", chain]
                     for line in lines if line.strip() == hook_rule(parent, chain))
-    present = [c for c in CHAINS if f":{c} " in saved]
-    cmds.extend(["-t", "nat", "-F", c] for c in present)
-    cmds.extend(["-t", "nat", "-X", c] for c in present)
+    present = [c for c in chains if f":{c} " in saved]
+    cmds.extend(["-t", table, "-F", c] for c in present)
+    cmds.extend(["-t", table, "-X", c] for c in present)
     return cmds
 
 
 # ---- I/O --------------------------------------------------------------------------------------
 
-def _save(binary: str) -> str:
+def _save(binary: str, table: str = "nat") -> str:
     try:
-        return tasks.run([f"{binary}-save", "-t", "nat"], timeout=10,
+        return tasks.run([f"{binary}-save", "-t", table], timeout=10,
                          check=False).stdout.decode(errors="replace")
     except (OSError, subprocess.TimeoutExpired):
         return ""
@@ -189,7 +209,8 @@ class Rules:
     def sync(self, portals: list[Portal], node_port_addresses: Sequence[str] = ()) -> None:
         """Make the chains hold exactly ``portals`` and the hooks exist once."""
         started = time.monotonic()
-        text = render_rules(portals, hook_fixes(_save(self.binary)), node_port_addresses)
+        text = render_rules(portals, hook_fixes(_save(self.binary)), node_port_addresses,
+                            hook_fixes(_save(self.binary, "filter"), FILTER_HOOKS))
         try:
             tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
                       timeout=30)
@@ -205,8 +226,9 @@ class Rules:
 
 
 def remove_from(binary: str) -> None:
-    for args in cleanup_commands(_save(binary)):
-        tasks.run([binary, "-w", "5", *args], timeout=10, check=False)
+    for table in ("nat", "filter"):
+        for args in cleanup_commands(_save(binary, table), table):
+            tasks.run([binary, "-w", "5", *args], timeout=10, check=False)
 
 
 def ensure_routes(cidrs: list[str], device: str) -> None:

@@ -126,9 +126,9 @@ class Env:
             "curl", "-s", f"http://{ADMIN}/readyz").stdout, timeout=20, what="proxy ready")
         return proc
 
-    def curl(self, ns: netlab.Netns, url: str) -> tuple[int, str]:
+    def curl(self, ns: netlab.Netns, url: str, max_time: float = 5) -> tuple[int, str]:
         # --http0.9: the plain server on OTHER_NODE_IP answers a bare line, not HTTP
-        r = ns.run("curl", "-sS", "--http0.9", "--max-time", "5", url, check=False)
+        r = ns.run("curl", "-sS", "--http0.9", "--max-time", str(max_time), url, check=False)
         return r.returncode, r.stdout
 
     def udp(self, ns: netlab.Netns, ip: str, port: int) -> list[str]:
@@ -136,6 +136,9 @@ class Env:
 
     def nat(self) -> str:
         return self.node.run("iptables-save", "-t", "nat").stdout
+
+    def filter(self) -> str:
+        return self.node.run("iptables-save", "-t", "filter").stdout
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +194,20 @@ def test_node_port_outside_node_port_addresses_is_not_intercepted(env: Env) -> N
         assert env.curl(ns, f"http://{OTHER_NODE_IP}:30080/") == (0, "not intercepted\n")
 
 
+def test_host_firewall_dropping_input_still_lets_intercepted_traffic_in(env: Env) -> None:
+    env.node.run("iptables", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT")
+    env.node.run("iptables", "-P", "INPUT", "DROP")
+    try:
+        assert env.curl(env.client, f"http://{NODE_IP}:30080/") == (0, "hello from web")
+        assert env.curl(env.client, f"http://{EXTERNAL_IP}/") == (0, "hello from web")
+        assert env.udp(env.client, NODE_IP, 30007)[:1] == ["echo ping 0"]
+        # the firewall is real: a plain local server is not reachable (curl times out)
+        assert env.curl(env.client, f"http://{OTHER_NODE_IP}:30080/", max_time=1.5)[0] == 28
+    finally:
+        env.node.run("iptables", "-P", "INPUT", "ACCEPT")
+        env.node.run("iptables", "-D", "INPUT", "-i", "lo", "-j", "ACCEPT")
+
+
 def test_no_node_port_addresses_means_every_local_address(env: Env) -> None:
     env.proc.stop()
     env.proc = env.agent([])
@@ -206,5 +223,5 @@ def test_no_node_port_addresses_means_every_local_address(env: Env) -> None:
 
 def test_rules_vanish_on_exit(env: Env) -> None:
     env.proc.stop()
-    assert "EDGEMESH" not in env.nat()
+    assert "EDGEMESH" not in env.nat() and "EDGEMESH" not in env.filter()
     assert env.curl(env.client, f"http://{NODE_IP}:30080/")[0] == 7  # refused: nothing there

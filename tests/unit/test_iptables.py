@@ -10,6 +10,7 @@ from edgemesh.errors import ConfigError
 from edgemesh.meta.models import PROXY_NAME_LABEL, Service, parse_service
 from edgemesh.proxy import iptables
 from edgemesh.proxy.iptables import (
+    FILTER_HOOKS,
     NODE,
     Portal,
     cleanup_commands,
@@ -23,14 +24,14 @@ P = [Portal("10.96.0.10", 80, "tcp", "169.254.96.16", 41000, 'shop/web:http "x"'
      Portal("10.96.0.20", 53, "udp", "169.254.96.16", 41001, "kube-system/dns:dns")]
 
 
-def test_render_owns_four_chains_and_one_dnat_per_portal() -> None:
+def test_render_owns_five_chains_and_one_dnat_per_portal() -> None:
     text = render_rules(P + P[:1])
     lines = text.splitlines()
     assert lines[0] == "*nat" and lines[-1] == "COMMIT"
     assert [line for line in lines if line.startswith(":")] == [
         ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]",
-        ":EDGEMESH-NODEPORTS - [0:0]"]
-    dnat = [line for line in lines if "DNAT" in line]
+        ":EDGEMESH-NODEPORTS - [0:0]", ":EDGEMESH-INPUT - [0:0]"]
+    dnat = [line for line in lines if "-j DNAT" in line]
     assert dnat == [
         '-A EDGEMESH-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment '
         '"shop/web:http x" -j DNAT --to-destination 169.254.96.16:41000',
@@ -39,6 +40,14 @@ def test_render_owns_four_chains_and_one_dnat_per_portal() -> None:
     # nothing outside our chains is ever written
     assert all(line.split()[1].startswith("EDGEMESH-") for line in lines if line.startswith("-A"))
     assert "NODEPORTS" not in "".join(lines[5:])  # no NodePort: declared, empty, never jumped to
+    # filter: one ACCEPT per listener, only for what our DNAT sent there
+    assert lines[lines.index("*filter"):] == [
+        "*filter", ":EDGEMESH-INPUT - [0:0]",
+        "-A EDGEMESH-INPUT -d 169.254.96.16/32 -p tcp -m tcp --dport 41000 "
+        "-m conntrack --ctstate DNAT -j ACCEPT",
+        "-A EDGEMESH-INPUT -d 169.254.96.16/32 -p udp -m udp --dport 41001 "
+        "-m conntrack --ctstate DNAT -j ACCEPT",
+        "COMMIT"]
 
 
 def test_render_is_deterministic() -> None:
@@ -64,12 +73,17 @@ def test_hook_fixes_add_missing_and_drop_duplicates() -> None:
         "-I PREROUTING 1 -j EDGEMESH-PREROUTING",
         "-D OUTPUT -j EDGEMESH-OUTPUT",
         "-D OUTPUT -j EDGEMESH-OUTPUT"]
-    # the fixes travel in the rules' own transaction, after the chains are declared
-    text = render_rules(P, hook_fixes(SAVED))
+    # the fixes travel in their table's own transaction, after the chains are declared
+    filter_fixes = hook_fixes("*filter\n:INPUT DROP [0:0]\nCOMMIT\n", FILTER_HOOKS)
+    assert filter_fixes == ["-I INPUT 1 -j EDGEMESH-INPUT"]
+    text = render_rules(P, hook_fixes(SAVED), (), filter_fixes)
     body = text.splitlines()
-    assert body[-1] == "COMMIT" and body[-2] == "-D OUTPUT -j EDGEMESH-OUTPUT"
+    nat_end = body.index("COMMIT")
+    assert body[nat_end - 1] == "-D OUTPUT -j EDGEMESH-OUTPUT"
     assert body.index("-I PREROUTING 1 -j EDGEMESH-PREROUTING") > body.index(
         ":EDGEMESH-PREROUTING - [0:0]")
+    assert body[-2:] == ["-I INPUT 1 -j EDGEMESH-INPUT", "COMMIT"]
+    assert body.index(":EDGEMESH-INPUT - [0:0]") > nat_end
     fixed = SAVED.replace("-A OUTPUT -j EDGEMESH-OUTPUT\n", "", 2) + \
         "-A PREROUTING -j EDGEMESH-PREROUTING\n"
     assert hook_fixes(fixed) == []
@@ -82,6 +96,10 @@ def test_cleanup_commands_remove_only_ours() -> None:
     assert ["-t", "nat", "-X", "EDGEMESH-PREROUTING"] not in cmds  # not present
     assert not any("KUBE-SERVICES" in c for cmd in cmds for c in cmd)
     assert cleanup_commands("*nat\nCOMMIT\n") == []
+    saved_filter = "*filter\n:EDGEMESH-INPUT - [0:0]\n-A INPUT -j EDGEMESH-INPUT\nCOMMIT\n"
+    assert cleanup_commands(saved_filter, "filter") == [
+        ["-t", "filter", "-D", "INPUT", "-j", "EDGEMESH-INPUT"],
+        ["-t", "filter", "-F", "EDGEMESH-INPUT"], ["-t", "filter", "-X", "EDGEMESH-INPUT"]]
 
 
 @pytest.mark.netns
@@ -96,12 +114,14 @@ def test_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
         "P = [I.Portal('10.96.0.10', 80, 'tcp', '169.254.96.16', 41000, 'a/b:http'),\n"
         "     I.Portal(I.NODE, 30080, 'tcp', '169.254.96.16', 41000, 'a/b:http')]\n"
         "for _ in range(3): r.sync(P, ['192.168.0.0/16'])\n"
-        "print(I._save(r.binary))\n"
-        "r.remove(); print('---'); print(I._save(r.binary))\n")
+        "print(I._save(r.binary), I._save(r.binary, 'filter'))\n"
+        "r.remove(); print('---'); print(I._save(r.binary), I._save(r.binary, 'filter'))\n")
     out = ns.run(".venv/bin/python", "-c", code).stdout
     before, after = out.split("---")
     assert before.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert before.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
+    assert before.count("-A INPUT -j EDGEMESH-INPUT") == 1
+    assert before.count("--dport 41000 -m conntrack --ctstate DNAT -j ACCEPT") == 1
     assert before.count("--to-destination 169.254.96.16:41000") == 2
     assert before.count("-A EDGEMESH-SERVICES -d 192.168.0.0/16 -m addrtype --dst-type LOCAL "
                         "-j EDGEMESH-NODEPORTS") == 1
