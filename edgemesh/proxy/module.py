@@ -135,6 +135,7 @@ class ProxyModule:
                                                if cfg.iptables else "127.0.0.1")
         self.tcp: TCPProxy | None = None
         self.listeners: dict[PortKey, Any] = {}
+        self.addresses: dict[PortKey, list[str]] = {}  # where each port is intercepted
         self.rules: iptables.Rules | None = None
         self.synced = False
         self.reconciler = Reconciler("proxy-sync", self.sync, period=cfg.iptablesSyncPeriod,
@@ -208,11 +209,14 @@ class ProxyModule:
         for key, (svc, port) in want.items():
             listener = self._listener_for(key, svc, port)
             to_ip, to_port = listener.address[:2]
-            for ip in service_ips(svc):
-                portals.append(Portal(ip, port.port, key.protocol, to_ip, to_port, str(key)))
+            mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
+                    for ip in service_ips(svc)]
             node_port = node_port_of(svc, port)
             if node_port:
-                portals.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
+                mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
+            self.addresses[key] = [f"{p.ip or 'node'}:{p.port}" for p in mine]
+            portals += mine
+        self.addresses = {k: v for k, v in self.addresses.items() if k in want}
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if self.rules is not None:
             self.rules.sync(portals, self.config.nodePortAddresses)
@@ -244,13 +248,15 @@ class ProxyModule:
         return listener
 
     def view(self) -> dict[str, Any]:
-        """``/debug/proxy``: listeners, their endpoints and policy, and the rule backend."""
+        """``/debug/proxy``: listeners, where they are reached (``node:<nodePort>`` for a
+        NodePort), their endpoints and policy, and the rule backend."""
         out = []
         for key, listener in sorted(self.listeners.items(), key=lambda kv: str(kv[0])):
             spec = listener.balancer.spec
             out.append({"service": f"{key.namespace}/{key.name}", "port": key.port,
                         "protocol": key.protocol,
                         "listen": f"{listener.address[0]}:{listener.address[1]}",
+                        "addresses": self.addresses.get(key, []),
                         "policy": spec.policy.value, "hashKey": spec.hash_key.value,
                         "affinitySeconds": spec.affinity_timeout,
                         "endpoints": [f"{b.ip}:{b.port}" for b in listener.backends]})

@@ -8,6 +8,7 @@ intercepted" is seen as that server's answer rather than as a mere failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 
@@ -160,6 +161,11 @@ def test_rules_cover_node_ports_external_and_lb_ips_only_for_our_services(env: E
     assert f"-d {LB_IP}/32 -p tcp -m tcp --dport 8080 " in nat
     for absent in (LB_PROXY_IP, KUBE_EXTERNAL_IP, "30090", "10.96.0.50"):
         assert absent not in nat
+    view = json.loads(env.node.run("curl", "-s", f"http://{ADMIN}/debug/proxy").stdout)
+    addresses = {f"{lst['service']}:{lst['port']}": lst["addresses"] for lst in view["listeners"]}
+    assert addresses == {"default/web:80": ["10.96.0.20:80", f"{EXTERNAL_IP}:80", "node:30080"],
+                         "default/echo:7": ["10.96.0.30:7", f"{EXTERNAL_IP}:7", "node:30007"],
+                         "default/lb:8080": ["10.96.0.40:8080", f"{LB_IP}:8080", "node:30081"]}
 
 
 def test_tcp_node_port_from_another_host(env: Env) -> None:
