@@ -97,8 +97,10 @@ def test_unreachable_api_without_cache_is_not_ready_and_retries(tmp_path, config
     with _agent(url, str(tmp_path / "state"), admin, config_file) as agent:
         wait_for(lambda: http_get(f"http://{admin}/readyz")[0] == 503, timeout=15,
                  what="admin up")
-        status, body = http_get(f"http://{admin}/readyz")
-        assert "waiting for first sync" in body and "refused" in body
+        # the first list may still be in flight ("listing ..."): its failure shows up next
+        status, body = wait_for(lambda: (lambda r: r if "refused" in r[1] else None)(
+            http_get(f"http://{admin}/readyz")), timeout=15, what="the refused list in readyz")
+        assert status == 503 and "waiting for first sync" in body
         wait_for(lambda: "no usable metadata cache" in agent.log(), what="log line")
         wait_for(lambda: debug_view(admin, "meta")["kinds"]["Service"]["lastError"])
         assert agent.alive()
