@@ -5,7 +5,9 @@ forces both). Start time is the median of ``--runs`` runs of ``edgemesh version`
 when installed), printed next to the same command from the source tree and a bare
 ``python -c pass`` measured in the same run, so a noisy machine shows in every row alike.
 Idle RSS: an agent with DNS, proxy (no iptables) and tunnel on loopback, the examples loaded,
-measured after /readyz and a settle; for onefile the unpacking parent process is added.
+measured after /readyz and a settle; for onefile the unpacking parent process is added. A last
+row runs the onefile agent with a session to an ``edgemesh server`` on loopback: the tunnel's
+cryptography is loaded then (the first handshake imports it).
 
     .venv/bin/python -m bench.binary [--runs 21] [--rebuild] [--settle 3]
 """
@@ -103,13 +105,25 @@ def agent_config(tmp: str) -> str:
     return config
 
 
-def idle_rss(argv: list[str], settle: float) -> tuple[float, str]:
-    """RSS in MB of an idle agent (all processes of it), and what was running."""
+def idle_rss(argv: list[str], settle: float, relay: bool = False) -> tuple[float, str]:
+    """RSS in MB of an idle agent (all processes of it), and what was running. ``relay``: the
+    agent also holds a tunnel session to an ``edgemesh server`` on loopback (as every agent
+    with a server configured does), so the tunnel's cryptography is loaded."""
     with tempfile.TemporaryDirectory(prefix="edgemesh-bench-") as tmp:
         admin = f"127.0.0.1:{free_port()}"
-        cmd = [*argv, "agent", "--config", agent_config(tmp), "--no-iptables",
+        config = agent_config(tmp)
+        cmd = [*argv, "agent", "--config", config, "--no-iptables",
                "--manifests", os.path.join(ROOT, "examples"), "--admin", admin,
                "--state-dir", os.path.join(tmp, "state"), "--node-name", "edge-node-1"]
+        server = None
+        if relay:
+            port = free_port()
+            server = subprocess.Popen(
+                [*argv, "server", "--listen", f"127.0.0.1:{port}", "--psk-file",
+                 os.path.join(tmp, "psk"), "--state-dir", os.path.join(tmp, "srv"),
+                 "--admin", f"127.0.0.1:{free_port()}", "--node-name", "relay"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+            cmd += ["--server", f"127.0.0.1:{port}"]
         log = open(os.path.join(tmp, "log"), "w+b")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
@@ -136,8 +150,10 @@ def idle_rss(argv: list[str], settle: float) -> tuple[float, str]:
                                   f"modules, synced={node.get('synced')} "
                                   f"modules={','.join(started)}")
         finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+            for p in (proc, server):
+                if p is not None:
+                    p.terminate()
+                    p.wait(timeout=15)
 
 
 def ready(admin: str) -> bool:
@@ -178,6 +194,9 @@ def main() -> None:
     for name, argv in (("onedir", [onedir_exe]), ("onefile", [ONEFILE]), ("source", SOURCE)):
         mb, info = idle_rss(argv, args.settle)
         row("idle agent RSS" if name == "onefile" else f"idle RSS {name}", mb, "MB", info)
+    # not the target's setting (no peers), but what an agent with a relay server looks like
+    mb, info = idle_rss([ONEFILE], args.settle, relay=True)
+    row("idle, relay session", mb, "MB", f"onefile {info}")
 
 
 if __name__ == "__main__":
