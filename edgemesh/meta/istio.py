@@ -28,7 +28,9 @@ from edgemesh.meta.models import (
 class HttpCookie:
     name: str
     path: str = ""
-    ttl: float = 0.0  # seconds; 0 = session cookie
+    # seconds, as Envoy reads it: None (no ttl) = a request without the cookie is not given
+    # one (no hash: any endpoint); 0 = a session cookie is generated; > 0 = with Max-Age
+    ttl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ def _parse_lb(obj: dict[str, Any], where: str) -> LoadBalancerSettings | None:
             http_header_name=_str(ch, "httpHeaderName", w),
             http_cookie=HttpCookie(name=_str(cookie, "name", w + "httpCookie."),
                                    path=_str(cookie, "path", w + "httpCookie."),
-                                   ttl=parse_duration(cookie.get("ttl"), w + "httpCookie.ttl"))
+                                   ttl=None if cookie.get("ttl") is None else
+                                   parse_duration(cookie["ttl"], w + "httpCookie.ttl"))
             if cookie else None,
             use_source_ip=_bool(ch, "useSourceIp", w, False),
             http_query_parameter_name=_str(ch, "httpQueryParameterName", w),

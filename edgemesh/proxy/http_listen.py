@@ -9,12 +9,14 @@ both listeners look like ``tcp.TCPListener`` to the module (``address``, ``balan
   client connection to the HTTP engine (``http.serve_connection``) with the port's router,
   ``HttpPort``: each request's key (header, cookie, query parameter or source IP) picks an
   endpoint with the port's balancer; with cookie persistence (a DestinationRule
-  ``consistentHash.httpCookie``) a request without the cookie gets a generated value, and its
-  response one ``Set-Cookie`` line (Istio/Envoy semantics: the value is hashed on the ring, so
-  later requests carrying it stick to the same endpoint). Errors answer with a short text
-  naming the service and close the connection: 503 no endpoints, 502 unreachable or broken,
-  504 no response head in time, 400/431/501/405 malformed requests; a request head not
-  complete within ``httpHeaderTimeout`` closes the connection without an answer.
+  ``consistentHash.httpCookie`` with a ``ttl``; ``0s``: a session cookie) a request without
+  the cookie gets a generated value, and its response one ``Set-Cookie`` line (Istio/Envoy
+  semantics: the value is hashed on the ring, so later requests carrying it stick to the same
+  endpoint; without a ``ttl`` nothing is generated and such a request goes to any endpoint).
+  Errors answer with a short text naming the service and close the connection: 503 no
+  endpoints, 502 unreachable or broken, 504 no response head in time, 400/431/501/405
+  malformed requests; a request head not complete within ``httpHeaderTimeout`` closes the
+  connection without an answer.
   One ``UpstreamPool`` per port.
 - ``TLSListener``: the TCP splice path, but each accepted connection first waits (at most
   ``SNI_WAIT`` seconds, on libev watchers, no greenlet) for the ClientHello, peeked with
@@ -91,7 +93,7 @@ def error_response(status: int, text: str) -> bytes:
 def set_cookie_line(cookie: HttpCookie, value: str) -> bytes:
     """The ``Set-Cookie`` field line Envoy writes for a generated hash cookie."""
     parts = [f'{cookie.name}="{value}"']
-    if cookie.ttl > 0:
+    if cookie.ttl:
         parts.append(f"Max-Age={int(cookie.ttl)}")
     parts.append(f"Path={cookie.path or '/'}")
     parts.append("HttpOnly")
@@ -160,7 +162,7 @@ class HttpPort:
         balancer = self.balancer
         key = request_key(balancer.spec, head, client_ip)
         edit = None
-        if self.cookie is not None and key is None:
+        if key is None and self.cookie is not None and self.cookie.ttl is not None:
             key = secrets.token_hex(8)
             edit = _cookie_edit(set_cookie_line(self.cookie, key))
         return Forward(balancer, self.backends(), key, raw, edit_response=edit)

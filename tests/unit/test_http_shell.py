@@ -115,6 +115,24 @@ def test_cookie_persistence_sets_then_sticks(echo: list[EchoBackend]) -> None:
     assert len(fresh) > 1  # clients without the cookie are spread
 
 
+@pytest.mark.parametrize("ttl", [0.0, None])
+def test_cookie_without_max_age_or_not_generated(echo: list[EchoBackend], ttl) -> None:
+    # Envoy: ttl 0 generates a session cookie (no Max-Age); no ttl generates none at all
+    proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.HTTP_COOKIE, "sticky"),
+                       cookie=HttpCookie("sticky", "/", ttl))
+    with requests.Session() as s:
+        first = s.get(proxy.url + "/")
+        if ttl is None:
+            assert "Set-Cookie" not in first.headers
+            assert len(names(s, proxy.url + "/", 30)) > 1  # no cookie, no hash: spread
+        else:
+            assert first.headers["Set-Cookie"].startswith('sticky="')
+            assert "Max-Age" not in first.headers["Set-Cookie"]
+            assert names(s, proxy.url + "/", 8) == {first.json()["name"]: 8}
+        s.cookies.set("sticky", "abc")  # a client's own cookie is hashed either way
+        assert len(names(s, proxy.url + "/", 8)) == 1
+
+
 def test_sticky_by_source_ip(echo: list[EchoBackend]) -> None:
     proxy = make_proxy(echo, spec=LBSpec(Policy.CONSISTENT_HASH, HashKey.SOURCE_IP))
     assert len(Counter(requests.get(proxy.url).json()["name"] for _ in range(10))) == 1

@@ -402,6 +402,11 @@ def test_destination_rule_policies(version):
     assert dr.policy_for(80).simple == "LEAST_REQUEST"
     ch = dr.policy_for(8080).consistent_hash
     assert ch.http_cookie == istio.HttpCookie("s", "/", 1.5) and ch.minimum_ring_size == 64
+    for ttl, want in ((None, None), ("0s", 0.0)):  # no ttl: no cookie generated; 0: session
+        cookie = {"name": "s", **({"ttl": ttl} if ttl else {})}
+        rule = parse(istio_doc("DestinationRule", version, {"host": "web", "trafficPolicy": {
+            "loadBalancer": {"consistentHash": {"httpCookie": cookie}}}}))
+        assert rule.policy_for(80).consistent_hash.http_cookie == istio.HttpCookie("s", "", want)
     assert ch.needs_http
     assert dr.policy_for(9090).simple == "LEAST_REQUEST"  # no lb of its own: the rule's
     assert dr.subsets == (("v1", (("version", "v1"),)),)
