@@ -124,6 +124,21 @@ def ipv4_cidr(v: str) -> str | None:
     return None
 
 
+def ipv6_service_listener(v: str) -> str | None:
+    """Empty, or an IPv6 address that can hold the proxy's IPv6 listeners (not loopback,
+    link-local, multicast or unspecified: DNAT from other hosts must be able to reach it)."""
+    if v == "":
+        return None
+    try:
+        addr = ipaddress.IPv6Address(v)
+    except ValueError:
+        return f"expected an IPv6 address or empty, got {shown(v)}"
+    if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+        return f"expected a unicast IPv6 address that is not loopback or link-local, " \
+               f"got {shown(v)}"
+    return None
+
+
 def dns_name(v: str) -> str | None:
     labels = v.rstrip(".").split(".")
     if not v or any(not lab or len(lab) > 63 for lab in labels):
@@ -178,6 +193,10 @@ class CommonConfig:
     bridgeDeviceName: str = opt("edgemesh0", "Bridge device the agent creates for its own address.")
     bridgeDeviceIP: str = opt("169.254.96.16", "The agent's link-local address (DNS listens here).",
                               ip_address)
+    bridgeDeviceIPv6: str = opt("fd00:169:254:96::16", "The agent's IPv6 address on the bridge "
+                                "device (a ULA /128, added only while IPv6 service addresses "
+                                "are served; the proxy's IPv6 listeners bind it); empty: IPv6 "
+                                "service addresses are not intercepted.", ipv6_service_listener)
     stateDir: str = opt("/var/lib/edgemesh", "Identity key and metadata cache live here.")
     adminAddress: str = opt("127.0.0.1:10557", "Admin HTTP endpoint (/livez, /readyz, /metrics, "
                                                "/debug); empty disables it.", host_port)

@@ -4,7 +4,10 @@
 ``commonConfig.bridgeDeviceIP``/32 (as the Go EdgeMesh does; this kernel family has no
 ``dummy`` links), and falls back to putting the address on ``lo`` where bridges are refused.
 It is idempotent: the DNS module and the proxy both call it for the same device.
-``remove(config)`` undoes both forms; ``edgemesh cleanup`` runs it.
+``ensure_ipv6(config)`` adds ``commonConfig.bridgeDeviceIPv6``/128 to the same device (without
+duplicate address detection: the bridge has no ports, so DAD would leave it tentative and
+unbindable); the proxy calls it only when it has IPv6 service addresses to serve.
+``remove(config)`` undoes all of it; ``edgemesh cleanup`` runs it.
 """
 from __future__ import annotations
 
@@ -66,8 +69,22 @@ def ensure(config: Config) -> str:
     return name
 
 
-def _add_address(ip: str, device: str) -> None:
-    added = _ip("addr", "add", _cidr(ip), "dev", device, check=False)
+def ensure_ipv6(config: Config) -> str:
+    """Make the agent's IPv6 address exist beside its IPv4 one; returns the device holding it.
+
+    Raises ``subprocess.CalledProcessError`` where the kernel refuses it (IPv6 disabled)."""
+    ip = str(ipaddress.IPv6Address(config.commonConfig.bridgeDeviceIPv6))  # as `ip` shows it
+    for device, ips in addresses_by_device().items():
+        if ip in ips:
+            return device
+    device = ensure(config)
+    _add_address(ip, device, "nodad")
+    log.info("device %s holds %s", device, ip)
+    return device
+
+
+def _add_address(ip: str, device: str, *flags: str) -> None:
+    added = _ip("addr", "add", _cidr(ip), "dev", device, *flags, check=False)
     if added.returncode != 0 and b"File exists" not in added.stderr:
         raise subprocess.CalledProcessError(added.returncode, ["ip", "addr", "add", ip],
                                             added.stdout, added.stderr)
@@ -81,6 +98,8 @@ def remove(config: Config) -> None:
     if name in devices:
         _ip("link", "del", name, check=False)
         log.info("removed device %s", name)
-    if ip in devices.get("lo", set()):
-        _ip("addr", "del", _cidr(ip), "dev", "lo", check=False)
-        log.info("removed %s from lo", ip)
+    ipv6 = config.commonConfig.bridgeDeviceIPv6
+    for addr in (ip, str(ipaddress.IPv6Address(ipv6)) if ipv6 else ""):
+        if addr and addr in devices.get("lo", set()):
+            _ip("addr", "del", _cidr(addr), "dev", "lo", check=False)
+            log.info("removed %s from lo", addr)

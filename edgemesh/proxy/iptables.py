@@ -37,6 +37,14 @@ client sent to (ClusterIP, externalIP or node address and nodePort) back from co
 Backends: the host's ``iptables`` may be nf_tables or legacy; ``detect_backend`` picks the one
 that already holds rules (as kube-proxy's iptables-wrapper does), so we never add rules that
 the host's tools cannot show.
+
+IPv6, as kube-proxy does it: a separate ruleset with the same chain names, rendered by
+``render_rules(..., family=6)`` and applied by a second ``Rules(family=6)`` with
+``ip6tables-restore --noflush`` (its backend detected among ``ip6tables-legacy`` and
+``ip6tables-nft`` the same way). It holds service-address DNATs only (no NodePorts), its
+loopback guard is ``::1/128``, and DNAT targets are written ``[addr]:port``. The module
+creates it only while it has IPv6 service addresses to serve; removal and ``edgemesh cleanup``
+cover both families.
 """
 from __future__ import annotations
 
@@ -61,6 +69,7 @@ INPUT_CHAIN = "EDGEMESH-INPUT"
 FILTER_HOOKS = (("INPUT", INPUT_CHAIN),)
 NODE = ""  # Portal.ip of a NodePort: any local address of this node
 LOOPBACK_GUARD = "-A EDGEMESH-PREROUTING -d 127.0.0.0/8 -j RETURN"
+LOOPBACK_GUARD6 = "-A EDGEMESH-PREROUTING -d ::1/128 -j RETURN"
 ROUTE_PROTO = "237"  # marks the service-CIDR routes we add, so cleanup removes only ours
 
 SYNC_SECONDS = metrics.histogram("edgemesh_proxy_iptables_sync_seconds",
@@ -88,11 +97,17 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "").replace('"', "")[:250] + '"'
 
 
+def _host(ip: str) -> str:
+    """``ip/32``, or ``ip/128`` for IPv6 (as ``iptables-save`` and ``ip6tables-save`` show)."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
 def _dnat(chain: str, p: Portal) -> str:
-    dest = f" -d {p.ip}/32" if p.ip != NODE else ""
+    dest = f" -d {_host(p.ip)}" if p.ip != NODE else ""
     comment = f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
+    to = f"[{p.to_ip}]" if ":" in p.to_ip else p.to_ip
     return (f"-A {chain}{dest} -p {p.protocol} -m {p.protocol} --dport {p.port}{comment} "
-            f"-j DNAT --to-destination {p.to_ip}:{p.to_port}")
+            f"-j DNAT --to-destination {to}:{p.to_port}")
 
 
 def node_port_matches(node_port_addresses: Sequence[str]) -> list[str]:
@@ -107,16 +122,19 @@ def node_port_matches(node_port_addresses: Sequence[str]) -> list[str]:
 
 def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
                  node_port_addresses: Sequence[str] = (),
-                 filter_hook_lines: Sequence[str] = ()) -> str:
+                 filter_hook_lines: Sequence[str] = (), family: int = 4) -> str:
     """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``.
 
     ``hook_lines`` and ``filter_hook_lines`` (from ``hook_fixes`` for the nat and filter
     tables) go into the same transaction as each table's rules, so rules and the jumps into
     them change together: no moment with rules but no hook, or a hook twice.
     ``node_port_addresses`` limits NodePorts to local addresses in those IPv4 ranges.
+    ``family=6`` renders the ``ip6tables-restore`` input: IPv6 portals, no NodePorts.
     """
+    if family == 6:
+        portals = [p for p in portals if p.ip != NODE]
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
-    lines.append(LOOPBACK_GUARD)
+    lines.append(LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD)
     for _, chain in HOOKS:
         lines.append(f"-A {chain} -j {SERVICES_CHAIN}")
     unique = sorted(set(portals))
@@ -129,7 +147,7 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
     lines.extend(hook_lines)
     lines += ["COMMIT", "*filter", f":{INPUT_CHAIN} - [0:0]"]
     listeners = sorted({(p.to_ip, p.protocol, p.to_port) for p in unique})
-    lines.extend(f"-A {INPUT_CHAIN} -d {ip}/32 -p {proto} -m {proto} --dport {port} "
+    lines.extend(f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
                  f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners)
     lines.extend(filter_hook_lines)
     lines.append("COMMIT")
@@ -188,35 +206,40 @@ def _rule_count(binary: str) -> int:
     return sum(1 for line in out.splitlines() if line.startswith(b"-A "))
 
 
-def detect_backend() -> str:
+def detect_backend(family: int = 4) -> str:
     """``iptables-legacy`` when the legacy tables hold more rules than nf_tables, else the
-    nf_tables variant (or plain ``iptables`` where the variants are not installed)."""
-    legacy, nft = _rule_count("iptables-legacy"), _rule_count("iptables-nft")
+    nf_tables variant (or plain ``iptables`` where the variants are not installed); the
+    ``ip6tables`` ones for ``family=6``."""
+    base = "ip6tables" if family == 6 else "iptables"
+    legacy, nft = _rule_count(f"{base}-legacy"), _rule_count(f"{base}-nft")
     if legacy > max(nft, 0):
-        return "iptables-legacy"
+        return f"{base}-legacy"
     if nft >= 0:
-        return "iptables-nft"
-    return "iptables"
+        return f"{base}-nft"
+    return base
 
 
 class Rules:
-    """Applies rendered rules with one backend and keeps the jump rules single."""
+    """Applies rendered rules with one backend and keeps the jump rules single (``family=6``:
+    the IPv6 ruleset, with ``ip6tables``)."""
 
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or detect_backend()
+    def __init__(self, binary: str | None = None, family: int = 4) -> None:
+        self.family = family
+        self.binary = binary or detect_backend(family)
         self.last_text = ""
 
     def sync(self, portals: list[Portal], node_port_addresses: Sequence[str] = ()) -> None:
         """Make the chains hold exactly ``portals`` and the hooks exist once."""
         started = time.monotonic()
         text = render_rules(portals, hook_fixes(_save(self.binary)), node_port_addresses,
-                            hook_fixes(_save(self.binary, "filter"), FILTER_HOOKS))
+                            hook_fixes(_save(self.binary, "filter"), FILTER_HOOKS), self.family)
         try:
             tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
                       timeout=30)
         except subprocess.CalledProcessError as e:
             SYNC_FAILURES.inc()
-            log.error("iptables sync failed: %s", (e.stderr or b"").decode(errors="replace"))
+            if self.family == 4:  # IPv6: the module logs it once and keeps serving IPv4
+                log.error("iptables sync failed: %s", (e.stderr or b"").decode(errors="replace"))
             raise
         self.last_text = text
         SYNC_SECONDS.observe(time.monotonic() - started)
@@ -229,6 +252,11 @@ def remove_from(binary: str) -> None:
     for table in ("nat", "filter"):
         for args in cleanup_commands(_save(binary, table), table):
             tasks.run([binary, "-w", "5", *args], timeout=10, check=False)
+
+
+def of_family(cidrs: Sequence[str], family: int) -> list[str]:
+    """The ranges among ``cidrs`` of IP version ``family``."""
+    return [c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family]
 
 
 def ensure_routes(cidrs: list[str], device: str) -> None:
@@ -244,8 +272,10 @@ def remove_routes(cidrs: list[str]) -> None:
 
 
 def cleanup(config: Config) -> None:
-    """``edgemesh cleanup``: our chains, jump rules and routes, from every backend present."""
-    for binary in ("iptables-nft", "iptables-legacy", "iptables"):
+    """``edgemesh cleanup``: our chains, jump rules and routes, from every backend present,
+    IPv4 and IPv6."""
+    for binary in ("iptables-nft", "iptables-legacy", "iptables",
+                   "ip6tables-nft", "ip6tables-legacy", "ip6tables"):
         if shutil.which(binary) and shutil.which(f"{binary}-save"):
             remove_from(binary)
     if shutil.which("ip"):

@@ -19,16 +19,36 @@ at every local address of this node within ``nodePortAddresses`` (default: all o
 127.0.0.1 for clients on this node only) on its ``nodePort``. All of them lead to the port's
 one listener. Service addresses that are not IP addresses, or that the API server would
 refuse as externalIPs (loopback, link-local, multicast, unspecified), are skipped, counted and
-logged once; IPv6 ones are skipped (IPv4 rules only).
+logged once.
+
+IPv6 (dual-stack services), as kube-proxy does it: IPv6 ClusterIPs, externalIPs and
+load-balancer IPs of a served port get a listener of their own and DNATs in a separate
+``ip6tables`` ruleset with the same chain names (``iptables.Rules(family=6)``); IPv6 NodePorts
+are not intercepted. The IPv6 listeners bind ``commonConfig.bridgeDeviceIPv6`` (default
+``fd00:169:254:96::16``, a ULA /128 added to the bridge device without DAD), the least exposed
+address that works from both hooks: ``::1`` cannot be a DNAT target for packets from other
+namespaces (IPv6 has no ``route_localnet``; the kernel drops them), a link-local address needs
+a zone a DNAT cannot carry, and a node address or ``::`` would expose the listeners on the
+network. Like ``bridgeDeviceIP`` it is on no link, routed only locally, and the filter chain
+accepts only what our DNAT sent to it. An IPv6 listener balances over the port's IPv6
+endpoints (all endpoints when there are none), as kube-proxy keeps each family to its own.
+Nothing of this exists until a served service has an IPv6 address, and it is all removed when
+none has any more (the address stays on the bridge until ``edgemesh cleanup``). A host
+without ``ip6tables`` or with IPv6 disabled logs that once, counts it in
+``edgemesh_proxy_ipv6_failures_total`` and keeps serving IPv4; every sync retries. IPv6
+ranges in ``serviceCIDR`` get their route (for clients on this node) when IPv6 starts.
 
 Listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on ephemeral ports;
-with ``iptables: false`` (``--no-iptables``) they bind ``listenAddress`` or 127.0.0.1 and
-nothing on the host is changed — ``/debug/proxy`` lists where each port listens.
+with ``iptables: false`` (``--no-iptables``) they bind ``listenAddress`` or 127.0.0.1,
+there are no IPv6 listeners (nothing would lead to them) and nothing on the host is
+changed — ``/debug/proxy`` lists where each port listens.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +72,11 @@ BAD_SERVICE_IPS = metrics.counter("edgemesh_proxy_invalid_service_ips_total",
                                   "Distinct service addresses skipped as not IP addresses "
                                   "or as loopback, link-local, multicast or unspecified.")
 
+IPV6_FAILURES = metrics.counter("edgemesh_proxy_ipv6_failures_total",
+                                "Failures to serve IPv6 service addresses, by stage (address, "
+                                "ip6tables, listener, rules); IPv4 is served regardless.",
+                                ["stage"])
+
 WATCHED = ("Service", "EndpointSlice", "Endpoints", "DestinationRule")
 
 
@@ -61,9 +86,11 @@ class PortKey:
     name: str
     port: int
     protocol: str  # "tcp" | "udp"
+    family: int = 4  # 6: the listener of the port's IPv6 service addresses
 
     def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}:{self.port}/{self.protocol}"
+        suffix = "/ipv6" if self.family == 6 else ""
+        return f"{self.namespace}/{self.name}:{self.port}/{self.protocol}{suffix}"
 
 
 def transport_of(port: ServicePort) -> str | None:
@@ -111,6 +138,42 @@ def service_ips(service: Service) -> list[str]:
     return [ip for ip in dict.fromkeys(ips) if _ipv4(service, ip)]
 
 
+def service_ips6(service: Service) -> list[str]:
+    """The IPv6 counterpart of ``service_ips`` (canonical form); unusable IPv6 addresses are
+    skipped, counted and logged once as there."""
+    ips = [*service.cluster_ips, *service.external_ips]
+    if service.type == "LoadBalancer":
+        ips += [i.ip for i in service.load_balancer_ingress if i.ip and i.ip_mode != "Proxy"]
+    out = []
+    for ip in ips:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            continue  # not an address at all: service_ips counts it
+        if addr.version != 6:
+            continue
+        if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified \
+                or addr.ipv4_mapped is not None:
+            if _once((service.key, ip)):
+                BAD_SERVICE_IPS.inc()
+                log.warning("service %s/%s: %r is not a usable service address; not "
+                            "intercepted", *service.key, ip)
+            continue
+        out.append(str(addr))
+    return list(dict.fromkeys(out))
+
+
+class _ListeningAt:
+    """The module as ``http_listen.make`` sees it, with the IPv6 listen address."""
+
+    def __init__(self, module: ProxyModule, listen_ip: str) -> None:
+        self._module = module
+        self.listen_ip = listen_ip
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def node_port_of(service: Service, port: ServicePort) -> int | None:
     """The port's nodePort where the service type has one (the API clears it elsewhere; a
     manifest may not)."""
@@ -137,6 +200,10 @@ class ProxyModule:
         self.listeners: dict[PortKey, Any] = {}
         self.addresses: dict[PortKey, list[str]] = {}  # where each port is intercepted
         self.rules: iptables.Rules | None = None
+        ipv6 = ctx.config.commonConfig.bridgeDeviceIPv6
+        self.listen_ip6 = str(ipaddress.IPv6Address(ipv6)) if ipv6 and cfg.iptables else ""
+        self.rules6: iptables.Rules | None = None  # exists while IPv6 addresses are served
+        self.ipv6_error = ""
         self.synced = False
         self.reconciler = Reconciler("proxy-sync", self.sync, period=cfg.iptablesSyncPeriod,
                                      delay=0.05)
@@ -163,6 +230,7 @@ class ProxyModule:
         if self.rules is not None:
             self.rules.remove()
             iptables.remove_routes(self.config.serviceCIDR)
+        self._stop_ipv6()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
@@ -177,7 +245,58 @@ class ProxyModule:
         device = netdev.ensure(self.ctx.config)  # shared with DNS; idempotent
         self.rules = iptables.Rules()
         log.info("iptables backend: %s", self.rules.binary)
-        iptables.ensure_routes(self.config.serviceCIDR, device)
+        iptables.ensure_routes(iptables.of_family(self.config.serviceCIDR, 4), device)
+        if self.listen_ip6 and shutil.which("ip6tables-save"):
+            # an agent killed with -9 left its IPv6 ruleset: it is ours to remove, as IPv4's
+            # chains are rewritten by the first sync (created again when IPv6 is served)
+            iptables.remove_from(iptables.detect_backend(6))
+
+    def _start_ipv6(self) -> bool:
+        """The IPv6 address, ruleset and routes, once; False (logged once, counted) where the
+        host cannot have them."""
+        if self.rules6 is not None:
+            return True
+        try:
+            device = netdev.ensure_ipv6(self.ctx.config)
+        except (subprocess.CalledProcessError, OSError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            return self._ipv6_failed("address", f"cannot add {self.listen_ip6}: "
+                                     f"{detail.decode(errors='replace').strip() or e}")
+        binary = iptables.detect_backend(6)
+        if shutil.which(f"{binary}-restore") is None or shutil.which(f"{binary}-save") is None:
+            return self._ipv6_failed("ip6tables", f"{binary}-restore/-save not found")
+        try:
+            iptables.ensure_routes(iptables.of_family(self.config.serviceCIDR, 6), device)
+        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
+            return self._ipv6_failed("address", f"cannot route the IPv6 service ranges: {e}")
+        self.rules6 = iptables.Rules(binary, family=6)
+        log.info("IPv6 service addresses: listeners on %s, backend %s", self.listen_ip6, binary)
+        return True
+
+    def _ipv6_failed(self, stage: str, message: str) -> bool:
+        IPV6_FAILURES.labels(stage).inc()
+        if _once(("ipv6", stage, message)):
+            log.warning("IPv6 service addresses not intercepted (%s); IPv4 unaffected",
+                        message)
+        self.ipv6_error = message
+        return False
+
+    def _sync_ipv6(self, portals: list[Portal]) -> None:
+        assert self.rules6 is not None
+        try:
+            self.rules6.sync(portals)
+        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            self._ipv6_failed("rules", detail.decode(errors="replace").strip() or str(e))
+            return
+        self.ipv6_error = ""
+
+    def _stop_ipv6(self) -> None:
+        """Remove the IPv6 ruleset and routes (the listeners close with their keys)."""
+        if self.rules6 is not None:
+            self.rules6.remove()
+            iptables.remove_routes(iptables.of_family(self.config.serviceCIDR, 6))
+            self.rules6 = None
 
     def _readiness(self) -> str:
         if not self.ctx.store.synced:
@@ -189,24 +308,36 @@ class ProxyModule:
     def desired(self) -> dict[PortKey, tuple[Service, ServicePort]]:
         """Every service port this agent should listen for, from the store's current state."""
         want: dict[PortKey, tuple[Service, ServicePort]] = {}
+        ipv6 = bool(self.listen_ip6) and self.rules is not None
         for svc in self.ctx.store.services():
-            if not proxied(svc, self.config.serviceFilterMode) or not cluster_ips(svc):
+            if not proxied(svc, self.config.serviceFilterMode):
                 continue
+            v4, v6 = bool(cluster_ips(svc)), ipv6 and bool(service_ips6(svc))
             for port in svc.ports:
                 transport = transport_of(port)
-                if transport:
+                if transport and v4:
                     want[PortKey(svc.meta.namespace, svc.meta.name, port.port, transport)] = \
                         (svc, port)
+                if transport and v6:
+                    want[PortKey(svc.meta.namespace, svc.meta.name, port.port, transport, 6)] \
+                        = (svc, port)
         return want
 
     def sync(self) -> None:
         if not self.ctx.store.synced:
             return
         want = self.desired()
+        if not any(k.family == 6 for k in want):
+            self._stop_ipv6()
+        elif not self._start_ipv6():
+            want = {k: v for k, v in want.items() if k.family == 4}
         for key in [k for k in self.listeners if k not in want]:
             self.listeners.pop(key).close()
-        portals = []
+        portals, portals6 = [], []
         for key, (svc, port) in want.items():
+            if key.family == 6:
+                portals6 += self._ipv6_portals(key, svc, port)
+                continue
             listener = self._listener_for(key, svc, port)
             to_ip, to_port = listener.address[:2]
             mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
@@ -220,11 +351,30 @@ class ProxyModule:
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if self.rules is not None:
             self.rules.sync(portals, self.config.nodePortAddresses)
+        if self.rules6 is not None:
+            self._sync_ipv6(portals6)
         self.synced = True
+
+    def _ipv6_portals(self, key: PortKey, svc: Service, port: ServicePort) -> list[Portal]:
+        try:
+            listener = self._listener_for(key, svc, port)
+        except OSError as e:  # the address vanished under us, say
+            self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
+            self.addresses.pop(key, None)
+            return []
+        to_ip, to_port = listener.address[:2]
+        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
+                for ip in service_ips6(svc)]
+        self.addresses[key] = [f"[{p.ip}]:{p.port}" for p in mine]
+        return mine
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
         balancer = self.balancers.get(svc, port)
         backends = self.ctx.store.backends(svc, port)
+        listen_ip, module = self.listen_ip, self
+        if key.family == 6:
+            backends = [b for b in backends if ":" in b.ip] or backends
+            listen_ip, module = self.listen_ip6, _ListeningAt(self, self.listen_ip6)  # type: ignore[assignment]
         listener = self.listeners.get(key)
         kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # issue 5
         if listener is not None and getattr(listener, "kind", None) != kind:  # mode changed
@@ -235,16 +385,16 @@ class ProxyModule:
             return listener
         cfg = self.config
         if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
-            listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends)
+            listener = http_listen.make(kind, module, str(key), svc, port, balancer, backends)
         elif key.protocol == "udp":
-            listener = UDPListener(self.dialer, str(key), self.listen_ip, balancer, backends,
+            listener = UDPListener(self.dialer, str(key), listen_ip, balancer, backends,
                                    idle_timeout=cfg.udpIdleTimeout,
                                    max_sessions=cfg.maxUDPSessions)
         else:
             assert self.tcp is not None
-            listener = TCPListener(self.tcp, str(key), self.listen_ip, balancer, backends)
+            listener = TCPListener(self.tcp, str(key), listen_ip, balancer, backends)
         self.listeners[key] = listener
-        log.info("listening for %s on %s:%d", key, *listener.address)
+        log.info("listening for %s on %s:%d", key, *listener.address[:2])
         return listener
 
     def view(self) -> dict[str, Any]:
@@ -253,14 +403,18 @@ class ProxyModule:
         out = []
         for key, listener in sorted(self.listeners.items(), key=lambda kv: str(kv[0])):
             spec = listener.balancer.spec
+            host = listener.address[0]
             out.append({"service": f"{key.namespace}/{key.name}", "port": key.port,
-                        "protocol": key.protocol,
-                        "listen": f"{listener.address[0]}:{listener.address[1]}",
+                        "protocol": key.protocol, "family": f"IPv{key.family}",
+                        "listen": f"[{host}]:{listener.address[1]}" if key.family == 6
+                        else f"{host}:{listener.address[1]}",
                         "addresses": self.addresses.get(key, []),
                         "policy": spec.policy.value, "hashKey": spec.hash_key.value,
                         "affinitySeconds": spec.affinity_timeout,
                         "endpoints": [f"{b.ip}:{b.port}" for b in listener.backends]})
         return {"listeners": out, "iptables": self.rules.binary if self.rules else None,
+                "ip6tables": self.rules6.binary if self.rules6 else None,
+                "ipv6Error": self.ipv6_error,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
 
 

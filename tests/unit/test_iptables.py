@@ -18,7 +18,13 @@ from edgemesh.proxy.iptables import (
     node_port_matches,
     render_rules,
 )
-from edgemesh.proxy.module import BAD_SERVICE_IPS, node_port_of, proxied, service_ips
+from edgemesh.proxy.module import (
+    BAD_SERVICE_IPS,
+    node_port_of,
+    proxied,
+    service_ips,
+    service_ips6,
+)
 
 P = [Portal("10.96.0.10", 80, "tcp", "169.254.96.16", 41000, 'shop/web:http "x"'),
      Portal("10.96.0.20", 53, "udp", "169.254.96.16", 41001, "kube-system/dns:dns")]
@@ -244,3 +250,90 @@ def test_loopback_from_the_network_is_never_rewritten() -> None:
         guard = lines.index("-A EDGEMESH-PREROUTING -d 127.0.0.0/8 -j RETURN")
         assert guard < lines.index("-A EDGEMESH-PREROUTING -j EDGEMESH-SERVICES")
         assert not any("127.0.0.0/8" in line for line in lines if "OUTPUT" in line)
+
+
+# ---- IPv6 (dual-stack services) ---------------------------------------------------------------
+
+L6 = ("fd00:169:254:96::16", 41002)
+P6 = [Portal("fd00:10:96::20", 80, "tcp", *L6, "shop/web:80/tcp/ipv6"),
+      Portal("fd00:10:96::30", 7, "udp", L6[0], 41003, "shop/echo:7/udp/ipv6"),
+      Portal(NODE, 30080, "tcp", *L6, "shop/web:80/tcp/ipv6")]
+
+
+def test_render_ipv6_ruleset_same_chains_bracketed_targets_no_node_ports() -> None:
+    lines = render_rules(P6, family=6).splitlines()
+    assert [line for line in lines if line.startswith(":")] == [
+        ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]",
+        ":EDGEMESH-NODEPORTS - [0:0]", ":EDGEMESH-INPUT - [0:0]"]
+    assert [line for line in lines if line.startswith("-A")] == [
+        "-A EDGEMESH-PREROUTING -d ::1/128 -j RETURN",
+        "-A EDGEMESH-PREROUTING -j EDGEMESH-SERVICES",
+        "-A EDGEMESH-OUTPUT -j EDGEMESH-SERVICES",
+        '-A EDGEMESH-SERVICES -d fd00:10:96::20/128 -p tcp -m tcp --dport 80 -m comment '
+        '--comment "shop/web:80/tcp/ipv6" -j DNAT --to-destination [fd00:169:254:96::16]:41002',
+        '-A EDGEMESH-SERVICES -d fd00:10:96::30/128 -p udp -m udp --dport 7 -m comment '
+        '--comment "shop/echo:7/udp/ipv6" -j DNAT --to-destination [fd00:169:254:96::16]:41003',
+        "-A EDGEMESH-INPUT -d fd00:169:254:96::16/128 -p tcp -m tcp --dport 41002 "
+        "-m conntrack --ctstate DNAT -j ACCEPT",
+        "-A EDGEMESH-INPUT -d fd00:169:254:96::16/128 -p udp -m udp --dport 41003 "
+        "-m conntrack --ctstate DNAT -j ACCEPT"]
+    # the IPv4 rendering of IPv4 portals is untouched by the family parameter
+    assert render_rules(EXTRA, family=4) == render_rules(EXTRA)
+
+
+def test_detect_backend_for_ipv6_uses_the_ip6tables_variants(monkeypatch) -> None:
+    counts = {"ip6tables-legacy": 4, "ip6tables-nft": 1}
+    monkeypatch.setattr(iptables, "_rule_count", lambda b: counts[b])
+    assert iptables.detect_backend(6) == "ip6tables-legacy"
+    counts.update({"ip6tables-legacy": -1, "ip6tables-nft": 0})
+    assert iptables.detect_backend(6) == "ip6tables-nft"
+    counts.update({"ip6tables-legacy": -1, "ip6tables-nft": -1})
+    assert iptables.detect_backend(6) == "ip6tables"
+    assert iptables.of_family(["10.96.0.0/12", "fd00:10:96::/112"], 6) == ["fd00:10:96::/112"]
+
+
+def test_service_ips6_keeps_usable_ipv6_addresses_canonical() -> None:
+    svc = _svc("LoadBalancer", externalIPs=["fd00:192:0:0::50", "192.0.2.50", "::1", "fe80::1",
+                                            "ff02::1", "::ffff:10.0.0.1", "junk"],
+               clusterIPs=["10.96.0.10", "fd00:10:96::20"])
+    before = metrics_value()
+    assert service_ips6(svc) == ["fd00:10:96::20", "fd00:192::50", "fd00::1"]
+    assert metrics_value() == before + 4  # ::1, fe80::1, ff02::1, mapped; junk is IPv4's
+    assert service_ips(svc) == ["10.96.0.10", "192.0.2.50", "203.0.113.7"]  # IPv4 unchanged
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("10.0.0.1", 'expected an IPv6 address or empty, got "10.0.0.1"'),
+    ("::1", 'expected a unicast IPv6 address that is not loopback or link-local, got "::1"'),
+    ("fe80::16", "expected a unicast IPv6 address that is not loopback or link-local, "
+                 'got "fe80::16"'),
+])
+def test_bridge_device_ipv6_is_validated(value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_mapping({"commonConfig": {"bridgeDeviceIPv6": value}})
+    assert e.value.problems == [f"commonConfig.bridgeDeviceIPv6: {problem}"]
+    assert config.from_mapping({}).commonConfig.bridgeDeviceIPv6 == "fd00:169:254:96::16"
+    assert config.from_mapping({"commonConfig": {"bridgeDeviceIPv6": ""}}) \
+        .commonConfig.bridgeDeviceIPv6 == ""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("binary", ["ip6tables-nft", "ip6tables-legacy"])
+def test_ipv6_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} not installed")
+    ns = lab.netns("ip6t")
+    code = (
+        "from edgemesh.proxy import iptables as I\n"
+        f"r = I.Rules('{binary}', family=6)\n"
+        "P = [I.Portal('fd00:10:96::20', 80, 'tcp', 'fd00:169:254:96::16', 41000, 'a/b')]\n"
+        "for _ in range(3): r.sync(P)\n"
+        "print(I._save(r.binary), I._save(r.binary, 'filter'))\n"
+        "r.remove(); print('---'); print(I._save(r.binary), I._save(r.binary, 'filter'))\n")
+    before, after = ns.run(".venv/bin/python", "-c", code).stdout.split("---")
+    assert before.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
+    assert before.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
+    assert before.count("-A INPUT -j EDGEMESH-INPUT") == 1
+    assert before.count("-d fd00:10:96::20/128 -p tcp -m tcp --dport 80 -m comment --comment "
+                        '"a/b" -j DNAT --to-destination [fd00:169:254:96::16]:41000') == 1
+    assert "EDGEMESH" not in after
