@@ -288,8 +288,6 @@ class ProxyModule:
         except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
             detail = getattr(e, "stderr", b"") or b""
             self._ipv6_failed("rules", detail.decode(errors="replace").strip() or str(e))
-            return
-        self.ipv6_error = ""
 
     def _stop_ipv6(self) -> None:
         """Remove the IPv6 ruleset and routes (the listeners close with their keys)."""
@@ -327,6 +325,7 @@ class ProxyModule:
         if not self.ctx.store.synced:
             return
         want = self.desired()
+        self.ipv6_error = ""  # set again below by whatever fails in this sync
         if not any(k.family == 6 for k in want):
             self._stop_ipv6()
         elif not self._start_ipv6():

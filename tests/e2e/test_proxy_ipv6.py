@@ -298,7 +298,8 @@ def test_ipv6_disabled_host_keeps_serving_ipv4(env: Env) -> None:
     try:
         proc = env.agent()
         try:
-            assert env.curl(env.client, f"http://{WEB}/")[1] in PODS + PODS6
+            code, who = env.curl(env.client, f"http://{WEB}/")
+            assert who in PODS + PODS6, (code, who, proc.log()[-3000:])
             lines = env.client.run("python3", "-c", UDP_CLIENT, ECHO, "7").stdout.split()
             assert lines[0] in PODS + PODS6
             view = env.view()
