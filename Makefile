@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
-	wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
+	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
 
 .PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean
 
