@@ -30,8 +30,9 @@ address that works from both hooks: ``::1`` cannot be a DNAT target for packets 
 namespaces (IPv6 has no ``route_localnet``; the kernel drops them), a link-local address needs
 a zone a DNAT cannot carry, and a node address or ``::`` would expose the listeners on the
 network. Like ``bridgeDeviceIP`` it is on no link, routed only locally, and the filter chain
-accepts only what our DNAT sent to it. An IPv6 listener balances over the port's IPv6
-endpoints (all endpoints when there are none), as kube-proxy keeps each family to its own.
+accepts only what our DNAT sent to it. Each family's listener balances over the port's
+endpoints of that family (all endpoints when there are none), as kube-proxy keeps each family
+to its own.
 Nothing of this exists until a served service has an IPv6 address, and it is all removed when
 none has any more (the address stays on the bridge until ``edgemesh cleanup``). A host
 without ``ip6tables`` or with IPv6 disabled logs that once, counts it in
@@ -371,8 +372,9 @@ class ProxyModule:
         balancer = self.balancers.get(svc, port)
         backends = self.ctx.store.backends(svc, port)
         listen_ip, module = self.listen_ip, self
+        # each family to its own endpoints (as kube-proxy), all of them when it has none
+        backends = [b for b in backends if (":" in b.ip) == (key.family == 6)] or backends
         if key.family == 6:
-            backends = [b for b in backends if ":" in b.ip] or backends
             listen_ip, module = self.listen_ip6, _ListeningAt(self, self.listen_ip6)  # type: ignore[assignment]
         listener = self.listeners.get(key)
         kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # issue 5

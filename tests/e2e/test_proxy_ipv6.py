@@ -134,6 +134,12 @@ class Env:
             self.node.popen(["socat", f"{listen},reuseaddr,fork", "SYSTEM:echo $POD"],
                             env={**os.environ, "POD": ip})
             self.node.popen(["python3", "-c", UDP_ECHO, ip])
+        # the pods must listen before the first test, or the proxy finds every endpoint
+        # refusing (and says so with an empty answer): seen on a loaded machine
+        want = {f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+                for ip in PODS + PODS6 for port in (8080, 7007)}
+        netlab.wait_for(lambda: want <= {line.split()[4] for line in self.node.run(
+            "ss", "-Hltun").stdout.splitlines()}, 20, 0.1, what="the pods listening")
         self.mdir = self.write_manifests("dual", manifests())
         self.config = os.path.join(tmp, "config.yaml")
         with open(self.config, "w") as f:
@@ -212,8 +218,8 @@ def test_curl_6_through_the_ipv6_cluster_ip_and_external_ip(env: Env) -> None:
     for ns in (env.client, env.node):
         code, who = env.curl(ns, f"http://[{WEB6}]/", "-6")
         assert code == 0 and who in PODS6, (code, who)
-        code, who = env.curl(ns, f"http://{WEB}/")  # IPv4 path unchanged beside it
-        assert code == 0 and who in PODS + PODS6, (code, who)
+        code, who = env.curl(ns, f"http://{WEB}/")  # IPv4 beside it, to IPv4 endpoints
+        assert code == 0 and who in PODS, (code, who)
     assert env.curl(env.client, f"http://[{EXTERNAL6}]/")[1] in PODS6
 
 
@@ -299,9 +305,9 @@ def test_ipv6_disabled_host_keeps_serving_ipv4(env: Env) -> None:
         proc = env.agent()
         try:
             code, who = env.curl(env.client, f"http://{WEB}/")
-            assert who in PODS + PODS6, (code, who, proc.log()[-3000:])
+            assert who in PODS, (code, who, proc.log()[-3000:])
             lines = env.client.run("python3", "-c", UDP_CLIENT, ECHO, "7").stdout.split()
-            assert lines[0] in PODS + PODS6
+            assert lines[0] in PODS
             view = env.view()
             assert view["ip6tables"] is None and view["ipv6Error"]
             assert all(lst["family"] == "IPv4" for lst in view["listeners"])
