@@ -65,6 +65,14 @@ class Netns:
     def sysctl(self, key: str, value: str) -> None:
         self.run("sysctl", "-qw", f"{key}={value}")
 
+    def wait_listening(self, *addrs: str, timeout: float = 20) -> None:
+        """Until TCP listeners or bound UDP sockets exist for ``addrs`` ("ip:port",
+        "[ip6]:port"): servers started with ``popen`` are not listening yet when it returns."""
+        want = set(addrs)
+        wait_for(lambda: want <= {line.split()[4] for line in self.run(
+            "ss", "-Hltun").stdout.splitlines()}, timeout, 0.1,
+            what=f"listeners on {sorted(want)} in {self.name}")
+
     def kill_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

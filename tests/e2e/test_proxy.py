@@ -156,6 +156,8 @@ class Env:
                          "--bind-interfaces", f"--listen-address={DNS_POD}", "-p", "53",
                          "--pid-file=", "--address=/app.example/192.0.2.77"])
         self.node.popen(["iperf3", "-s", "-B", IPERF_POD, "-p", "5201"])
+        self.node.wait_listening(*(f"{ip}:{port}" for ip in PODS for port in (8080, 7007)),
+                                 f"{PODS[0]}:8000", f"{DNS_POD}:53", f"{IPERF_POD}:5201")
 
     def start_tcp_backend(self, ip: str) -> None:
         self.backends[ip] = self.node.popen(

@@ -136,10 +136,8 @@ class Env:
             self.node.popen(["python3", "-c", UDP_ECHO, ip])
         # the pods must listen before the first test, or the proxy finds every endpoint
         # refusing (and says so with an empty answer): seen on a loaded machine
-        want = {f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
-                for ip in PODS + PODS6 for port in (8080, 7007)}
-        netlab.wait_for(lambda: want <= {line.split()[4] for line in self.node.run(
-            "ss", "-Hltun").stdout.splitlines()}, 20, 0.1, what="the pods listening")
+        self.node.wait_listening(*(f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+                                   for ip in PODS + PODS6 for port in (8080, 7007)))
         self.mdir = self.write_manifests("dual", manifests())
         self.config = os.path.join(tmp, "config.yaml")
         with open(self.config, "w") as f:

@@ -105,6 +105,8 @@ class Env:
         self.node.popen(["python3", "-c", UDP_ECHO, POD])
         self.node.popen(["socat", f"TCP-LISTEN:30080,bind={OTHER_NODE_IP},reuseaddr,fork",
                          "SYSTEM:echo not intercepted"])
+        # listening before the first test: a refusing endpoint would fail it under load
+        self.node.wait_listening(f"{POD}:8000", f"{POD}:7007", f"{OTHER_NODE_IP}:30080")
         self.tmp = tmp
         self.mdir = os.path.join(tmp, "manifests")
         os.mkdir(self.mdir)
