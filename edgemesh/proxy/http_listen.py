@@ -206,19 +206,19 @@ def cookie_for(store: Store, service: Service, port: ServicePort) -> HttpCookie 
 
 
 def make(kind: str, module: Any, name: str, service: Service, port: ServicePort,
-         balancer: Balancer, backends: list[Backend]) -> Any:
-    """The listener of ``kind`` for a service port of the proxy ``module``."""
+         balancer: Balancer, backends: list[Backend], listen_ip: str) -> Any:
+    """The listener of ``kind`` on ``listen_ip`` for a service port of the proxy ``module``."""
     cfg = module.config
     if kind == "http":
         store = module.ctx.store
-        return HTTPListener(name, module.listen_ip, balancer, backends, module.dialer,
+        return HTTPListener(name, listen_ip, balancer, backends, module.dialer,
                             lambda: cookie_for(store, service, port),
                             HttpLimits(connect_timeout=cfg.connectTimeout,
                                        head_timeout=cfg.httpHeaderTimeout,
                                        idle_timeout=cfg.httpIdleTimeout,
                                        response_timeout=cfg.httpResponseTimeout),
                             cfg.maxConnections)
-    return TLSListener(module.tcp, name, module.listen_ip, balancer, backends)
+    return TLSListener(module.tcp, name, listen_ip, balancer, backends)
 
 
 class HTTPListener:

@@ -164,17 +164,6 @@ def service_ips6(service: Service) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-class _ListeningAt:
-    """The module as ``http_listen.make`` sees it, with the IPv6 listen address."""
-
-    def __init__(self, module: ProxyModule, listen_ip: str) -> None:
-        self._module = module
-        self.listen_ip = listen_ip
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-
 def node_port_of(service: Service, port: ServicePort) -> int | None:
     """The port's nodePort where the service type has one (the API clears it elsewhere; a
     manifest may not)."""
@@ -371,11 +360,9 @@ class ProxyModule:
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
         balancer = self.balancers.get(svc, port)
         backends = self.ctx.store.backends(svc, port)
-        listen_ip, module = self.listen_ip, self
+        listen_ip = self.listen_ip6 if key.family == 6 else self.listen_ip
         # each family to its own endpoints (as kube-proxy), all of them when it has none
         backends = [b for b in backends if (":" in b.ip) == (key.family == 6)] or backends
-        if key.family == 6:
-            listen_ip, module = self.listen_ip6, _ListeningAt(self, self.listen_ip6)  # type: ignore[assignment]
         listener = self.listeners.get(key)
         kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # issue 5
         if listener is not None and getattr(listener, "kind", None) != kind:  # mode changed
@@ -386,7 +373,8 @@ class ProxyModule:
             return listener
         cfg = self.config
         if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
-            listener = http_listen.make(kind, module, str(key), svc, port, balancer, backends)
+            listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends,
+                                        listen_ip)
         elif key.protocol == "udp":
             listener = UDPListener(self.dialer, str(key), listen_ip, balancer, backends,
                                    idle_timeout=cfg.udpIdleTimeout,

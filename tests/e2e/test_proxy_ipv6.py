@@ -27,6 +27,7 @@ PODS = ["172.17.0.2", "172.17.0.3"]
 PODS6 = ["fd00:10:244::2", "fd00:10:244::3"]
 WEB, WEB6, EXTERNAL6 = "10.96.0.20", "fd00:10:96::20", "fd00:192::50"
 ECHO, ECHO6 = "10.96.0.30", "fd00:10:96::30"
+PAGE6 = "fd00:10:96::50"  # an http port balanced per request (a header-hash DestinationRule)
 LISTEN6 = "fd00:169:254:96::16"  # commonConfig.bridgeDeviceIPv6's default
 ADMIN = "127.0.0.1:10561"
 DNS = "169.254.96.16"
@@ -65,7 +66,22 @@ def manifests(dual_stack: bool = True) -> list[dict]:
         *([_slice("echo", PODS6, 7007, "UDP")] if v6 else []),
         _service("v4only", ["10.96.0.40"], 80, 8080, "TCP"),
         _slice("v4only", PODS, 8080, "TCP"),
+        *(page() if v6 else []),
     ]
+
+
+def page() -> list[dict]:
+    """``page``: IPv6 only, port named http, DestinationRule hashing a header: the HTTP
+    engine's listener (not the TCP splice) on the IPv6 listen address."""
+    svc = _service("page", [PAGE6], 80, 8000, "TCP")
+    svc["spec"]["ports"][0]["name"] = "http"
+    eps = _slice("page", PODS6[:1], 8000, "TCP")
+    eps["ports"][0]["name"] = "http"
+    rule = {"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule",
+            "metadata": {"name": "page", "namespace": "default"},
+            "spec": {"host": "page", "trafficPolicy": {"loadBalancer": {
+                "consistentHash": {"httpHeaderName": "x-user"}}}}}
+    return [svc, eps, rule]
 
 
 UDP_ECHO = textwrap.dedent("""
@@ -136,8 +152,15 @@ class Env:
             self.node.popen(["python3", "-c", UDP_ECHO, ip])
         # the pods must listen before the first test, or the proxy finds every endpoint
         # refusing (and says so with an empty answer): seen on a loaded machine
-        self.node.wait_listening(*(f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
-                                   for ip in PODS + PODS6 for port in (8080, 7007)))
+        www = os.path.join(tmp, "www")
+        os.mkdir(www)
+        with open(os.path.join(www, "index.html"), "w") as f:
+            f.write("page over IPv6")
+        self.node.popen(["python3", "-m", "http.server", "8000", "--bind", PODS6[0],
+                         "--directory", www])
+        self.node.wait_listening(f"[{PODS6[0]}]:8000", *(
+            f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+            for ip in PODS + PODS6 for port in (8080, 7007)))
         self.mdir = self.write_manifests("dual", manifests())
         self.config = os.path.join(tmp, "config.yaml")
         with open(self.config, "w") as f:
@@ -202,7 +225,7 @@ def test_ipv6_ruleset_mirrors_the_ipv4_one_for_ipv6_addresses_only(env: Env) -> 
                 f"[{LISTEN6}]:{web_port}") in nat6
     assert (f"-d {ECHO6}/128 -p udp -m udp --dport 7 -m comment --comment "
             f'"default/echo:7/udp/ipv6" -j DNAT --to-destination [{LISTEN6}]:{echo_port}') in nat6
-    assert nat6.count("DNAT") == 3 and "v4only" not in nat6  # single-stack IPv4: nothing
+    assert nat6.count("DNAT") == 4 and "v4only" not in nat6  # single-stack IPv4: nothing
     assert "-A INPUT -j EDGEMESH-INPUT" in env.save("ip6tables", "filter")
     # the IPv4 ruleset is what it always was: IPv4 addresses only
     assert nat4.count("DNAT") == 3 and ":" not in "".join(
@@ -219,6 +242,15 @@ def test_curl_6_through_the_ipv6_cluster_ip_and_external_ip(env: Env) -> None:
         code, who = env.curl(ns, f"http://{WEB}/")  # IPv4 beside it, to IPv4 endpoints
         assert code == 0 and who in PODS, (code, who)
     assert env.curl(env.client, f"http://[{EXTERNAL6}]/")[1] in PODS6
+
+
+def test_per_request_http_on_ipv6(env: Env) -> None:
+    view = {f"{lst['service']}/{lst['family']}": lst for lst in env.view()["listeners"]}
+    assert view["default/page/IPv6"]["hashKey"] == "httpHeaderName"
+    for ns in (env.client, env.node):
+        r = ns.run("curl", "-sS", "-g", "-6", "--max-time", "5", "-H", "x-user: ada",
+                   "-D", "-", f"http://[{PAGE6}]/")
+        assert r.stdout.startswith("HTTP/1.") and r.stdout.endswith("page over IPv6"), r.stdout
 
 
 def test_dns_answers_aaaa_and_the_answer_is_reachable(env: Env) -> None:
@@ -250,7 +282,7 @@ def test_udp_echo_over_ipv6_replies_from_the_cluster_ip(env: Env) -> None:
 def test_periodic_resync_repairs_ipv6_drift(env: Env) -> None:
     env.node.run("ip6tables-restore", "--noflush", input=(
         b"*nat\n-D OUTPUT -j EDGEMESH-OUTPUT\n-F EDGEMESH-SERVICES\nCOMMIT\n"))
-    netlab.wait_for(lambda: env.save("ip6tables").count("DNAT") == 3, timeout=15,
+    netlab.wait_for(lambda: env.save("ip6tables").count("DNAT") == 4, timeout=15,
                     what="ipv6 rules restored")
     assert env.save("ip6tables").count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert env.curl(env.node, f"http://[{WEB6}]/")[1] in PODS6
