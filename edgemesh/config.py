@@ -116,14 +116,6 @@ def cidr(v: str) -> str | None:
 cidrs = each(cidr)
 
 
-def ipv4_cidr(v: str) -> str | None:
-    try:
-        ipaddress.IPv4Network(v, strict=False)
-    except ValueError:
-        return f"expected an IPv4 network (CIDR), got {shown(v)}"
-    return None
-
-
 def ipv6_service_listener(v: str) -> str | None:
     """Empty, or an IPv6 address that can hold the proxy's IPv6 listeners (not loopback,
     link-local, multicast or unspecified: DNAT from other hosts must be able to reach it)."""
@@ -262,11 +254,13 @@ class EdgeProxy:
     maxUDPSessions: int = opt(4096, "Maximum UDP sessions per service port.", positive)
     maxConnections: int = opt(20000, "Maximum proxied TCP connections.", positive)
     perRequestHTTP: bool = opt(False, "Balance HTTP ports per request instead of per connection.")
-    nodePortAddresses: list[str] = opt([], "IPv4 ranges whose local addresses accept NodePort "
-                                       "traffic (like kube-proxy's --nodeport-addresses); "
-                                       "empty: every local address (127.0.0.0/8 only for "
-                                       "clients on this node).",
-                                       each(ipv4_cidr))
+    nodePortAddresses: list[str] = opt([], "IPv4 and IPv6 ranges whose local addresses accept "
+                                       "NodePort traffic (like kube-proxy's "
+                                       "--nodeport-addresses), each family's ranges for its "
+                                       "own services' addresses; empty: every local address "
+                                       "(127.0.0.0/8 and ::1 only for clients on this node); "
+                                       "ranges of one family only: no NodePorts in the other.",
+                                       cidrs)
     httpHeaderTimeout: float = opt(30.0, "Seconds a client may take to send one request head "
                                    "(per-request HTTP).", positive)
     httpIdleTimeout: float = opt(120.0, "Seconds a keep-alive HTTP client may wait between "

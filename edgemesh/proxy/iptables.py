@@ -41,8 +41,11 @@ the host's tools cannot show.
 IPv6, as kube-proxy does it: a separate ruleset with the same chain names, rendered by
 ``render_rules(..., family=6)`` and applied by a second ``Rules(family=6)`` with
 ``ip6tables-restore --noflush`` (its backend detected among ``ip6tables-legacy`` and
-``ip6tables-nft`` the same way). It holds service-address DNATs only (no NodePorts), its
-loopback guard is ``::1/128``, and DNAT targets are written ``[addr]:port``. The module
+``ip6tables-nft`` the same way). Its loopback guard is ``::1/128`` (IPv6 has no
+``route_localnet``, and the kernel drops packets for ``::1`` from the network anyway; from
+the node itself ``[::1]:nodePort`` reaches the local listener as 127.0.0.1 does), its
+NodePort jumps use the IPv6 ``nodePortAddresses`` ranges (none when the key lists only IPv4
+ones, and vice versa), and DNAT targets are written ``[addr]:port``. The module
 creates it only while it has IPv6 service addresses to serve; removal and ``edgemesh cleanup``
 cover both families.
 """
@@ -82,8 +85,9 @@ SYNC_FAILURES = metrics.counter("edgemesh_proxy_iptables_sync_failures_total",
 class Portal:
     """Traffic to ``ip:port/protocol`` goes to the listener at ``to_ip:to_port``.
 
-    ``ip`` is an IPv4 ClusterIP, externalIP or load-balancer IP, or ``NODE`` for a NodePort
-    (``port`` is then the nodePort and the address any local one within nodePortAddresses).
+    ``ip`` is a ClusterIP, externalIP or load-balancer IP (IPv4, or IPv6 in the IPv6 ruleset),
+    or ``NODE`` for a NodePort (``port`` is then the nodePort and the address any local one of
+    the ruleset's family within nodePortAddresses).
     """
     ip: str
     port: int
@@ -110,14 +114,24 @@ def _dnat(chain: str, p: Portal) -> str:
             f"-j DNAT --to-destination {to}:{p.to_port}")
 
 
-def node_port_matches(node_port_addresses: Sequence[str]) -> list[str]:
-    """Destination matches of the jumps to the NodePort chain: one per range (deduplicated,
-    host bits cleared), or a single empty one (any local address) when no range is given or
-    one is ``0.0.0.0/0``. Ranges must be IPv4 CIDRs (the config validates them)."""
-    nets = sorted({ipaddress.IPv4Network(a, strict=False) for a in node_port_addresses})
-    if not nets or any(n.prefixlen == 0 for n in nets):
+def node_port_matches(node_port_addresses: Sequence[str], family: int = 4) -> list[str]:
+    """Destination matches of ``family``'s jumps to the NodePort chain: one per range of that
+    family (deduplicated, host bits cleared), or a single empty one (any local address) when
+    no range at all is given or one is ``0.0.0.0/0`` (``::/0``); none (no NodePorts in this
+    family) when every range is of the other family. Ranges are CIDRs (the config checks)."""
+    nets = sorted({n for n in map(_network, node_port_addresses) if n.version == family})
+    if not node_port_addresses or any(n.prefixlen == 0 for n in nets):
         return [""]
     return [f"-d {n} " for n in nets]
+
+
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(cidr, strict=False)
+
+
+def node_ports_enabled(node_port_addresses: Sequence[str], family: int) -> bool:
+    """Whether ``family``'s ruleset has NodePorts at all (see ``node_port_matches``)."""
+    return bool(node_port_matches(node_port_addresses, family))
 
 
 def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
@@ -128,11 +142,9 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
     ``hook_lines`` and ``filter_hook_lines`` (from ``hook_fixes`` for the nat and filter
     tables) go into the same transaction as each table's rules, so rules and the jumps into
     them change together: no moment with rules but no hook, or a hook twice.
-    ``node_port_addresses`` limits NodePorts to local addresses in those IPv4 ranges.
-    ``family=6`` renders the ``ip6tables-restore`` input: IPv6 portals, no NodePorts.
+    ``node_port_addresses`` limits NodePorts to local addresses in the ranges of ``family``.
+    ``family=6`` renders the ``ip6tables-restore`` input for IPv6 portals.
     """
-    if family == 6:
-        portals = [p for p in portals if p.ip != NODE]
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     lines.append(LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD)
     for _, chain in HOOKS:
@@ -140,9 +152,10 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
     unique = sorted(set(portals))
     lines.extend(_dnat(SERVICES_CHAIN, p) for p in unique if p.ip != NODE)
     node_ports = [p for p in unique if p.ip == NODE]
-    if node_ports:
+    matches = node_port_matches(node_port_addresses, family)
+    if node_ports and matches:
         lines.extend(f"-A {SERVICES_CHAIN} {match}-m addrtype --dst-type LOCAL "
-                     f"-j {NODEPORTS_CHAIN}" for match in node_port_matches(node_port_addresses))
+                     f"-j {NODEPORTS_CHAIN}" for match in matches)
         lines.extend(_dnat(NODEPORTS_CHAIN, p) for p in node_ports)
     lines.extend(hook_lines)
     lines += ["COMMIT", "*filter", f":{INPUT_CHAIN} - [0:0]"]

@@ -23,9 +23,12 @@ logged once.
 
 IPv6 (dual-stack services), as kube-proxy does it: IPv6 ClusterIPs, externalIPs and
 load-balancer IPs of a served port get a listener of their own and DNATs in a separate
-``ip6tables`` ruleset with the same chain names (``iptables.Rules(family=6)``); IPv6 NodePorts
-are not intercepted. The IPv6 listeners bind ``commonConfig.bridgeDeviceIPv6`` (default
-``fd00:169:254:96::16``, a ULA /128 added to the bridge device without DAD), the least exposed
+``ip6tables`` ruleset with the same chain names (``iptables.Rules(family=6)``); so does its
+``nodePort`` on every local IPv6 address within the IPv6 ``nodePortAddresses`` ranges (none
+when the key lists IPv4 ranges only; ``::1`` for clients on this node only, as 127.0.0.1), for
+services of type NodePort or LoadBalancer with an IPv6 service address. The IPv6 listeners
+bind ``commonConfig.bridgeDeviceIPv6`` (default ``fd00:169:254:96::16``, a ULA /128 added to
+the bridge device without DAD), the least exposed
 address that works from both hooks: ``::1`` cannot be a DNAT target for packets from other
 namespaces (IPv6 has no ``route_localnet``; the kernel drops them), a link-local address needs
 a zone a DNAT cannot carry, and a node address or ``::`` would expose the listeners on the
@@ -274,7 +277,7 @@ class ProxyModule:
     def _sync_ipv6(self, portals: list[Portal]) -> None:
         assert self.rules6 is not None
         try:
-            self.rules6.sync(portals)
+            self.rules6.sync(portals, self.config.nodePortAddresses)
         except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
             detail = getattr(e, "stderr", b"") or b""
             self._ipv6_failed("rules", detail.decode(errors="replace").strip() or str(e))
@@ -332,7 +335,7 @@ class ProxyModule:
             mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
                     for ip in service_ips(svc)]
             node_port = node_port_of(svc, port)
-            if node_port:
+            if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, 4):
                 mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
             self.addresses[key] = [f"{p.ip or 'node'}:{p.port}" for p in mine]
             portals += mine
@@ -354,7 +357,10 @@ class ProxyModule:
         to_ip, to_port = listener.address[:2]
         mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
                 for ip in service_ips6(svc)]
-        self.addresses[key] = [f"[{p.ip}]:{p.port}" for p in mine]
+        node_port = node_port_of(svc, port)
+        if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, 6):
+            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
+        self.addresses[key] = [f"[{p.ip}]:{p.port}" if p.ip else f"node:{p.port}" for p in mine]
         return mine
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:

@@ -231,15 +231,18 @@ def metrics_value() -> float:
 
 
 @pytest.mark.parametrize("value, problem", [
-    (["10.0.0.0/33"], '[0]: expected an IPv4 network (CIDR), got "10.0.0.0/33"'),
-    (["192.168.0.0/16", "fd00::/64"], '[1]: expected an IPv4 network (CIDR), got "fd00::/64"'),
+    (["10.0.0.0/33"], '[0]: expected an IP network (CIDR), got "10.0.0.0/33"'),
+    (["192.168.0.0/16", "fd00::/129"], '[1]: expected an IP network (CIDR), got "fd00::/129"'),
+    (["fd00::/64", "fd00::g/64"], '[1]: expected an IP network (CIDR), got "fd00::g/64"'),
+    (["eth0"], '[0]: expected an IP network (CIDR), got "eth0"'),
 ])
 def test_node_port_addresses_are_validated(value: list[str], problem: str) -> None:
     with pytest.raises(ConfigError) as e:
         config.from_mapping({"modules": {"edgeProxy": {"nodePortAddresses": value}}})
     assert e.value.problems == [f"modules.edgeProxy.nodePortAddresses{problem}"]
-    ok = config.from_mapping({"modules": {"edgeProxy": {"nodePortAddresses": ["10.1.2.3/8"]}}})
-    assert ok.modules.edgeProxy.nodePortAddresses == ["10.1.2.3/8"]
+    both = ["10.1.2.3/8", "fd00:50::1/64"]  # IPv6 ranges are accepted beside IPv4 ones
+    ok = config.from_mapping({"modules": {"edgeProxy": {"nodePortAddresses": both}}})
+    assert ok.modules.edgeProxy.nodePortAddresses == both
 
 
 def test_loopback_from_the_network_is_never_rewritten() -> None:
@@ -260,7 +263,7 @@ P6 = [Portal("fd00:10:96::20", 80, "tcp", *L6, "shop/web:80/tcp/ipv6"),
       Portal(NODE, 30080, "tcp", *L6, "shop/web:80/tcp/ipv6")]
 
 
-def test_render_ipv6_ruleset_same_chains_bracketed_targets_no_node_ports() -> None:
+def test_render_ipv6_ruleset_same_chains_bracketed_targets() -> None:
     lines = render_rules(P6, family=6).splitlines()
     assert [line for line in lines if line.startswith(":")] == [
         ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]",
@@ -273,6 +276,10 @@ def test_render_ipv6_ruleset_same_chains_bracketed_targets_no_node_ports() -> No
         '--comment "shop/web:80/tcp/ipv6" -j DNAT --to-destination [fd00:169:254:96::16]:41002',
         '-A EDGEMESH-SERVICES -d fd00:10:96::30/128 -p udp -m udp --dport 7 -m comment '
         '--comment "shop/echo:7/udp/ipv6" -j DNAT --to-destination [fd00:169:254:96::16]:41003',
+        # NodePorts last, on every local IPv6 address (::1 only from this node: the guard)
+        "-A EDGEMESH-SERVICES -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
+        '-A EDGEMESH-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment '
+        '"shop/web:80/tcp/ipv6" -j DNAT --to-destination [fd00:169:254:96::16]:41002',
         "-A EDGEMESH-INPUT -d fd00:169:254:96::16/128 -p tcp -m tcp --dport 41002 "
         "-m conntrack --ctstate DNAT -j ACCEPT",
         "-A EDGEMESH-INPUT -d fd00:169:254:96::16/128 -p udp -m udp --dport 41003 "
@@ -326,8 +333,9 @@ def test_ipv6_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
     code = (
         "from edgemesh.proxy import iptables as I\n"
         f"r = I.Rules('{binary}', family=6)\n"
-        "P = [I.Portal('fd00:10:96::20', 80, 'tcp', 'fd00:169:254:96::16', 41000, 'a/b')]\n"
-        "for _ in range(3): r.sync(P)\n"
+        "P = [I.Portal('fd00:10:96::20', 80, 'tcp', 'fd00:169:254:96::16', 41000, 'a/b'),\n"
+        "     I.Portal(I.NODE, 30080, 'tcp', 'fd00:169:254:96::16', 41000, 'a/b')]\n"
+        "for _ in range(3): r.sync(P, ['192.168.0.0/16', 'fd00:50::/64'])\n"
         "print(I._save(r.binary), I._save(r.binary, 'filter'))\n"
         "r.remove(); print('---'); print(I._save(r.binary), I._save(r.binary, 'filter'))\n")
     before, after = ns.run(".venv/bin/python", "-c", code).stdout.split("---")
@@ -336,4 +344,48 @@ def test_ipv6_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
     assert before.count("-A INPUT -j EDGEMESH-INPUT") == 1
     assert before.count("-d fd00:10:96::20/128 -p tcp -m tcp --dport 80 -m comment --comment "
                         '"a/b" -j DNAT --to-destination [fd00:169:254:96::16]:41000') == 1
+    assert before.count("-A EDGEMESH-SERVICES -d fd00:50::/64 -m addrtype --dst-type LOCAL "
+                        "-j EDGEMESH-NODEPORTS") == 1
+    assert before.count("-A EDGEMESH-NODEPORTS -p tcp -m tcp --dport 30080 -m comment "
+                        '--comment "a/b" -j DNAT --to-destination [fd00:169:254:96::16]:41000') == 1
     assert "EDGEMESH" not in after
+
+
+def test_render_ipv6_node_ports_within_the_ipv6_ranges_only() -> None:
+    mixed = ["192.168.50.0/24", "fd00:50::1/64", "fd00:51::/64", "fd00:50::/64"]
+    jumps6 = [line for line in render_rules(P6, node_port_addresses=mixed, family=6)
+              .splitlines() if "NODEPORTS" in line and line.startswith("-A")]
+    assert jumps6 == [  # the IPv6 ranges, host bits cleared, deduplicated, sorted
+        "-A EDGEMESH-SERVICES -d fd00:50::/64 -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
+        "-A EDGEMESH-SERVICES -d fd00:51::/64 -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS",
+        '-A EDGEMESH-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment '
+        '"shop/web:80/tcp/ipv6" -j DNAT --to-destination [fd00:169:254:96::16]:41002']
+    # the same list gives IPv4 its IPv4 ranges, exactly as with those alone
+    assert render_rules(EXTRA, node_port_addresses=mixed) == \
+        render_rules(EXTRA, node_port_addresses=["192.168.50.0/24"])
+    assert node_port_matches(["10.0.0.0/8", "::/0"], 6) == [""]  # everything: no -d
+    assert node_port_matches([], 6) == [""]
+    assert node_port_matches(["fd00::/8", "0.0.0.0/0"], 6) == ["-d fd00::/8 "]
+
+
+def test_ranges_of_one_family_only_mean_no_node_ports_in_the_other() -> None:
+    v4_only, v6_only = ["192.168.50.0/24"], ["fd00:50::/64"]
+    assert node_port_matches(v4_only, 6) == [] and node_port_matches(v6_only, 4) == []
+    assert not iptables.node_ports_enabled(v4_only, 6)
+    assert iptables.node_ports_enabled(v4_only, 4) and iptables.node_ports_enabled([], 6)
+    for text in (render_rules(P6, node_port_addresses=v4_only, family=6),
+                 render_rules(EXTRA, node_port_addresses=v6_only)):
+        rules = [line for line in text.splitlines() if line.startswith("-A")]
+        assert not any("NODEPORTS" in line or "3008" in line or "30053" in line
+                       for line in rules), rules
+    # service addresses and listeners are untouched by it
+    assert "-d fd00:10:96::20/128" in render_rules(P6, node_port_addresses=v4_only, family=6)
+    assert "-d 10.96.0.10/32" in render_rules(EXTRA, node_port_addresses=v6_only)
+
+
+def test_ipv6_loopback_from_the_network_is_never_rewritten() -> None:
+    for ranges in ((), ("::1/128",), ("::/0",)):
+        lines = render_rules(P6, node_port_addresses=ranges, family=6).splitlines()
+        guard = lines.index("-A EDGEMESH-PREROUTING -d ::1/128 -j RETURN")
+        assert guard < lines.index("-A EDGEMESH-PREROUTING -j EDGEMESH-SERVICES")
+        assert not any("::1/128" in line for line in lines if "OUTPUT" in line)
