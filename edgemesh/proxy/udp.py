@@ -8,27 +8,40 @@ source to the ClusterIP the client asked. Sessions close after ``udpIdleTimeout`
 without traffic either way (default 60 s: DNS over UDP, QUIC and game traffic keep working;
 EdgeMesh's 250 ms broke long exchanges), when their endpoint refuses (ICMP port unreachable),
 or — beyond ``maxUDPSessions`` per port — the least recently used one is closed first.
+
+A session to a local endpoint (``LocalSession``) reads its replies in a libev io watcher
+callback on the hub's loop, as the TCP path does: a bounded batch of non-blocking ``recv`` per
+wake-up, each sent on from the listener's socket. It costs a socket, a watcher and one small
+object — no greenlet (whose saved stack made up most of ~10 KiB per session). A session
+through the tunnel keeps a greenlet reading its channel, whose ``recv`` blocks cooperatively.
+The listener's receive loop stays a greenlet: sending into a tunnel channel may wait.
 """
 from __future__ import annotations
 
+import _socket
 import logging
 import socket
 import time
 from collections import OrderedDict
+from typing import Any
 
 import gevent
 
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import DatagramChannel, Dialer
+from edgemesh.proxy.dialer import DatagramChannel, Dialer, UDPChannel
 from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics, tasks
+from edgemesh.runtime.logs import Once
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65535
 OPENING_QUEUE = 16  # datagrams a new client may send while its session is being opened
 MAX_OPENING = 256  # sessions being opened at once per service port (dials through the tunnel)
+REPLY_BATCH = 16  # replies a local session forwards per wake-up before yielding to the loop
+READ = 1
+_once = Once()
 SESSIONS = metrics.gauge("edgemesh_proxy_udp_sessions", "Active UDP sessions, by service port.",
                          ["service"])
 DATAGRAMS = metrics.counter("edgemesh_proxy_udp_datagrams_total",
@@ -37,10 +50,80 @@ DATAGRAMS = metrics.counter("edgemesh_proxy_udp_datagrams_total",
 UDP_FAILURES = metrics.counter("edgemesh_proxy_udp_session_failures_total",
                                "UDP sessions that could not open or were refused.", ["service"])
 DROPPED = metrics.counter("edgemesh_proxy_udp_dropped_total",
-                          "Datagrams dropped: no endpoint could be opened.", ["service"])
+                          "Datagrams dropped: no endpoint could be opened, a queue or a "
+                          "socket buffer was full.", ["service"])
+CALLBACK_ERRORS = metrics.counter("edgemesh_proxy_udp_callback_errors_total",
+                                  "Unexpected errors in the UDP reply callbacks (bugs).")
+
+
+class LocalSession:
+    """A session to a local endpoint: a connected non-blocking UDP socket whose replies are
+    forwarded by an io watcher callback (see the module docstring)."""
+    __slots__ = ("listener", "client", "backend", "sock", "last", "watcher")
+
+    def __init__(self, listener: UDPListener, client: tuple[str, int], backend: Backend,
+                 sock: _socket.socket) -> None:
+        self.listener = listener
+        self.client = client
+        self.backend = backend
+        self.sock = sock
+        self.last = time.monotonic()
+        self.watcher: Any = listener.loop.io(sock.fileno(), READ)
+        self.watcher.start(self.on_readable)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except BlockingIOError:  # its socket buffer is full: dropped, as the network would
+            DROPPED.labels(self.listener.name).inc()
+        except OSError as e:  # ECONNREFUSED: an earlier datagram met a closed port
+            raise UnavailableError(f"udp send: {e.strerror}") from e
+
+    def on_readable(self) -> None:
+        listener = self.listener
+        sent = 0
+        try:
+            recv, sendto, client = self.sock.recv, listener.sendto, self.client
+            for _ in range(REPLY_BATCH):
+                try:
+                    data = recv(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                try:
+                    sendto(data, client)
+                except BlockingIOError:
+                    DROPPED.labels(listener.name).inc()
+                    continue
+                except OSError as e:  # the listener's socket: not the endpoint's refusal
+                    log.debug("udp session %s: %s", client, e)
+                    listener.forget(self)
+                    break
+                sent += 1
+        except ConnectionRefusedError:  # ICMP port unreachable from the endpoint
+            UDP_FAILURES.labels(listener.name).inc()
+            listener.forget(self)
+        except OSError as e:
+            log.debug("udp session %s: %s", self.client, e)
+            listener.forget(self)
+        except Exception:
+            CALLBACK_ERRORS.inc()
+            if _once(("udp-callback", listener.name)):
+                log.exception("udp %s: reply callback failed", listener.name)
+            listener.forget(self)
+        if sent:
+            listener.down.value += sent
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()  # and drops its callback: no session <-> watcher cycle remains
+            watcher.close()
+        self.sock.close()
 
 
 class Session:
+    """A session through the tunnel: a greenlet reads its channel's replies."""
     __slots__ = ("listener", "client", "backend", "channel", "last", "reader")
 
     def __init__(self, listener: UDPListener, client: tuple[str, int], backend: Backend,
@@ -51,6 +134,9 @@ class Session:
         self.channel = channel
         self.last = time.monotonic()
         self.reader = tasks.spawn("proxy-udp-session", self._replies)
+
+    def send(self, data: bytes) -> None:
+        self.channel.send(data)
 
     def _replies(self) -> None:
         listener = self.listener
@@ -89,7 +175,11 @@ class UDPListener:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.bind((ip, port))
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
-        self.sessions: OrderedDict[tuple[str, int], Session] = OrderedDict()
+        # callbacks run in the hub and must never wait: they send on the raw (non-blocking)
+        # socket under gevent's wrapper
+        self.sendto = self.sock._sock.sendto  # type: ignore[attr-defined]
+        self.loop = gevent.get_hub().loop
+        self.sessions: OrderedDict[tuple[str, int], AnySession] = OrderedDict()
         # A new client's session is opened in a greenlet of its own: a dial through the tunnel
         # to an unreachable node may take seconds and must not stall the service's other
         # clients. Datagrams that arrive meanwhile wait here, boundedly, in order.
@@ -144,20 +234,20 @@ class UDPListener:
         for data in waiting:
             self._forward(session, data)
 
-    def _forward(self, session: "Session", data: bytes) -> None:
+    def _forward(self, session: AnySession, data: bytes) -> None:
         if self.sessions.get(session.client) is not session:
             DROPPED.labels(self.name).inc()  # evicted or failed while its queue was flushed
             return
         session.last = time.monotonic()
         self.sessions.move_to_end(session.client)
         try:
-            session.channel.send(data)
+            session.send(data)
             self.up.value += 1
         except UnavailableError:
             UDP_FAILURES.labels(self.name).inc()
             self.forget(session)
 
-    def _open(self, client: tuple[str, int]) -> Session | None:
+    def _open(self, client: tuple[str, int]) -> AnySession | None:
         key = client[0] if self.balancer.wants_client_ip else None
         tried: list[Backend] = []
         while len(tried) < 3:
@@ -173,11 +263,22 @@ class UDPListener:
                 continue
             while len(self.sessions) >= self.max_sessions:
                 self.forget(next(iter(self.sessions.values())))
-            session = self.sessions[client] = Session(self, client, backend, channel)
+            session = self._session(client, backend, channel)
+            self.sessions[client] = session
             return session
         return None
 
-    def forget(self, session: Session) -> None:
+    def _session(self, client: tuple[str, int], backend: Backend,
+                 channel: DatagramChannel) -> AnySession:
+        if isinstance(channel, UDPChannel):
+            # the dialer's connected socket, without gevent's wrapper (and its two watchers)
+            family = channel.sock.family
+            sock = _socket.socket(family, _socket.SOCK_DGRAM, 0, channel.sock.detach())
+            sock.setblocking(False)
+            return LocalSession(self, client, backend, sock)
+        return Session(self, client, backend, channel)
+
+    def forget(self, session: AnySession) -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
             self.balancer.release(session.backend)
@@ -196,3 +297,5 @@ class UDPListener:
         self.sock.close()
         SESSIONS.remove(self.name)
 
+
+AnySession = LocalSession | Session
