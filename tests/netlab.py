@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,24 @@ def can_run() -> str:
         if shutil.which(tool) is None:
             return f"needs {tool}"
     return ""
+
+
+ANSWER_SCRIPT = """while IFS= read -r line; do
+  [ "$(printf %s "$line" | tr -d '\\r')" ] || break
+done
+printf '%s\\n' "$ANSWER"
+"""
+_answer_path: list[str] = []
+
+
+def _answer_script() -> str:
+    """The shell script ``Netns.answer_server`` runs, written once per test process."""
+    if not _answer_path:
+        fd, path = tempfile.mkstemp(prefix="edgemesh-answer-", suffix=".sh")
+        with os.fdopen(fd, "w") as f:
+            f.write(ANSWER_SCRIPT)
+        _answer_path.append(path)
+    return _answer_path[0]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30,
@@ -64,6 +83,14 @@ class Netns:
 
     def sysctl(self, key: str, value: str) -> None:
         self.run("sysctl", "-qw", f"{key}={value}")
+
+    def answer_server(self, listen: str, text: str) -> subprocess.Popen[bytes]:
+        """socat on ``listen`` (a socat listen address, e.g. ``TCP-LISTEN:80,bind=1.2.3.4``)
+        answering every connection with one line, ``text``, after reading the client's request
+        head up to its blank line: closing with the request unread would send an RST that can
+        overtake the answer (curl: "empty reply from server")."""
+        return self.popen(["socat", f"{listen},reuseaddr,fork", f"SYSTEM:sh {_answer_script()}"],
+                          env={**os.environ, "ANSWER": text})  # socat splits at ':' and ','
 
     def wait_listening(self, *addrs: str, timeout: float = 20) -> None:
         """Until TCP listeners or bound UDP sockets exist for ``addrs`` ("ip:port",

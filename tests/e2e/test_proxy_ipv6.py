@@ -116,7 +116,8 @@ TCP_COUNT = textwrap.dedent("""
         s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
         s.settimeout(10)
         try:
-            s.connect((ip, 80)); who = s.makefile().readline().strip()
+            s.connect((ip, 80)); s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+            who = s.makefile().readline().strip()
         except OSError as e:
             who = "error: " + str(e)
         counts[who] = counts.get(who, 0) + 1
@@ -146,9 +147,7 @@ class Env:
         for ip in PODS + PODS6:
             listen = f"TCP6-LISTEN:8080,bind=[{ip}]" if ":" in ip else \
                 f"TCP-LISTEN:8080,bind={ip}"
-            # the address comes in the environment: socat would split it at its colons
-            self.node.popen(["socat", f"{listen},reuseaddr,fork", "SYSTEM:echo $POD"],
-                            env={**os.environ, "POD": ip})
+            self.node.answer_server(listen, ip)
             self.node.popen(["python3", "-c", UDP_ECHO, ip])
         # the pods must listen before the first test, or the proxy finds every endpoint
         # refusing (and says so with an empty answer): seen on a loaded machine

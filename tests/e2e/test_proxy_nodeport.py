@@ -103,8 +103,7 @@ class Env:
         self.node.popen(["python3", "-m", "http.server", "8000", "--bind", POD,
                          "--directory", www])
         self.node.popen(["python3", "-c", UDP_ECHO, POD])
-        self.node.popen(["socat", f"TCP-LISTEN:30080,bind={OTHER_NODE_IP},reuseaddr,fork",
-                         "SYSTEM:echo not intercepted"])
+        self.node.answer_server(f"TCP-LISTEN:30080,bind={OTHER_NODE_IP}", "not intercepted")
         # listening before the first test: a refusing endpoint would fail it under load
         self.node.wait_listening(f"{POD}:8000", f"{POD}:7007", f"{OTHER_NODE_IP}:30080")
         self.tmp = tmp

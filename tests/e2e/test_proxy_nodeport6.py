@@ -101,13 +101,10 @@ class Env:
         for ip in (POD, POD6):
             listen = f"TCP6-LISTEN:8080,bind=[{ip}]" if ":" in ip else \
                 f"TCP-LISTEN:8080,bind={ip}"
-            # the address comes in the environment: socat would split it at its colons
-            self.node.popen(["socat", f"{listen},reuseaddr,fork",
-                             "SYSTEM:read -r l; echo $POD"], env={**os.environ, "POD": ip})
+            self.node.answer_server(listen, ip)
             self.node.popen(["python3", "-c", UDP_ECHO, ip])
         for ip, port in ((OTHER_NODE_IP6, 30080), (NODE_IP6, 30040)):
-            self.node.popen(["socat", f"TCP6-LISTEN:{port},bind=[{ip}],reuseaddr,fork",
-                             "SYSTEM:read -r l; echo not intercepted"])
+            self.node.answer_server(f"TCP6-LISTEN:{port},bind=[{ip}]", "not intercepted")
         # listening before the first test: a refusing endpoint would fail it under load
         self.node.wait_listening(f"{POD}:8080", f"{POD}:7007", f"[{POD6}]:8080",
                                  f"[{POD6}]:7007", f"[{OTHER_NODE_IP6}]:30080",
