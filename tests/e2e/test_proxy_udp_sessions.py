@@ -20,8 +20,18 @@ from edgemesh.runtime import metrics
 BURST = 3 * REPLY_BATCH + 1
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _sockets_to(port: int) -> int:
+    """Our open UDP sockets connected to 127.0.0.1:``port`` (the sessions' sockets)."""
+    with open("/proc/self/net/udp", encoding="ascii") as f:
+        inodes = {fields[9] for fields in (line.split() for line in list(f)[1:])
+                  if fields[2] == f"0100007F:{port:04X}"}
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    return sum(f"socket:[{inode}]" in ours for inode in inodes)
 
 
 def _sample(name: str, service: str, extra: str = "") -> float:
@@ -61,11 +71,11 @@ def test_many_clients_get_their_own_replies_and_expired_sessions_close_sockets()
                       [Backend("127.0.0.1", srv.getsockname()[1])], idle_timeout=60,
                       max_sessions=100)
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
+    port = srv.getsockname()[1]
     try:
         for c in clients:
             c.settimeout(5)
             c.connect(lst.address)
-        base = _fds()
         up0 = _sample("edgemesh_proxy_udp_datagrams_total", name, ',direction="upstream"')
         down0 = _sample("edgemesh_proxy_udp_datagrams_total", name, ',direction="downstream"')
         for i, c in enumerate(clients):  # all sent before any reply is read
@@ -73,7 +83,7 @@ def test_many_clients_get_their_own_replies_and_expired_sessions_close_sockets()
         for i, c in enumerate(clients):
             assert c.recv(100) == b"client %d" % i
         assert _sample("edgemesh_proxy_udp_sessions", name) == len(clients)
-        assert _fds() - base == len(clients)  # one socket per session, nothing else
+        assert _sockets_to(port) == len(clients)  # one socket per session
         clients[0].send(b"burst")  # more replies than one wake-up forwards
         assert [clients[0].recv(100) for _ in range(BURST)] == [b"burst %d" % i
                                                                   for i in range(BURST)]
@@ -87,14 +97,13 @@ def test_many_clients_get_their_own_replies_and_expired_sessions_close_sockets()
         lst._sweep_once()
         assert len(lst.sessions) == 10
         assert _sample("edgemesh_proxy_udp_sessions", name) == 10
-        assert _fds() - base == 10  # the expired sessions' sockets are closed
+        assert _sockets_to(port) == 10  # the expired sessions' sockets are closed
         assert clients[1].getsockname() not in lst.sessions  # the least recently active
         clients[1].send(b"again")  # a new session starts transparently
         assert clients[1].recv(100) == b"again"
-        assert _fds() - base == 11
+        assert _sockets_to(port) == 11
         lst.close()  # module stop: every session's socket closed
-        gevent.sleep(0)  # gevent closes a socket a greenlet waits on in the next loop turn
-        assert _fds() - base == -1  # and the listener's own
+        assert _sockets_to(port) == 0
     finally:
         for c in clients:
             c.close()
@@ -116,13 +125,12 @@ def test_a_refusing_endpoint_ends_its_session_and_the_listener_keeps_serving() -
     try:
         c.settimeout(5)
         c.connect(lst.address)
-        base = _fds()
         failures = _sample("edgemesh_proxy_udp_session_failures_total", name)
         c.send(b"hello")
         _wait_for(lambda: _sample("edgemesh_proxy_udp_session_failures_total", name)
                   > failures, "the refusal counted")
         assert not lst.sessions
-        assert _fds() == base  # the refused session's socket is closed
+        assert _sockets_to(dead_port) == 0  # the refused session's socket is closed
         lst.update(lst.balancer, [Backend("127.0.0.1", srv.getsockname()[1])])
         c.send(b"still serving")
         assert c.recv(100) == b"still serving"
