@@ -160,12 +160,17 @@ def main() -> None:
                                    "edgemesh0].")
 @click.option("--service-cidr", multiple=True, help="Service IP range (repeatable) "
                                                     "[default: 10.96.0.0/12].")
+@click.option("--nodeport-addresses", multiple=True,
+              help="Local address range (CIDR, repeatable) where NodePorts answer "
+                   "[default: every local address].")
 @click.option("--no-iptables", is_flag=True, default=None,
               help="Run the proxy's listeners without touching iptables.")
 def agent(config_file: str | None, **params: Any) -> None:
     overrides = _overrides(params, {**META_FLAGS, **TUNNEL_FLAGS,
                                     "relay": "modules.edgeTunnel.relay",
-                                    "service_cidr": "modules.edgeProxy.serviceCIDR"})
+                                    "service_cidr": "modules.edgeProxy.serviceCIDR",
+                                    "nodeport_addresses":
+                                        "modules.edgeProxy.nodePortAddresses"})
     if params.get("no_iptables"):
         overrides["modules.edgeProxy.iptables"] = False
     _addr_override("--dns-listen", params.get("dns_listen"), "modules.edgeDNS.listenAddress",

@@ -260,11 +260,13 @@ def test_agent_flags_map_to_config_keys(tmp_path, captured):
                   "--no-iptables", "--service-cidr", "10.0.0.0/16", "--server", "relay:20004",
                   "--relay", "--psk-file", "/psk", "--state-dir", str(tmp_path),
                   "--admin", "127.0.0.1:0", "--log-format", "json", "--master", "http://m:1",
-                  "--kubeconfig", "/kc"])
+                  "--kubeconfig", "/kc", "--nodeport-addresses", "192.168.1.0/24",
+                  "--nodeport-addresses", "fd00:1::/64"])
     m = c.modules
     assert (m.edgeDNS.listenAddress, m.edgeDNS.listenPort) == ("127.0.0.1", 1053)
     assert (m.edgeTunnel.listenAddress, m.edgeTunnel.listenPort) == ("::", 20007)
     assert not m.edgeProxy.iptables and m.edgeProxy.serviceCIDR == ["10.0.0.0/16"]
+    assert m.edgeProxy.nodePortAddresses == ["192.168.1.0/24", "fd00:1::/64"]
     assert m.edgeTunnel.servers == ["relay:20004"] and m.edgeTunnel.relay
     assert m.edgeTunnel.psk.path == "/psk" and c.commonConfig.stateDir == str(tmp_path)
     assert (c.commonConfig.adminAddress, c.commonConfig.logFormat) == ("127.0.0.1:0", "json")
@@ -281,6 +283,7 @@ def test_agent_flags_map_to_config_keys(tmp_path, captured):
     (["--admin", "nonsense"], 'error: commonConfig.adminAddress: expected HOST:PORT'),
     (["--server", "relay"], 'error: modules.edgeTunnel.servers[0]: expected HOST:PORT'),
     (["--service-cidr", "10.0.0.0/99"], "error: modules.edgeProxy.serviceCIDR[0]: expected"),
+    (["--nodeport-addresses", "lan"], "error: modules.edgeProxy.nodePortAddresses[0]: expected"),
     (["-v", "11"], "error: commonConfig.verbosity: expected 0-10, got 11"),
     (["-v", "abc"], "'abc' is not a valid integer"),
     (["--log-format", "xml"], "'xml' is not one of 'text', 'json'"),

@@ -389,13 +389,15 @@ def test_openwrt_uci_options_map_to_real_flags(tmp_path) -> None:
         cfg[f"{section}_state_dir"] = str(tmp_path / section)
     cfg.update(agent_server="relay-a:20004 relay-b:20004", agent_relay="1",
                agent_manifests="/srv/manifests", agent_node_name="router-1",
-               agent_dns_listen="127.0.0.1:1053", server_advertise="203.0.113.7:20004")
+               agent_dns_listen="127.0.0.1:1053", server_advertise="203.0.113.7:20004",
+               agent_nodeport_addresses="192.168.1.0/24 fd00:1::/64")
     commands = procd_commands(cfg)
     assert commands["agent"][0] == "/usr/bin/edgemesh"
     words, flags = parse_args(commands["agent"][1:])
     assert words == ["agent"]
     args = commands["agent"]
     assert args.count("--server") == 2 and "--relay" in args and "--no-iptables" not in args
+    assert args.count("--nodeport-addresses") == 2 and "fd00:1::/64" in args
     assert flags["--node-name"] == "router-1" and flags["--psk-file"] == str(psk)
     # every shipped option (but the booleans) reaches the command line with its value
     for section, options in shipped.items():
