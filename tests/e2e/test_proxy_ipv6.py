@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests import netlab
+from tests.e2e.udp_peers import UDP_CLIENT, UDP_ECHO
 from tests.procs import Proc, edgemesh_argv, wait_ready
 
 pytestmark = pytest.mark.netns
@@ -83,29 +84,6 @@ def page() -> list[dict]:
                 "consistentHash": {"httpHeaderName": "x-user"}}}}}
     return [svc, eps, rule]
 
-
-UDP_ECHO = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET,
-                      socket.SOCK_DGRAM)
-    s.bind((sys.argv[1], 7007))
-    while True:
-        data, peer = s.recvfrom(65535)
-        s.sendto(sys.argv[1].encode() + b" " + data, peer)
-""")
-
-# A connected UDP socket: the kernel drops replies from any other source than (ip, port), so
-# an answer proves conntrack gave the reply the ClusterIP the client sent to.
-UDP_CLIENT = textwrap.dedent("""
-    import socket, sys
-    ip = sys.argv[1]
-    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(5)
-    s.connect((ip, int(sys.argv[2])))
-    for i in range(3):
-        s.send(b"ping %d" % i); print(s.recv(65535).decode())
-    print(s.getpeername()[0])
-""")
 
 # N sequential connections; prints how often each backend identity answered.
 TCP_COUNT = textwrap.dedent("""

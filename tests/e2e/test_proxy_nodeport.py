@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import pytest
 import yaml
 
 from tests import netlab
+from tests.e2e.udp_peers import UDP_CLIENT, UDP_ECHO
 from tests.procs import Proc, wait_ready
 
 pytestmark = pytest.mark.netns
@@ -62,26 +62,6 @@ def manifests() -> list[dict]:
                  externalIPs=[KUBE_EXTERNAL_IP]),
         _slice("kube", 8000, "TCP", "http"),
     ]
-
-
-UDP_ECHO = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((sys.argv[1], 7007))
-    while True:
-        data, peer = s.recvfrom(65535)
-        s.sendto(b"echo " + data, peer)
-""")
-
-# A connected UDP socket: the kernel drops replies from any other source than (ip, port), so
-# an answer proves conntrack gave the reply the address the client sent to.
-UDP_CLIENT = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    for i in range(3):
-        s.send(b"ping %d" % i); print(s.recv(65535).decode())
-""")
 
 
 class Env:
@@ -184,7 +164,7 @@ def test_tcp_external_and_load_balancer_ips_routed_to_the_node(env: Env) -> None
 
 
 def test_udp_replies_come_from_the_address_the_client_sent_to(env: Env) -> None:
-    expected = ["echo ping 0", "echo ping 1", "echo ping 2"]
+    expected = [f"{POD} ping {i}" for i in range(3)]
     assert env.udp(env.client, NODE_IP, 30007)[:3] == expected
     assert env.udp(env.client, EXTERNAL_IP, 7)[:3] == expected
     assert env.udp(env.node, NODE_IP, 30007)[:3] == expected
@@ -207,7 +187,7 @@ def test_host_firewall_dropping_input_still_lets_intercepted_traffic_in(env: Env
     try:
         assert env.curl(env.client, f"http://{NODE_IP}:30080/") == (0, "hello from web")
         assert env.curl(env.client, f"http://{EXTERNAL_IP}/") == (0, "hello from web")
-        assert env.udp(env.client, NODE_IP, 30007)[:1] == ["echo ping 0"]
+        assert env.udp(env.client, NODE_IP, 30007)[:1] == [f"{POD} ping 0"]
         # the firewall is real: a plain local server is not reachable (curl times out)
         assert env.curl(env.client, f"http://{OTHER_NODE_IP}:30080/", max_time=1.5)[0] == 28
     finally:
@@ -224,8 +204,7 @@ def test_no_node_port_addresses_means_every_local_address(env: Env) -> None:
             assert env.curl(ns, f"http://{ip}:30080/") == (0, "hello from web")
     # loopback too, for clients on the node (the listener is local: no route_localnet needed)
     assert env.curl(env.node, "http://127.0.0.1:30080/") == (0, "hello from web")
-    assert env.udp(env.node, "127.0.0.1", 30007)[:3] == ["echo ping 0", "echo ping 1",
-                                                          "echo ping 2"]
+    assert env.udp(env.node, "127.0.0.1", 30007)[:3] == [f"{POD} ping {i}" for i in range(3)]
 
 
 def test_rules_vanish_on_exit(env: Env) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import pytest
 import yaml
 
 from tests import netlab
+from tests.e2e.udp_peers import UDP_CLIENT, UDP_ECHO
 from tests.procs import Proc, wait_ready
 
 pytestmark = pytest.mark.netns
@@ -60,27 +60,6 @@ def manifests() -> list[dict]:
         _service("v4", ["10.96.0.40"], "NodePort", {**web, "nodePort": 30040}),
         _slice("v4", POD, 8080, "TCP"),  # IPv4 only
     ]
-
-
-UDP_ECHO = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET,
-                      socket.SOCK_DGRAM)
-    s.bind((sys.argv[1], 7007))
-    while True:
-        data, peer = s.recvfrom(65535)
-        s.sendto(sys.argv[1].encode() + b" " + data, peer)
-""")
-
-# A connected UDP socket: the kernel drops replies from any other source than (ip, port), so
-# an answer proves conntrack gave the reply the node address and nodePort the client sent to.
-UDP_CLIENT = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(5)
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    for i in range(3):
-        s.send(b"ping %d" % i); print(s.recv(65535).decode())
-""")
 
 
 class Env:
