@@ -145,8 +145,9 @@ def test_agent_serves_examples_and_stops_on_sigterm(binary: str, tmp_path,
 
 def test_agent_with_every_module_starts(binary: str, tmp_path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """DNS, proxy (no iptables) and tunnel on loopback: their imports (cryptography's Rust
-    module, dnslib...) must all be in the binary, not only what ``version`` needs."""
+    """DNS, proxy (no iptables) and tunnel on loopback start from the binary, not only what
+    ``version`` needs. (cryptography loads at the first handshake and dnslib at the first
+    answer: the relay and DNS smoke tests run those against the binary.)"""
     from edgemesh.agent import MODULES
     psk = tmp_path / "psk"
     psk.write_text(os.urandom(24).hex())

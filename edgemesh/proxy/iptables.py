@@ -269,7 +269,7 @@ def remove_from(binary: str) -> None:
 
 def of_family(cidrs: Sequence[str], family: int) -> list[str]:
     """The ranges among ``cidrs`` of IP version ``family``."""
-    return [c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family]
+    return [c for c in cidrs if _network(c).version == family]
 
 
 def ensure_routes(cidrs: list[str], device: str) -> None:

@@ -330,15 +330,7 @@ class ProxyModule:
             if key.family == 6:
                 portals6 += self._ipv6_portals(key, svc, port)
                 continue
-            listener = self._listener_for(key, svc, port)
-            to_ip, to_port = listener.address[:2]
-            mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
-                    for ip in service_ips(svc)]
-            node_port = node_port_of(svc, port)
-            if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, 4):
-                mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
-            self.addresses[key] = [f"{p.ip or 'node'}:{p.port}" for p in mine]
-            portals += mine
+            portals += self._portals(key, svc, port, self._listener_for(key, svc, port))
         self.addresses = {k: v for k, v in self.addresses.items() if k in want}
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if self.rules is not None:
@@ -354,13 +346,21 @@ class ProxyModule:
             self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
             self.addresses.pop(key, None)
             return []
+        return self._portals(key, svc, port, listener)
+
+    def _portals(self, key: PortKey, svc: Service, port: ServicePort,
+                 listener: Any) -> list[Portal]:
+        """The DNATs leading to ``listener``: the port's service addresses of the key's family
+        and, where enabled, its nodePort; ``/debug/proxy`` lists them as ``addresses``."""
         to_ip, to_port = listener.address[:2]
-        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key))
-                for ip in service_ips6(svc)]
+        ips = service_ips6(svc) if key.family == 6 else service_ips(svc)
+        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key)) for ip in ips]
         node_port = node_port_of(svc, port)
-        if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, 6):
+        if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
             mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
-        self.addresses[key] = [f"[{p.ip}]:{p.port}" if p.ip else f"node:{p.port}" for p in mine]
+        self.addresses[key] = [f"node:{p.port}" if p.ip == NODE else
+                               f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}"
+                               for p in mine]
         return mine
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
