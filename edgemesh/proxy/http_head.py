@@ -56,11 +56,17 @@ class Framing(enum.Enum):
 
 
 class HeadError(RemoteProtocolError):
-    """A malformed or oversized head; ``hint`` is the status to answer a client with."""
+    """A malformed or oversized message; ``hint`` is the status to answer a client with.
 
-    def __init__(self, message: str, hint: int = 400) -> None:
+    ``cause`` is a short snake_case slug naming what was wrong (``bad_chunk_size``,
+    ``te_on_http10``, ...): the label metrics count rejections by, so it must stay a small
+    fixed set, never text taken from the message.
+    """
+
+    def __init__(self, message: str, hint: int = 400, cause: str = "malformed") -> None:
         super().__init__(message, hint)
         self.status = hint
+        self.cause = cause
 
 
 @dataclass(frozen=True)
