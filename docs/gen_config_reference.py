@@ -7,6 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edgemesh.config import reference_rows  # noqa: E402
+from edgemesh.config_go import reference_rows as go_rows  # noqa: E402
 
 HEADER = """# Configuration reference
 
@@ -20,9 +21,25 @@ overrides these defaults; `NODE_NAME` overrides `nodeName` from the file.
 """
 
 
+GO_HEADER = """
+## Moving from the Go EdgeMesh
+
+Every key of the Go EdgeMesh's config (kubeedge/edgemesh v1.12 to v1.17) loads; this table,
+generated from `edgemesh/config_go.py`, says what each becomes. Keys are matched in any case,
+as Go did (`Mode`, `NodeName`; a key of ours in another case loads with a warning naming its
+spelling). An ignored key gives one warning at start, and `edgemesh config validate` prints
+the same warnings and exits 0; a key nobody ever had still exits 2. `[]` marks the items of a
+list. See [migration-from-go.md](migration-from-go.md) for the whole move.
+
+| Go key | here |
+|---|---|
+"""
+
+
 def render() -> str:
     rows = [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in reference_rows()]
-    return HEADER + "\n".join(rows) + "\n"
+    go = [f"| `{key}` | {fate} |" for key, fate in go_rows()]
+    return HEADER + "\n".join(rows) + "\n" + GO_HEADER + "\n".join(go) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ flags. Exit codes: 0 success, 2 bad usage or config (naming the key or flag), 1 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,16 +40,36 @@ def _fail(problems: list[str]) -> None:
     sys.exit(2)
 
 
+# Where the Go EdgeMesh reads its config when no --config-file is given (its ConfigMap mount).
+GO_DEFAULT_CONFIG = {"EdgeMeshAgent": "/etc/edgemesh/config/edgemesh-agent.yaml",
+                     "EdgeMeshGateway": "/etc/edgemesh/config/edgemesh-gateway.yaml"}
+
+
+def default_config_file(kind: str, exists: Callable[[str], bool] = os.path.exists
+                        ) -> str | None:
+    """The Go EdgeMesh's default path for ``kind`` when that file exists, else None."""
+    path = GO_DEFAULT_CONFIG.get(kind)
+    return path if path and exists(path) else None
+
+
 def _load(config_file: str | None, overrides: dict[str, Any], kind: str) -> Any:
+    """The config with flags applied; its warnings are logged once logging is set up."""
     from edgemesh import config as cfg
     from edgemesh.errors import ConfigError
+    warnings: list[str] = []
     try:
-        config = cfg.load(config_file)
+        config = cfg.load(config_file, warnings)
         if config_file is None or config.kind == "EdgeMeshAgent":
             config.kind = kind
-        return cfg.apply_overrides(config, overrides)
+        config = cfg.apply_overrides(config, overrides)
     except ConfigError as e:
         _fail(e.problems)
+    _setup_logging(config)
+    log = logging.getLogger("edgemesh.config")
+    log.info("config from %s", config_file or "defaults and flags (no config file)")
+    for w in warnings:
+        log.warning("config %s", w)
+    return config
 
 
 def _run(run: Callable[..., int], *args: Any, **kwargs: Any) -> int:
@@ -75,8 +97,10 @@ def _addr_override(flag: str, value: str | None, host_key: str, port_key: str,
 def meta_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by agent and gateway: config, identity, metadata, admin, logging."""
     options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="YAML config file (see `edgemesh config default`)."),
+        click.option("--config", "--config-file", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML config file (see `edgemesh config default`) [default: the "
+                          "Go EdgeMesh's /etc/edgemesh/config/edgemesh-agent.yaml or "
+                          "edgemesh-gateway.yaml when present]."),
         click.option("--node-name", help="This node's name [default: $NODE_NAME, then the "
                                          "hostname]."),
         click.option("--manifests", multiple=True, type=click.Path(file_okay=False),
@@ -177,8 +201,8 @@ def agent(config_file: str | None, **params: Any) -> None:
                    "modules.edgeDNS.listenPort", overrides)
     _addr_override("--tunnel-listen", params.get("tunnel_listen"),
                    "modules.edgeTunnel.listenAddress", "modules.edgeTunnel.listenPort", overrides)
-    config = _load(config_file, overrides, "EdgeMeshAgent")
-    _setup_logging(config)
+    config = _load(config_file or default_config_file("EdgeMeshAgent"), overrides,
+                   "EdgeMeshAgent")
     from edgemesh import agent as agent_mod
     sys.exit(_run(agent_mod.run, config, role="agent"))
 
@@ -208,7 +232,6 @@ def server(config_file: str | None, **params: Any) -> None:
                                     "log_format": "commonConfig.logFormat",
                                     "verbosity": "commonConfig.verbosity"})
     config = _load(config_file, overrides, "EdgeMeshServer")
-    _setup_logging(config)
     from edgemesh.server import main as server_main
     sys.exit(_run(server_main.run, config))
 
@@ -240,8 +263,12 @@ def gateway(config_file: str | None, **params: Any) -> None:
                    "modules.edgeTunnel.listenAddress", "modules.edgeTunnel.listenPort", overrides)
     overrides.update({"modules.edgeGateway.enable": True, "modules.edgeDNS.enable": False,
                       "modules.edgeProxy.enable": False})
-    config = _load(config_file, overrides, "EdgeMeshGateway")
-    _setup_logging(config)
+    config = _load(config_file or default_config_file("EdgeMeshGateway"), overrides,
+                   "EdgeMeshGateway")
+    from edgemesh.config import LoadBalancer
+    if config.modules.edgeGateway.loadBalancer != LoadBalancer():
+        # the gateway's balancers read edgeProxy.loadBalancer (earlier releases documented it)
+        config.modules.edgeProxy.loadBalancer = config.modules.edgeGateway.loadBalancer
     from edgemesh import agent as agent_mod
     sys.exit(_run(agent_mod.run, config, role="gateway"))
 
@@ -266,24 +293,28 @@ def config_default() -> None:
     click.echo(render_default(), nl=False)
 
 
-@config.command("validate", help="Check FILE; list every problem with its key path (exit 2), "
-                                 "or say it is valid.")
+@config.command("validate", help="Check FILE (a config, or a ConfigMap holding one); list "
+                                 "every problem with its key path (exit 2), or say it is valid, "
+                                 "after a warning for each Go EdgeMesh key it ignores.")
 @click.argument("file", type=click.Path(dir_okay=False))
 def config_validate(file: str) -> None:
     from edgemesh import config as cfg
     from edgemesh.errors import ConfigError
+    warnings: list[str] = []
     try:
-        cfg.load(file)
+        cfg.load(file, warnings)
     except ConfigError as e:
         _fail(e.problems)
-    click.echo(f"{file}: valid")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"{file}: valid" + (f" ({len(warnings)} warnings)" if warnings else ""))
 
 
 @main.command(help="Remove every iptables rule and network device the agent made.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="The agent's config (for device and address names).")
 def cleanup(config_file: str | None) -> None:
-    config = _load(config_file, {}, "EdgeMeshAgent")
+    config = _load(config_file or default_config_file("EdgeMeshAgent"), {}, "EdgeMeshAgent")
     from edgemesh import cleanup as cleanup_mod
     sys.exit(cleanup_mod.run(config))
 

@@ -205,6 +205,9 @@ class CacheDNS:
     cacheSize: int = opt(10000, "Maximum cached upstream answers.", positive)
     maxOutstanding: int = opt(1000, "Maximum upstream queries in flight.", positive)
     upstreamTimeout: float = opt(1.0, "Seconds before an upstream query fails.", positive)
+    cacheTTL: int = opt(0, "Most seconds an upstream answer stays cached (the Go EdgeMesh's "
+                           "cacheTTL); 0: the answer's own TTL (at most a day).",
+                        lambda v: None if v >= 0 else f"expected >= 0, got {shown(v)}")
 
 
 @dataclass
@@ -270,9 +273,31 @@ class EdgeProxy:
     loadBalancer: LoadBalancer = section(LoadBalancer, "Load balancing.")
 
 
+def psk_required(v: bool) -> str | None:
+    return None if v else ("false is refused: this tunnel never runs unauthenticated (every "
+                           "peer proves the cluster PSK); remove the key and give the PSK file "
+                           "in modules.edgeTunnel.psk.path")
+
+
+def relay_address(v: str) -> str | None:
+    """An IP address, a DNS host name, or either as HOST:PORT (a relay's advertised address)."""
+    if v and not any(c.isspace() for c in v) and dns_name(v) is None:
+        return None
+    return f"expected an IP address or host name, got {shown(v)}"
+
+
+@dataclass
+class RelayNode:
+    nodeName: str = opt("", "Name of a node that relays for the others.")
+    advertiseAddress: list[str] = opt([], "Its addresses (IP or host name; the tunnel port is "
+                                          "listenPort unless given as HOST:PORT).",
+                                      each(relay_address))
+
+
 @dataclass
 class PSK:
-    enable: bool = opt(True, "Require the cluster pre-shared key from every peer.")
+    enable: bool = opt(True, "Must be true: every peer proves the cluster pre-shared key "
+                             "(false, as the Go EdgeMesh allowed, is refused).", psk_required)
     path: str = opt("/etc/edgemesh/psk", "File holding the pre-shared key.")
 
 
@@ -286,6 +311,11 @@ class EdgeTunnel:
     holePunching: bool = opt(True, "Try TCP hole punching, coordinated by a server, before "
                                    "relaying a peer behind another NAT.")
     advertiseAddresses: list[str] = opt([], "Extra addresses peers may use to reach this node.")
+    relayNodes: list[RelayNode] = opt([], "The Go EdgeMesh's relay list ({nodeName, "
+                                      "advertiseAddress}): the listed node relays (as relay: "
+                                      "true) and advertises those addresses; every other node "
+                                      "uses each listed relay's addresses as servers.",
+                                      factory=True)
     psk: PSK = section(PSK, "Cluster membership key.")
     maxStreamsPerPeer: int = opt(1024, "Streams a peer may open to us at once.", positive)
     relayBytesPerSecond: int = opt(50_000_000, "Per-peer relay bandwidth limit.", positive)
@@ -321,6 +351,10 @@ class EdgeGateway:
                                         "may stay idle.", positive)
     interfaceResync: float = opt(10.0, "Seconds between re-reads of the interfaces' "
                                        "addresses.", positive)
+    loadBalancer: LoadBalancer = section(LoadBalancer, "The gateway's load balancing (the Go "
+                                         "EdgeMesh's edgeGateway.loadBalancer); when left at "
+                                         "its defaults the gateway uses "
+                                         "modules.edgeProxy.loadBalancer.")
 
 
 @dataclass
@@ -435,31 +469,95 @@ def _at(path: str, problem: str) -> str:
     return f"{path}{problem}" if problem.startswith("[") else f"{path}: {problem}"
 
 
-def from_mapping(data: Any) -> Config:
-    """Build a Config from parsed YAML; raises ConfigError listing every problem."""
+def from_mapping(data: Any, warnings: list[str] | None = None) -> Config:
+    """Build a Config from parsed YAML; raises ConfigError listing every problem.
+
+    Go EdgeMesh keys are applied first (``edgemesh.config_go``); what they say is appended to
+    ``warnings`` when given.
+    """
+    from edgemesh import config_go
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping, got {type(data).__name__}"])
-    problems: list[str] = []
+    data, said = config_go.translate(data, Config)
+    problems = list(said.problems)
     config = _build(Config, data, "", problems)
     if problems:
         raise ConfigError(problems)
+    if warnings is not None:
+        warnings.extend(said.warnings)
     return typing.cast(Config, config)
 
 
-def load(path: str | None) -> Config:
-    """Defaults, overlaid with the YAML file at ``path`` when given."""
+def load(path: str | None, warnings: list[str] | None = None) -> Config:
+    """Defaults, overlaid with the YAML file at ``path`` when given (see ``from_mapping``)."""
     if not path:
         return Config()
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+        data = _config_document(docs, path)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
-    return from_mapping(data)
+    return from_mapping(data, warnings)
+
+
+def _config_document(docs: list[Any], path: str) -> Any:
+    """The config in a file: its one document, or the config file held by a ConfigMap in it
+    (``kubectl get configmap edgemesh-agent-cfg -o yaml`` output, the Go EdgeMesh's build/)."""
+    held = [(name, text) for d in docs if isinstance(d, dict) and d.get("kind") == "ConfigMap"
+            and isinstance(d.get("data"), dict)
+            for name, text in d["data"].items()
+            if str(name).endswith((".yaml", ".yml")) and isinstance(text, str)]
+    if len(held) == 1:
+        return yaml.safe_load(held[0][1])
+    if len(held) > 1:
+        raise ConfigError([f"{path}: its ConfigMaps hold {len(held)} config files "
+                           f"({', '.join(n for n, _ in held)}); give one"])
+    if len(docs) > 1:
+        raise ConfigError([f"{path}: expected one YAML document, found {len(docs)}"])
+    return docs[0] if docs else None
+
+
+def relay_plan(tunnel: EdgeTunnel, node_name: str, may_relay: bool = True
+               ) -> tuple[bool, list[str], list[str]]:
+    """``(relay, servers, advertiseAddresses)`` for ``node_name`` with ``relayNodes`` applied.
+
+    As in the Go EdgeMesh: a node listed in ``relayNodes`` relays (agents only: ``may_relay``)
+    and advertises its listed addresses; every other listed relay's addresses become tunnel
+    servers, at ``listenPort`` unless an address gives its own port.
+    """
+    relay, servers = tunnel.relay, list(tunnel.servers)
+    advertise = list(tunnel.advertiseAddresses)
+    for node in tunnel.relayNodes:
+        if node.nodeName == node_name and may_relay:
+            relay = True
+            advertise.extend(split_host_port(a)[0] if _has_port(a) else a
+                             for a in node.advertiseAddress)
+        elif node.nodeName != node_name:
+            servers.extend(a if _has_port(a) else _join_host_port(a, tunnel.listenPort)
+                           for a in node.advertiseAddress)
+    return relay, list(dict.fromkeys(servers)), list(dict.fromkeys(advertise))
+
+
+def _has_port(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return False  # a bare IPv6 address has colons but no port
+    except ValueError:
+        pass
+    try:
+        split_host_port(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_host_port(host: str, number: int) -> str:
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
 
 
 def set_path(config: Any, path: str, value: Any) -> None:

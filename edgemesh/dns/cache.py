@@ -78,9 +78,10 @@ def cache_ttl(packet: bytes) -> int:
 class AnswerCache:
     """A bounded map of upstream answers; the oldest entry goes first when it is full."""
 
-    def __init__(self, size: int, stale_for: float = 86400.0) -> None:
+    def __init__(self, size: int, stale_for: float = 86400.0, max_ttl: int = 0) -> None:
         self.size = size
         self.stale_for = stale_for
+        self.max_ttl = max_ttl  # 0: each answer's own TTL (cacheDNS.cacheTTL)
         self._entries: dict[Hashable, CachedAnswer] = {}
 
     def __len__(self) -> int:
@@ -90,6 +91,8 @@ class AnswerCache:
         """Store an upstream answer (any ID); None if it must not be cached."""
         try:
             ttl = cache_ttl(packet)
+            if self.max_ttl:
+                ttl = min(ttl, self.max_ttl)
             ttls = tuple((r.ttl_offset, r.ttl) for r in wire.records(packet)
                          if r.rtype != wire.T_OPT)
         except wire.FormatError:

@@ -40,7 +40,8 @@ class DNSModule:
         self.host = self.cfg.listenAddress or ctx.config.commonConfig.bridgeDeviceIP
         self.serial = int(time.time())
         cache_cfg = self.cfg.cacheDNS
-        cache = AnswerCache(cache_cfg.cacheSize) if cache_cfg.enable else None
+        cache = AnswerCache(cache_cfg.cacheSize, max_ttl=cache_cfg.cacheTTL) \
+            if cache_cfg.enable else None
         self.answerer = Answerer(self._zone_data, cache, exact_size=cache_cfg.cacheSize)
         self.policy = ClientPolicy(self.cfg.allowedClients)
         self.forwarder = Forwarder(self._upstreams(), cache_cfg.upstreamTimeout,

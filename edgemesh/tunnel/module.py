@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgemesh.agent import Context
+from edgemesh.config import relay_plan
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.tunnel import frames as fr
@@ -55,10 +56,15 @@ class TunnelModule:
         psk = identity.load_psk(cfg.psk.path, cfg.psk.enable)
         self.node = TunnelNode(ctx.node_name, "agent", ctx.state_dir, psk, "peers.json")
         self.policy = LocalEndpoints(ctx.store, ctx.node_name)
+        relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role == "agent")
+        if cfg.relayNodes:
+            log.info("relayNodes: %s; servers %s", "this node relays, advertising "
+                     f"{', '.join(advertise) or 'its own addresses'}" if relay and not cfg.relay
+                     else "this node does not relay", ", ".join(servers) or "none")
         self.relay = RelayCore(cfg.relayBytesPerSecond, cfg.relayMaxCircuits) \
-            if cfg.relay else None
-        self.peers = Peers(self.node, ctx.store, list(cfg.servers), cfg.listenPort,
-                           list(cfg.advertiseAddresses), self._make_session)
+            if relay else None
+        self.peers = Peers(self.node, ctx.store, servers, cfg.listenPort, advertise,
+                           self._make_session)
         self.connect_timeout = ctx.config.modules.edgeProxy.connectTimeout
         self.udp_idle = ctx.config.modules.edgeProxy.udpIdleTimeout
         ctx.services["tunnel"] = self
