@@ -59,7 +59,7 @@ class TunnelModule:
         relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role == "agent")
         if cfg.relayNodes:
             log.info("relayNodes: %s; servers %s", "this node relays, advertising "
-                     f"{', '.join(advertise) or 'its own addresses'}" if relay and not cfg.relay
+                     f"{', '.join(advertise) or 'its own addresses'}" if relay
                      else "this node does not relay", ", ".join(servers) or "none")
         self.relay = RelayCore(cfg.relayBytesPerSecond, cfg.relayMaxCircuits) \
             if relay else None
