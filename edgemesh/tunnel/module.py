@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgemesh.agent import Context
-from edgemesh.config import relay_plan
+from edgemesh.config_go import relay_plan
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.tunnel import frames as fr

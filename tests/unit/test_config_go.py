@@ -210,7 +210,7 @@ RELAYS = {"modules": {"edgeTunnel": {"relayNodes": [
 
 def plan(node: str, data: dict = RELAYS, may_relay: bool = True):  # type: ignore[no-untyped-def]
     c, _ = load(data)
-    return cfg.relay_plan(c.modules.edgeTunnel, node, may_relay)
+    return config_go.relay_plan(c.modules.edgeTunnel, node, may_relay)
 
 
 def test_a_listed_agent_relays_and_advertises_its_addresses() -> None:
