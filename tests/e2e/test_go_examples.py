@@ -6,12 +6,16 @@ curl, a TCP and a UDP client, a WebSocket client, and — for the HTTPS gateway 
 
 Topology (one lab for the module):
 
-    client 10.41.0.100 ── lan ── node 10.41.0.2: agent (iptables), Pods on its lo (172.17.0.x)
-                              └─ gw   10.41.0.1: gateway (routes Pod IPs via the node)
+    client 10.41.0.100 ── lan ── node  10.41.0.2: edge agent (iptables), edge Pods on its lo
+                              ├─ cloud 10.41.0.3: cloud agent, Pods the examples keep off
+                              │                   edge nodes (cloudzone.yaml)
+                              └─ gw    10.41.0.1: gateway (Pod IPs routed via the edge node)
+                                                  and the relay server the agents rendezvous at
 
 ``Cluster.apply`` does what a cluster does with ``kubectl apply -f FILE``, never touching the
 files: namespace ``default`` where none is given, a ClusterIP for each Service, the Pods of each
-Deployment (Running, Ready, on node ``node``, downward-API env resolved) and, in the Pod's
+Deployment (Running, Ready, downward-API env resolved; on ``cloud`` when its affinity keeps it
+off ``node-role.kubernetes.io/edge`` nodes, else on the edge ``node``) and, in the Pod's
 place, a stand-in process for its image on the Pod's IP: ``serve_hostname`` answers its Pod
 name over HTTP (or UDP with ``--udp=true``), ``go-echo`` greets with the node, Pod, namespace
 and IP and echoes lines, ``websocket_echo`` echoes messages, ``nginx`` serves its welcome page
@@ -34,12 +38,15 @@ import pytest
 import yaml
 
 from tests import netlab
+from tests.e2e import meshlab
 from tests.procs import ROOT, Proc, wait_ready
 
 pytestmark = pytest.mark.netns
 
-NODE, GW, CLIENT = "10.41.0.2", "10.41.0.1", "10.41.0.100"
-ADMIN = "127.0.0.1:10557"  # the agent's in the node namespace, the gateway's in gw
+NODE, CLOUD, GW, CLIENT = "10.41.0.2", "10.41.0.3", "10.41.0.1", "10.41.0.100"
+NODES = {"node": NODE, "cloud": CLOUD}
+ADMIN = "127.0.0.1:10557"  # each agent's in its node's namespace, the gateway's in gw
+SERVER_ADMIN = "127.0.0.1:10558"
 EXAMPLES = os.path.join(ROOT, "tests", "data", "go_edgemesh", "examples")
 PY = sys.executable
 POD_NET = "172.17.0."
@@ -130,19 +137,20 @@ class Cluster:
     """What the API server, the Deployment controller and the kubelet would do with the
     manifests a user applies; see the module docstring."""
 
-    def __init__(self, node: netlab.Netns, mdir: str, tmp: str) -> None:
-        self.node, self.mdir, self.tmp = node, mdir, tmp
+    def __init__(self, hosts: dict[str, netlab.Netns], mdir: str, tmp: str) -> None:
+        self.hosts, self.mdir, self.tmp = hosts, mdir, tmp
         self.cluster_ips: dict[tuple[str, str], str] = {}
         self.next_pod = 2
         self.stand_ins: list[subprocess.Popen[bytes]] = []
         self.pods: dict[str, str] = {}  # pod name → IP, this generation
+        self.addresses: list[tuple[str, str]] = []  # (node, Pod IP) on that node's lo
         self.volumes: dict[str, dict[str, str]] = {}  # secretName → key → file
 
     def apply(self, *docs: dict[str, Any]) -> dict[str, str]:
         """Replace the cluster's state by ``docs`` (plus what the cluster adds); the Pods made,
         name → IP."""
         self.clear()
-        out: list[dict[str, Any]] = []
+        out: list[dict[str, Any]] = meshlab.nodes(NODES)
         for doc in docs:
             doc = json.loads(json.dumps(doc))
             if doc["kind"] != "Namespace":
@@ -168,12 +176,17 @@ class Cluster:
             p.wait()
         self.stand_ins.clear()
         self.pods.clear()
+        for node, ip in self.addresses:
+            self.hosts[node].run("ip", "addr", "del", f"{ip}/32", "dev", "lo")
+        self.addresses.clear()
 
     def _running(self, pod: dict[str, Any], name: str) -> dict[str, Any]:
         ip = f"{POD_NET}{self.next_pod}"
         self.next_pod += 1
         assert self.next_pod < 250
-        pod["spec"]["nodeName"] = "node"
+        node = pod["spec"]["nodeName"] = _schedule(pod)
+        self.hosts[node].run("ip", "addr", "add", f"{ip}/32", "dev", "lo")
+        self.addresses.append((node, ip))
         pod["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                          "conditions": [{"type": "Ready", "status": "True"}]}
         self.pods[name] = ip
@@ -189,7 +202,7 @@ class Cluster:
                              "spec": dict(template["spec"])}, name)
         serve = [s for c in pod["spec"]["containers"] for s in self._serve(pod, c)]
         if serve:
-            proc = self.node.popen([PY, "-c", STAND_IN, json.dumps(
+            proc = self.hosts[pod["spec"]["nodeName"]].popen([PY, "-c", STAND_IN, json.dumps(
                 {"ip": pod["status"]["podIP"], "name": name, "serve": serve})],
                 stdout=subprocess.PIPE)
             assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
@@ -224,38 +237,52 @@ class Cluster:
                 "spec.serviceAccountName": "default"}[ref["fieldPath"]]
 
 
+def _schedule(pod: dict[str, Any]) -> str:
+    """The node a Pod lands on: the examples pin cloud Pods with ``node-role.kubernetes.io/edge
+    DoesNotExist`` and edge Pods with ``Exists`` (or not at all)."""
+    terms = pod["spec"].get("affinity", {}).get("nodeAffinity", {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", [])
+    off_edge = any(e["key"] == "node-role.kubernetes.io/edge" and e["operator"] == "DoesNotExist"
+                   for t in terms for e in t.get("matchExpressions", []))
+    return "cloud" if off_edge else "node"
+
+
 class Env:
     def __init__(self, lab: netlab.Lab, tmp: str) -> None:
         lan = lab.switch("lan")
         self.node = lab.host("node", lan, f"{NODE}/24")
+        self.cloud = lab.host("cloud", lan, f"{CLOUD}/24")
         self.gw = lab.host("gw", lan, f"{GW}/24")
         self.client = lab.host("client", lan, f"{CLIENT}/24")
         self.client.run("ip", "route", "add", "10.96.0.0/12", "via", NODE)
         self.gw.run("ip", "route", "add", f"{POD_NET}0/24", "via", NODE)
-        for i in range(2, 250):
-            self.node.run("ip", "addr", "add", f"{POD_NET}{i}/32", "dev", "lo")
         self.tmp = tmp
         self.mdir = os.path.join(tmp, "manifests")
         os.mkdir(self.mdir)
-        self.cluster = Cluster(self.node, self.mdir, tmp)
+        self.cluster = Cluster({"node": self.node, "cloud": self.cloud}, self.mdir, tmp)
         self.cluster.apply()
-        agent_cfg = os.path.join(tmp, "agent.yaml")
-        with open(agent_cfg, "w", encoding="utf-8") as f:
-            yaml.safe_dump({"modules": {"edgeDNS": {"enable": False},
-                                        "edgeTunnel": {"enable": False},
-                                        "edgeProxy": {"iptablesSyncPeriod": 1.0}}}, f)
-        gw_cfg = os.path.join(tmp, "gateway.yaml")
-        with open(gw_cfg, "w", encoding="utf-8") as f:
-            yaml.safe_dump({"kind": "EdgeMeshGateway", "modules": {
-                "edgeTunnel": {"enable": False}, "edgeGateway": {"interfaceResync": 1.0}}}, f)
-        self.agent = Proc(["agent", "--config", agent_cfg, "--manifests", self.mdir,
-                           "--node-name", "node", "--admin", ADMIN,
-                           "--state-dir", os.path.join(tmp, "state-node")], ns=self.node)
+        psk = meshlab.write(tmp, "psk", "the Go examples' cluster, for these tests only")
+        agent_cfg = meshlab.write(tmp, "agent.yaml", yaml.safe_dump({"modules": {
+            "edgeDNS": {"enable": False}, "edgeTunnel": {"holePunching": False},
+            "edgeProxy": {"iptablesSyncPeriod": 1.0}}}))
+        gw_cfg = meshlab.write(tmp, "gateway.yaml", yaml.safe_dump({
+            "kind": "EdgeMeshGateway", "modules": {
+                "edgeTunnel": {"enable": False}, "edgeGateway": {"interfaceResync": 1.0}}}))
+        self.server = meshlab.server(self.gw, tmp, psk, SERVER_ADMIN)
+        self.agents = {name: Proc(["agent", "--config", agent_cfg, *meshlab.mesh_args(
+            name, f"{GW}:{meshlab.SERVER_PORT}", psk, os.path.join(tmp, f"state-{name}"),
+            ADMIN, [self.mdir])], ns=ns) for name, ns in (("node", self.node),
+                                                          ("cloud", self.cloud))}
+        self.agent = self.agents["node"]
         self.gateway = Proc(["gateway", "--config", gw_cfg, "--manifests", self.mdir,
                              "--nic", "eth0", "--node-name", "gw", "--admin", ADMIN,
                              "--state-dir", os.path.join(tmp, "state-gw")], ns=self.gw)
-        wait_ready(self.agent, ADMIN, self.node)
+        wait_ready(self.agent, ADMIN, self.node, timeout=40)
+        wait_ready(self.agents["cloud"], ADMIN, self.cloud, timeout=40)
         wait_ready(self.gateway, ADMIN, self.gw)
+
+    def procs(self) -> list[Proc]:
+        return [*self.agents.values(), self.gateway, self.server]
 
     # ---- applying ------------------------------------------------------------------------------
 
@@ -267,7 +294,9 @@ class Env:
         services = [d for d in docs if d["kind"] == "Service"]
 
         def serving() -> bool:
-            view = self.debug(self.node, "proxy")
+            return all(serves(self.debug(node, "proxy")) for node in (self.node, self.cloud))
+
+        def serves(view: dict[str, Any]) -> bool:
             for svc in services:
                 ns = svc["metadata"].get("namespace", "default")
                 want = {ip for pod, ip in pods.items()
@@ -323,7 +352,7 @@ def env(module_lab: tuple[netlab.Lab, str]):
         yield e
     finally:
         e.cluster.clear()
-        for proc in (e.agent, e.gateway):
+        for proc in e.procs():
             log = proc.log()
             proc.stop()
             if os.environ.get("EDGEMESH_TEST_LOGS"):
@@ -384,19 +413,26 @@ def test_websocket(env: Env) -> None:
     assert out.split("\n")[:3] == ["tick 0", "tick 1", "tick 2"]
 
 
-def test_cross_zone_namespaces(env: Env) -> None:
-    """test-case.md "Cross-Edge-Cloud": each zone's busybox reaches the other zone's echo by
-    ``<service>.<namespace>`` (one node here: the tunnel has its own tests)."""
+def test_cross_edge_cloud(env: Env) -> None:
+    """test-case.md "Cross-Edge-Cloud": the busybox in cloudzone (on the cloud node) reaches
+    tcp-echo-edge-svc.edgezone (on the edge node), and the edge's busybox the cloud's echo,
+    each through the tunnel between the two agents."""
     pods = env.apply("cloudzone.yaml", "edgezone.yaml")
-    for svc, ns in (("tcp-echo-edge-svc", "edgezone"), ("tcp-echo-cloud-svc", "cloudzone")):
-        out = env.py("""
+    for busybox, svc, ns, node in ((env.cloud, "tcp-echo-edge-svc", "edgezone", "node"),
+                                   (env.node, "tcp-echo-cloud-svc", "cloudzone", "cloud")):
+        out = busybox.run(PY, "-c", textwrap.dedent("""
             import socket, sys
-            s = socket.create_connection((sys.argv[1], 2701), timeout=10)
+            s = socket.create_connection((sys.argv[1], 2701), timeout=15)
             f = s.makefile("rb")
-            print("".join(f.readline().decode() for _ in range(3)), end="")
-        """, env.ip(svc, ns))
+            lines = [f.readline().decode() for _ in range(5)]
+            s.sendall(b"Hello, I am the other zone.\\n")
+            print("".join(lines) + f.readline().decode(), end="")
+        """), env.ip(svc, ns), timeout=60).stdout
         pod = next(p for p in pods if p.startswith(svc.removesuffix("-svc") + "-"))
-        assert out.split("\n")[1:3] == [f"Running on Pod {pod}.", f"In namespace {ns}."]
+        assert out.split("\n") == [
+            f"Welcome, you are connected to node {node}.", f"Running on Pod {pod}.",
+            f"In namespace {ns}.", f"With IP address {pods[pod]}.", "Service default.",
+            "Hello, I am the other zone.", ""]
 
 
 def test_nginx_https_with_client_certificates(env: Env) -> None:
