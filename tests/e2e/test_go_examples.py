@@ -593,3 +593,12 @@ def test_gateway_https_as_the_go_readme_documents_it(env: Env) -> None:
     assert "running as SIMPLE" in log
     view = env.debug(env.gw, "gateway")["ports"]["23333"]
     assert view["kind"] == "TLS" and view["servers"][0]["protocol"] == "HTTPS"
+    # with ca.crt in the Secret the gateway asks for a client certificate, as Go does: the
+    # README's self-signed tls.crt is its own CA, so its curl still passes; one without fails
+    secret["data"]["ca.crt"] = secret["data"]["tls.crt"]
+    pods = env.apply("hostname-lb-random-gateway-tls.yaml", extra=(secret,))
+    netlab.wait_for(lambda: env.client.run("curl", "-sk", "--max-time", "5",
+                                           f"https://{GW}:23333", check=False).returncode != 0,
+                    timeout=30, what="a client certificate required")
+    netlab.wait_for(lambda: readme_curl("-s").stdout in pods, timeout=30,
+                    what="the README's curl with its certificate")
