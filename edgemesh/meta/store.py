@@ -13,7 +13,7 @@ import builtins
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from edgemesh.meta import istio, kinds
 from edgemesh.meta.models import (
@@ -52,7 +52,7 @@ class Backend:
 class RuleMatch:
     """A DestinationRule and how it was matched to a service: ``host`` (Istio) or ``name``."""
     rule: istio.DestinationRule
-    by: str
+    by: Literal["host", "name"]
 
 
 class Store:
