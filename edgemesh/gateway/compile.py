@@ -10,8 +10,10 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
+from edgemesh.gateway.ciphers import choose
 from edgemesh.gateway.routes import (
     HTTP_PROTOCOLS,
     ZONE,
@@ -95,6 +97,7 @@ def build_table(gateways: Iterable[Gateway], virtual_services: Iterable[VirtualS
 def _add_server(table: Table, gw: Gateway, index: int, server: GatewayServer,
                 bound: list[VirtualService]) -> None:
     where = f"Gateway {gw.meta.namespace}/{gw.meta.name} servers[{index}]"
+    server = _go_shape(server, where, table)
     protocol = server.protocol.upper()
     if protocol not in SUPPORTED:
         table.problems.append(f"{where}: protocol {protocol} is not supported")
@@ -116,12 +119,34 @@ def _add_server(table: Table, gw: Gateway, index: int, server: GatewayServer,
             not (server.tls and server.tls.credential_name):
         table.problems.append(f"{where}: tls.credentialName is required for {ref.mode.value}")
         return
+    if ref.mode is not None and ref.mode.value != "PASSTHROUGH" and server.tls is not None:
+        table.problems.extend(f"{where}: tls.cipherSuites: {p}"
+                              for p in choose(server.tls.cipher_suites).problems)
     position = len(spec.servers)
     spec.servers.append(ref)
     if kind is PortKind.HTTP and server.tls is not None and server.tls.https_redirect:
         spec.https_redirect = True
     for vs in bound:
         _bind(table, spec, position, ref, hosts, gw, vs)
+
+
+def _go_shape(server: GatewayServer, where: str, table: Table) -> GatewayServer:
+    """A plain HTTP or TCP server naming a ``tls.credentialName`` terminates TLS with it, as
+    the Go EdgeMesh did whatever the protocol said (its HTTPS example says ``HTTP``): it is
+    served as HTTPS (TCP: TLS), in SIMPLE or MUTUAL mode, and the disagreement is reported.
+    An Istio ``httpsRedirect`` server keeps its meaning."""
+    tls = server.tls
+    protocol = server.protocol.upper()
+    if tls is None or not tls.credential_name or tls.https_redirect or \
+            protocol not in (*HTTP_PROTOCOLS, "TCP"):
+        return server
+    served = "TLS" if protocol == "TCP" else "HTTPS"
+    table.problems.append(
+        f"{where}: port.protocol {protocol} disagrees with tls.credentialName "
+        f"{tls.credential_name}: TLS is terminated with that Secret as the Go EdgeMesh did "
+        f"(served as {served}; say protocol: {served})")
+    mode = tls.mode.upper() if tls.mode.upper() in ("MUTUAL", "OPTIONAL_MUTUAL") else "SIMPLE"
+    return replace(server, protocol=served, tls=replace(tls, mode=mode, go_compat=True))
 
 
 def _bind(table: Table, spec: PortSpec, position: int, ref: ServerRef,

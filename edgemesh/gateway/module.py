@@ -11,6 +11,11 @@ Per connection, by port kind:
   splices to the ``tls`` route for that SNI; otherwise terminate with the server's Secret and
   serve HTTP (HTTPS servers) or splice to the ``tcp`` route (TLS servers);
 - TCP: splice to the ``tcp`` route of the port.
+
+A terminating server's context is built at every reconcile too: a port whose TLS cannot be set
+up (Secret missing, no key, bad certificate) is ``[-] gateway-tls`` in ``/readyz`` and
+``tlsErrors`` in ``/debug/gateway``, and its connections are closed after the ClientHello —
+never served in plaintext.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class GatewayModule:
         self.reconciler = tasks.Reconciler("gateway", self.reconcile,
                                            period=cfg.interfaceResync, delay=0.05)
         self.reconciled = False
+        self.tls_errors: dict[str, str] = {}  # "port N (gateway servers[i])" → why not
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -87,6 +93,8 @@ class GatewayModule:
         self.ctx.store.subscribe(self.reconciler.wake, ["Gateway", "VirtualService", "Secret"])
         self.ctx.admin.add_check("gateway", lambda: "" if self.reconciled else
                                  "route table not built yet")
+        self.ctx.admin.add_check("gateway-tls", lambda: "; ".join(
+            f"{where}: {why}" for where, why in sorted(self.tls_errors.items())))
         self.ctx.admin.add_view("gateway", self.view)
         self.reconciler.start()
 
@@ -113,7 +121,26 @@ class GatewayModule:
         self.credentials.forget_others({(s.namespace, s.tls.credential_name)
                                         for spec in table.ports.values() for s in spec.servers
                                         if s.tls is not None})
+        self.tls_errors = self._check_credentials(table)
         self.reconciled = True
+
+    def _check_credentials(self, table: Table) -> dict[str, str]:
+        """Build every terminating server's context now, so a port whose TLS cannot be set up
+        is reported (``/readyz``, the log) before a client finds out; its connections are
+        refused either way, never served in plaintext."""
+        errors = {}
+        for port, spec in sorted(table.ports.items()):
+            for server in spec.servers:
+                if server.mode is None or server.mode is TLSMode.PASSTHROUGH:
+                    continue
+                try:
+                    self.credentials.context_for(server)
+                except CredentialError as e:
+                    where = f"port {port} ({server.gateway} servers[{server.index}])"
+                    errors[where] = str(e)
+                    if _once(("cred", server.gateway, str(e))):
+                        log.error("gateway %s port %d: %s", server.gateway, port, e)
+        return errors
 
     def _addresses(self) -> list[str]:
         result = tasks.run(["ip", "-j", "addr"], check=False, timeout=10)
@@ -144,7 +171,8 @@ class GatewayModule:
                 "listening": [f"{ip}:{port}" for ip, port in self.listeners.active],
                 "listenErrors": {f"{ip}:{port}": e for (ip, port), e in
                                  self.listeners.errors.items()},
-                "problems": self.table.problems, "addresses": self.addresses}
+                "problems": self.table.problems, "tlsErrors": self.tls_errors,
+                "addresses": self.addresses}
 
     # ---- connections --------------------------------------------------------------------------
 

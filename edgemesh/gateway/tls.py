@@ -1,19 +1,28 @@
 """TLS for gateway servers: SSL contexts from Secrets, rebuilt when a Secret changes.
 
 A server's ``tls.credentialName`` names a Secret in the Gateway's own namespace (the gateway
-reads no other Secrets): ``tls.crt`` (chain) and ``tls.key``, and for ``MUTUAL`` the client CA
-in ``ca.crt`` of the same Secret or of ``<credentialName>-cacert`` (Istio's two forms).
-Contexts are built on first use and kept while the store holds the same Secret object, so a
-changed Secret is picked up by the next connection and established ones keep their session.
+reads no other Secrets): ``tls.crt`` (chain) and ``tls.key``, and the client CA in ``ca.crt``
+of the same Secret or of ``<credentialName>-cacert`` (Istio's two forms). Contexts are built
+on first use and kept while the store holds the same Secret object, so a changed Secret is
+picked up by the next connection and established ones keep their session.
 
 Policy: TLS 1.2 at least (``minProtocolVersion`` may raise it, never lower it);
-``maxProtocolVersion`` and ``cipherSuites`` (TLS 1.2 suites, OpenSSL names) honoured; ALPN
-offers ``http/1.1`` for HTTPS servers. ``MUTUAL`` (and ``OPTIONAL_MUTUAL``, treated as mutual)
-requires a client certificate issued by the CA; ``SIMPLE`` never asks for one, even if the
-Secret carries ``ca.crt`` (Istio's behaviour, unlike the Go EdgeMesh's).
+``maxProtocolVersion`` honoured; ``cipherSuites`` in Go/IANA or OpenSSL names (``ciphers.py``:
+unknown names are reported by the route compiler and left out). ALPN offers ``http/1.1`` for
+HTTPS servers.
+
+Client certificates:
+- ``MUTUAL`` (and ``OPTIONAL_MUTUAL``, treated as mutual) requires one issued by the CA;
+  without a CA it is logged as a warning and the server runs as ``SIMPLE`` — the Go
+  EdgeMesh's own HTTPS example says ``MUTUAL`` with a ``kubectl create secret tls`` Secret;
+- a server in the Go EdgeMesh's shape (``protocol: HTTP`` or ``TCP`` with a credentialName,
+  ``ServerTLS.go_compat``) requires one whenever a CA is there, whatever its mode, as Go does;
+- an Istio ``SIMPLE`` server (``HTTPS``/``TLS``) never asks for one, even if the Secret
+  carries ``ca.crt`` (cert-manager puts one in every Secret it issues).
 """
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import tempfile
@@ -22,9 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemesh.errors import EdgeMeshError
+from edgemesh.gateway.ciphers import choose
 from edgemesh.gateway.compile import selects
 from edgemesh.gateway.routes import ServerRef, TLSMode
 from edgemesh.meta.istio import Gateway
+from edgemesh.runtime.logs import Once
+
+log = logging.getLogger(__name__)
+_once = Once()
 
 _VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
 
@@ -63,17 +77,23 @@ class Credentials:
         if secret is None:
             raise CredentialError(f"Secret {server.namespace}/{tls.credential_name} not found")
         ca_secret = None
-        if mode is TLSMode.MUTUAL and "ca.crt" not in secret.data:
+        if (mode is TLSMode.MUTUAL or tls.go_compat) and "ca.crt" not in secret.data:
             ca_secret = self._get_secret(server.namespace, tls.credential_name + "-cacert")
         key = (server.namespace, tls.credential_name, mode, tls.min_protocol_version,
-               tls.max_protocol_version, tls.cipher_suites, server.protocol)
+               tls.max_protocol_version, tls.cipher_suites, server.protocol, tls.go_compat)
         entry = self._cache.get(key)
         if entry is not None and entry.secrets[0] is secret and entry.secrets[1] is ca_secret:
             return entry.context
+        ca_data = ca_secret.data if ca_secret is not None else None
+        if mode is TLSMode.MUTUAL and client_ca(secret.data, ca_data) is None and \
+                _once(("mutual-no-ca", server.gateway, server.index, id(secret))):
+            log.warning("gateway %s servers[%d]: tls.mode MUTUAL but neither Secret %s/%s nor "
+                        "%s-cacert holds a ca.crt: running as SIMPLE (no client certificate "
+                        "asked for)", server.gateway, server.index, server.namespace,
+                        tls.credential_name, tls.credential_name)
         context = build_context(secret.data, mode, tls.min_protocol_version,
-                                tls.max_protocol_version, tls.cipher_suites,
-                                ca_secret.data if ca_secret is not None else None,
-                                alpn=server.protocol == "HTTPS")
+                                tls.max_protocol_version, tls.cipher_suites, ca_data,
+                                alpn=server.protocol == "HTTPS", go_compat=tls.go_compat)
         self._cache[key] = _Entry((secret, ca_secret), context)
         return context
 
@@ -83,10 +103,21 @@ class Credentials:
             del self._cache[key]
 
 
+def client_ca(data: dict[str, bytes], ca_data: dict[str, bytes] | None) -> bytes | None:
+    """The client CA (PEM) from the Secret's ``ca.crt`` or the ``-cacert`` Secret's."""
+    extra = ca_data or {}
+    return data.get("ca.crt") or extra.get("ca.crt") or extra.get("cacert") or None
+
+
 def build_context(data: dict[str, bytes], mode: TLSMode, min_version: str = "",
                   max_version: str = "", ciphers: tuple[str, ...] = (),
-                  ca_data: dict[str, bytes] | None = None, alpn: bool = True) -> ssl.SSLContext:
-    """A server context from a kubernetes.io/tls Secret's data; raises ``CredentialError``."""
+                  ca_data: dict[str, bytes] | None = None, alpn: bool = True,
+                  go_compat: bool = False) -> ssl.SSLContext:
+    """A server context from a kubernetes.io/tls Secret's data; raises ``CredentialError``.
+
+    A client certificate is required when a CA is there and the mode is ``MUTUAL`` or the
+    server has the Go EdgeMesh's shape (``go_compat``); see the module docstring.
+    """
     cert, key = data.get("tls.crt"), data.get("tls.key")
     if not cert or not key:
         raise CredentialError("the Secret needs tls.crt and tls.key")
@@ -96,14 +127,12 @@ def build_context(data: dict[str, bytes], mode: TLSMode, min_version: str = "",
     if max_version.upper() in _VERSIONS:
         ctx.maximum_version = _VERSIONS[max_version.upper()]
     try:
-        if ciphers:
-            ctx.set_ciphers(":".join(ciphers))
+        suites = choose(ciphers).openssl
+        if suites:
+            ctx.set_ciphers(suites)
         _load_chain(ctx, cert, key)
-        if mode is TLSMode.MUTUAL:
-            ca = data.get("ca.crt") or (ca_data or {}).get("ca.crt") or \
-                (ca_data or {}).get("cacert")
-            if not ca:
-                raise CredentialError("MUTUAL needs ca.crt (in the Secret or <name>-cacert)")
+        ca = client_ca(data, ca_data)
+        if ca is not None and (mode is TLSMode.MUTUAL or go_compat):
             ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (ssl.SSLError, ValueError) as e:

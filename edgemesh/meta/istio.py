@@ -166,6 +166,10 @@ class ServerTLS:
     max_protocol_version: str = ""
     cipher_suites: tuple[str, ...] = ()
     subject_alt_names: tuple[str, ...] = ()
+    # never parsed: set by the gateway's compiler for a server whose port protocol is HTTP or
+    # TCP although it names a credentialName (the Go EdgeMesh's shape), so that Go's rule on
+    # client certificates applies (gateway/tls.py)
+    go_compat: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import builtins
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from edgemesh.meta import istio, kinds
 from edgemesh.meta.models import (
@@ -48,6 +48,13 @@ class Backend:
     zone: str = ""
 
 
+@dataclass(frozen=True)
+class RuleMatch:
+    """A DestinationRule and how it was matched to a service: ``host`` (Istio) or ``name``."""
+    rule: istio.DestinationRule
+    by: Literal["host", "name"]
+
+
 class Store:
     """Typed objects by kind and key, plus the raw documents they came from (for the cache)."""
 
@@ -59,6 +66,7 @@ class Store:
         self.revision = 0
         self.synced = False  # the first full state has arrived (from any source)
         self.stale_reason = ""  # set while serving from the cache with the API unreachable
+        self._logged_by_name: set[tuple[Key, Key]] = set()
 
     # ---- writing (sources only) ---------------------------------------------------------------
 
@@ -207,32 +215,58 @@ class Store:
 
     def destination_rule_for(self, service: Service, zone: str = "cluster.local"
                              ) -> istio.DestinationRule | None:
-        """The DestinationRule whose ``spec.host`` names ``service``, as Istio resolves it.
+        """The DestinationRule that applies to ``service`` (see ``destination_rule_match``)."""
+        match = self.destination_rule_match(service, zone)
+        return match.rule if match is not None else None
 
-        A short host is relative to the rule's namespace; ``name.ns``, ``name.ns.svc`` and the
-        FQDN name the service wherever the rule lives; ``*.suffix`` wildcards (never expanded)
-        match by suffix and ``*`` matches everything. A rule in the service's own namespace
-        wins over one elsewhere, then an exact host over a wildcard, then the longer wildcard;
-        ties go to the first (namespace, name) in sort order, so the choice is stable.
+    def destination_rule_match(self, service: Service, zone: str = "cluster.local"
+                               ) -> RuleMatch | None:
+        """The DestinationRule for ``service`` and how it was matched.
+
+        First as Istio resolves ``spec.host``: a short host is relative to the rule's
+        namespace; ``name.ns``, ``name.ns.svc`` and the FQDN name the service wherever the rule
+        lives; ``*.suffix`` wildcards (never expanded) match by suffix and ``*`` matches
+        everything. A rule in the service's own namespace wins over one elsewhere, then an
+        exact host over a wildcard, then the longer wildcard; ties go to the first
+        (namespace, name) in sort order, so the choice is stable.
+
+        When no rule's host names the service, the rule with the service's own name in its
+        namespace applies — how the Go EdgeMesh matched rules, whose examples give ``host`` a
+        Deployment's name — unless that rule's host names another Service (then it is that
+        Service's rule, as Istio reads it). Logged once per service and rule.
         """
         name, ns = service.meta.name, service.meta.namespace
         fqdn = f"{name}.{ns}.svc.{zone}"
         best: tuple[int, int, int, Key] | None = None
         chosen = None
         for key, dr in self._objects["DestinationRule"].items():
-            host = dr.host.rstrip(".").lower()
-            dr_ns = dr.meta.namespace
-            wildcard = host.startswith("*")
-            if wildcard:
-                matched = host == "*" or fqdn.endswith(host[1:])
-            else:
-                matched = _expand_host(host, dr_ns, zone) == fqdn
-            if not matched:
+            if not _host_matches(dr, fqdn, zone):
                 continue
-            rank = (0 if dr_ns == ns else 1, int(wildcard), -len(host), key)
+            wildcard = dr.host.startswith("*")
+            rank = (0 if dr.meta.namespace == ns else 1, int(wildcard),
+                    -len(dr.host.rstrip(".")), key)
             if best is None or rank < best:
                 best, chosen = rank, dr
-        return chosen
+        if chosen is not None:
+            return RuleMatch(chosen, "host")
+        named = self._objects["DestinationRule"].get((ns, name))
+        if named is None or self._names_a_service(named, zone):
+            return None
+        if (service.key, (ns, name)) not in self._logged_by_name:
+            self._logged_by_name.add((service.key, (ns, name)))
+            log.info("DestinationRule %s/%s applies to Service %s/%s by its name, as the Go "
+                     "EdgeMesh matched rules (its host %r names no Service; set host: %s to "
+                     "match it the Istio way)", ns, name, ns, name, named.host, name)
+        return RuleMatch(named, "name")
+
+    def _names_a_service(self, dr: istio.DestinationRule, zone: str) -> bool:
+        known: dict[tuple[Key, str], bool] = self._cached("rule_names_service", dict)
+        key = (_key(dr), zone)
+        if key not in known:  # computed once per rule until Services or rules change
+            suffix = f".svc.{zone}"
+            known[key] = any(_host_matches(dr, f"{s_name}.{s_ns}{suffix}", zone)
+                             for s_ns, s_name in self._objects["Service"])
+        return known[key]
 
     def _cached(self, name: str, build: Callable[[], Any]) -> Any:
         if name not in self._index:
@@ -253,11 +287,19 @@ _INDEX_DEPENDS: dict[str, set[str]] = {
     "service_by_ip": {"Service"},
     "namespaces": {"Namespace", "Service"},
     "slices": {"EndpointSlice"},
+    "rule_names_service": {"Service", "DestinationRule"},
 }
 
 
 def _key(obj: Any) -> Key:
     return (obj.meta.namespace, obj.meta.name)
+
+
+def _host_matches(dr: istio.DestinationRule, fqdn: str, zone: str) -> bool:
+    host = dr.host.rstrip(".").lower()
+    if host.startswith("*"):
+        return host == "*" or fqdn.endswith(host[1:])
+    return _expand_host(host, dr.meta.namespace, zone) == fqdn
 
 
 def _expand_host(host: str, namespace: str, zone: str) -> str:

@@ -406,11 +406,23 @@ class ProxyModule:
                         "addresses": self.addresses.get(key, []),
                         "policy": spec.policy.value, "hashKey": spec.hash_key.value,
                         "affinitySeconds": spec.affinity_timeout,
+                        **self._rule_view(key.namespace, key.name),
                         "endpoints": [f"{b.ip}:{b.port}" for b in listener.backends]})
         return {"listeners": out, "iptables": self.rules.binary if self.rules else None,
                 "ip6tables": self.rules6.binary if self.rules6 else None,
                 "ipv6Error": self.ipv6_error,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
+
+    def _rule_view(self, namespace: str, name: str) -> dict[str, str | None]:
+        """The DestinationRule a service follows and how it matched: ``host`` (Istio) or
+        ``name`` (the Go EdgeMesh's way, see ``Store.destination_rule_match``)."""
+        service = self.ctx.store.service(namespace, name)
+        match = self.ctx.store.destination_rule_match(service) if service else None
+        if match is None:
+            return {"destinationRule": None, "destinationRuleMatchedBy": None}
+        meta = match.rule.meta
+        return {"destinationRule": f"{meta.namespace}/{meta.name}",
+                "destinationRuleMatchedBy": match.by}
 
 
 def build(ctx: Context) -> ProxyModule:

@@ -1,7 +1,8 @@
 """Which load-balancing spec a service port gets, and the per-port balancers that apply it.
 
 Precedence, from strongest: the port-level or rule-level ``trafficPolicy.loadBalancer`` of the
-DestinationRule whose ``spec.host`` names the service (``Store.destination_rule_for``), then
+DestinationRule whose ``spec.host`` names the service — or, when none does, the rule with the
+service's own name, as the Go EdgeMesh matched them (``Store.destination_rule_match``) — then
 ``modules.edgeProxy.loadBalancer.defaultPolicy``. ``sessionAffinity: ClientIP`` with its
 ``timeoutSeconds`` overlays whatever policy results, as kube-proxy does.
 

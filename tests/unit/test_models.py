@@ -598,3 +598,33 @@ def test_virtual_service_empty_header_match_means_present() -> None:
         "hosts": ["*"], "http": [{"match": [{"headers": {"x-canary": {}}}],
                                   "route": [{"destination": {"host": "a"}}]}]}})
     assert vs.http[0].match[0].headers == (("x-canary", StringMatch("present", "")),)
+
+
+# ---- the Go EdgeMesh's examples -----------------------------------------------------------------
+
+def test_every_go_edgemesh_example_document_parses():
+    """tests/data/go_edgemesh/examples: each document of a kind we read parses; the rest
+    (Deployments) are ones the files source ignores."""
+    import pathlib
+
+    import yaml
+    root = pathlib.Path(__file__).parents[1] / "data" / "go_edgemesh" / "examples"
+    seen: dict[str, int] = {}
+    for path in sorted(root.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or "kind" not in doc or "apiVersion" not in doc:
+                continue  # nic-includ-exclude/edgemesh.yaml is a config fragment
+            kind = kinds.kind_for(doc["apiVersion"], doc["kind"])
+            if kind is None:
+                assert doc["kind"] == "Deployment", path
+                continue
+            kind.parse(doc)
+            seen[kind.name] = seen.get(kind.name, 0) + 1
+    assert seen == {"Service": 14, "Pod": 2, "Namespace": 2, "DestinationRule": 6,
+                    "Gateway": 3, "VirtualService": 3}
+    tls = istio.parse_gateway(next(d for d in yaml.safe_load_all(
+        (root / "hostname-lb-random-gateway-tls.yaml").read_text()) if d["kind"] == "Gateway"))
+    server = tls.servers[0]
+    assert (server.protocol, server.tls.credential_name, server.tls.mode,
+            server.tls.go_compat) == ("HTTP", "gw-secret", "MUTUAL", False)
+    assert len(server.tls.cipher_suites) == 10

@@ -1,6 +1,7 @@
 """The store: indexes, backends of a service port, DestinationRule lookup, subscriptions."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from edgemesh.meta import istio, models
@@ -260,6 +261,39 @@ def test_destination_rule_custom_zone():
     assert store.destination_rule_for(web, zone="edge.local").meta.name == "r"
     store.replace("DestinationRule", [dr("r", "web")])
     assert store.destination_rule_for(web, zone="edge.local").meta.name == "r"
+
+
+def test_destination_rule_by_the_services_name_as_the_go_edgemesh(caplog):
+    """Go's hostname-lb-random.yaml: rule named after the Service, host the Deployment's."""
+    store = Store()
+    store.replace("Service", [svc("hostname-lb-svc"), svc("web"),
+                              svc("hostname-lb-svc", ns="other")])
+    store.replace("DestinationRule", [dr("hostname-lb-svc", "hostname-lb-edge")])
+    service = store.service("demo", "hostname-lb-svc")
+    with caplog.at_level(logging.INFO, "edgemesh.meta.store"):
+        for _ in range(3):
+            match = store.destination_rule_match(service)
+            assert (match.rule.meta.name, match.by) == ("hostname-lb-svc", "name")
+    assert [r.getMessage() for r in caplog.records if "by its name" in r.getMessage()] == [
+        "DestinationRule demo/hostname-lb-svc applies to Service demo/hostname-lb-svc by its "
+        "name, as the Go EdgeMesh matched rules (its host 'hostname-lb-edge' names no Service;"
+        " set host: hostname-lb-svc to match it the Istio way)"]
+    assert rule_for(store, "web") is None  # a name matches its own service only
+    assert rule_for(store, "hostname-lb-svc", ns="other") is None
+
+
+def test_destination_rule_host_match_wins_over_the_name():
+    store = Store()
+    store.replace("Service", [svc("web"), svc("api")])
+    store.replace("DestinationRule", [dr("web", "nothing-here", simple="ROUND_ROBIN"),
+                                      dr("by-host", "web")])
+    match = store.destination_rule_match(store.service("demo", "web"))
+    assert (match.rule.meta.name, match.by) == ("by-host", "host")
+    # a rule whose host names another Service is that Service's rule, not also its namesake's
+    store.replace("DestinationRule", [dr("web", "api")])
+    assert rule_for(store, "web") is None and rule_for(store, "api") == "web"
+    store.delete("Service", "demo", "api")  # now its host names nothing: Go's reading applies
+    assert store.destination_rule_match(store.service("demo", "web")).by == "name"
 
 
 # ---- subscriptions ----------------------------------------------------------------------------
