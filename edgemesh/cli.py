@@ -265,10 +265,6 @@ def gateway(config_file: str | None, **params: Any) -> None:
                       "modules.edgeProxy.enable": False})
     config = _load(config_file or default_config_file("EdgeMeshGateway"), overrides,
                    "EdgeMeshGateway")
-    from edgemesh.config import LoadBalancer
-    if config.modules.edgeGateway.loadBalancer != LoadBalancer():
-        # the gateway's balancers read edgeProxy.loadBalancer (earlier releases documented it)
-        config.modules.edgeProxy.loadBalancer = config.modules.edgeGateway.loadBalancer
     from edgemesh import agent as agent_mod
     sys.exit(_run(agent_mod.run, config, role="gateway"))
 

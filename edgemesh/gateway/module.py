@@ -19,6 +19,7 @@ never served in plaintext.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import socket
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
+from edgemesh.config import Config, EdgeProxy, LoadBalancer
 from edgemesh.errors import UnavailableError
 from edgemesh.gateway import http, tcp
 from edgemesh.gateway.compile import build_table
@@ -74,7 +76,7 @@ class GatewayModule:
             dialer.tunnel = ctx.services.get("tunnel")
             ctx.services["dialer"] = dialer
         self.dialer = dialer
-        self.balancers = Balancers(ctx.store, ctx.config.modules.edgeProxy, ctx.node_name)
+        self.balancers = Balancers(ctx.store, _balancing(ctx.config), ctx.node_name)
         self.upstreams = http.Upstreams(ctx.store, self.balancers, dialer)
         self.credentials = Credentials(lambda ns, name: ctx.store.get("Secret", ns, name))
         self.listeners = ListenerSet(self._handle, cfg.maxConnections)
@@ -303,3 +305,15 @@ def _peek_sni(sock: socket.socket, timeout: float) -> str | None:
 def build(ctx: "Context") -> GatewayModule:
     """The module factory named in ``agent.MODULES``."""
     return GatewayModule(ctx)
+
+
+def _balancing(config: Config) -> EdgeProxy:
+    """The proxy settings the gateway's balancers read: ``edgeGateway.loadBalancer`` (the Go
+    EdgeMesh's key) when set, else ``edgeProxy.loadBalancer`` (which earlier releases of ours
+    documented for the gateway too)."""
+    proxy = config.modules.edgeProxy
+    own = config.modules.edgeGateway.loadBalancer
+    if own == LoadBalancer():
+        return proxy
+    return dataclasses.replace(proxy, loadBalancer=own)
+

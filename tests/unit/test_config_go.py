@@ -279,3 +279,13 @@ def test_config_file_is_an_alias_of_config() -> None:
 
 def test_defaults_are_unchanged_by_the_go_table() -> None:
     assert dataclasses.asdict(cfg.from_mapping({})) == dataclasses.asdict(cfg.Config())
+
+
+def test_gateway_balancers_read_edge_gateway_load_balancer():
+    from edgemesh.gateway.module import _balancing
+    c, _ = load({"kind": "EdgeMeshGateway", "modules": {"edgeGateway": {"loadBalancer": {
+        "defaultPolicy": "RANDOM"}}}})
+    assert _balancing(c).loadBalancer.defaultPolicy == "RANDOM"
+    plain, _ = load({"kind": "EdgeMeshGateway", "modules": {"edgeProxy": {"loadBalancer": {
+        "defaultPolicy": "RANDOM"}}}})
+    assert _balancing(plain) is plain.modules.edgeProxy  # the earlier, documented place
