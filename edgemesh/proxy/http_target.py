@@ -123,8 +123,8 @@ def normalize_request(target: bytes, host: bytes | None) -> NormalTarget:
         raise TargetError("a blank or control character in the request-target")
     given = parse_authority(host) if host else None
     if target[:1] == b"/":
-        path, q, query = target.partition(b"?")
-        return NormalTarget(given, normalize_path(path), query if q else None)
+        path, q, rest = target.partition(b"?")
+        return NormalTarget(given, normalize_path(path), rest if q else None)
     uri_scheme, authority, path, query = split_absolute(target)
     if given is not None and not given.same_as(authority, uri_scheme):
         raise TargetError("the absolute URI's authority and Host differ", "authority_mismatch")
