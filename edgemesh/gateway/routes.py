@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edgemesh.meta.istio import Headers, ServerTLS, StringMatch
+from edgemesh.proxy.http_target import normalize_request
 
 ZONE = "cluster.local"
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")  # served as HTTP/1.1
@@ -213,10 +214,13 @@ class L4Rule:
 
 @dataclass
 class Request:
-    """What routing needs to know about one HTTP request (header names lower-case)."""
+    """What routing needs to know about one HTTP request (header names lower-case).
+
+    ``target`` and ``host`` are the normalised ones (``request_for`` makes them from what the
+    client sent): routes match, rewrite and redirect on what the endpoint will receive."""
     method: str
-    target: str  # the request-target as sent: path and query
-    host: str  # Host header or :authority, port included if the client sent one
+    target: str  # origin-form: normalised path, then "?query" as sent
+    host: str  # the effective authority, host lower-case, port included if one was given
     headers: Mapping[str, str]
     scheme: str = "http"
     port: int = 80
@@ -250,6 +254,16 @@ class Request:
             for k, v in parse_qsl(self.query_string, keep_blank_values=True):
                 self._query.setdefault(k, v)
         return self._query
+
+
+def request_for(method: str, target: bytes, host: bytes | None, headers: Mapping[str, str],
+                scheme: str = "http", port: int = 80) -> Request:
+    """The routing facts of a request as sent (``host``: its Host field, None if it had none):
+    target normalised and authority chosen by ``http_target.normalize_request``, which raises
+    ``TargetError`` (400) for a target or authority that cannot be routed safely."""
+    t = normalize_request(target, host)
+    authority = t.authority.text().decode("ascii") if t.authority is not None else ""
+    return Request(method, t.origin.decode("latin-1"), authority, headers, scheme, port)
 
 
 @dataclass(frozen=True)

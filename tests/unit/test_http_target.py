@@ -142,3 +142,38 @@ def _cost(target: bytes) -> float:
 def test_linear_time(unit: bytes) -> None:
     small, large = _cost(unit * 200), _cost(unit * 3200)  # 16 times the size
     assert large < small * 16 * 3
+
+
+# ---- the per-request proxy's router sends the normalised target ----------------------------------
+
+def _port_decides(raw: bytes) -> object:
+    from edgemesh.proxy.http_head import parse_request_head
+    from edgemesh.proxy.http_listen import HttpPort
+    from edgemesh.proxy.lb import Balancer, LBSpec
+    port = HttpPort("default/web:80", Balancer(LBSpec()), lambda: [])
+    return port.decide(parse_request_head(raw), raw, "10.0.0.9")
+
+
+@pytest.mark.parametrize(("raw", "wire"), [
+    (b"GET /a/b?c HTTP/1.1\r\nHost: web\r\n\r\n", None),  # untouched: the same bytes
+    (b"GET /p-dots/../admin//x HTTP/1.1\r\nHost: Web\r\nA: 1\r\n\r\n",
+     b"GET /admin/x HTTP/1.1\r\nHost: Web\r\nA: 1\r\n\r\n"),
+    (b"GET http://web.default:80/%61/./b?q=%2e%2e HTTP/1.1\r\nA: 1\r\nhost: web.default\r\n\r\n",
+     b"GET /a/b?q=%2e%2e HTTP/1.1\r\nHost: web.default:80\r\nA: 1\r\n\r\n"),
+    (b"GET http://web/x HTTP/1.0\r\n\r\n", b"GET /x HTTP/1.0\r\nHost: web\r\n\r\n"),
+])
+def test_proxy_forwards_origin_form(raw: bytes, wire: bytes | None) -> None:
+    fwd = _port_decides(raw)
+    assert fwd.wire == (raw if wire is None else wire)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET http://other/x HTTP/1.1\r\nHost: web\r\n\r\n",
+    b"GET admin/x HTTP/1.1\r\nHost: web\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: web/x\r\n\r\n",
+    b"GET /%zz HTTP/1.1\r\nHost: web\r\n\r\n",
+])
+def test_proxy_refuses_with_400(raw: bytes) -> None:
+    reply = _port_decides(raw)
+    assert reply.status == 400 and not reply.keep  # type: ignore[attr-defined]
+    assert reply.data.startswith(b"HTTP/1.1 400 Bad Request\r\n")  # type: ignore[attr-defined]
