@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from edgemesh.gateway.linear_re import LinearPattern
 from edgemesh.meta.istio import Headers, ServerTLS, StringMatch
 from edgemesh.proxy.http_target import normalize_request
 
@@ -52,10 +53,11 @@ class TLSMode(enum.Enum):
 
 @dataclass(frozen=True)
 class Matcher:
-    """One StringMatch, compiled: exact, prefix, regex (full match, as RE2 in Envoy), present."""
+    """One StringMatch, compiled: exact, prefix, regex (full match in linear time, as RE2 in
+    Envoy: ``linear_re``), present."""
     kind: str
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: LinearPattern | None = None
     ignore_case: bool = False
 
     def __call__(self, text: str | None) -> bool:
@@ -70,13 +72,15 @@ class Matcher:
         if self.kind == "prefix":
             return text.startswith(self.value)
         assert self.regex is not None
-        return self.regex.fullmatch(text) is not None
+        return self.regex.fullmatch(text)
 
 
 def compile_match(sm: StringMatch, ignore_case: bool = False) -> Matcher:
-    """A Matcher for ``sm``; raises ``re.error`` for a bad regex (the caller reports it)."""
+    """A Matcher for ``sm``; raises ``re.error`` for a bad regex, or one the gateway will not
+    run (``linear_re.UnsupportedPattern``: backreferences, lookarounds, too large), which the
+    caller reports as a problem of the route, logged once."""
     value = sm.value.lower() if ignore_case and sm.kind != "regex" else sm.value
-    regex = re.compile(sm.value, re.IGNORECASE if ignore_case else 0) \
+    regex = LinearPattern(sm.value, re.IGNORECASE if ignore_case else 0) \
         if sm.kind == "regex" else None
     return Matcher(sm.kind, value, regex, ignore_case and sm.kind != "regex")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections import Counter
 from typing import Any
 
@@ -545,3 +546,89 @@ def test_router_replies(raw: bytes, status: int) -> None:
     assert reply.status == status
     if status == 400:
         assert not reply.keep and b"Connection: close" in reply.data
+
+
+# ---- regex matches run in linear time (RE2 semantics) --------------------------------------------
+
+def test_patterns_a_linear_engine_cannot_run_are_reported_once_and_skipped() -> None:
+    v = vs(r"""
+metadata: {name: re, namespace: edge}
+spec:
+  hosts: ["*"]
+  gateways: ["web"]
+  http:
+  - match: [{uri: {regex: "/(a+)\\1"}}]
+    route: [{destination: {host: backref}}]
+  - match: [{headers: {x-a: {regex: "(?=x).*"}}}]
+    route: [{destination: {host: lookahead}}]
+  - match: [{queryParams: {q: {regex: "a{2000}"}}}]
+    route: [{destination: {host: huge}}]
+  - match: [{authority: {regex: "(a+)+b.example.com"}}]
+    route: [{destination: {host: nested}}]
+  - route: [{destination: {host: rest}}]
+""")
+    table = build_table([GATEWAY], [v], LABELS)
+    assert len(table.problems) == 3, table.problems
+    assert "backreferences are not supported" in table.problems[0]
+    assert "lookaround assertions are not supported" in table.problems[1]
+    assert "pattern too large" in table.problems[2]
+    a = decide(table, req("/aa", host="aab.example.com"))
+    assert isinstance(a, Forward) and a.target.name == "nested"  # nested quantifiers: fine
+    a = decide(table, req("/aa", host="other.example.com", x_a="x"))
+    assert isinstance(a, Forward) and a.target.name == "rest"
+
+
+RE2_PATTERNS = [r"/v[0-9]+/items", r"^/api/.*/v\d+/.*$", r"(a|bc)*d", r"[^a]b", r"a{2,4}",
+                r"(a*)*b", r"\w+\s\w+", r".*a.*a.*b", r"(x+x+)+y", r"a|b|", r"(?:ab)?c",
+                r"[a-f\d_-]+", r"\$[.]x", r"^$", r"(?s).", r".", r"x*?y", r"é+",
+                r"[\w.-]+@[\w-]+\.\w+", r"/static/.+\.(js|css)", r"(?i)/Api/[A-Z]+"]
+TEXTS = ["", "a", "b", "ab", "Ab", "aB", "bcbcd", "d", "/v12/items", "/api/x/v2/y", "/api/x/v/y",
+         "aaa", "aaaaa", "Hello World", "xxxy", "\n", "c", "abc", "$.x", "y", "xxy", "a_b-1f",
+         "a@b.com", "aab", "aaab", "éé", "/static/a/b.js", "/static/.css", "/api/ABC",
+         "/API/abc", "/api/ab1"]
+
+
+@pytest.mark.parametrize("pattern", RE2_PATTERNS)
+def test_linear_engine_agrees_with_python_re(pattern: str) -> None:
+    import re
+
+    from edgemesh.gateway.linear_re import LinearPattern
+    ours, theirs = LinearPattern(pattern), re.compile(pattern)
+    for text in TEXTS:
+        assert ours.fullmatch(text) == (theirs.fullmatch(text) is not None), (pattern, text)
+
+
+def _decide_cost(table: Any, r: Request) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        decide(table, r)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize(("pattern", "unit"), [
+    ("(a+)+b", "a"), (".*a.*a.*a.*b", "a"), ("(x+x+)+y", "x"), ("[ab]*a[ab]{120}", "ab"),
+    ("(a|aa)*c", "a"), ("(.*)*/admin", "/"),
+])
+def test_hostile_pattern_cannot_stall_the_gateway(pattern: str, unit: str) -> None:
+    v = vs(f"""
+metadata: {{name: evil, namespace: edge}}
+spec:
+  hosts: ["*"]
+  gateways: ["web"]
+  http:
+  - match: [{{uri: {{regex: "{pattern}"}}}}, {{headers: {{x-h: {{regex: "{pattern}"}}}}}}]
+    route: [{{destination: {{host: evil}}}}]
+  - route: [{{destination: {{host: rest}}}}]
+""")
+    table = build_table([GATEWAY], [v], LABELS)
+    assert table.problems == []
+
+    def request(n: int) -> Request:
+        return req("/" + unit * n, x_h=unit * n)
+    decide(table, request(64))  # warm the DFA caches
+    small, large = _decide_cost(table, request(500)), _decide_cost(table, request(8000))
+    assert large < small * 16 * 4, (small, large)  # 16 times the text: linear, not worse
+    a = decide(table, request(8000))
+    assert isinstance(a, Forward) and a.target.name == "rest"
