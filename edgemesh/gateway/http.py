@@ -74,7 +74,7 @@ MAX_KNOWN_TARGETS = 1024
 MEMO_PLANS = 32  # request heads remembered with their routing, per client connection
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Content Too Large", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
