@@ -17,6 +17,13 @@ Semantics (what Istio users expect, where the Go EdgeMesh gateway did less):
 - A request's host picks routes by the most specific host: exact, then the longest ``*.``
   wildcard suffix, then ``*``. Routes (of all VirtualServices for that host, in name order)
   are tried in order; a route matches when any of its matches does (all conditions ANDed).
+- Routes see the normalised request (``request_for``, by ``proxy.http_target``): the path with
+  dot segments removed, unreserved escapes decoded and slashes merged (Istio's ``BASE`` plus
+  ``MERGE_SLASHES``; ``%2F`` kept), the absolute URI's authority over ``Host``; so no spelling
+  of a path or authority steps around a route, and the endpoint gets what was matched.
+- ``regex`` matches are full matches in linear time (``linear_re``, RE2 semantics): a pattern
+  from a manifest cannot make a request stall the process; backreferences and lookarounds are
+  reported as problems, as RE2 refuses them.
 - Several servers may share a port when their protocols agree (HTTPS and TLS may mix, chosen
   by SNI); a server whose port is taken by another protocol is reported as a conflict.
 """

@@ -48,7 +48,7 @@ only.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from edgemesh.proxy.http_head import HeadError
 
@@ -67,6 +67,9 @@ _HEX = b"0123456789ABCDEFabcdef"
 _UNRESERVED_SET = frozenset(_UNRESERVED)
 _HEX_SET = frozenset(_HEX)
 _VISIBLE = bytes(range(0x21, 0x7F))
+_PLAIN_TARGET = _PATH_OK + b"?"  # an origin-form target made of these needs no work
+MAX_REMEMBERED = 1024
+_remembered: dict[bytes, Authority] = {}
 
 
 class TargetError(HeadError):
@@ -79,8 +82,7 @@ class TargetError(HeadError):
         super().__init__(message, 400, cause)
 
 
-@dataclass(frozen=True, slots=True)
-class Authority:
+class Authority(NamedTuple):
     """A validated authority: ``host`` lower-case (IPv6 in brackets), ``port`` if given."""
     host: bytes
     port: int | None = None
@@ -96,9 +98,9 @@ class Authority:
             (self.port or default) == (other.port or default)
 
 
-@dataclass(frozen=True, slots=True)
-class NormalTarget:
-    """A request's effective authority and normalised origin-form target."""
+class NormalTarget(NamedTuple):
+    """A request's effective authority and normalised origin-form target (a named tuple:
+    built on every request of the per-request proxy, so it must be cheap)."""
     authority: Authority | None  # None: neither an absolute URI nor Host named one
     path: bytes  # normalised, starts with "/"
     query: bytes | None  # after "?", byte for byte; None when there is no "?"
@@ -117,11 +119,15 @@ class NormalTarget:
 
 def normalize_request(target: bytes, host: bytes | None) -> NormalTarget:
     """The normalised target of a request with ``Host`` field ``host`` (None: none sent)."""
+    given = authority_of(host) if host else None
+    if target[:1] == b"/" and not target.translate(None, _PLAIN_TARGET) and \
+            b"/." not in target and b"//" not in target:
+        path, q, rest = target.partition(b"?")  # the common case: nothing to normalise
+        return NormalTarget(given, path, rest if q else None)
     if b"#" in target:
         raise TargetError("a fragment in the request-target")
     if target.translate(None, _VISIBLE):
         raise TargetError("a blank or control character in the request-target")
-    given = parse_authority(host) if host else None
     if target[:1] == b"/":
         path, q, rest = target.partition(b"?")
         return NormalTarget(given, normalize_path(path), rest if q else None)
@@ -131,6 +137,18 @@ def normalize_request(target: bytes, host: bytes | None) -> NormalTarget:
     if host is not None and given is None:
         raise TargetError("an empty Host with an absolute URI", "authority_mismatch")
     return NormalTarget(authority, normalize_path(path), query, absolute=True)
+
+
+def authority_of(raw: bytes) -> Authority:
+    """``parse_authority``, remembered: a listener sees the same few Host values again and
+    again (``MAX_REMEMBERED`` of them; refusals are not remembered)."""
+    found = _remembered.get(raw)
+    if found is None:
+        found = parse_authority(raw)
+        if len(_remembered) >= MAX_REMEMBERED:
+            _remembered.clear()
+        _remembered[raw] = found
+    return found
 
 
 def split_absolute(target: bytes) -> tuple[bytes, Authority, bytes, bytes | None]:
