@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgemesh.proxy.http_target import (
     Authority,
@@ -177,3 +179,35 @@ def test_proxy_refuses_with_400(raw: bytes) -> None:
     reply = _port_decides(raw)
     assert reply.status == 400 and not reply.keep  # type: ignore[attr-defined]
     assert reply.data.startswith(b"HTTP/1.1 400 Bad Request\r\n")  # type: ignore[attr-defined]
+
+
+# ---- properties on arbitrary input ---------------------------------------------------------------
+
+_PIECES = st.sampled_from([b"/", b".", b"..", b"%2e", b"%2E", b"%2f", b"%5C", b"\\", b"a", b"%41",
+                           b"?", b"#", b"%", b"%00", b"|", b" ", b"\x00", b"http://", b"@", b":"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES | st.binary(max_size=3), max_size=20).map(b"".join))
+def test_normalised_paths_are_fixed_points(target: bytes) -> None:
+    try:
+        t = normalize_request(target, b"a.example.com")
+    except TargetError as e:
+        assert e.status == 400
+        return
+    path = t.path
+    assert path.startswith(b"/") and b"//" not in path
+    assert not any(seg in (b".", b"..") for seg in path.split(b"/"))
+    assert not path.translate(None, bytes(range(0x21, 0x7F))) and b"\\" not in path
+    assert normalize_path(path) == path  # normalising twice changes nothing
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40))
+def test_authorities_are_strict_and_stable(raw: bytes) -> None:
+    try:
+        a = parse_authority(raw)
+    except TargetError:
+        return
+    assert not a.host.translate(None, b"abcdefghijklmnopqrstuvwxyz0123456789-._~[]:")
+    assert parse_authority(a.text()) == a
