@@ -2,12 +2,17 @@
 
 The engine reads, frames and relays; ``GatewayRouter.decide`` asks the route table
 (``routes.PortSpec.decide``) about each request and turns its action into the engine's terms:
-bytes pass through untouched except the request line (rewritten target), the fields the route
-changes (``Host``, header operations) and ``X-Forwarded-For`` / ``X-Forwarded-Proto``.
+routes match on the normalised request (``http_target``: dot segments removed, slashes merged,
+the authority of an absolute URI preferred to ``Host``), and that is what goes upstream: an
+origin-form request line with the normalised (then rewritten) path, ``Host`` = the effective
+(or rewritten) authority. Other bytes pass through untouched except the fields the route
+changes (header operations) and ``X-Forwarded-For`` / ``X-Forwarded-Proto``.
 Errors a client sees:
 
 - 400/431/501 malformed or oversized heads (the parser's hint), 408 a head not received in
   ``requestHeaderTimeout``, 413 a body over ``maxRequestBodyBytes``;
+- 400 a request-target or authority ``http_target`` refuses (an absolute URI naming another
+  authority than ``Host``, a Host that is no RFC 3986 authority, a bad escape...);
 - 404 no route for the host and path;
 - 503 no endpoint, or none could be connected to (after retries);
 - 502 the endpoint broke the protocol or closed without answering;
@@ -40,6 +45,7 @@ from edgemesh.gateway.routes import (
     SendDirect,
     SendRedirect,
     Target,
+    request_for,
 )
 from edgemesh.meta.istio import HeaderOps
 from edgemesh.meta.models import Service, ServicePort
@@ -48,6 +54,7 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
 from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
+from edgemesh.proxy.http_target import TargetError
 from edgemesh.proxy.lb import Balancer, HashKey
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
@@ -67,7 +74,7 @@ MAX_KNOWN_TARGETS = 1024
 MEMO_PLANS = 32  # request heads remembered with their routing, per client connection
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Content Too Large", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
@@ -241,9 +248,11 @@ class GatewayRouter:
     def _plan(self, spec: PortSpec, head: RequestHead, client_ip: str
               ) -> tuple[_Plan | Reply, bool]:
         """The plan for a request, and whether it holds for the same head again."""
-        req = Request(method=head.method.decode("latin-1"),
-                      target=head.target.decode("latin-1"), host=head.host.decode("latin-1"),
-                      headers=_HeaderView(head), scheme=self.scheme, port=spec.port)
+        try:
+            req = request_for(head.method.decode("latin-1"), head.target, _host_field(head),
+                              _HeaderView(head), self.scheme, spec.port)
+        except TargetError as e:
+            return self._refused(e), False
         action = spec.decide(req, random.random(), self.server)
         keep = head.framing is Framing.NONE and head.keep_alive
         if isinstance(action, NotFound):
@@ -263,6 +272,15 @@ class GatewayRouter:
         weighted = sum(1 for t in route.targets if t.weight > 0)
         return plan, len(route.targets) == 1 or weighted == 1
 
+    def _refused(self, error: TargetError) -> Reply:
+        """A target or authority routing must not guess at: 400, counted by cause, and the
+        connection closed (what follows it on the connection cannot be trusted either)."""
+        BAD_REQUESTS.labels(error.cause).inc()
+        if _once(("target", error.cause)):
+            log.info("gateway refused a request target (%s): %s; further ones are only "
+                     "counted (edgemesh_gateway_bad_requests_total)", error.cause, error)
+        return Reply(400, page(400, f"{error}\n".encode(), False), False)
+
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
         if failure in (Failure.BAD_REQUEST, Failure.HEAD_TIMEOUT):
             BAD_REQUESTS.labels(str(status)).inc()
@@ -281,6 +299,11 @@ class GatewayRouter:
         if self._duration is None:
             self._duration = DURATION.labels(str(self.port))  # type: ignore[assignment]
         self._duration.observe(time.monotonic() - started)  # type: ignore[union-attr]
+
+
+def _host_field(head: RequestHead) -> bytes | None:
+    """The Host field's value; None when the request has none (HTTP/1.0 may omit it)."""
+    return head.host or head.header(b"host")
 
 
 def _apply_ops(headers: list[tuple[bytes, bytes]], ops: HeaderOps | None) -> None:

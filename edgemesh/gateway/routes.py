@@ -17,6 +17,13 @@ Semantics (what Istio users expect, where the Go EdgeMesh gateway did less):
 - A request's host picks routes by the most specific host: exact, then the longest ``*.``
   wildcard suffix, then ``*``. Routes (of all VirtualServices for that host, in name order)
   are tried in order; a route matches when any of its matches does (all conditions ANDed).
+- Routes see the normalised request (``request_for``, by ``proxy.http_target``): the path with
+  dot segments removed, unreserved escapes decoded and slashes merged (Istio's ``BASE`` plus
+  ``MERGE_SLASHES``; ``%2F`` kept), the absolute URI's authority over ``Host``; so no spelling
+  of a path or authority steps around a route, and the endpoint gets what was matched.
+- ``regex`` matches are full matches in linear time (``linear_re``, RE2 semantics): a pattern
+  from a manifest cannot make a request stall the process; backreferences and lookarounds are
+  reported as problems, as RE2 refuses them.
 - Several servers may share a port when their protocols agree (HTTPS and TLS may mix, chosen
   by SNI); a server whose port is taken by another protocol is reported as a conflict.
 """
@@ -27,7 +34,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from edgemesh.gateway.linear_re import LinearPattern
 from edgemesh.meta.istio import Headers, ServerTLS, StringMatch
+from edgemesh.proxy.http_target import normalize_request
 
 ZONE = "cluster.local"
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")  # served as HTTP/1.1
@@ -51,10 +60,11 @@ class TLSMode(enum.Enum):
 
 @dataclass(frozen=True)
 class Matcher:
-    """One StringMatch, compiled: exact, prefix, regex (full match, as RE2 in Envoy), present."""
+    """One StringMatch, compiled: exact, prefix, regex (full match in linear time, as RE2 in
+    Envoy: ``linear_re``), present."""
     kind: str
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: LinearPattern | None = None
     ignore_case: bool = False
 
     def __call__(self, text: str | None) -> bool:
@@ -69,13 +79,15 @@ class Matcher:
         if self.kind == "prefix":
             return text.startswith(self.value)
         assert self.regex is not None
-        return self.regex.fullmatch(text) is not None
+        return self.regex.fullmatch(text)
 
 
 def compile_match(sm: StringMatch, ignore_case: bool = False) -> Matcher:
-    """A Matcher for ``sm``; raises ``re.error`` for a bad regex (the caller reports it)."""
+    """A Matcher for ``sm``; raises ``re.error`` for a bad regex, or one the gateway will not
+    run (``linear_re.UnsupportedPattern``: backreferences, lookarounds, too large), which the
+    caller reports as a problem of the route, logged once."""
     value = sm.value.lower() if ignore_case and sm.kind != "regex" else sm.value
-    regex = re.compile(sm.value, re.IGNORECASE if ignore_case else 0) \
+    regex = LinearPattern(sm.value, re.IGNORECASE if ignore_case else 0) \
         if sm.kind == "regex" else None
     return Matcher(sm.kind, value, regex, ignore_case and sm.kind != "regex")
 
@@ -213,10 +225,13 @@ class L4Rule:
 
 @dataclass
 class Request:
-    """What routing needs to know about one HTTP request (header names lower-case)."""
+    """What routing needs to know about one HTTP request (header names lower-case).
+
+    ``target`` and ``host`` are the normalised ones (``request_for`` makes them from what the
+    client sent): routes match, rewrite and redirect on what the endpoint will receive."""
     method: str
-    target: str  # the request-target as sent: path and query
-    host: str  # Host header or :authority, port included if the client sent one
+    target: str  # origin-form: normalised path, then "?query" as sent
+    host: str  # the effective authority, host lower-case, port included if one was given
     headers: Mapping[str, str]
     scheme: str = "http"
     port: int = 80
@@ -250,6 +265,16 @@ class Request:
             for k, v in parse_qsl(self.query_string, keep_blank_values=True):
                 self._query.setdefault(k, v)
         return self._query
+
+
+def request_for(method: str, target: bytes, host: bytes | None, headers: Mapping[str, str],
+                scheme: str = "http", port: int = 80) -> Request:
+    """The routing facts of a request as sent (``host``: its Host field, None if it had none):
+    target normalised and authority chosen by ``http_target.normalize_request``, which raises
+    ``TargetError`` (400) for a target or authority that cannot be routed safely."""
+    t = normalize_request(target, host)
+    authority = t.authority.text().decode("ascii") if t.authority is not None else ""
+    return Request(method, t.origin.decode("latin-1"), authority, headers, scheme, port)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,16 @@ both listeners look like ``tcp.TCPListener`` to the module (``address``, ``balan
   the cookie gets a generated value, and its response one ``Set-Cookie`` line (Istio/Envoy
   semantics: the value is hashed on the ring, so later requests carrying it stick to the same
   endpoint; without a ``ttl`` nothing is generated and such a request goes to any endpoint).
+  Each request-target is normalised first as the gateway does (``http_target``: dot segments
+  removed, unreserved escapes decoded, slashes merged; an absolute URI's authority becomes
+  ``Host``, and one that disagrees with ``Host`` is refused): the endpoint gets the same
+  origin-form path the gateway (or nginx, which normalises too) would send, so an endpoint's
+  own path checks cannot be stepped around by ``/x/../admin`` through the mesh either.
   Errors answer with a short text naming the service and close the connection: 503 no
   endpoints, 502 unreachable or broken, 504 no response head in time, 400/431/501/405
-  malformed requests; a request head not complete within ``httpHeaderTimeout`` closes the
-  connection without an answer.
+  malformed requests (400 a refused target, counted in
+  ``edgemesh_http_refused_targets_total{service, cause}``); a request head not complete
+  within ``httpHeaderTimeout`` closes the connection without an answer.
   One ``UpstreamPool`` per port.
 - ``TLSListener``: the TCP splice path, but each accepted connection first waits (at most
   ``SNI_WAIT`` seconds, on libev watchers, no greenlet) for the ClientHello, peeked with
@@ -45,6 +51,7 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.http_pool import UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
+from edgemesh.proxy.http_target import NormalTarget, TargetError, normalize_request
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, Conn, TCPListener, TCPProxy
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
@@ -60,6 +67,10 @@ REQUESTS = metrics.counter("edgemesh_http_requests_total",
 DURATION = metrics.histogram("edgemesh_http_request_duration_seconds",
                              "From a request head read to its response's last byte sent.",
                              ["service"])
+REFUSED = metrics.counter("edgemesh_http_refused_targets_total",
+                          "Requests refused (400) for a request-target or authority that "
+                          "cannot be routed safely, by service port and cause.",
+                          ["service", "cause"])
 _HTTP_KEYS = (HashKey.HTTP_HEADER, HashKey.HTTP_COOKIE, HashKey.HTTP_QUERY)
 SNI_WAIT = 2.0  # seconds an https connection may take to send its ClientHello
 SNI_RETRY = 0.01  # a partial ClientHello is peeked again after this long
@@ -141,6 +152,21 @@ def request_key(spec: LBSpec, head: RequestHead, client_ip: str) -> str | None:
     return None
 
 
+def upstream_head(head: RequestHead, raw: bytes, target: NormalTarget) -> bytes:
+    """The head as it goes upstream: origin-form with the normalised path and, for an
+    absolute-form request, ``Host`` set to the URI's authority (``raw`` itself when the
+    client sent that already; an origin-form request keeps its Host as sent, which names the
+    effective authority)."""
+    if not target.absolute and target.origin == head.target:
+        return raw
+    fields = raw.split(b"\r\n")[1:-2]  # the head ends with an empty line
+    if target.absolute and target.authority is not None:
+        fields = [b"Host: " + target.authority.text(),
+                  *(f for f in fields if f.partition(b":")[0].lower() != b"host")]
+    line = head.method + b" " + target.origin + b" HTTP/" + head.version
+    return b"\r\n".join([line, *fields]) + b"\r\n\r\n"
+
+
 def _cookie_edit(line: bytes) -> Callable[[bytes], bytes]:
     def edit(rraw: bytes) -> bytes:
         end = rraw.index(b"\n") + 1
@@ -159,6 +185,11 @@ class HttpPort:
     _duration: metrics.Histogram | None = field(default=None, repr=False)
 
     def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply:
+        try:
+            target = normalize_request(head.target, head.host or head.header(b"host"))
+        except TargetError as e:
+            return self._refused(e, client_ip)
+        raw = upstream_head(head, raw, target)
         balancer = self.balancer
         key = request_key(balancer.spec, head, client_ip)
         edit = None
@@ -166,6 +197,14 @@ class HttpPort:
             key = secrets.token_hex(8)
             edit = _cookie_edit(set_cookie_line(self.cookie, key))
         return Forward(balancer, self.backends(), key, raw, edit_response=edit)
+
+    def _refused(self, error: TargetError, client_ip: str) -> Reply:
+        REFUSED.labels(self.name, error.cause).inc()
+        if _once(("target", self.name, error.cause)):
+            log.info("%s: refused a request target from %s (%s): %s; further ones are only "
+                     "counted (edgemesh_http_refused_targets_total)", self.name, client_ip,
+                     error.cause, error)
+        return Reply(400, error_response(400, f"bad request: {error}"), False)
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
         if failure is Failure.HEAD_TIMEOUT:

@@ -237,6 +237,17 @@ spec:
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
+metadata: {name: app, namespace: edge}
+spec:
+  hosts: ["app.example.com"]
+  gateways: ["web"]
+  http:
+  - match: [{uri: {prefix: /admin}}, {uri: {regex: "/private(/.*)?"}}]
+    directResponse: {status: 403, body: {string: denied}}
+  - route: [{destination: {host: web-a}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
 metadata: {name: wild, namespace: edge}
 spec:
   hosts: ["*.example.com", "mtls.example.net"]
@@ -419,6 +430,83 @@ def test_malformed_and_slow_clients(env: Env) -> None:
     assert out[0] == "HTTP/1.1 400 Bad Request"
     assert out[1] == "HTTP/1.1 431 Request Header Fields Too Large"
     assert out[2] == "HTTP/1.1 408 Request Timeout"
+
+
+def _raw(env: Env, requests: list[bytes]) -> list[tuple[str, str]]:
+    """Each request's exact bytes on a connection of its own: (status line, body) answered."""
+    out = env.py(f"""
+        import json, socket
+        answers = []
+        for raw in {requests!r}:
+            s = socket.create_connection(("{GW}", 80), timeout=10)
+            s.sendall(raw)
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            head, _, body = data.partition(b"\\r\\n\\r\\n")
+            answers.append((head.split(b"\\r\\n")[0].decode(), body.decode("latin-1")))
+        print(json.dumps(answers))
+    """)
+    return [tuple(a) for a in json.loads(out)]
+
+
+DENIED_FORMS = [  # each must meet the deny route of app.example.com (issue #13, item 4)
+    b"GET /admin/x HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    # absolute-form (RFC 9112 3.2.2): the URI's authority, the URI's path
+    b"GET http://app.example.com/admin/x HTTP/1.1\r\nHost: app.example.com\r\n"
+    b"Connection: close\r\n\r\n",
+    b"GET HTTP://APP.example.com:80/admin/x HTTP/1.0\r\n\r\n",
+    # dot segments (RFC 3986 5.2.4), also percent-encoded (Istio's %2e normalisation)
+    b"GET /p-dots/../admin/x HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    b"GET /p/%2e%2e/admin/x HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    b"GET /p/.%2E/private HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    b"GET /../../admin HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    # merged slashes (MERGE_SLASHES), backslashes, encoded unreserved characters
+    b"GET //admin/x HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    b"GET //private//x HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    b"GET /p\\..\\admin HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    b"GET /%61dmin/x HTTP/1.1\r\nHost: APP.example.com.\r\nConnection: close\r\n\r\n",
+]
+REFUSED_FORMS = [  # answered 400, never forwarded
+    b"GET admin/x HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    # the absolute URI names another authority than Host
+    b"GET http://other.example.com/admin/x HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
+    b"GET http://app.example.com/admin/x HTTP/1.1\r\nHost: other.example.com\r\n\r\n",
+    b"GET http://app.example.com:8080/admin/x HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
+    # Host values that are no RFC 3986 authority, against the *.example.com wildcard
+    b"GET /x HTTP/1.1\r\nHost: evil/.example.com\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: evil .example.com\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: user@b.example.com\r\n\r\n",
+    b"GET /a%00 HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
+]
+
+
+def test_deny_route_cannot_be_stepped_around(env: Env) -> None:
+    for raw, (status, body) in zip(DENIED_FORMS, _raw(env, DENIED_FORMS), strict=True):
+        assert (status, body) == ("HTTP/1.1 403 Forbidden", "denied"), raw
+    for raw, (status, _) in zip(REFUSED_FORMS, _raw(env, REFUSED_FORMS), strict=True):
+        assert status == "HTTP/1.1 400 Bad Request", raw
+
+
+def test_backend_gets_the_normalised_origin_form(env: Env) -> None:
+    answers = _raw(env, [
+        b"GET http://app.example.com/a/./b/../c//d?x=/../y HTTP/1.1\r\n"
+        b"Host: APP.example.com:80\r\nConnection: close\r\n\r\n",
+        b"GET http://shop.example.com/teapot HTTP/1.0\r\n\r\n",  # routed by the URI
+        b"GET /%7Euser/a%2fb/%2E HTTP/1.1\r\nHost: app.example.com\r\n"
+        b"Connection: close\r\n\r\n",
+    ])
+    assert answers[0][0] == "HTTP/1.1 200 OK"
+    got = json.loads(answers[0][1])
+    assert (got["name"], got["path"], got["host"]) == ("web-a", "/a/c/d?x=/../y",
+                                                       "app.example.com")
+    assert answers[1][0].startswith("HTTP/1.1 418") and answers[1][1] == "short and stout"
+    got = json.loads(answers[2][1])
+    assert got["path"] == "/~user/a%2Fb/"  # %2F kept (Istio BASE), unreserved decoded
 
 
 def test_websocket_through_the_gateway(env: Env) -> None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections import Counter
 from typing import Any
 
+import pytest
 import yaml
 
 from edgemesh.gateway.compile import build_table, resolve_host, selects
@@ -18,8 +20,10 @@ from edgemesh.gateway.routes import (
     Target,
     choose_target,
     intersect_hosts,
+    request_for,
 )
 from edgemesh.meta.istio import parse_gateway, parse_virtual_service
+from edgemesh.proxy.http_target import TargetError
 
 LABELS = {"kubeedge": "edgemesh-gateway"}
 
@@ -402,3 +406,229 @@ def test_examples_build_without_problems() -> None:
     assert table.problems == []
     assert {8081, 8443, 8088, 9883, 9432} <= set(table.ports)
     assert table.ports[8443].kind is PortKind.TLS
+
+
+# ---- routing on the normalised request: deny routes cannot be stepped around -------------------
+
+DENY = vs("""
+metadata: {name: app, namespace: edge}
+spec:
+  hosts: ["app.example.com"]
+  gateways: ["web"]
+  http:
+  - name: deny-admin
+    match: [{uri: {prefix: /admin}}, {uri: {regex: "/private/.*"}}]
+    directResponse: {status: 403, body: {string: denied}}
+  - name: app
+    route: [{destination: {host: app}}]
+""")
+OTHER = vs("""
+metadata: {name: other, namespace: edge}
+spec:
+  hosts: ["other.example.com"]
+  gateways: ["web"]
+  http:
+  - route: [{destination: {host: other}}]
+""")
+WILDCARD = vs("""
+metadata: {name: wide, namespace: edge}
+spec:
+  hosts: ["*.example.com"]
+  gateways: ["web"]
+  http:
+  - route: [{destination: {host: wide}}]
+""")
+
+
+def sent(target: bytes, host: bytes | None = b"app.example.com") -> Request:
+    """The routing facts of a request as a client sent it (normalised as the gateway does)."""
+    return request_for("GET", target, host, {}, port=8080)
+
+
+@pytest.mark.parametrize("target", [
+    b"/admin/x", b"http://app.example.com/admin/x", b"HTTP://APP.EXAMPLE.COM:80/admin/x",
+    b"/p-dots/../admin/x", b"/p/%2e%2e/admin/x", b"/p/%2E./admin/x", b"//admin/x",
+    b"/./admin/x", b"/../admin/x", b"/%61dmin/x", b"/p\\..\\admin/x", b"/private/../admin",
+    b"/a/../private/key", b"//private//key", b"http://app.example.com//private/x",
+])
+def test_deny_route_holds_for_every_form(target: bytes) -> None:
+    table = build_table([GATEWAY], [DENY, OTHER], LABELS)
+    a = decide(table, sent(target))
+    assert isinstance(a, SendDirect) and a.status == 403, target
+
+
+@pytest.mark.parametrize(("target", "host"), [
+    (b"admin/x", b"app.example.com"),  # no leading slash
+    (b"http://other.example.com/admin/x", b"app.example.com"),  # mismatched authority
+    (b"http://app.example.com/admin/x", b"other.example.com"),
+    (b"/admin/x", b"app.example.com/admin"),
+    (b"/x", b"evil.com/.example.com"),  # would end with ".example.com" as text
+    (b"/x", b"evil .example.com"),
+    (b"/x", b"user@a.example.com"),
+    (b"/admin/%00", b"app.example.com"),
+])
+def test_unroutable_targets_refused(target: bytes, host: bytes) -> None:
+    with pytest.raises(TargetError) as e:
+        sent(target, host)
+    assert e.value.status == 400
+
+
+def test_absolute_uri_authority_routes_and_goes_upstream() -> None:
+    table = build_table([GATEWAY], [DENY, OTHER], LABELS)
+    a = decide(table, sent(b"http://other.example.com/x/./y?q=/../z", None))  # HTTP/1.0
+    assert isinstance(a, Forward) and a.target.name == "other"
+    assert (a.path, a.authority) == ("/x/y?q=/../z", "other.example.com")
+    a = decide(table, sent(b"http://App.Example.com:8080/a//b", b"app.example.com:8080"))
+    assert isinstance(a, Forward) and a.target.name == "app"
+    assert (a.path, a.authority) == ("/a/b", "app.example.com:8080")
+
+
+def test_wildcard_host_matches_only_real_names() -> None:
+    table = build_table([GATEWAY], [WILDCARD], LABELS)
+    a = decide(table, sent(b"/", b"Shop.Example.COM."))
+    assert isinstance(a, Forward) and a.target.name == "wide"
+    assert isinstance(decide(table, sent(b"/", b"example.com")), NotFound)
+
+
+def test_redirect_and_rewrite_use_the_normalised_path() -> None:
+    v = vs("""
+metadata: {name: r, namespace: edge}
+spec:
+  hosts: ["*"]
+  gateways: ["web"]
+  http:
+  - match: [{uri: {prefix: /old/}}]
+    redirect: {authority: new.example.com}
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /v2/}
+    route: [{destination: {host: api}}]
+""")
+    table = build_table([GATEWAY], [v], LABELS)
+    a = decide(table, sent(b"/x/../old/%7Ea?b", b"a.example.com"))
+    assert isinstance(a, SendRedirect) and a.location == "http://new.example.com/old/~a?b"
+    a = decide(table, sent(b"/api/../api//items/./1", b"a.example.com"))
+    assert isinstance(a, Forward) and a.path == "/v2/items/1"
+
+
+class _Upstreams:
+    def endpoints(self, target: Target) -> tuple[Any, list[Any]]:
+        from edgemesh.proxy.lb import Balancer, LBSpec
+        return Balancer(LBSpec()), []
+
+
+def _router_decides(raw: bytes) -> Any:
+    from edgemesh.gateway.http import GatewayRouter
+    from edgemesh.proxy.http_head import parse_request_head
+    from edgemesh.proxy.http_router import HttpLimits
+    table = build_table([GATEWAY], [DENY, OTHER], LABELS)
+    router = GatewayRouter(lambda: table.ports[8080], 0, "http", _Upstreams(),  # type: ignore[arg-type]
+                           HttpLimits())
+    return router.decide(parse_request_head(raw), raw, "10.0.0.9")
+
+
+def test_router_sends_origin_form_with_the_effective_authority() -> None:
+    fwd = _router_decides(b"GET http://other.example.com/a/%2e%2e/b//c?x=/../y HTTP/1.1\r\n"
+                          b"Host: OTHER.example.com:80\r\nAccept: */*\r\n\r\n")
+    assert fwd.wire == (b"GET /b/c?x=/../y HTTP/1.1\r\nHost: other.example.com\r\n"
+                        b"Accept: */*\r\nX-Forwarded-For: 10.0.0.9\r\n"
+                        b"X-Forwarded-Proto: http\r\n\r\n")
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET http://app.example.com/admin/x HTTP/1.1\r\nHost: app.example.com\r\n\r\n", 403),
+    (b"GET /p-dots/../admin/x HTTP/1.1\r\nHost: app.example.com\r\n\r\n", 403),
+    (b"GET http://other.example.com/x HTTP/1.1\r\nHost: app.example.com\r\n\r\n", 400),
+    (b"GET admin/x HTTP/1.1\r\nHost: app.example.com\r\n\r\n", 400),
+    (b"GET /x HTTP/1.1\r\nHost: app.example.com/x\r\n\r\n", 400),
+])
+def test_router_replies(raw: bytes, status: int) -> None:
+    reply = _router_decides(raw)
+    assert reply.status == status
+    if status == 400:
+        assert not reply.keep and b"Connection: close" in reply.data
+
+
+# ---- regex matches run in linear time (RE2 semantics) --------------------------------------------
+
+def test_patterns_a_linear_engine_cannot_run_are_reported_once_and_skipped() -> None:
+    v = vs(r"""
+metadata: {name: re, namespace: edge}
+spec:
+  hosts: ["*"]
+  gateways: ["web"]
+  http:
+  - match: [{uri: {regex: "/(a+)\\1"}}]
+    route: [{destination: {host: backref}}]
+  - match: [{headers: {x-a: {regex: "(?=x).*"}}}]
+    route: [{destination: {host: lookahead}}]
+  - match: [{queryParams: {q: {regex: "a{2000}"}}}]
+    route: [{destination: {host: huge}}]
+  - match: [{authority: {regex: "(a+)+b.example.com"}}]
+    route: [{destination: {host: nested}}]
+  - route: [{destination: {host: rest}}]
+""")
+    table = build_table([GATEWAY], [v], LABELS)
+    assert len(table.problems) == 3, table.problems
+    assert "backreferences are not supported" in table.problems[0]
+    assert "lookaround assertions are not supported" in table.problems[1]
+    assert "pattern too large" in table.problems[2]
+    a = decide(table, req("/aa", host="aab.example.com"))
+    assert isinstance(a, Forward) and a.target.name == "nested"  # nested quantifiers: fine
+    a = decide(table, req("/aa", host="other.example.com", x_a="x"))
+    assert isinstance(a, Forward) and a.target.name == "rest"
+
+
+RE2_PATTERNS = [r"/v[0-9]+/items", r"^/api/.*/v\d+/.*$", r"(a|bc)*d", r"[^a]b", r"a{2,4}",
+                r"(a*)*b", r"\w+\s\w+", r".*a.*a.*b", r"(x+x+)+y", r"a|b|", r"(?:ab)?c",
+                r"[a-f\d_-]+", r"\$[.]x", r"^$", r"(?s).", r".", r"x*?y", r"é+",
+                r"[\w.-]+@[\w-]+\.\w+", r"/static/.+\.(js|css)", r"(?i)/Api/[A-Z]+"]
+TEXTS = ["", "a", "b", "ab", "Ab", "aB", "bcbcd", "d", "/v12/items", "/api/x/v2/y", "/api/x/v/y",
+         "aaa", "aaaaa", "Hello World", "xxxy", "\n", "c", "abc", "$.x", "y", "xxy", "a_b-1f",
+         "a@b.com", "aab", "aaab", "éé", "/static/a/b.js", "/static/.css", "/api/ABC",
+         "/API/abc", "/api/ab1"]
+
+
+@pytest.mark.parametrize("pattern", RE2_PATTERNS)
+def test_linear_engine_agrees_with_python_re(pattern: str) -> None:
+    import re
+
+    from edgemesh.gateway.linear_re import LinearPattern
+    ours, theirs = LinearPattern(pattern), re.compile(pattern)
+    for text in TEXTS:
+        assert ours.fullmatch(text) == (theirs.fullmatch(text) is not None), (pattern, text)
+
+
+def _decide_cost(table: Any, r: Request) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        decide(table, r)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize(("pattern", "unit"), [
+    ("(a+)+b", "a"), (".*a.*a.*a.*b", "a"), ("(x+x+)+y", "x"), ("[ab]*a[ab]{120}", "ab"),
+    ("(a|aa)*c", "a"), ("(.*)*/admin", "/"),
+])
+def test_hostile_pattern_cannot_stall_the_gateway(pattern: str, unit: str) -> None:
+    v = vs(f"""
+metadata: {{name: evil, namespace: edge}}
+spec:
+  hosts: ["*"]
+  gateways: ["web"]
+  http:
+  - match: [{{uri: {{regex: "{pattern}"}}}}, {{headers: {{x-h: {{regex: "{pattern}"}}}}}}]
+    route: [{{destination: {{host: evil}}}}]
+  - route: [{{destination: {{host: rest}}}}]
+""")
+    table = build_table([GATEWAY], [v], LABELS)
+    assert table.problems == []
+
+    def request(n: int) -> Request:
+        return req("/" + unit * n, x_h=unit * n)
+    decide(table, request(64))  # warm the DFA caches
+    small, large = _decide_cost(table, request(500)), _decide_cost(table, request(8000))
+    assert large < small * 16 * 4, (small, large)  # 16 times the text: linear, not worse
+    a = decide(table, request(8000))
+    assert isinstance(a, Forward) and a.target.name == "rest"
