@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 PROTOCOL_CORES = [
     "edgemesh/config.py",
+    "edgemesh/config_go.py",
     "edgemesh/meta/",
     "edgemesh/dns/zone.py",
     "edgemesh/dns/wire.py",
@@ -22,9 +23,12 @@ PROTOCOL_CORES = [
     "edgemesh/proxy/http_head.py",
     "edgemesh/proxy/http_body.py",
     "edgemesh/proxy/http_router.py",
+    "edgemesh/proxy/http_target.py",
     "edgemesh/proxy/tls_sni.py",
     "edgemesh/gateway/routes.py",
     "edgemesh/gateway/compile.py",
+    "edgemesh/gateway/linear_re.py",
+    "edgemesh/gateway/ciphers.py",
 ]
 
 
