@@ -1,5 +1,7 @@
 """The per-request HTTP shell on loopback: real sockets, real clients (requests, curl,
-websockets), h11 endpoints behind it (tests/httpbackends.py)."""
+websockets), h11 endpoints behind it (tests/httpbackends.py). Every case runs down both
+execution paths of the engine: the callback fast path (``fast=True``) and the greenlet path
+alone (``fast=False``, as the gateway's TLS connections run)."""
 from __future__ import annotations
 
 import hashlib
@@ -32,6 +34,7 @@ from tests.procs import free_port
 
 class Proxy:
     """serve_connection behind a StreamServer, as the proxy module runs it."""
+    fast = True  # set per test by the ``fast`` fixture
 
     def __init__(self, backends: list[Backend], spec: LBSpec = LBSpec(),
                  cookie: HttpCookie | None = None, limits: HttpLimits = HttpLimits()):
@@ -45,13 +48,20 @@ class Proxy:
 
     def _handle(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         self.accepted += 1
-        serve_connection(sock, addr, self.port, self.pool, self.limits)
+        serve_connection(sock, addr, self.port, self.pool, self.limits, fast=self.fast)
 
     limits: HttpLimits = HttpLimits()
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
         self.pool.close()
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["callbacks", "greenlet"])
+def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Which path serves the connections: callbacks with hand-overs, or the greenlet alone."""
+    monkeypatch.setattr(Proxy, "fast", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -360,7 +370,7 @@ def test_head_memo_returns_what_the_parser_returns() -> None:
     memo = _Memo()
     raw = b"GET /x HTTP/1.1\r\nHost: a\r\nX-User: u\r\n\r\n"
     first = memo.request(raw, HeadLimits())
-    assert first == parse_request_head(raw) and memo.request(raw, HeadLimits()) is first
+    assert first == (parse_request_head(raw), True) and memo.request(raw, HeadLimits()) is first
     for tighter in (HeadLimits(max_fields=1), HeadLimits(max_size=10)):  # limits in the key
         with pytest.raises(HeadError):
             memo.request(raw, tighter)
