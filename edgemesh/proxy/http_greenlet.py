@@ -373,6 +373,7 @@ class Connection(ConnState):
             self._pump_body(body, upstream)
             upload.sent = True
         except HeadError as e:  # the client's fault: no answer from the endpoint will do
+            malformed("client", e, self.client_ip)
             upload.bad = e
             shutdown(upstream)
         except _ClientGone as e:
