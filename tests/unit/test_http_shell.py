@@ -663,3 +663,12 @@ def test_malformed_response_is_the_endpoints_fault(recorder: Recorder, target: s
         assert session.get(proxy.url + target, timeout=5).status_code == 502
     assert requests_count("502") == before[0] + 1
     assert MALFORMED.labels("client", "malformed").value == before[1]
+
+
+def test_a_real_upload_gets_the_early_answer(recorder: Recorder) -> None:
+    proxy = Proxy([recorder.backend])
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                          "10", "--data-binary", "@-", proxy.url + "/early413"],
+                         input=b"x" * 5_000_000, capture_output=True, check=True)
+    assert out.stdout == b"413"  # read, not reset away, while curl was still sending
+    second_client_is_its_own_request(proxy, recorder)
