@@ -9,10 +9,10 @@ callbacks, four syscalls and the parsing — the way ``tcp.py`` splices TCP.
 which sleeps meanwhile, and returns when the connection closed (``CLOSED``) or when a request
 needs what only the greenlet exchange (``http_greenlet``) does (``http_conn.Resume``, or None:
 read and parse the next request there): a request body, ``Expect: 100-continue``, an upgrade
-or an ``Upgrade`` offer to strip, a malformed head, an endpoint
-without an idle pooled connection (dialling), a response that is chunked, close-delimited or
-larger than ``FAST_BODY`` bytes, a 1xx response, or a status the route retries. The greenlet
-path then hands the connection back for the next request. What to retry, what to pool and
+or an ``Upgrade`` offer to strip, a malformed head, an endpoint without an idle pooled
+connection (dialling), a response that is chunked, close-delimited or larger than
+``FAST_BODY`` bytes, a 1xx or 101 response, or a status the route retries. The greenlet path
+then hands the connection back for the next request. What to retry, what to pool and
 how to word a failure are ``http_exchange``'s decisions, the same the greenlet path takes.
 
 Heads are parsed once per distinct head (``_Memo``, bounded): the parsers are pure, their
@@ -38,6 +38,7 @@ from gevent.hub import Waiter
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.http_conn import CLOSED, RECV_SIZE, ConnState, Resume, malformed
 from edgemesh.proxy.http_exchange import (
+    client_continues,
     failure_reply,
     is_final,
     needs_cleaning,
@@ -388,7 +389,7 @@ class Fast:
             self._drop_upstream()
         self.rbuf = b""
         self.conn.router.count(rhead.status, self.started)
-        self._send(out, head.keep_alive)
+        self._send(out, client_continues(head, rhead, True))
 
     def _fail(self, failure: Failure, status: int, detail: str) -> None:
         """Answer a failure of the request in flight as the router words it."""
