@@ -16,8 +16,10 @@ I/O; what they decide about one exchange is decided here, over plain values, onc
   was read whole, it asked to keep alive and the response was not close-delimited. After an
   early answer (a final response before the request body was read: ``Expect: 100-continue``
   refused, 413, ...) the connection closes after the response (RFC 9112 §9.3, RFC 9110
-  §10.1.1), with a bounded lingering close (``LINGER_BYTES``, ``LINGER_SECONDS``) so the
-  client reads the answer rather than a reset;
+  §10.1.1), which says so (``closing_head`` adds ``Connection: close``, RFC 9112 §9.6), with a
+  bounded lingering close (``LINGER_BYTES``, ``LINGER_SECONDS``) so the client reads the
+  answer rather than a reset. The rest of the body the endpoint did not wait for is not
+  forwarded once the response is complete;
 - ``relay_interim``: 1xx responses go on to HTTP/1.1 clients only (RFC 9110 §15.2);
 - ``timeout_failure`` and ``failure_reply``: what a timeout and any failure look like.
 """
@@ -127,6 +129,14 @@ def client_continues(head: RequestHead, rhead: ResponseHead, request_read: bool)
     """The client connection may carry another request after this response."""
     return (head.keep_alive and request_read and rhead.framing is not Framing.CLOSE
             and rhead.status != 101)
+
+
+def closing_head(rraw: bytes) -> bytes:
+    """The response head ``rraw`` with ``Connection: close`` added after its status line:
+    the client connection closes after this response (a ``close`` token wins over any
+    ``keep-alive`` already there)."""
+    end = rraw.index(b"\n") + 1
+    return rraw[:end] + b"Connection: close\r\n" + rraw[end:]
 
 
 def timeout_failure(fwd: Forward, limits: HttpLimits) -> tuple[Failure, int, str]:

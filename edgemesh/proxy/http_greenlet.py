@@ -35,6 +35,7 @@ from edgemesh.proxy.http_exchange import (
     bad_101,
     clean_request,
     client_continues,
+    closing_head,
     failure_reply,
     is_final,
     relay_interim,
@@ -485,11 +486,14 @@ class Connection(ConnState):
                 return False
             if fwd.edit_response is not None:
                 rraw = fwd.edit_response(rraw)
+            early = not body.done  # answered before the whole request was read
+            if early and client_continues(head, rhead, True):
+                rraw = closing_head(rraw)
             clean = self._relay_response(rhead, rraw, rest, upstream, str(backend))
             self.router.count(rhead.status, step.started)
             sent = upload.stop() if upload is not None else body.done
             pooled = reusable(head, rhead, sent, clean)
-            return client_continues(head, rhead, body.done)
+            return client_continues(head, rhead, not early)
         except _Failed as e:
             return self.answer(e.failure, e.status, e.detail, step.started)
         except HeadError as e:

@@ -132,6 +132,15 @@ def test_client_continues_only_after_a_whole_request() -> None:
     assert resp(200).framing is Framing.CLOSE
 
 
+def test_closing_head_says_close() -> None:
+    for raw in (b"HTTP/1.1 417 X\r\nContent-Length: 0\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"):
+        closed = ex.closing_head(raw)
+        head = parse_response_head(closed, b"POST")
+        assert not head.keep_alive and closed.endswith(raw[raw.index(b"\n") + 1:])
+
+
 # ---- failures ---------------------------------------------------------------------------------
 
 

@@ -542,6 +542,7 @@ def test_early_answer_never_bleeds_into_another_clients_request(
     status = {b"/early417": b"417", b"/early200": b"200", b"/early413": b"413",
               b"/early500": b"500"}[target]
     assert out.startswith(b"HTTP/1.1 " + status) and out.count(b"HTTP/1.1") == 1
+    assert b"\r\nConnection: close\r\n" in out  # and says it will close (RFC 9112 9.6)
     second_client_is_its_own_request(proxy, recorder)
     assert proxy.pool.idle_count() <= 1  # only the second request's connection
 
@@ -565,6 +566,15 @@ def test_complete_exchanges_reuse_the_upstream_connection(
             h.start_next_cycle()
     assert recorder.targets == [[target.encode(), b"/after"] * 2]  # one connection, in step
     assert bytes(recorder.received[0]).count(b"\r\n\r\n") == 4  # nothing but the four heads
+
+
+def test_interim_responses_are_not_sent_to_http10_clients(recorder: Recorder) -> None:
+    proxy = Proxy([recorder.backend])
+    with client(proxy) as c:
+        c.sendall(b"GET /1xx HTTP/1.0\r\nHost: a\r\n\r\n")
+        out = until_closed(c)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nok")
+    assert b" 100 " not in out and b" 103 " not in out
 
 
 def test_close_delimited_response_is_never_pooled(recorder: Recorder) -> None:
