@@ -37,6 +37,7 @@ from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, Rout
 LINGER_BYTES = 1 << 20  # after an early answer: request body bytes read and discarded, at most
 LINGER_SECONDS = 2.0  # ... for at most this long, before the client connection is closed
 
+_CLOSE = Framing.CLOSE  # an enum member looked up once: these run on every request
 _HOP_UPGRADE = (b"upgrade", b"http2-settings")  # fields dropped from a non-WebSocket offer
 _UPGRADE_INITIALS = frozenset(b"UuHhCc")  # upgrade, http2-settings, connection
 
@@ -120,14 +121,13 @@ def reusable(head: RequestHead, rhead: ResponseHead, request_sent: bool,
 
     ``request_sent``: the whole request, body included, went upstream; ``response_clean``:
     the whole response was read and the endpoint sent nothing after it."""
-    return (request_sent and response_clean and head.keep_alive and rhead.keep_alive
-            and not head.upgrade and rhead.status != 101
-            and rhead.framing is not Framing.CLOSE)
+    return (request_sent and response_clean and rhead.keep_alive and head.keep_alive
+            and not head.upgrade and rhead.framing is not _CLOSE and rhead.status != 101)
 
 
 def client_continues(head: RequestHead, rhead: ResponseHead, request_read: bool) -> bool:
     """The client connection may carry another request after this response."""
-    return (head.keep_alive and request_read and rhead.framing is not Framing.CLOSE
+    return (request_read and head.keep_alive and rhead.framing is not _CLOSE
             and rhead.status != 101)
 
 

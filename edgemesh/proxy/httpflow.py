@@ -40,7 +40,6 @@ from edgemesh.proxy.http_conn import CLOSED, RECV_SIZE, ConnState, Resume, malfo
 from edgemesh.proxy.http_exchange import (
     client_continues,
     failure_reply,
-    is_final,
     needs_cleaning,
     reusable,
     should_retry,
@@ -365,8 +364,9 @@ class Fast:
             self._drop_upstream()
             self._hand_over(exclude={backend} if backend is not None else None)
             return False
-        if not is_final(rhead) or rhead.status == 101 or rhead.length > FAST_BODY or \
-                rhead.framing not in (Framing.NONE, Framing.LENGTH):
+        if (rhead.status < 200  # 1xx and 101 too: the greenlet path decides
+                or rhead.length > FAST_BODY
+                or rhead.framing not in (Framing.NONE, Framing.LENGTH)):
             self._hand_over((rhead, rbuf[:end], rbuf[end:]))
             return False
         self.rhead, self.rend = rhead, end
