@@ -5,13 +5,15 @@ twice haproxy's CPU per request, most of it in the switches a blocking ``recv`` 
 the hub's own io watchers call back on readability, so a small keep-alive request costs two
 callbacks, four syscalls and the parsing — the way ``tcp.py`` splices TCP.
 
-``Fast.run()`` drives one client connection (``http.Connection``) from its greenlet, which
-sleeps meanwhile, and returns when the connection closed (``CLOSED``) or when a request needs
-what only the greenlet exchange does (``http.Resume``, or None: read and parse the next request
-there): a request body, ``Expect: 100-continue``, an upgrade, a malformed head, an endpoint
-without an idle pooled connection (dialling), a response that is chunked, close-delimited or
-larger than ``FAST_BODY`` bytes, a 1xx response, or a status the route retries. The greenlet
-path then hands the connection back for the next request.
+``Fast.run()`` drives one client connection (``http_conn.ConnState``) from its greenlet,
+which sleeps meanwhile, and returns when the connection closed (``CLOSED``) or when a request
+needs what only the greenlet exchange (``http_greenlet``) does (``http_conn.Resume``, or None:
+read and parse the next request there): a request body, ``Expect: 100-continue``, an upgrade
+or an ``Upgrade`` offer to strip, a malformed head, an endpoint without an idle pooled
+connection (dialling), a response that is chunked, close-delimited or larger than
+``FAST_BODY`` bytes, a 1xx or 101 response, or a status the route retries. The greenlet path
+then hands the connection back for the next request. What to retry, what to pool and
+how to word a failure are ``http_exchange``'s decisions, the same the greenlet path takes.
 
 Heads are parsed once per distinct head (``_Memo``, bounded): the parsers are pure, their
 results immutable, and the same client and endpoint repeat the same heads — measured, parsing
@@ -34,7 +36,15 @@ import gevent
 from gevent.hub import Waiter
 
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.http import MALFORMED, RECV_SIZE, Connection, Resume
+from edgemesh.proxy.http_conn import CLOSED, RECV_SIZE, ConnState, Resume, malformed
+from edgemesh.proxy.http_exchange import (
+    client_continues,
+    failure_reply,
+    needs_cleaning,
+    reusable,
+    should_retry,
+    timeout_failure,
+)
 from edgemesh.proxy.http_head import (
     Framing,
     HeadError,
@@ -53,7 +63,6 @@ log = logging.getLogger(__name__)
 
 READ, WRITE = 1, 2
 FAST_BODY = 65536  # response bodies up to this size are read whole on the fast path
-CLOSED = object()
 MEMO_HEAD = 1024  # heads up to this size are remembered parsed ...
 MEMO_ENTRIES = 1024  # ... this many of each kind (about 1 MiB at most)
 
@@ -64,19 +73,23 @@ class _Memo:
     answer with the same length): a repeat costs a dict lookup instead of a parse."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[bytes, HeadLimits], RequestHead] = {}
+        self.requests: dict[tuple[bytes, HeadLimits], tuple[RequestHead, bool]] = {}
         self.responses: dict[tuple[bytes, bytes, HeadLimits], ResponseHead] = {}
 
-    def request(self, raw: bytes, limits: HeadLimits) -> RequestHead:
+    def request(self, raw: bytes, limits: HeadLimits) -> tuple[RequestHead, bool]:
+        """The parsed head, and whether the callback path may serve it (no body, no
+        ``Expect``, no upgrade and nothing to strip before routing)."""
         key = (raw, limits)
-        head = self.requests.get(key)
-        if head is None:
+        known = self.requests.get(key)
+        if known is None:
             head = parse_request_head(raw, limits)
+            known = head, (head.framing is Framing.NONE and not head.upgrade
+                           and not head.expect_continue and not needs_cleaning(head))
             if len(raw) <= MEMO_HEAD:
                 if len(self.requests) >= MEMO_ENTRIES:
                     self.requests.clear()
-                self.requests[key] = head
-        return head
+                self.requests[key] = known
+        return known
 
     def response(self, raw: bytes, method: bytes, limits: HeadLimits) -> ResponseHead:
         key = (raw, method, limits)
@@ -101,7 +114,7 @@ class Fast:
                  "started", "backend", "upstream", "rbuf", "rhead", "rend", "pending",
                  "keep_after", "client_eof", "on_upstream_cb")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ConnState) -> None:
         self.conn = conn
         self.loop = gevent.get_hub().loop
         self.sock: Any = conn.client._sock  # type: ignore[attr-defined]  # non-blocking
@@ -256,11 +269,11 @@ class Fast:
                     self._leave(CLOSED)
                 return
             raw = buf[:end]
-            head = MEMO.request(raw, conn.limits.head)
+            head, fast = MEMO.request(raw, conn.limits.head)
         except HeadError:
             self._leave(None)  # the greenlet path parses it again and answers
             return
-        if head.framing is not Framing.NONE or head.upgrade or head.expect_continue:
+        if not fast:
             self._leave(None)
             return
         conn.buf = buf[end:]
@@ -342,18 +355,18 @@ class Fast:
                 return False
             rhead = MEMO.response(rbuf[:end], head.method, conn.limits.head)
         except HeadError as e:
-            MALFORMED.labels("endpoint").inc()
+            malformed("endpoint", e, str(self.backend))
             self._fail(Failure.BAD_RESPONSE, 502, f"bad response from an endpoint: {e}")
             return False
         fwd = self.fwd
-        if fwd.retry_on is not None and fwd.retry_on(rhead.status) and \
-                1 < min(fwd.attempts or conn.limits.connect_attempts, len(fwd.backends)):
+        if should_retry(fwd, rhead.status, 0, conn.limits):
             backend = self.backend
             self._drop_upstream()
             self._hand_over(exclude={backend} if backend is not None else None)
             return False
-        if rhead.status < 200 or rhead.length > FAST_BODY or \
-                rhead.framing not in (Framing.NONE, Framing.LENGTH):
+        if (rhead.status < 200  # 1xx and 101 too: the greenlet path decides
+                or rhead.length > FAST_BODY
+                or rhead.framing not in (Framing.NONE, Framing.LENGTH)):
             self._hand_over((rhead, rbuf[:end], rbuf[end:]))
             return False
         self.rhead, self.rend = rhead, end
@@ -364,31 +377,30 @@ class Fast:
         head, fwd, rbuf, end = self.head, self.fwd, self.rbuf, self.rend
         assert head is not None and fwd is not None
         stop = end + rhead.length
-        reusable = rhead.keep_alive and head.keep_alive and len(rbuf) == stop
+        pooled = reusable(head, rhead, True, len(rbuf) == stop)
         if fwd.edit_response is not None:
             out = fwd.edit_response(rbuf[:end]) + rbuf[end:stop]
         else:
             out = rbuf if len(rbuf) == stop else rbuf[:stop]
-        if reusable and self.upstream is not None:
+        if pooled and self.upstream is not None:
             self.conn.pool.give_back(self.upstream)
             self._release()
         else:
             self._drop_upstream()
         self.rbuf = b""
         self.conn.router.count(rhead.status, self.started)
-        self._send(out, head.keep_alive)
+        self._send(out, client_continues(head, rhead, True))
 
     def _fail(self, failure: Failure, status: int, detail: str) -> None:
         """Answer a failure of the request in flight as the router words it."""
         self._drop_upstream()
         head = self.head
         keep = head is not None and head.keep_alive
-        reply = self.conn.router.failed(failure, status, detail, keep)
+        reply = failure_reply(self.conn.router, failure, status, detail, keep, self.started)
         if reply is None:
             self._leave(CLOSED)
             return
-        self.conn.router.count(reply.status, self.started)
-        self._send(reply.data, reply.keep and keep)
+        self._send(reply.data, reply.keep)
 
     # ---- writing to the client ----------------------------------------------------------------
 
@@ -431,8 +443,7 @@ class Fast:
             return
         try:
             if self.upstream is not None and self.fwd is not None:
-                wait = self.fwd.response_timeout or self.conn.limits.response_timeout
-                self._fail(Failure.TIMEOUT, 504, f"endpoint did not answer in {wait:g}s")
+                self._fail(*timeout_failure(self.fwd, self.conn.limits))
             elif self.conn.buf and not self.pending:
                 self._stop()
                 self.head = None
