@@ -51,6 +51,7 @@ from edgemesh.meta.istio import HeaderOps
 from edgemesh.meta.models import Service, ServicePort
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.http import serve_connection
+from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
 from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
@@ -252,7 +253,7 @@ class GatewayRouter:
             req = request_for(head.method.decode("latin-1"), head.target, _host_field(head),
                               _HeaderView(head), self.scheme, spec.port)
         except TargetError as e:
-            return self._refused(e), False
+            return self._refused(e, client_ip), False
         action = spec.decide(req, random.random(), self.server)
         keep = head.framing is Framing.NONE and head.keep_alive
         if isinstance(action, NotFound):
@@ -272,13 +273,11 @@ class GatewayRouter:
         weighted = sum(1 for t in route.targets if t.weight > 0)
         return plan, len(route.targets) == 1 or weighted == 1
 
-    def _refused(self, error: TargetError) -> Reply:
-        """A target or authority routing must not guess at: 400, counted by cause, and the
-        connection closed (what follows it on the connection cannot be trusted either)."""
-        BAD_REQUESTS.labels(error.cause).inc()
-        if _once(("target", error.cause)):
-            log.info("gateway refused a request target (%s): %s; further ones are only "
-                     "counted (edgemesh_gateway_bad_requests_total)", error.cause, error)
+    def _refused(self, error: TargetError, client_ip: str) -> Reply:
+        """A target or authority routing must not guess at: 400, counted by cause with every
+        other malformed message, and the connection closed (what follows it on the
+        connection cannot be trusted either)."""
+        malformed("client", error, client_ip)
         return Reply(400, page(400, f"{error}\n".encode(), False), False)
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:

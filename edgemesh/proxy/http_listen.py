@@ -20,8 +20,8 @@ both listeners look like ``tcp.TCPListener`` to the module (``address``, ``balan
   own path checks cannot be stepped around by ``/x/../admin`` through the mesh either.
   Errors answer with a short text naming the service and close the connection: 503 no
   endpoints, 502 unreachable or broken, 504 no response head in time, 400/431/501/405
-  malformed requests (400 a refused target, counted in
-  ``edgemesh_http_refused_targets_total{service, cause}``); a request head not complete
+  malformed requests (a refused target too: 400, counted with every other malformed
+  message in ``edgemesh_http_malformed_total{sender="client", cause}``); a request head not complete
   within ``httpHeaderTimeout`` closes the connection without an answer.
   One ``UpstreamPool`` per port.
 - ``TLSListener``: the TCP splice path, but each accepted connection first waits (at most
@@ -48,6 +48,7 @@ from edgemesh.meta.models import AppProtocol, Service, ServicePort
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.http import serve_connection
+from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.http_pool import UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
@@ -56,10 +57,8 @@ from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, Conn, TCPListener, TCPProxy
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
 from edgemesh.runtime import metrics
-from edgemesh.runtime.logs import Once
 
 log = logging.getLogger(__name__)
-_once = Once()
 
 REQUESTS = metrics.counter("edgemesh_http_requests_total",
                            "HTTP requests proxied per request, by service port and status.",
@@ -67,10 +66,6 @@ REQUESTS = metrics.counter("edgemesh_http_requests_total",
 DURATION = metrics.histogram("edgemesh_http_request_duration_seconds",
                              "From a request head read to its response's last byte sent.",
                              ["service"])
-REFUSED = metrics.counter("edgemesh_http_refused_targets_total",
-                          "Requests refused (400) for a request-target or authority that "
-                          "cannot be routed safely, by service port and cause.",
-                          ["service", "cause"])
 _HTTP_KEYS = (HashKey.HTTP_HEADER, HashKey.HTTP_COOKIE, HashKey.HTTP_QUERY)
 SNI_WAIT = 2.0  # seconds an https connection may take to send its ClientHello
 SNI_RETRY = 0.01  # a partial ClientHello is peeked again after this long
@@ -199,11 +194,7 @@ class HttpPort:
         return Forward(balancer, self.backends(), key, raw, edit_response=edit)
 
     def _refused(self, error: TargetError, client_ip: str) -> Reply:
-        REFUSED.labels(self.name, error.cause).inc()
-        if _once(("target", self.name, error.cause)):
-            log.info("%s: refused a request target from %s (%s): %s; further ones are only "
-                     "counted (edgemesh_http_refused_targets_total)", self.name, client_ip,
-                     error.cause, error)
+        malformed("client", error, client_ip)
         return Reply(400, error_response(400, f"bad request: {error}"), False)
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:

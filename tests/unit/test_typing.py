@@ -23,6 +23,7 @@ PROTOCOL_CORES = [
     "edgemesh/proxy/http_head.py",
     "edgemesh/proxy/http_body.py",
     "edgemesh/proxy/http_router.py",
+    "edgemesh/proxy/http_exchange.py",
     "edgemesh/proxy/http_target.py",
     "edgemesh/proxy/tls_sni.py",
     "edgemesh/gateway/routes.py",
