@@ -173,24 +173,28 @@ def header_value(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
-def head_end(buf: bytes | bytearray, limits: HeadLimits, *, request: bool = True) -> int:
+def head_end(buf: bytes | bytearray, limits: HeadLimits, *, request: bool = True,
+             start: int = 0) -> int:
     """Index just past the blank line ending the head at the start of ``buf``; -1: need more.
 
     Raises ``HeadError`` (431) when no head ends within the size limit, and (400) when the
     first byte cannot start a request line, so a client cannot make us buffer garbage.
+    ``start``: bytes before it were searched by an earlier call on the same growing buffer
+    (pass that call's ``len(buf)``), so a head arriving in many small pieces is scanned once
+    rather than once per piece.
     """
     limit = limits.max_size
     if request:
         if buf and buf[0] < 0x21:
             raise HeadError("request line starts with a control character or blank")
-        end = buf.find(b"\r\n\r\n", 0, limit)
+        end = buf.find(b"\r\n\r\n", max(0, start - 3), limit)
         if end >= 0:
             return end + 4
-        if buf.count(b"\n", 0, limit) != buf.count(b"\r\n", 0, limit):
+        if buf.count(b"\n", start, limit) != buf.count(b"\r\n", max(0, start - 1), limit):
             raise HeadError("request head with a bare LF line ending")
     else:
-        ends = [i + n for i, n in ((buf.find(b"\n\n", 0, limit), 2),
-                                   (buf.find(b"\n\r\n", 0, limit), 3)) if i >= 0]
+        ends = [i + n for i, n in ((buf.find(b"\n\n", max(0, start - 1), limit), 2),
+                                   (buf.find(b"\n\r\n", max(0, start - 2), limit), 3)) if i >= 0]
         if ends:
             return min(ends)
     if len(buf) >= limit:

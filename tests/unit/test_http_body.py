@@ -72,8 +72,10 @@ _EXT_RFC = re.compile(  # RFC 9112 7.1.1, written apart from the module's patter
 
 def refused_on_purpose(data: bytes, cause: str) -> bool:
     """What h11 takes and this refuses (module docstring), judged from the bytes."""
-    if cause == "bad_trailer":  # a trailer line ending in a bare LF
-        return b"0\r\n" in data and b"\n" in data.replace(b"\r\n", b"")
+    if cause == "bad_trailer":  # a trailer line ending in a bare LF, or folded
+        trailers = data[data.find(b"0\r\n"):]
+        return b"0\r\n" in data and (b"\n" in trailers.replace(b"\r\n", b"") or
+                                     b"\n " in trailers or b"\n\t" in trailers)
     if cause == "bad_chunk_size":  # more than 16 hex digits
         return any(len(m) > 16 for m in re.findall(rb"(?:^|\n)([0-9A-Fa-f]+)", data))
     if cause == "bad_chunk_ext":

@@ -113,8 +113,8 @@ def _authority_ok(value: bytes) -> bool:
     """RFC 3986 authority as the module docstring restricts it, written apart from the parser."""
     host, port = value, b""
     if value.startswith(b"["):
-        host, _, rest = value[1:].partition(b"]")
-        if rest and not rest.startswith(b":"):
+        host, bracket, rest = value[1:].partition(b"]")
+        if not bracket or (rest and not rest.startswith(b":")):
             return False
         port = rest[1:] if rest else b""
         try:
@@ -509,3 +509,23 @@ def test_response_framing_rules() -> None:
     assert e.value.status == 502
     assert head_end(b"HTTP/1.1 200 OK\nA: b\n\nbody\r\n\r\n", HeadLimits(), request=False) == 22
     assert header_value(((b"Set-Cookie", b"a=1"),), b"set-cookie") == b"a=1"
+
+
+@given(st.one_of(request_heads(), response_heads()).map(lambda h: h + b"next"),
+       st.lists(st.integers(1, 7), min_size=1, max_size=40), st.booleans())
+@settings(max_examples=300)
+def test_head_end_resumed_where_it_left_off_finds_the_same_end(
+        data: bytes, steps: list[int], request: bool) -> None:
+    def outcome(buf: bytes, start: int) -> int | str:
+        try:
+            return head_end(buf, HeadLimits(), request=request, start=start)
+        except HeadError:
+            return "error"
+    start, cuts = 0, iter(steps * len(data))
+    while True:
+        size = min(len(data), start + next(cuts))
+        got = outcome(data[:size], start)
+        assert got == outcome(data[:size], 0)
+        if got != -1 or size == len(data):
+            break
+        start = size

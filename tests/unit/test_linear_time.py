@@ -137,6 +137,17 @@ def test_response_specific_shapes(make: Callable[[int], bytes], n: int) -> None:
     assert_linear(response, make, n)
 
 
+def test_head_arriving_in_small_pieces() -> None:
+    """A shell that passes ``start`` scans a head sent a few bytes at a time only once."""
+    def pieces(data: bytes) -> None:
+        buf, start = bytearray(), 0
+        for i in range(0, len(data), 4):
+            buf += data[i:i + 4]
+            head_end(buf, BIG, start=start)
+            start = len(buf)
+    assert_linear(pieces, lambda n: REQ + b"X-Field: some value\r\n" * n, 32)
+
+
 def chunked(data: bytes) -> None:
     try:
         BodyTracker(Framing.CHUNKED).feed(data)
