@@ -4,19 +4,38 @@
 caller forwards those bytes untouched and keeps the rest (the next message, or a protocol
 error if nothing may follow). Nothing is decoded or copied: a content-length body is a
 countdown; a chunked body is scanned for its size lines, CRLFs and trailer fields (bounded),
-and chunk data is skipped over by count. The chunk grammar is h11's (``tests/unit`` compares),
-except that trailer lines must end in CRLF and may not be folded (h11 also takes bare LF).
+and chunk data is skipped over by count. The chunk grammar is h11's (``tests/unit`` compares:
+every body h11 refuses is refused here), stricter where a proxy forwarding the bytes must be:
+
+- a chunk-size is 1 to 16 hex digits with a value below 2**63 (``bad_chunk_size``);
+- chunk extensions follow RFC 9112 7.1.1: ``;`` name [``=`` token or quoted-string], with
+  optional whitespace around ``=`` and before each further ``;`` but not between the size and
+  the first ``;`` (h11 refuses that, and RFC 9112 calls it whitespace a sender must not
+  send); no NUL or other control byte; the whole size line at most ``MAX_SIZE_LINE`` bytes
+  (``bad_chunk_ext``);
+- chunk data must be followed by CRLF (``bad_chunk_end``);
+- trailer lines must end in CRLF and may not be folded (h11 also takes bare LF), each at most
+  ``MAX_LINE`` bytes and ``MAX_TRAILERS`` in all (``bad_trailer``);
+- a body the sender closes early is ``truncated_body`` (502).
+
+Every line is checked by a pattern in which each repetition ends where the next must begin,
+so the time is linear in the line (``tests/unit/test_linear_time``).
 """
 from __future__ import annotations
 
 import enum
 import re
 
-from edgemesh.proxy.http_head import _FIELD, Framing, HeadError
+from edgemesh.proxy.http_head import FIELD_LINE, MAX_LENGTH, Framing, HeadError
 
-_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r\n")
-_TRAILER_LINE = re.compile(_FIELD + rb"\r\n")
-MAX_LINE = 4096  # a chunk-size line with extensions, or one trailer field
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_EXT = rb"[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
+_CHUNK_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:;" + _EXT + rb"(?:[ \t]*;" + _EXT + rb")*)?[ \t]*\r\n")
+_TRAILER_LINE = re.compile(FIELD_LINE.pattern + rb"\r\n")
+MAX_SIZE_LINE = 1024  # a chunk-size line with its extensions
+MAX_LINE = 4096  # one trailer field
 MAX_TRAILERS = 16384
 
 
@@ -76,7 +95,7 @@ class BodyTracker:
         if self.framing is Framing.CLOSE:
             self._state = _State.DONE
         elif self._state is not _State.DONE:
-            raise HeadError("connection closed in the middle of a body", 502)
+            raise HeadError("connection closed in the middle of a body", 502, "truncated_body")
 
     def _feed_chunked(self, data: bytes | bytearray | memoryview) -> int:
         pos, size = 0, len(data)
@@ -98,7 +117,7 @@ class BodyTracker:
         expected = b"\r\n"[2 - self._left:]
         got = bytes(data[pos:pos + len(expected)])
         if got != expected[:len(got)]:
-            raise HeadError("chunk data not followed by CRLF")
+            raise HeadError("chunk data not followed by CRLF", cause="bad_chunk_end")
         self._left -= len(got)
         if self._left == 0:
             self._state = _State.SIZE
@@ -106,14 +125,15 @@ class BodyTracker:
 
     def _take_line(self, data: bytes | bytearray | memoryview, pos: int) -> int:
         """Gather one line (size or trailer) up to LF; act on it once complete."""
-        view = data[pos:]
-        nl = bytes(view[:MAX_LINE + 1 - len(self._line)]).find(b"\n")
+        limit = MAX_SIZE_LINE if self._state is _State.SIZE else MAX_LINE
+        piece = bytes(data[pos:pos + limit + 1 - len(self._line)])
+        nl = piece.find(b"\n")
         if nl < 0:
-            self._line += view[:MAX_LINE + 1 - len(self._line)]
-            if len(self._line) > MAX_LINE:
-                raise HeadError("chunk-size or trailer line too long")
+            self._line += piece
+            if len(self._line) > limit:
+                self._line_too_long()
             return len(data)
-        self._line += view[:nl + 1]
+        self._line += piece[:nl + 1]
         line, self._line = bytes(self._line), bytearray()
         if self._state is _State.SIZE:
             self._size_line(line)
@@ -121,11 +141,23 @@ class BodyTracker:
             self._trailer_line(line)
         return pos + nl + 1
 
+    def _line_too_long(self) -> None:
+        if self._state is not _State.SIZE:
+            raise HeadError("trailer line too long", cause="bad_trailer")
+        if b";" in self._line:
+            raise HeadError("chunk extensions too long", cause="bad_chunk_ext")
+        raise HeadError("chunk-size line too long", cause="bad_chunk_size")
+
     def _size_line(self, line: bytes) -> None:
         m = _CHUNK_SIZE_LINE.fullmatch(line)
         if m is None:
-            raise HeadError("malformed chunk-size line")
+            digits = len(line) - len(line.lstrip(b"0123456789abcdefABCDEF"))
+            if 0 < digits <= 16 and line[digits:].lstrip(b" \t")[:1] == b";":
+                raise HeadError("malformed chunk extension", cause="bad_chunk_ext")
+            raise HeadError("malformed chunk-size line", cause="bad_chunk_size")
         self._left = int(m.group(1), 16)
+        if self._left > MAX_LENGTH:
+            raise HeadError("chunk-size of 2**63 or more", cause="bad_chunk_size")
         self._state = _State.DATA if self._left else _State.TRAILER
 
     def _trailer_line(self, line: bytes) -> None:
@@ -134,4 +166,4 @@ class BodyTracker:
             return
         self._trailers += len(line)
         if self._trailers > MAX_TRAILERS or not _TRAILER_LINE.fullmatch(line):
-            raise HeadError("malformed or oversized trailer fields")
+            raise HeadError("malformed or oversized trailer fields", cause="bad_trailer")
