@@ -54,7 +54,7 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
 from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
-from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason
 from edgemesh.proxy.http_target import TargetError
 from edgemesh.proxy.lb import Balancer, HashKey
 from edgemesh.runtime import metrics
@@ -73,12 +73,6 @@ BAD_REQUESTS = metrics.counter("edgemesh_gateway_bad_requests_total",
 POOL_PER_BACKEND = 32
 MAX_KNOWN_TARGETS = 1024
 MEMO_PLANS = 32  # request heads remembered with their routing, per client connection
-REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
-           307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           413: "Content Too Large", 431: "Request Header Fields Too Large",
-           501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-           504: "Gateway Timeout"}
 _FAILURE_PAGES = {Failure.NO_ENDPOINT: (503, b"no healthy upstream\n"),
                   Failure.UNREACHABLE: (503, b"no healthy upstream\n"),
                   Failure.BAD_RESPONSE: (502, b"upstream broke the protocol\n"),
@@ -144,7 +138,7 @@ def serve(sock: socket.socket, peer: tuple[str, int], spec_of: Callable[[], Port
 def page(status: int, body: bytes, keep: bool, extra: tuple[tuple[bytes, bytes], ...] = ()
          ) -> bytes:
     """A complete response with a plain text body."""
-    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode()),
+    lines = [b"HTTP/1.1 %d %s" % (status, reason(status)),
              b"Content-Length: %d" % len(body), b"Content-Type: text/plain",
              *(n + b": " + v for n, v in extra)]
     if not keep:

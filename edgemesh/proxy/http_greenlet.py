@@ -147,12 +147,14 @@ class Connection(ConnState):
                 return None
         self.deadline = time.monotonic() + limits.head_timeout
         self.reading_head = True
+        scanned = 0  # a head sent in many small pieces is searched once, not once a piece
         try:
             while True:
-                end = head_end(buf, limits.head)
+                end = head_end(buf, limits.head, start=scanned)
                 if end >= 0:
                     self.buf = buf[end:]
                     return buf[:end]
+                scanned = len(buf)
                 try:
                     data = self.client.recv(RECV_SIZE)  # under the head's deadline
                 except OSError as e:
@@ -408,12 +410,14 @@ class Connection(ConnState):
         limits = self.limits
         self.deadline = time.monotonic() + fwd.wait(limits.response_timeout)
         self.awaiting_head = True
+        scanned = 0
         try:
             while True:
-                end = head_end(buf, limits.head, request=False) if buf else -1
+                end = head_end(buf, limits.head, request=False, start=scanned) if buf else -1
                 if end >= 0:
                     return (parse_response_framing(buf[:end], method, limits.head), buf[:end],
                             buf[end:])
+                scanned = len(buf)
                 try:
                     data = upstream.recv(RECV_SIZE)
                 except OSError:

@@ -51,7 +51,7 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.http_pool import UpstreamPool
-from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason
 from edgemesh.proxy.http_target import NormalTarget, TargetError, normalize_request
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, Conn, TCPListener, TCPProxy
@@ -83,17 +83,12 @@ def wants_per_request(app: AppProtocol, spec: LBSpec, per_request_http: bool) ->
     return app is AppProtocol.HTTP and (per_request_http or spec.hash_key in _HTTP_KEYS)
 
 
-_REASONS = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large", 431:
-            b"Request Header Fields Too Large", 501: b"Not Implemented", 502: b"Bad Gateway",
-            503: b"Service Unavailable", 504: b"Gateway Timeout"}
-
-
 def error_response(status: int, text: str) -> bytes:
     """A complete ``Connection: close`` response with a one-line text body."""
     body = (text + "\n").encode("utf-8", "replace")
     return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (
-                status, _REASONS.get(status, b"Error"), len(body)) + body)
+                status, reason(status), len(body)) + body)
 
 
 def set_cookie_line(cookie: HttpCookie, value: str) -> bytes:

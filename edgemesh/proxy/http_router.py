@@ -79,3 +79,18 @@ class Router(Protocol):
         """The answer to a failure (None: close without one)."""
 
     def count(self, status: int, started: float) -> None: ...
+
+
+_REASONS = {200: b"OK", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+            307: b"Temporary Redirect", 308: b"Permanent Redirect", 400: b"Bad Request",
+            403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+            408: b"Request Timeout", 413: b"Content Too Large",
+            431: b"Request Header Fields Too Large", 501: b"Not Implemented",
+            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+            505: b"HTTP Version Not Supported"}
+
+
+def reason(status: int) -> bytes:
+    """The reason phrase our own responses carry (the proxy's and the gateway's alike)."""
+    return _REASONS.get(status, b"Error")
+

@@ -112,7 +112,7 @@ class Fast:
     """The callback state of one client connection (see the module docstring)."""
     __slots__ = ("conn", "loop", "sock", "cw", "ww", "waiter", "head", "raw", "fwd",
                  "started", "backend", "upstream", "rbuf", "rhead", "rend", "pending",
-                 "keep_after", "client_eof", "on_upstream_cb")
+                 "keep_after", "client_eof", "on_upstream_cb", "scanned")
 
     def __init__(self, conn: ConnState) -> None:
         self.conn = conn
@@ -134,9 +134,11 @@ class Fast:
         self.pending = b""
         self.keep_after = False
         self.client_eof = False
+        self.scanned = 0  # leading bytes of conn.buf searched for a head end without one
 
     def run(self) -> object:
         """Serve requests on callbacks; CLOSED, or what the greenlet path must do next."""
+        self.scanned = 0  # the greenlet path may have consumed part of conn.buf meanwhile
         waiter = self.waiter = Waiter()
         self.conn.fast = self
         try:
@@ -248,6 +250,7 @@ class Fast:
                 conn.buf += data
             else:
                 conn.buf = data
+                self.scanned = 0
                 if not busy:
                     conn.deadline = time.monotonic() + conn.limits.head_timeout
             if busy:  # pipelined: kept for later, bounded by the head limit
@@ -263,8 +266,9 @@ class Fast:
         conn = self.conn
         buf = conn.buf
         try:
-            end = head_end(buf, conn.limits.head)
+            end = head_end(buf, conn.limits.head, start=self.scanned)
             if end < 0:
+                self.scanned = len(buf)  # a head sent in many pieces is searched once
                 if self.client_eof:
                     self._leave(CLOSED)
                 return
@@ -277,6 +281,7 @@ class Fast:
             self._leave(None)
             return
         conn.buf = buf[end:]
+        self.scanned = 0
         self.started = time.monotonic()
         decision = conn.router.decide(head, raw, conn.client_ip)
         if isinstance(decision, Reply):

@@ -517,13 +517,17 @@ class _Upstreams:
 
 
 def _router_decides(raw: bytes) -> Any:
-    from edgemesh.gateway.http import GatewayRouter
     from edgemesh.proxy.http_head import parse_request_head
+    return _router(parse_request_head(raw), raw)
+
+
+def _router(head: Any, raw: bytes) -> Any:
+    from edgemesh.gateway.http import GatewayRouter
     from edgemesh.proxy.http_router import HttpLimits
     table = build_table([GATEWAY], [DENY, OTHER], LABELS)
     router = GatewayRouter(lambda: table.ports[8080], 0, "http", _Upstreams(),  # type: ignore[arg-type]
                            HttpLimits())
-    return router.decide(parse_request_head(raw), raw, "10.0.0.9")
+    return router.decide(head, raw, "10.0.0.9")
 
 
 def test_router_sends_origin_form_with_the_effective_authority() -> None:
@@ -542,7 +546,15 @@ def test_router_sends_origin_form_with_the_effective_authority() -> None:
     (b"GET /x HTTP/1.1\r\nHost: app.example.com/x\r\n\r\n", 400),
 ])
 def test_router_replies(raw: bytes, status: int) -> None:
-    reply = _router_decides(raw)
+    from edgemesh.proxy.http_head import HeadError, parse_request_head
+    try:
+        reply = _router_decides(raw)
+    except HeadError as e:  # the head parser refuses it first; the router must refuse it too
+        assert e.status == status == 400
+        line, host = raw.split(b"\r\n")[:2]
+        head = parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")._replace(
+            target=line.split(b" ")[1], host=host.partition(b": ")[2])
+        reply = _router(head, raw)
     assert reply.status == status
     if status == 400:
         assert not reply.keep and b"Connection: close" in reply.data

@@ -149,11 +149,18 @@ def test_linear_time(unit: bytes) -> None:
 # ---- the per-request proxy's router sends the normalised target ----------------------------------
 
 def _port_decides(raw: bytes) -> object:
-    from edgemesh.proxy.http_head import parse_request_head
+    from edgemesh.proxy.http_head import HeadError, parse_request_head
     from edgemesh.proxy.http_listen import HttpPort
     from edgemesh.proxy.lb import Balancer, LBSpec
     port = HttpPort("default/web:80", Balancer(LBSpec()), lambda: [])
-    return port.decide(parse_request_head(raw), raw, "10.0.0.9")
+    try:
+        head = parse_request_head(raw)
+    except HeadError as e:  # the head parser refuses it first; the port must refuse it too
+        assert e.status == 400
+        line, host = raw.split(b"\r\n")[:2]
+        head = parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")._replace(
+            target=line.split(b" ")[1], host=host.partition(b": ")[2])
+    return port.decide(head, raw, "10.0.0.9")
 
 
 @pytest.mark.parametrize(("raw", "wire"), [

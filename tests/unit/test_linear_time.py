@@ -55,11 +55,29 @@ def _per_call(fn: Callable[[bytes], object], arg: bytes, budget: float) -> float
 
 
 def assert_linear(fn: Callable[[bytes], object], make: Callable[[int], bytes], n: int) -> None:
+    """Fails only when three measurements in a row see super-linear growth: a preempted batch
+    on a busy machine can spoil one, while a real blow-up is seen every time."""
+    for _ in range(3):
+        ratios = _ratios(fn, make, n)
+        if all(r < k * SLACK for k, r in ratios):
+            return
+        if any(r >= k * SLACK * 30 for k, r in ratios):
+            break  # a blow-up: no need to see it again
+    k, r = max(ratios, key=lambda kr: kr[1] / kr[0])
+    raise AssertionError(f"t({k}n)/t(n) = {r:.1f} for n={n}")
+
+
+def _ratios(fn: Callable[[bytes], object], make: Callable[[int], bytes], n: int
+            ) -> list[tuple[int, float]]:
     base = _per_call(fn, make(n), float("inf"))
+    out = []
     for k in (4, 16):
         # a call that takes 30x longer than allowed needs no repeats to be judged
         t = _per_call(fn, make(k * n), base * k * SLACK * 30)
-        assert t / base < k * SLACK, f"t({k}n)/t(n) = {t / base:.1f} for n={n}"
+        out.append((k, t / base))
+        if t / base >= k * SLACK * 30:
+            break
+    return out
 
 
 def request(data: bytes) -> None:
