@@ -105,8 +105,8 @@ _REG_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 def valid_host(value: str) -> bool:
     """RFC 3986 ``host [":" port]`` (reg-name, IPv4 or a bracketed IP literal)."""
     if value.startswith("["):
-        literal, _, rest = value[1:].partition("]")
-        ok = bool(literal) and all(c in "0123456789abcdefABCDEF:." for c in literal)
+        literal, bracket, rest = value[1:].partition("]")
+        ok = bool(literal and bracket) and all(c in "0123456789abcdefABCDEF:." for c in literal)
         return ok and (not rest or (rest[0] == ":" and rest[1:].isdigit()))
     host, colon, port = value.partition(":")
     return bool(host) and all(c in _REG_NAME for c in host) and (
