@@ -58,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     parser.add_argument("--only", nargs="*", default=[], help="probes whose name contains any")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print why each SAFE probe was judged safe")
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help=f"comma-separated, from {', '.join(STARTERS)}")
     args = parser.parse_args()
@@ -76,6 +78,11 @@ def main() -> None:
     for tool, (version, config) in about.items():
         print(f"== {tool}: {version}\n{config.strip()}\n")
     for tool, verdicts in results.items():
+        if args.verbose:
+            print(f"== {tool}: SAFE because")
+            for v in verdicts.values():
+                if v.safe:
+                    print(f"  {v.probe}: {v.reason}")
         unsafe = [v for v in verdicts.values() if not v.safe]
         print(f"== {tool}: {len(unsafe)} UNSAFE")
         for v in unsafe:
