@@ -20,7 +20,7 @@ References (short names used in ``ref``):
   Tsai2018 — Orange Tsai, "Breaking Parser Logic", Black Hat 2018.
   Klein2020 — Amit Klein, "HTTP Request Smuggling in 2020", Black Hat 2020.
   Linhart2005 — Linhart, Klein, Heled, Orrin, "HTTP Request Smuggling", Watchfire 2005.
-  Kettle-ws — Mikhail Egorov, "What's wrong with WebSocket APIs? Unveiling vulnerabilities in
+  Egorov2019 — Mikhail Egorov, "What's wrong with WebSocket APIs? Unveiling vulnerabilities in
     WebSocket APIs" (0ang3el websocket smuggling), 2019.
   Issue13 — this project's issue #13, where the finding was made.
 """
@@ -479,10 +479,10 @@ def _upgrades() -> list[Probe]:
                       REJECT, pause=0.3))
     out += [
         _p("websocket-refused-then-admin", Kind.UPGRADE,
-           (get(b"/ws-no", H + WS), get(b"/admin/x")), "Kettle-ws (websocket smuggling)",
+           (get(b"/ws-no", H + WS), get(b"/admin/x")), "Egorov2019 (websocket smuggling)",
            forwarded(Want("GET", "/ws-no")), routes=True, pause=0.3),
         _p("websocket-refused-then-request", Kind.UPGRADE,
-           (get(b"/ws-no", H + WS), get(b"/second")), "Kettle-ws",
+           (get(b"/ws-no", H + WS), get(b"/second")), "Egorov2019",
            forwarded(Want("GET", "/ws-no"), Want("GET", "/second")), pause=0.3),
         _p("websocket-accepted", Kind.UPGRADE, get(b"/ws", H + WS), "RFC6455 4",
            answered(101), forwarded(Want("GET", "/ws")), allow_101=True),

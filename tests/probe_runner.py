@@ -50,7 +50,7 @@ class Response:
         if v is None or b" " not in v:
             return None
         rid, target = v.split(b" ", 1)
-        return int(rid), target.decode("latin-1")
+        return (int(rid), target.decode("latin-1")) if rid.isdigit() else None
 
 
 @dataclass
