@@ -4,7 +4,8 @@ client and the recording backend behind it see, and judge SAFE or UNSAFE with a 
 One probe at a time: the backend forgets everything and closes its connections first (so the
 front end's pool starts empty and everything recorded afterwards belongs to this probe), the
 probe's writes go out on one connection, a normal request on another connection checks the
-front end is still serving meanwhile, then the victim request (if any), then the verdict.
+front end is still serving meanwhile, then the victims (if any: three clients at once sending
+a plain request, which each must get answered on its own), then the verdict.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.recording_backend import RecordingBackend, Seen
 LIVE_TIMEOUT = 2.0  # another client's request must be answered within this while a probe runs
 IDLE = 0.4  # a response stream counts as finished after this long without bytes
 DENIED_PREFIX = b"/admin"
+VICTIMS = 3  # victim clients at once after a probe that has one
 LIVE = b"GET /__live HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
 
 
@@ -184,6 +186,25 @@ def _read_for(sock: socket.socket, seconds: float) -> bytes:
     return bytes(got)
 
 
+def _victims(front: Front, request: bytes) -> list[Exchange]:
+    """``VICTIMS`` clients sending ``request`` at once, so that every upstream connection the
+    front end pooled gets used by one of them."""
+    out: list[Exchange] = []
+
+    def one() -> None:
+        try:
+            with _connect(front) as sock:
+                out.append(exchange(sock, (request,), 0, 3.0))
+        except OSError:
+            out.append(Exchange(closed=True))
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(VICTIMS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out
+
+
 def _connect(front: Front) -> socket.socket:
     return socket.create_connection((front.host, front.port), timeout=5)
 
@@ -249,16 +270,13 @@ def _run_once(probe: Probe, front: Front) -> tuple[Verdict, Live]:
                                   daemon=True)
         thread.start()
         ex = read_answers(sock, ex, probe.timeout)
-        victim = None
-        if probe.victim is not None:
-            with _connect(front) as vsock:
-                victim = exchange(vsock, (probe.victim,), 0, 3.0)
+        victims = _victims(front, probe.victim) if probe.victim is not None else None
         thread.join(LIVE_TIMEOUT + 3)
     finally:
         sock.close()
     time.sleep(0.1)
     live = live_box[0] if live_box else Live(False, LIVE_TIMEOUT, "no result")
-    return judge(probe, front, ex, victim, live, front.backend.requests(),
+    return judge(probe, front, ex, victims, live, front.backend.requests(),
                  front.backend.errors()), live
 
 
@@ -305,7 +323,7 @@ def outcome_holds(outcome: Outcome, ex: Exchange, probe_reqs: list[Seen]) -> boo
         _matches(w, s) for w, s in zip(outcome.seen, complete, strict=True))
 
 
-def global_problems(probe: Probe, front: Front, ex: Exchange, victim: Exchange | None,
+def global_problems(probe: Probe, front: Front, ex: Exchange, victims: list[Exchange] | None,
                     live: Live, requests: list[Seen], errors: list[str]) -> list[str]:
     """Failures of the checks every probe gets, most serious first."""
     out = []
@@ -327,14 +345,17 @@ def global_problems(probe: Probe, front: Front, ex: Exchange, victim: Exchange |
                ("/__live", "/victim")]
     if foreign:
         out.append(f"the probe's client got another client's response ({foreign[0]})")
-    if victim is not None:
+    if victims is not None:
         vseen = [r for r in requests if r.target == "/victim"]
-        got = victim.responses[0].seen if victim.responses else None
-        if not (len(vseen) == 1 and vseen[0].complete and not vseen[0].body and got
-                and got[1] == "/victim" and victim.responses[0].status == 200):
-            out.append(f"victim on another connection got status {victim.first_status} "
-                       f"answering {got[1] if got else None!r}; backend saw "
-                       f"{[(r.method, r.target, r.body[:20]) for r in vseen]}")
+        for victim in victims:
+            got = victim.responses[0].seen if victim.responses else None
+            if not (got and got[1] == "/victim" and victim.responses[0].status == 200):
+                out.append(f"victim on another connection got status {victim.first_status} "
+                           f"answering {got[1] if got else None!r}; backend saw "
+                           f"{[(r.method, r.target, r.body[:20]) for r in vseen]}")
+                break
+        if len(vseen) != len(victims) or any(not r.complete or r.body for r in vseen):
+            out.append(f"backend saw the victims as {[(r.target, r.body[:20]) for r in vseen]}")
     if not live.ok:
         out.append(f"another client waited {live.elapsed:.1f}s ({live.detail})")
     return out
@@ -350,10 +371,10 @@ def describe(ex: Exchange, probe_reqs: list[Seen]) -> str:
     return f"client got {got} ({state}); backend saw {sent or 'nothing'}"
 
 
-def judge(probe: Probe, front: Front, ex: Exchange, victim: Exchange | None, live: Live,
+def judge(probe: Probe, front: Front, ex: Exchange, victims: list[Exchange] | None, live: Live,
           requests: list[Seen], errors: list[str]) -> Verdict:
     """SAFE when every check passes and one of the probe's outcomes holds."""
-    problems = global_problems(probe, front, ex, victim, live, requests, errors)
+    problems = global_problems(probe, front, ex, victims, live, requests, errors)
     probe_reqs = [r for r in requests if r.target not in ("/__live", "/victim")]
     if problems:
         return Verdict(probe.name, front.name, False, problems[0])
