@@ -61,29 +61,45 @@ def in_root(root: str, *argv: str, stdin: bytes | None = None,
 def smoke(root: str, exe: str, work: str = "/etc/edgemesh") -> dict[str, object]:
     """The smoke run of ``exe`` (a path inside ``root``, which is mounted); returns what it
     saw: version info, the dig answer, the agent's exit code and log."""
-    seen: dict[str, object] = {}
+    seen = check_cli(root, exe)
+    prepare(root, work)
+    dns, admin = free_port(), free_port()
+    argv = [exe, "agent", "--manifests", f"{work}/manifests", "--no-iptables",
+            "--state-dir", f"{work}/state", "--psk-file", f"{work}/psk",
+            "--dns-listen", f"127.0.0.1:{dns}", "--admin", f"127.0.0.1:{admin}",
+            "--tunnel-listen", f"127.0.0.1:{free_port()}", "--node-name", "edge-node-1"]
+    return {**seen, **run_agent(root, argv, dns, admin)}
+
+
+def check_cli(root: str, exe: str) -> dict[str, object]:
+    """``version`` and ``config default | config validate`` in ``root``."""
     r = in_root(root, exe, "version", "--json")
     assert r.returncode == 0, r.stderr.decode()
-    seen["version"] = json.loads(r.stdout)
     default = in_root(root, exe, "config", "default")
     assert default.returncode == 0, default.stderr.decode()
     valid = in_root(root, exe, "config", "validate", "/dev/stdin", stdin=default.stdout)
     assert valid.returncode == 0 and b"valid" in valid.stdout, valid.stderr.decode()
+    return {"version": json.loads(r.stdout)}
+
+
+def prepare(root: str, work: str = "/etc/edgemesh") -> None:
+    """``work`` in ``root`` with examples/hello as ``manifests/`` and a ``psk`` (0600)."""
     inside = os.path.join(root, work.lstrip("/"))
     os.makedirs(inside, exist_ok=True)
     shutil.copytree(os.path.join(ROOT, "examples", "hello"), os.path.join(inside, "manifests"),
                     dirs_exist_ok=True)
     with open(os.open(os.path.join(inside, "psk"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(os.urandom(24).hex())
-    dns, admin = free_port(), free_port()
-    log_path = os.path.join(inside, "agent.log")
+
+
+def run_agent(root: str, argv: list[str], dns: int, admin: int) -> dict[str, object]:
+    """Run ``argv`` in ``root`` until /readyz on ``admin`` passes, ask its DNS on ``dns`` for
+    the example's name, SIGTERM it: {"dig": answer, "exit": code, "log": text}."""
+    log_path = os.path.join(root, "tmp", f"agent-{admin}.log")
     with open(log_path, "wb") as log:
-        agent = subprocess.Popen(
-            [CHROOT, root, exe, "agent", "--manifests", f"{work}/manifests", "--no-iptables",
-             "--state-dir", f"{work}/state", "--psk-file", f"{work}/psk",
-             "--dns-listen", f"127.0.0.1:{dns}", "--admin", f"127.0.0.1:{admin}",
-             "--tunnel-listen", f"127.0.0.1:{free_port()}", "--node-name", "edge-node-1"],
-            stdout=log, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
+        agent = subprocess.Popen([CHROOT, root, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                 env={"PATH": "/usr/bin:/bin"})
+    seen: dict[str, object] = {}
     try:
         def ready() -> bool:
             assert agent.poll() is None, open(log_path).read()
@@ -102,5 +118,7 @@ def smoke(root: str, exe: str, work: str = "/etc/edgemesh") -> dict[str, object]
         except subprocess.TimeoutExpired:
             agent.kill()
             seen["exit"] = agent.wait()
-    seen["log"] = open(log_path).read()
+    with open(log_path) as f:
+        seen["log"] = f.read()
+    os.unlink(log_path)
     return seen
