@@ -20,7 +20,7 @@ APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base hapr
 
 .PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
 	binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 packages-amd64 \
-	packages-arm64 packages-armv7 deb ipk release test-devices
+	packages-arm64 packages-armv7 deb ipk release test-devices device-deps
 
 setup: system-deps $(STAMP)
 
@@ -102,6 +102,16 @@ clean:
 # warm, ~4-6 min each.
 FOREIGN ?= build-foreign
 CPUS ?= amd64 arm64 armv7
+DEVICE_PACKAGES := qemu-user-static binfmt-support debootstrap patchelf busybox-static dpkg
+
+# what the device builds and tests use (busybox-static: the fake OpenWrt root's shell)
+device-deps:
+	@missing=$$(for p in $(DEVICE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; \
+	fi
 SYSROOT_amd64 := /
 SYSROOT_arm64 := $(FOREIGN)/rootfs-arm64
 SYSROOT_armv7 := $(FOREIGN)/rootfs-armhf
@@ -109,12 +119,12 @@ ONEDIR_amd64 := dist/edgemesh-onedir
 ONEDIR_arm64 := dist/edgemesh-linux-arm64-onedir
 ONEDIR_armv7 := dist/edgemesh-linux-armv7-onedir
 
-binary-arm64 binary-armv7: binary-%:
+binary-arm64 binary-armv7: binary-%: device-deps
 	packaging/foreign/build.sh $*
 
 # onedir + its own glibc and loader (patchelf): runs on musl, on older glibc, with no libc at
 # all; installs at /usr/lib/edgemesh (tar -xzf ... -C /), which the packages use
-portable-amd64: onedir
+portable-amd64: onedir device-deps
 portable-arm64: binary-arm64
 portable-armv7: binary-armv7
 portable-amd64 portable-arm64 portable-armv7: portable-%:
