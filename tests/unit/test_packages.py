@@ -170,3 +170,28 @@ def test_yocto_recipe_paths_and_version_match_the_repository() -> None:
     rdepends = text.split("RDEPENDS:${PN} +=")[1].split('"')[1].split()
     for req in requires:
         assert f"python3-{req.lower()}" in rdepends, req
+
+
+# ---- portable.py: what it reads from readelf ---------------------------------------------------
+
+READELF_D = """
+Dynamic section at offset 0x2d0 contains 27 entries:
+  Tag        Type                         Name/Value
+ 0x0000000000000001 (NEEDED)             Shared library: [libz.so.1]
+ 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]
+ 0x000000000000000f (RPATH)              Library rpath: [$ORIGIN/glibc]
+ 0x000000000000001d (RUNPATH)            Library runpath: [/root/.pyenv/versions/3.11.7/lib]
+"""
+READELF_L = """
+  INTERP         0x0002a8 0x00000000004002a8 0x00000000004002a8 0x00001c 0x00001c R   0x1
+      [Requesting program interpreter: /lib64/ld-linux-x86-64.so.2]
+"""
+
+
+def test_portable_reads_needed_libraries_paths_and_the_interpreter() -> None:
+    portable = load_script("portable")
+    assert portable.bracketed(READELF_D, "(NEEDED)") == ["libz.so.1", "libc.so.6"]
+    assert portable.bracketed(READELF_D, "PATH)") == [
+        "$ORIGIN/glibc", "/root/.pyenv/versions/3.11.7/lib"]
+    (line,) = portable.bracketed(READELF_L, "program interpreter")
+    assert line.split(": ", 1)[1] == "/lib64/ld-linux-x86-64.so.2"
