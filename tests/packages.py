@@ -168,6 +168,20 @@ def procd_commands(root: str, sections: dict[str, dict[str, str | list[str]]]
 
 
 @contextlib.contextmanager
+def tmpfs(path: str) -> Iterator[str]:
+    """A tmpfs on ``path`` (created): a fake root there, because a 32-bit guest under qemu-user
+    cannot list ext4 directories (the host kernel hands qemu 64-bit hash cookies); a real
+    armv7 kernel has no such problem."""
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", path], check=True,
+                   capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+@contextlib.contextmanager
 def mounted(root: str) -> Iterator[str]:
     """``root`` with /proc, /dev (bind) and a tmpfs /tmp mounted, for chroot; unmounted after."""
     done = []

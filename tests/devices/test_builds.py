@@ -21,7 +21,7 @@ from tests.devices.artifacts import (
     smoke,
 )
 from tests.netlab import wait_for
-from tests.packages import mounted
+from tests.packages import mounted, tmpfs
 from tests.procs import ROOT, free_port
 
 pytestmark = [pytest.mark.devices, pytest.mark.slow]
@@ -32,20 +32,21 @@ MACHINE = {"amd64": "X86-64", "arm64": "AArch64", "armv7": "ARM"}
 def test_portable_build_runs_in_an_empty_root(cpu: str, tmp_path) -> None:
     tree = portable_tree(cpu)
     require_cpu(cpu)
-    root = str(tmp_path / "root")
-    shutil.copytree(tree, root, symlinks=True)
-    exe = os.path.join(root, "usr/lib/edgemesh/edgemesh")
-    header = subprocess.run(["readelf", "-h", exe], capture_output=True, text=True).stdout
-    assert MACHINE[cpu] in header
-    with mounted(root):
-        seen = smoke(root, "/usr/bin/edgemesh")
-        assert os.listdir(os.path.join(root, "tmp")) == []  # onedir: nothing unpacked
+    with tmpfs(str(tmp_path / "root")) as root:
+        shutil.copytree(tree, root, symlinks=True, dirs_exist_ok=True)
+        exe = os.path.join(root, "usr/lib/edgemesh/edgemesh")
+        header = subprocess.run(["readelf", "-h", exe], capture_output=True, text=True).stdout
+        assert MACHINE[cpu] in header
+        with mounted(root):
+            seen = smoke(root, "/usr/bin/edgemesh")
+            assert os.listdir(os.path.join(root, "tmp")) == []  # onedir: nothing unpacked
+        top = sorted(os.listdir(root))
     assert seen["version"] == {**seen["version"], "frozen": True}  # type: ignore[dict-item]
     assert seen["dig"] == HELLO_IP and seen["exit"] == 0, seen["log"]
     log = str(seen["log"])
     # no `ip` in the root: one line says so, the agent serves anyway
     assert "helper program 'ip' not found" in log and "Traceback" not in log
-    assert sorted(os.listdir(root)) == ["dev", "etc", "proc", "tmp", "usr"]
+    assert top == ["dev", "etc", "proc", "tmp", "usr"]
 
 
 @pytest.mark.parametrize("cpu", ["arm64", "armv7"])

@@ -25,6 +25,7 @@ from tests.packages import (
     load_script,
     mounted,
     procd_commands,
+    tmpfs,
     uci_sections,
     with_busybox,
 )
@@ -45,13 +46,13 @@ def package(pattern: str, cpu: str) -> str:
 def test_deb_installs_and_its_unit_runs_the_binary(cpu: str, tmp_path) -> None:
     deb = package(f"edgemesh_*_{mkpkg.DEB_ARCH[cpu]}.deb", cpu)
     require_cpu(cpu)
-    root = str(tmp_path / "root")
-    r = install_deb(deb, root)
-    assert r.returncode == 0, r.stderr
-    unit = open(os.path.join(root, "lib/systemd/system/edgemesh-agent.service")).read()
-    (exe,) = re.findall(r"^ExecStart=(\S+)", unit, re.M)
-    with mounted(root):
-        seen = smoke(root, exe)
+    with tmpfs(str(tmp_path / "root")) as root:
+        r = install_deb(deb, root)
+        assert r.returncode == 0, r.stderr
+        unit = open(os.path.join(root, "lib/systemd/system/edgemesh-agent.service")).read()
+        (exe,) = re.findall(r"^ExecStart=(\S+)", unit, re.M)
+        with mounted(root):
+            seen = smoke(root, exe)
     assert seen["dig"] == HELLO_IP and seen["exit"] == 0, seen["log"]
 
 
@@ -59,20 +60,22 @@ def test_deb_installs_and_its_unit_runs_the_binary(cpu: str, tmp_path) -> None:
 def test_ipk_installs_and_its_init_script_starts_a_working_agent(cpu: str, tmp_path) -> None:
     ipk = package(f"edgemesh_*_{mkpkg.IPK_ARCH[cpu]}.ipk", cpu)
     require_cpu(cpu)
-    root = str(tmp_path / "root")
-    meta = install_ipk(ipk, root)
-    assert control_fields(meta["control"])["Architecture"] == mkpkg.IPK_ARCH[cpu]
-    with_busybox(root)
-    prepare(root)  # the user's part: /etc/edgemesh/psk, and manifests to serve
-    dns, admin = free_port(), free_port()
-    cfg = uci_sections(os.path.join(root, "etc/config/edgemesh"))
-    cfg["agent"].update(enabled="1", no_iptables="1", node_name="edge-node-1",
-                        manifests=["/etc/edgemesh/manifests"], dns_listen=f"127.0.0.1:{dns}",
-                        admin=f"127.0.0.1:{admin}", tunnel_listen=f"127.0.0.1:{free_port()}")
-    with mounted(root):
-        argv = procd_commands(root, cfg)["agent"]  # the init script, run in the root
-        assert argv[:2] == ["/usr/bin/edgemesh", "agent"] and "--no-iptables" in argv
-        assert argv[argv.index("--psk-file") + 1] == "/etc/edgemesh/psk"
-        seen = run_agent(root, argv, dns, admin)  # what procd would start
+    with tmpfs(str(tmp_path / "root")) as root:
+        meta = install_ipk(ipk, root)
+        assert control_fields(meta["control"])["Architecture"] == mkpkg.IPK_ARCH[cpu]
+        with_busybox(root)
+        prepare(root)  # the user's part: /etc/edgemesh/psk, and manifests to serve
+        dns, admin = free_port(), free_port()
+        cfg = uci_sections(os.path.join(root, "etc/config/edgemesh"))
+        cfg["agent"].update(enabled="1", no_iptables="1", node_name="edge-node-1",
+                            manifests=["/etc/edgemesh/manifests"],
+                            dns_listen=f"127.0.0.1:{dns}", admin=f"127.0.0.1:{admin}",
+                            tunnel_listen=f"127.0.0.1:{free_port()}")
+        with mounted(root):
+            argv = procd_commands(root, cfg)["agent"]  # the init script, run in the root
+            assert argv[:2] == ["/usr/bin/edgemesh", "agent"] and "--no-iptables" in argv
+            assert argv[argv.index("--psk-file") + 1] == "/etc/edgemesh/psk"
+            seen = run_agent(root, argv, dns, admin)  # what procd would start
+        mode = os.stat(os.path.join(root, "etc/edgemesh/state")).st_mode & 0o777
     assert seen["dig"] == HELLO_IP and seen["exit"] == 0, seen["log"]
-    assert os.stat(os.path.join(root, "etc/edgemesh/state")).st_mode & 0o777 == 0o700
+    assert mode == 0o700
