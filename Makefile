@@ -5,6 +5,11 @@
 #   make test     set up, then run the whole test suite
 #   make binary   the PyInstaller onefile binary in dist/edgemesh
 #   make onedir   the PyInstaller onedir build in dist/edgemesh-onedir/
+#   make binary-arm64 / binary-armv7   the same for another CPU, built under qemu (root)
+#   make portable-CPU   the libc-independent build for CPU (amd64, arm64, armv7)
+#   make deb / ipk      this machine's .deb / OpenWrt .ipk; packages-CPU for another CPU
+#   make release        every binary and package for every CPU, with SHA256SUMS, in dist/
+#   make test-devices   build what the device tests need, then run them (tests/devices/)
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -13,7 +18,9 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
 	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
 
-.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean
+.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
+	binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 packages-amd64 \
+	packages-arm64 packages-armv7 deb ipk release test-devices device-deps
 
 setup: system-deps $(STAMP)
 
@@ -88,3 +95,60 @@ bench: setup
 
 clean:
 	rm -rf dist build-pyinstaller .state
+
+# ---- other CPUs, libc-independent builds, packages (packaging/foreign/, packaging/README.md) ----
+# Emulated builds run in Debian roots kept in build-foreign/ (git-ignored; `make clean` keeps
+# them): cold, arm64 takes ~7 min and armv7 ~27 min on 2 cores (armv7 compiles 7 wheels once);
+# warm, ~4-6 min each.
+FOREIGN ?= build-foreign
+CPUS ?= amd64 arm64 armv7
+DEVICE_PACKAGES := qemu-user-static binfmt-support debootstrap patchelf busybox-static dpkg
+
+# what the device builds and tests use (busybox-static: the fake OpenWrt root's shell)
+device-deps:
+	@missing=$$(for p in $(DEVICE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; \
+	fi
+SYSROOT_amd64 := /
+SYSROOT_arm64 := $(FOREIGN)/rootfs-arm64
+SYSROOT_armv7 := $(FOREIGN)/rootfs-armhf
+ONEDIR_amd64 := dist/edgemesh-onedir
+ONEDIR_arm64 := dist/edgemesh-linux-arm64-onedir
+ONEDIR_armv7 := dist/edgemesh-linux-armv7-onedir
+
+binary-arm64 binary-armv7: binary-%: device-deps
+	packaging/foreign/build.sh $*
+
+# onedir + its own glibc and loader (patchelf): runs on musl, on older glibc, with no libc at
+# all; installs at /usr/lib/edgemesh (tar -xzf ... -C /), which the packages use
+portable-amd64: onedir device-deps
+portable-arm64: binary-arm64
+portable-armv7: binary-armv7
+portable-amd64 portable-arm64 portable-armv7: portable-%:
+	$(PY) packaging/foreign/portable.py $(ONEDIR_$*) $(SYSROOT_$*) dist/edgemesh-linux-$*-portable
+	tar -cf - --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 \
+		-C dist/edgemesh-linux-$*-portable usr | gzip -9n > dist/edgemesh-linux-$*-portable.tar.gz
+
+packages-amd64 packages-arm64 packages-armv7: packages-%: portable-%
+	$(PY) packaging/foreign/mkpkg.py deb dist/edgemesh-linux-$*-portable $* dist
+	$(PY) packaging/foreign/mkpkg.py ipk dist/edgemesh-linux-$*-portable $* dist
+
+deb ipk: portable-amd64
+	$(PY) packaging/foreign/mkpkg.py $@ dist/edgemesh-linux-amd64-portable amd64 dist
+
+# RELEASE_CPUS=amd64 arm64 leaves armv7 out (its cold build is the long one)
+RELEASE_CPUS ?= $(CPUS)
+release: binary $(addprefix packages-,$(RELEASE_CPUS))
+	cp dist/edgemesh dist/edgemesh-linux-amd64
+	cd dist && sha256sum $(addprefix edgemesh-linux-,$(RELEASE_CPUS)) \
+		$(addsuffix -portable.tar.gz,$(addprefix edgemesh-linux-,$(RELEASE_CPUS))) \
+		edgemesh_*.deb edgemesh_*.ipk > SHA256SUMS
+	cat dist/SHA256SUMS
+
+# The device tests against what `release` built (they skip what is missing, saying which
+# target builds it); `make test` runs them too, but never builds.
+test-devices: setup release
+	$(BIN)/python -m pytest -q -m devices tests/devices

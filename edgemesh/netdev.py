@@ -8,6 +8,9 @@ It is idempotent: the DNS module and the proxy both call it for the same device.
 duplicate address detection: the bridge has no ports, so DAD would leave it tentative and
 unbindable); the proxy calls it only when it has IPv6 service addresses to serve.
 ``remove(config)`` undoes all of it; ``edgemesh cleanup`` runs it.
+
+Without an ``ip`` program, listing addresses logs that once and finds none (as busybox's
+``ip``, which lacks ``-j``, does); changing them raises ``tasks.MissingHelper``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from edgemesh.config import Config
 from edgemesh.runtime import tasks
 
 log = logging.getLogger(__name__)
+_missing_ip_logged = False
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -31,8 +35,15 @@ def _cidr(ip: str) -> str:
 
 
 def addresses_by_device() -> dict[str, set[str]]:
-    """Every interface's addresses (``ip -j addr``)."""
-    out = _ip("-j", "addr", "show", check=False)
+    """Every interface's addresses (``ip -j addr``); none when ``ip`` is missing or fails."""
+    global _missing_ip_logged
+    try:
+        out = _ip("-j", "addr", "show", check=False)
+    except tasks.MissingHelper as e:
+        if not _missing_ip_logged:
+            _missing_ip_logged = True
+            log.error("%s; carrying on without this node's address list", e)
+        return {}
     if out.returncode != 0:
         return {}
     try:

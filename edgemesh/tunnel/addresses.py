@@ -6,6 +6,8 @@ import json
 import logging
 import subprocess
 
+from edgemesh.runtime import tasks
+
 log = logging.getLogger(__name__)
 
 SKIPPED_PREFIXES = ("lo", "docker", "edgemesh", "tunl", "flannel", "cni", "kube-ipvs", "veth",
@@ -20,8 +22,8 @@ def usable(ifname: str, address: str) -> bool:
 def local_ipv4() -> list[str]:
     """Global-scope IPv4 addresses of real interfaces, in interface order."""
     try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True,
-                             timeout=5, check=True).stdout
+        out = tasks.run(["ip", "-j", "-4", "addr", "show"], timeout=5,
+                        need="the tunnel's list of this node's LAN addresses").stdout
         links = json.loads(out)
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         log.warning("cannot list local addresses: %s", e)
