@@ -11,8 +11,9 @@ every body h11 refuses is refused here), stricter where a proxy forwarding the b
 - chunk extensions follow RFC 9112 7.1.1: ``;`` name [``=`` token or quoted-string], with
   optional whitespace around ``=`` and before each further ``;`` but not between the size and
   the first ``;`` (h11 refuses that, and RFC 9112 calls it whitespace a sender must not
-  send); no NUL or other control byte; the whole size line at most ``MAX_SIZE_LINE`` bytes
-  (``bad_chunk_ext``);
+  send), nor before the CRLF (``5 \r\n``: h11 takes it, RFC 9112's grammar has no place for
+  it, and a server behind us may read the size another way); no NUL or other control
+  byte; the whole size line at most ``MAX_SIZE_LINE`` bytes (``bad_chunk_ext``);
 - chunk data must be followed by CRLF (``bad_chunk_end``);
 - trailer lines must end in CRLF and may not be folded (h11 also takes bare LF), each at most
   ``MAX_LINE`` bytes and ``MAX_TRAILERS`` in all (``bad_trailer``);
@@ -32,7 +33,7 @@ _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _EXT = rb"[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
 _CHUNK_SIZE_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})(?:;" + _EXT + rb"(?:[ \t]*;" + _EXT + rb")*)?[ \t]*\r\n")
+    rb"([0-9A-Fa-f]{1,16})(?:;" + _EXT + rb"(?:[ \t]*;" + _EXT + rb")*)?\r\n")
 _TRAILER_LINE = re.compile(FIELD_LINE.pattern + rb"\r\n")
 MAX_SIZE_LINE = 1024  # a chunk-size line with its extensions
 MAX_LINE = 4096  # one trailer field

@@ -14,9 +14,13 @@ plus merged slashes:
 
 - percent-encoded *unreserved* characters are decoded (``%41`` → ``A``, ``%2e`` → ``.``,
   ``%7E`` → ``~``; RFC 3986 §6.2.2.2, Istio's normalisation table); every other escape is
-  kept, its hex digits upper-cased (§6.2.2.1). So ``%2F`` and ``%5C`` stay encoded, as Istio's
-  ``BASE`` keeps them (Envoy's ``path_with_escaped_slashes_action`` ``KEEP_UNCHANGED``): they
-  are data, not separators; decoding them is ``DECODE_AND_MERGE_SLASHES``, off by default.
+  kept, its hex digits upper-cased (§6.2.2.1) — except ``%2F`` and ``%5C``, which are decoded
+  to ``/`` (Istio's ``DECODE_AND_MERGE_SLASHES``, Envoy's ``UNESCAPE_AND_FORWARD``, what nginx
+  does before it matches locations). Istio's ``BASE`` keeps them encoded, but then
+  ``/p%2F..%2Fadmin`` matches no ``/admin`` deny route while the many backends that decode
+  before they route serve ``/admin``; Istio's security best practices name decoding the
+  strict choice. A backend that needs an encoded slash inside one segment does not get it
+  through the mesh; ``DECODE_SLASHES`` below switches it off.
 - ``%00`` and a malformed escape (``%zz``, a lone ``%``) are refused; Istio refuses ``%00``
   with 400 and nginx any bad escape.
 - ``\\`` becomes ``/`` (Envoy's normaliser, Chromium's URL library, does so for http URLs).
@@ -27,6 +31,9 @@ plus merged slashes:
   ``/a/%2e%2e/b`` is ``/b``. A path that climbs above the root is clamped there
   (``/../admin`` → ``/admin``), as RFC 3986 and Envoy do; the result is the same path any
   server that resolves dot segments would serve, so clamping cannot step around a route.
+- A dot segment carrying path parameters (``..;x``, ``.;``) is refused: Tomcat and other
+  servlet containers drop the parameters and climb (``/p/..;/admin`` is ``/admin`` to them),
+  while to RFC 3986 it is an ordinary segment that no route would match as ``..``.
 - Adjacent slashes are merged (``//admin`` → ``/admin``), in the same pass as the dot
   segments (``/a//../b`` → ``/b``, nginx's order). Istio's default ``BASE`` does not merge
   (``MERGE_SLASHES`` does, and Istio and Envoy's edge best practices recommend it): without it
@@ -53,6 +60,7 @@ from typing import NamedTuple
 from edgemesh.proxy.http_head import HeadError
 
 MERGE_SLASHES = True  # see the module docstring
+DECODE_SLASHES = True  # %2F and %5C decoded to "/" (see the module docstring)
 MAX_PORT = 65535
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
@@ -66,6 +74,7 @@ _REG_NAME = _UNRESERVED
 _HEX = b"0123456789ABCDEFabcdef"
 _UNRESERVED_SET = frozenset(_UNRESERVED)
 _HEX_SET = frozenset(_HEX)
+_SLASHES = frozenset(b"/\\")  # %2F, %5C
 _VISIBLE = bytes(range(0x21, 0x7F))
 _PLAIN_TARGET = _PATH_OK + b"?"  # an origin-form target made of these needs no work
 MAX_REMEMBERED = 1024
@@ -235,6 +244,8 @@ def _decode_unreserved(path: bytes) -> bytes:
             raise TargetError("%00 in the path", "bad_path")
         if value in _UNRESERVED_SET:
             out.append(bytes((value,)) + part[2:])
+        elif value in _SLASHES and DECODE_SLASHES:
+            out.append(b"/" + part[2:])
         else:
             out.append(b"%" + part[:2].upper() + part[2:])
     return b"".join(out)
@@ -255,6 +266,8 @@ def _remove_dot_segments(path: bytes) -> bytes:
     last = len(segments) - 1
     out: list[bytes] = []
     for i, seg in enumerate(segments):
+        if seg[:2] == b".;" or seg[:3] == b"..;":
+            raise TargetError("a dot segment with path parameters", "bad_path")
         if seg == b"..":
             if out:
                 out.pop()

@@ -35,9 +35,10 @@ from edgemesh.proxy.http_target import (
     (b"/%2e/admin", b"/admin"),
     (b"/%61dmin", b"/admin"),  # unreserved escapes decoded
     (b"/%7euser/%2Dx%5f", b"/~user/-x_"),
-    (b"/a%2fb", b"/a%2Fb"),  # %2F kept (Istio BASE), hex upper-cased
-    (b"/a%2F..%2Fadmin", b"/a%2F..%2Fadmin"),  # no segments made of escaped slashes
-    (b"/a%5cb", b"/a%5Cb"),
+    (b"/a%2fb", b"/a/b"),  # %2F decoded (Istio DECODE_AND_MERGE_SLASHES, nginx)
+    (b"/a%2F..%2Fadmin", b"/admin"),  # so escaped slashes cannot hide dot segments
+    (b"/a%5cb", b"/a/b"),
+    (b"/a%3fb", b"/a%3Fb"),  # other reserved escapes kept, hex upper-cased
     (b"/a%25b", b"/a%25b"),
     (b"/a\\..\\admin", b"/admin"),  # backslash is a slash, as Envoy's normaliser
     (b"//admin/x", b"/admin/x"),  # slashes merged
@@ -54,7 +55,8 @@ def test_paths(raw: bytes, want: bytes) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"/a%zz", b"/a%", b"/a%2", b"/a%00b", b"admin/x", b"",
-                                 b"*", b"/a b", b"/a\x00", b"/\xff"])
+                                 b"*", b"/a b", b"/a\x00", b"/\xff",
+                                 b"/p/..;/admin", b"/p/.;x/admin", b"/..;jsessionid=1/x"])
 def test_bad_paths(raw: bytes) -> None:
     with pytest.raises(TargetError) as e:
         normalize_path(raw)
