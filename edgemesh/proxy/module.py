@@ -63,7 +63,9 @@ from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import NODE, Portal
 from edgemesh.proxy.policy import Balancers
-from edgemesh.proxy.tcp import TCPListener, TCPProxy
+from edgemesh.proxy.steering import Steering
+from edgemesh.proxy.tcp import TCPListener, TCPPort, TCPProxy
+from edgemesh.proxy.transparent import TransparentTCP
 from edgemesh.proxy.udp import UDPListener
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
@@ -190,7 +192,8 @@ class ProxyModule:
         self.listen_ip = cfg.listenAddress or (ctx.config.commonConfig.bridgeDeviceIP
                                                if cfg.iptables else "127.0.0.1")
         self.tcp: TCPProxy | None = None
-        self.listeners: dict[PortKey, Any] = {}
+        self.listeners: dict[PortKey, Any] = {}  # the handler of each port (see the docstring)
+        self.transparent: dict[int, TransparentTCP] = {}  # by family, with iptables only
         self.addresses: dict[PortKey, list[str]] = {}  # where each port is intercepted
         self.rules: iptables.Rules | None = None
         ipv6 = ctx.config.commonConfig.bridgeDeviceIPv6
@@ -210,6 +213,9 @@ class ProxyModule:
             self._prepare_host()
         self.tcp = TCPProxy(self.dialer, cfg.connectTimeout, cfg.tcpIdleTimeout,
                             cfg.maxConnections)
+        if cfg.iptables:
+            self.transparent[4] = TransparentTCP(self.tcp, self.listen_ip)
+            log.info("transparent TCP listener on %s:%d", *self.transparent[4].address)
         self.ctx.admin.add_check("proxy", self._readiness)
         self.ctx.admin.add_view("proxy", self.view)
         self.ctx.store.subscribe(self.reconciler.wake, WATCHED)
@@ -227,6 +233,9 @@ class ProxyModule:
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
+        for transparent in self.transparent.values():
+            transparent.close()
+        self.transparent.clear()
         if self.tcp is not None:
             self.tcp.close()
 
@@ -262,6 +271,11 @@ class ProxyModule:
             iptables.ensure_routes(iptables.of_family(self.config.serviceCIDR, 6), device)
         except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
             return self._ipv6_failed("address", f"cannot route the IPv6 service ranges: {e}")
+        if self.tcp is not None and 6 not in self.transparent:
+            try:
+                self.transparent[6] = TransparentTCP(self.tcp, self.listen_ip6)
+            except OSError as e:
+                return self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
         self.rules6 = iptables.Rules(binary, family=6)
         log.info("IPv6 service addresses: listeners on %s, backend %s", self.listen_ip6, binary)
         return True
@@ -288,6 +302,9 @@ class ProxyModule:
             self.rules6.remove()
             iptables.remove_routes(iptables.of_family(self.config.serviceCIDR, 6))
             self.rules6 = None
+        transparent = self.transparent.pop(6, None)
+        if transparent is not None:
+            transparent.close()
 
     def _readiness(self) -> str:
         if not self.ctx.store.synced:
@@ -323,45 +340,65 @@ class ProxyModule:
             self._stop_ipv6()
         elif not self._start_ipv6():
             want = {k: v for k, v in want.items() if k.family == 4}
-        for key in [k for k in self.listeners if k not in want]:
+        removed = [k for k in self.listeners if k not in want]
+        for key in removed:
             self.listeners.pop(key).close()
-        portals, portals6 = [], []
+            log.debug("no longer carrying %s", key)
+        before = len(self.listeners)
+        portals: dict[int, list[Portal]] = {4: [], 6: []}
+        steering: dict[int, Steering[TCPPort]] = {family: Steering()
+                                                  for family in self.transparent}
         for key, (svc, port) in want.items():
-            if key.family == 6:
-                portals6 += self._ipv6_portals(key, svc, port)
+            try:
+                handler = self._listener_for(key, svc, port)
+            except OSError as e:  # the IPv6 address vanished under us, say
+                if key.family == 4:
+                    raise
+                self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
+                self.addresses.pop(key, None)
                 continue
-            portals += self._portals(key, svc, port, self._listener_for(key, svc, port))
+            portals[key.family] += self._portals(key, svc, port, handler, steering)
+        for family, table in steering.items():
+            self.transparent[family].steering = table
         self.addresses = {k: v for k, v in self.addresses.items() if k in want}
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if self.rules is not None:
-            self.rules.sync(portals, self.config.nodePortAddresses)
+            self.rules.sync(portals[4], self.config.nodePortAddresses)
         if self.rules6 is not None:
-            self._sync_ipv6(portals6)
+            self._sync_ipv6(portals[6])
+        added = len(self.listeners) - before
+        if added or removed or not self.synced:
+            log.info("carrying %d service ports, %d added, %d removed", len(self.listeners),
+                     added, len(removed))
         self.synced = True
 
-    def _ipv6_portals(self, key: PortKey, svc: Service, port: ServicePort) -> list[Portal]:
-        try:
-            listener = self._listener_for(key, svc, port)
-        except OSError as e:  # the address vanished under us, say
-            self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
-            self.addresses.pop(key, None)
-            return []
-        return self._portals(key, svc, port, listener)
-
-    def _portals(self, key: PortKey, svc: Service, port: ServicePort,
-                 listener: Any) -> list[Portal]:
-        """The DNATs leading to ``listener``: the port's service addresses of the key's family
-        and, where enabled, its nodePort; ``/debug/proxy`` lists them as ``addresses``."""
-        to_ip, to_port = listener.address[:2]
+    def _portals(self, key: PortKey, svc: Service, port: ServicePort, handler: Any,
+                 steering: dict[int, Steering[TCPPort]]) -> list[Portal]:
+        """The DNATs leading to the port: its service addresses of the key's family and, where
+        enabled, its nodePort, to the transparent TCP listener (entered in its ``steering``)
+        or the port's own listener; ``/debug/proxy`` lists them as ``addresses``."""
+        table = steering.get(key.family) if key.protocol == "tcp" else None
+        to_ip, to_port = self._listen_address(key, handler)
         ips = service_ips6(svc) if key.family == 6 else service_ips(svc)
         mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key)) for ip in ips]
         node_port = node_port_of(svc, port)
         if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
             mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
+            if table is not None:
+                table.register_node_port(node_port, handler)
+        if table is not None:
+            table.register(ips, port.port, handler)
         self.addresses[key] = [f"node:{p.port}" if p.ip == NODE else
                                f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}"
                                for p in mine]
         return mine
+
+    def _listen_address(self, key: PortKey, handler: Any) -> tuple[str, int]:
+        """Where the port's connections or datagrams are accepted."""
+        own = getattr(handler, "address", None)
+        if own is not None:
+            return own[0], own[1]
+        return self.transparent[key.family].address[0], self.transparent[key.family].address[1]
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
         balancer = self.balancers.get(svc, port)
@@ -378,18 +415,21 @@ class ProxyModule:
             listener.update(balancer, backends)
             return listener
         cfg = self.config
+        # TCP ports share the transparent listener where there is one: no socket of their own
+        own_ip = None if key.protocol == "tcp" and self.transparent else listen_ip
         if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
             listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends,
-                                        listen_ip)
+                                        own_ip)
         elif key.protocol == "udp":
             listener = UDPListener(self.dialer, str(key), listen_ip, balancer, backends,
                                    idle_timeout=cfg.udpIdleTimeout,
                                    max_sessions=cfg.maxUDPSessions)
         else:
             assert self.tcp is not None
-            listener = TCPListener(self.tcp, str(key), listen_ip, balancer, backends)
+            listener = (TCPPort(self.tcp, str(key), balancer, backends) if own_ip is None
+                        else TCPListener(self.tcp, str(key), own_ip, balancer, backends))
         self.listeners[key] = listener
-        log.info("listening for %s on %s:%d", key, *listener.address[:2])
+        log.debug("carrying %s at %s:%d", key, *self._listen_address(key, listener))
         return listener
 
     def view(self) -> dict[str, Any]:
@@ -398,11 +438,10 @@ class ProxyModule:
         out = []
         for key, listener in sorted(self.listeners.items(), key=lambda kv: str(kv[0])):
             spec = listener.balancer.spec
-            host = listener.address[0]
+            host, port = self._listen_address(key, listener)
             out.append({"service": f"{key.namespace}/{key.name}", "port": key.port,
                         "protocol": key.protocol, "family": f"IPv{key.family}",
-                        "listen": f"[{host}]:{listener.address[1]}" if key.family == 6
-                        else f"{host}:{listener.address[1]}",
+                        "listen": f"[{host}]:{port}" if key.family == 6 else f"{host}:{port}",
                         "addresses": self.addresses.get(key, []),
                         "policy": spec.policy.value, "hashKey": spec.hash_key.value,
                         "affinitySeconds": spec.affinity_timeout,
