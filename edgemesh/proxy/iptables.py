@@ -134,37 +134,129 @@ def node_ports_enabled(node_port_addresses: Sequence[str], family: int) -> bool:
     return bool(node_port_matches(node_port_addresses, family))
 
 
-def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
-                 node_port_addresses: Sequence[str] = (),
-                 filter_hook_lines: Sequence[str] = (), family: int = 4) -> str:
-    """The ``iptables-restore --noflush`` input that makes our chains hold exactly ``portals``.
+@dataclass(frozen=True)
+class Ruleset:
+    """The rules of one family as a value: the chains whose order matters as lists, the
+    DNAT and ACCEPT rules (exact matches, so their order does not) as sets of restore lines."""
+    ordered: tuple[str, ...]  # the hook chains' rules and the NodePort jumps, in order
+    services: frozenset[str]  # -A EDGEMESH-SERVICES ... -j DNAT lines
+    node_ports: frozenset[str]  # -A EDGEMESH-NODEPORTS lines
+    accepts: frozenset[str]  # -A EDGEMESH-INPUT lines (filter table)
+
+    def __len__(self) -> int:
+        return len(self.ordered) + len(self.services) + len(self.node_ports) + len(self.accepts)
+
+
+def ruleset(portals: list[Portal], node_port_addresses: Sequence[str] = (),
+            family: int = 4) -> Ruleset:
+    """The rules making our chains hold exactly ``portals`` (see the module docstring)."""
+    ordered = [LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD]
+    ordered += [f"-A {chain} -j {SERVICES_CHAIN}" for _, chain in HOOKS]
+    unique = set(portals)
+    node_ports = [p for p in unique if p.ip == NODE]
+    matches = node_port_matches(node_port_addresses, family)
+    if node_ports and matches:
+        ordered += [f"-A {SERVICES_CHAIN} {match}-m addrtype --dst-type LOCAL "
+                    f"-j {NODEPORTS_CHAIN}" for match in matches]
+    else:
+        node_ports = []
+    listeners = {(p.to_ip, p.protocol, p.to_port) for p in unique}
+    return Ruleset(
+        tuple(ordered),
+        frozenset(_dnat(SERVICES_CHAIN, p) for p in unique if p.ip != NODE),
+        frozenset(_dnat(NODEPORTS_CHAIN, p) for p in node_ports),
+        frozenset(f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
+                  f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners))
+
+
+def render_full(rules: Ruleset, hook_lines: Sequence[str] = (),
+                filter_hook_lines: Sequence[str] = ()) -> str:
+    """The ``iptables-restore --noflush`` input that replaces our chains with ``rules``.
 
     ``hook_lines`` and ``filter_hook_lines`` (from ``hook_fixes`` for the nat and filter
     tables) go into the same transaction as each table's rules, so rules and the jumps into
     them change together: no moment with rules but no hook, or a hook twice.
-    ``node_port_addresses`` limits NodePorts to local addresses in the ranges of ``family``.
-    ``family=6`` renders the ``ip6tables-restore`` input for IPv6 portals.
     """
+    jumps = [line for line in rules.ordered if line.startswith(f"-A {SERVICES_CHAIN} ")]
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
-    lines.append(LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD)
-    for _, chain in HOOKS:
-        lines.append(f"-A {chain} -j {SERVICES_CHAIN}")
-    unique = sorted(set(portals))
-    lines.extend(_dnat(SERVICES_CHAIN, p) for p in unique if p.ip != NODE)
-    node_ports = [p for p in unique if p.ip == NODE]
-    matches = node_port_matches(node_port_addresses, family)
-    if node_ports and matches:
-        lines.extend(f"-A {SERVICES_CHAIN} {match}-m addrtype --dst-type LOCAL "
-                     f"-j {NODEPORTS_CHAIN}" for match in matches)
-        lines.extend(_dnat(NODEPORTS_CHAIN, p) for p in node_ports)
+    lines += [line for line in rules.ordered if line not in jumps]
+    lines += sorted(rules.services, key=_portal_order)
+    lines += jumps  # last, as in kube-proxy: a local service IP is matched by its own port
+    lines += sorted(rules.node_ports, key=_portal_order)
     lines.extend(hook_lines)
-    lines += ["COMMIT", "*filter", f":{INPUT_CHAIN} - [0:0]"]
-    listeners = sorted({(p.to_ip, p.protocol, p.to_port) for p in unique})
-    lines.extend(f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
-                 f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners)
-    lines.extend(filter_hook_lines)
-    lines.append("COMMIT")
+    lines += ["COMMIT", "*filter", f":{INPUT_CHAIN} - [0:0]", *sorted(rules.accepts),
+              *filter_hook_lines, "COMMIT"]
     return "\n".join(lines) + "\n"
+
+
+def _portal_order(line: str) -> tuple[str, int, str, str]:
+    """Lines in the order of their portals: address, port, protocol."""
+    words = line.split()
+    ip = words[words.index("-d") + 1] if "-d" in words else ""
+    return ip, int(words[words.index("--dport") + 1]), words[words.index("-p") + 1], line
+
+
+def render_delta(old: Ruleset, new: Ruleset) -> str | None:
+    """The restore input turning the applied ``old`` into ``new`` rule by rule: ``-D`` for
+    each rule gone, ``-I SERVICES 1``/``-A`` for each new one (new DNATs go before the
+    NodePort jumps, which stay last); "" when nothing changed; None when the ordered part
+    changed and the chains must be rewritten whole (``render_full``)."""
+    if old.ordered != new.ordered:
+        return None
+    nat = [*_changes(SERVICES_CHAIN, old.services, new.services, insert=True),
+           *_changes(NODEPORTS_CHAIN, old.node_ports, new.node_ports)]
+    filt = _changes(INPUT_CHAIN, old.accepts, new.accepts)
+    out = []
+    if nat:
+        out += ["*nat", *nat, "COMMIT"]
+    if filt:
+        out += ["*filter", *filt, "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _changes(chain: str, old: frozenset[str], new: frozenset[str],
+             insert: bool = False) -> list[str]:
+    prefix = f"-A {chain} "
+    gone = sorted(f"-D {chain} {line[len(prefix):]}" for line in old - new)
+    add = f"-I {chain} 1 " if insert else prefix
+    return gone + sorted(f"{add}{line[len(prefix):]}" for line in new - old)
+
+
+def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
+                 node_port_addresses: Sequence[str] = (),
+                 filter_hook_lines: Sequence[str] = (), family: int = 4) -> str:
+    """``render_full`` of the ``ruleset`` of ``portals``: ``node_port_addresses`` limits
+    NodePorts to local addresses in the ranges of ``family``; ``family=6`` renders the
+    ``ip6tables-restore`` input for IPv6 portals."""
+    return render_full(ruleset(portals, node_port_addresses, family), hook_lines,
+                       filter_hook_lines)
+
+
+def drifted(rules: Ruleset, saved_nat: str, saved_filter: str) -> bool:
+    """Whether the chains in ``iptables-save`` output differ from ``rules`` (a rule missing,
+    extra or out of order), or a jump rule into them is missing or doubled."""
+    if hook_fixes(saved_nat) or hook_fixes(saved_filter, FILTER_HOOKS):
+        return True
+    mine = [line for line in saved_nat.splitlines()
+            if line.startswith("-A EDGEMESH-")]
+    jumps = [line for line in rules.ordered if line.startswith(f"-A {SERVICES_CHAIN} ")]
+    services = [line for line in mine if line.startswith(f"-A {SERVICES_CHAIN} ")]
+    accepts = [line for line in saved_filter.splitlines()
+               if line.startswith(f"-A {INPUT_CHAIN} ")]
+    node_ports = [line for line in mine if line.startswith(f"-A {NODEPORTS_CHAIN} ")]
+    return (any(_in_chain(mine, chain) != _in_chain(rules.ordered, chain)
+                for _, chain in HOOKS)
+            or services[len(services) - len(jumps):] != jumps
+            or _differ(services[:len(services) - len(jumps)], rules.services)
+            or _differ(node_ports, rules.node_ports) or _differ(accepts, rules.accepts))
+
+
+def _in_chain(lines: Sequence[str], chain: str) -> list[str]:
+    return [line for line in lines if line.startswith(f"-A {chain} ")]
+
+
+def _differ(lines: list[str], want: frozenset[str]) -> bool:
+    return len(lines) != len(want) or set(lines) != want
 
 
 def hook_rule(parent: str, chain: str) -> str:
@@ -234,18 +326,33 @@ def detect_backend(family: int = 4) -> str:
 
 class Rules:
     """Applies rendered rules with one backend and keeps the jump rules single (``family=6``:
-    the IPv6 ruleset, with ``ip6tables``)."""
+    the IPv6 ruleset, with ``ip6tables``).
+
+    The first sync, and any after a failure, drift or a change of the ordered part, rewrites
+    our chains whole (and checks the jump rules against ``iptables-save``); every other sync
+    applies only the rules that changed (``render_delta``), and none at all when nothing did.
+    ``check`` compares the kernel's rules with the last applied ones (the periodic repair).
+    """
 
     def __init__(self, binary: str | None = None, family: int = 4) -> None:
         self.family = family
         self.binary = binary or detect_backend(family)
         self.last_text = ""
+        self.applied: Ruleset | None = None  # what the kernel holds, as far as we know
+        self.operations = 0  # rule lines written by the last sync (0: nothing to change)
 
     def sync(self, portals: list[Portal], node_port_addresses: Sequence[str] = ()) -> None:
         """Make the chains hold exactly ``portals`` and the hooks exist once."""
         started = time.monotonic()
-        text = render_rules(portals, hook_fixes(_save(self.binary)), node_port_addresses,
-                            hook_fixes(_save(self.binary, "filter"), FILTER_HOOKS), self.family)
+        want = ruleset(portals, node_port_addresses, self.family)
+        text = render_delta(self.applied, want) if self.applied is not None else None
+        if text == "":
+            self.operations = 0
+            return
+        if text is None:
+            text = render_full(want, hook_fixes(_save(self.binary)),
+                               hook_fixes(_save(self.binary, "filter"), FILTER_HOOKS))
+        self.applied = None  # unknown until the restore succeeds
         try:
             tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
                       timeout=30)
@@ -254,11 +361,26 @@ class Rules:
             if self.family == 4:  # IPv6: the module logs it once and keeps serving IPv4
                 log.error("iptables sync failed: %s", (e.stderr or b"").decode(errors="replace"))
             raise
+        self.applied = want
         self.last_text = text
+        self.operations = sum(1 for line in text.splitlines() if line[:2] in ("-A", "-D", "-I"))
         SYNC_SECONDS.observe(time.monotonic() - started)
+
+    def check(self) -> bool:
+        """False (and the next sync rewrites the chains whole) when the kernel's rules are not
+        the ones last applied: a rule or a jump removed, added or reordered by someone else."""
+        if self.applied is None:
+            return False
+        if drifted(self.applied, _save(self.binary), _save(self.binary, "filter")):
+            log.warning("%s rules drifted from what the proxy applied; rewriting them",
+                        self.binary)
+            self.applied = None
+            return False
+        return True
 
     def remove(self) -> None:
         remove_from(self.binary)
+        self.applied = None
 
 
 def remove_from(binary: str) -> None:

@@ -53,6 +53,7 @@ import ipaddress
 import logging
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,7 @@ class ProxyModule:
         self.rules6: iptables.Rules | None = None  # exists while IPv6 addresses are served
         self.ipv6_error = ""
         self.synced = False
+        self._next_check = 0.0  # when the rules are next compared with the kernel's
         self.reconciler = Reconciler("proxy-sync", self.sync, period=cfg.iptablesSyncPeriod,
                                      delay=0.05)
 
@@ -362,6 +364,11 @@ class ProxyModule:
             self.transparent[family].steering = table
         self.addresses = {k: v for k, v in self.addresses.items() if k in want}
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
+        if time.monotonic() >= self._next_check:  # the periodic repair of drifted rules
+            self._next_check = time.monotonic() + self.config.iptablesSyncPeriod
+            for rules in (self.rules, self.rules6):
+                if rules is not None:
+                    rules.check()
         if self.rules is not None:
             self.rules.sync(portals[4], self.config.nodePortAddresses)
         if self.rules6 is not None:

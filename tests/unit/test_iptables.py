@@ -389,3 +389,87 @@ def test_ipv6_loopback_from_the_network_is_never_rewritten() -> None:
         guard = lines.index("-A EDGEMESH-PREROUTING -d ::1/128 -j RETURN")
         assert guard < lines.index("-A EDGEMESH-PREROUTING -j EDGEMESH-SERVICES")
         assert not any("::1/128" in line for line in lines if "OUTPUT" in line)
+
+
+# ---- incremental updates -----------------------------------------------------------------------
+
+def _many(n: int, changed: int | None = None, node_ports: bool = True) -> list[Portal]:
+    """Portals of ``n`` services (a ClusterIP each, every 10th with a NodePort), all led to
+    one transparent listener; service ``changed`` has a new ClusterIP."""
+    out = []
+    for i in range(n):
+        ip = f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
+        if i == changed:
+            ip = "10.200.0.1"
+        out.append(Portal(ip, 80, "tcp", *L, f"ns/svc{i}:80/tcp"))
+        if node_ports and i % 10 == 0:
+            out.append(Portal(NODE, 30000 + i // 10, "tcp", *L, f"ns/svc{i}:80/tcp"))
+    return out
+
+
+def test_one_service_changed_among_5000_is_two_rule_operations() -> None:
+    base = iptables.ruleset(_many(5000))
+    assert len(base.services) == 5000 and len(base.accepts) == 1  # one listener
+    delta = iptables.render_delta(base, iptables.ruleset(_many(5000, changed=1234)))
+    assert delta is not None
+    ops = [line for line in delta.splitlines() if line[:2] in ("-A", "-D", "-I")]
+    assert ops == [
+        '-D EDGEMESH-SERVICES -d 10.96.4.210/32 -p tcp -m tcp --dport 80 -m comment '
+        '--comment "ns/svc1234:80/tcp" -j DNAT --to-destination 169.254.96.16:41000',
+        # inserted first: before the NodePort jumps, which stay last
+        '-I EDGEMESH-SERVICES 1 -d 10.200.0.1/32 -p tcp -m tcp --dport 80 -m comment '
+        '--comment "ns/svc1234:80/tcp" -j DNAT --to-destination 169.254.96.16:41000']
+    assert delta.splitlines()[0] == "*nat" and "*filter" not in delta  # listener unchanged
+    # a service added (with a NodePort): its two rules; one removed: its one; nothing
+    # changed: nothing at all
+    added = iptables.render_delta(base, iptables.ruleset(_many(5001)))
+    assert added is not None and sum(line.startswith("-") for line in added.splitlines()) == 2
+    removed = iptables.render_delta(base, iptables.ruleset(_many(4999)))
+    assert removed is not None and sum(line.startswith("-") for line in removed.splitlines()) \
+        == 1
+    assert iptables.render_delta(base, iptables.ruleset(list(reversed(_many(5000))))) == ""
+
+
+def test_first_node_port_or_new_ranges_rewrite_the_chains_whole() -> None:
+    without = iptables.ruleset(_many(20, node_ports=False))
+    assert iptables.render_delta(without, iptables.ruleset(_many(20))) is None
+    assert iptables.render_delta(iptables.ruleset(_many(20)),
+                                 iptables.ruleset(_many(20), ["10.0.0.0/8"])) is None
+
+
+def test_drift_is_seen_in_saved_rules() -> None:
+    rules = iptables.ruleset(EXTRA)
+    text = iptables.render_full(rules)
+    nat, filt = text.split("*filter")
+    hooks = "-A PREROUTING -j EDGEMESH-PREROUTING\n-A OUTPUT -j EDGEMESH-OUTPUT\n"
+    nat, filt = nat + hooks, "*filter" + filt + "-A INPUT -j EDGEMESH-INPUT\n"
+    assert not iptables.drifted(rules, nat, filt)
+    dnat = next(line for line in nat.splitlines() if "192.0.2.50" in line)
+    assert iptables.drifted(rules, nat.replace(dnat + "\n", ""), filt)  # a rule removed
+    assert iptables.drifted(rules, nat.replace(hooks, ""), filt)  # a jump removed
+    jump = "-A EDGEMESH-SERVICES -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS\n"
+    moved = nat.replace(jump, "").replace(dnat + "\n", jump + dnat + "\n")
+    assert iptables.drifted(rules, moved, filt)  # a DNAT after the NodePort jump
+    assert iptables.drifted(rules, nat, filt.replace("-A EDGEMESH-INPUT", "-A X", 1))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("binary", ["iptables-nft", "iptables-legacy"])
+def test_one_change_among_5000_services_in_a_namespace(lab, binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} not installed")
+    ns = lab.netns("ipt5k")
+    code = (
+        "from tests.unit.test_iptables import _many\n"
+        "from edgemesh.proxy import iptables as I\n"
+        f"r = I.Rules('{binary}')\n"
+        "r.sync(_many(5000)); full = r.operations\n"
+        "r.sync(_many(5000, changed=1234)); one = r.operations\n"
+        "r.sync(_many(5000, changed=1234)); none = r.operations\n"
+        "ok = r.check()\n"
+        "saved = I._save(r.binary)\n"
+        "r.remove()\n"
+        "print(full, one, none, ok, saved.count('-j DNAT'), '10.200.0.1/32' in saved,\n"
+        "      '10.96.4.210/32' in saved, 'EDGEMESH' in I._save(r.binary))\n")
+    out = ns.run(".venv/bin/python", "-c", code).stdout.split()
+    assert out == ["5508", "2", "0", "True", "5500", "True", "False", "False"], out
