@@ -68,12 +68,26 @@ SERVICES_CHAIN = "EDGEMESH-SERVICES"
 NODEPORTS_CHAIN = "EDGEMESH-NODEPORTS"
 HOOKS = (("PREROUTING", "EDGEMESH-PREROUTING"), ("OUTPUT", "EDGEMESH-OUTPUT"))
 CHAINS = (SERVICES_CHAIN, *(chain for _, chain in HOOKS), NODEPORTS_CHAIN)
+TPROXY_CHAIN = "EDGEMESH-TPROXY"
+TPROXY_NODEPORTS_CHAIN = "EDGEMESH-TPROXY-NODEPORTS"
+MARK_CHAIN = "EDGEMESH-MARK"
+MANGLE_CHAINS = (*(chain for _, chain in HOOKS), TPROXY_CHAIN, TPROXY_NODEPORTS_CHAIN,
+                 MARK_CHAIN)
 INPUT_CHAIN = "EDGEMESH-INPUT"
 FILTER_HOOKS = (("INPUT", INPUT_CHAIN),)
+TABLES = {"nat": (HOOKS, CHAINS), "mangle": (HOOKS, MANGLE_CHAINS),
+          "filter": (FILTER_HOOKS, (INPUT_CHAIN,))}
+# chains whose rules are exact matches, so order among them does not matter: updated rule by
+# rule; True: new rules are inserted first (the chain ends with ordered jumps)
+SET_CHAINS = {SERVICES_CHAIN: ("nat", True), NODEPORTS_CHAIN: ("nat", False),
+              TPROXY_CHAIN: ("mangle", True), TPROXY_NODEPORTS_CHAIN: ("mangle", False),
+              MARK_CHAIN: ("mangle", False), INPUT_CHAIN: ("filter", False)}
 NODE = ""  # Portal.ip of a NodePort: any local address of this node
 LOOPBACK_GUARD = "-A EDGEMESH-PREROUTING -d 127.0.0.0/8 -j RETURN"
 LOOPBACK_GUARD6 = "-A EDGEMESH-PREROUTING -d ::1/128 -j RETURN"
 ROUTE_PROTO = "237"  # marks the service-CIDR routes we add, so cleanup removes only ours
+TPROXY_MARK = "0x2000/0x2000"  # unused by kube-proxy (0x4000, 0x8000) and Cilium (0x0f00)
+TPROXY_TABLE = "237"  # the routing table sending marked packets to the local stack
 
 SYNC_SECONDS = metrics.histogram("edgemesh_proxy_iptables_sync_seconds",
                                  "Time to render and apply the interception rules.")
@@ -87,7 +101,8 @@ class Portal:
 
     ``ip`` is a ClusterIP, externalIP or load-balancer IP (IPv4, or IPv6 in the IPv6 ruleset),
     or ``NODE`` for a NodePort (``port`` is then the nodePort and the address any local one of
-    the ruleset's family within nodePortAddresses).
+    the ruleset's family within nodePortAddresses). ``tproxy``: led there by TPROXY (UDP to
+    the transparent listener) rather than by DNAT.
     """
     ip: str
     port: int
@@ -95,6 +110,7 @@ class Portal:
     to_ip: str
     to_port: int
     comment: str = ""
+    tproxy: bool = False
 
 
 def _quote(text: str) -> str:
@@ -106,12 +122,27 @@ def _host(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
-def _dnat(chain: str, p: Portal) -> str:
+def _match(chain: str, p: Portal) -> str:
     dest = f" -d {_host(p.ip)}" if p.ip != NODE else ""
-    comment = f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
+    return f"-A {chain}{dest} -p {p.protocol} -m {p.protocol} --dport {p.port}"
+
+
+def _comment(p: Portal) -> str:
+    return f" -m comment --comment {_quote(p.comment)}" if p.comment else ""
+
+
+def _dnat(chain: str, p: Portal) -> str:
     to = f"[{p.to_ip}]" if ":" in p.to_ip else p.to_ip
-    return (f"-A {chain}{dest} -p {p.protocol} -m {p.protocol} --dport {p.port}{comment} "
-            f"-j DNAT --to-destination {to}:{p.to_port}")
+    return f"{_match(chain, p)}{_comment(p)} -j DNAT --to-destination {to}:{p.to_port}"
+
+
+def _tproxy(chain: str, p: Portal) -> str:
+    return (f"{_match(chain, p)}{_comment(p)} -j TPROXY --on-port {p.to_port} "
+            f"--on-ip {p.to_ip} --tproxy-mark {TPROXY_MARK}")
+
+
+def _mark(p: Portal) -> str:
+    return f"{_match(MARK_CHAIN, p)}{_comment(p)} -j MARK --set-xmark {TPROXY_MARK}"
 
 
 def node_port_matches(node_port_addresses: Sequence[str], family: int = 4) -> list[str]:
@@ -136,56 +167,73 @@ def node_ports_enabled(node_port_addresses: Sequence[str], family: int) -> bool:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """The rules of one family as a value: the chains whose order matters as lists, the
-    DNAT and ACCEPT rules (exact matches, so their order does not) as sets of restore lines."""
-    ordered: tuple[str, ...]  # the hook chains' rules and the NodePort jumps, in order
-    services: frozenset[str]  # -A EDGEMESH-SERVICES ... -j DNAT lines
-    node_ports: frozenset[str]  # -A EDGEMESH-NODEPORTS lines
-    accepts: frozenset[str]  # -A EDGEMESH-INPUT lines (filter table)
+    """The rules of one family as a value: ``ordered`` holds, per table, the rules whose order
+    matters (the hook chains; the NodePort jumps that end a set chain); ``sets`` the rules of
+    each chain in ``SET_CHAINS`` (DNAT, TPROXY, MARK, ACCEPT: exact matches) as restore lines."""
+    ordered: tuple[tuple[str, str], ...]  # (table, line)
+    sets: dict[str, frozenset[str]]  # chain → its lines
 
     def __len__(self) -> int:
-        return len(self.ordered) + len(self.services) + len(self.node_ports) + len(self.accepts)
+        return len(self.ordered) + sum(map(len, self.sets.values()))
 
 
 def ruleset(portals: list[Portal], node_port_addresses: Sequence[str] = (),
             family: int = 4) -> Ruleset:
     """The rules making our chains hold exactly ``portals`` (see the module docstring)."""
-    ordered = [LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD]
-    ordered += [f"-A {chain} -j {SERVICES_CHAIN}" for _, chain in HOOKS]
+    guard = LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD
     unique = set(portals)
-    node_ports = [p for p in unique if p.ip == NODE]
+    dnat = [p for p in unique if not p.tproxy]
+    tproxy = [p for p in unique if p.tproxy]
     matches = node_port_matches(node_port_addresses, family)
-    if node_ports and matches:
-        ordered += [f"-A {SERVICES_CHAIN} {match}-m addrtype --dst-type LOCAL "
-                    f"-j {NODEPORTS_CHAIN}" for match in matches]
-    else:
-        node_ports = []
-    listeners = {(p.to_ip, p.protocol, p.to_port) for p in unique}
-    return Ruleset(
-        tuple(ordered),
-        frozenset(_dnat(SERVICES_CHAIN, p) for p in unique if p.ip != NODE),
-        frozenset(_dnat(NODEPORTS_CHAIN, p) for p in node_ports),
-        frozenset(f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
-                  f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners))
+    nat_node = [p for p in dnat if p.ip == NODE] if matches else []
+    tproxy_node = [p for p in tproxy if p.ip == NODE] if matches else []
+    ordered = [("nat", guard), *(("nat", f"-A {chain} -j {SERVICES_CHAIN}") for _, chain in HOOKS)]
+    ordered += [("nat", f"-A {SERVICES_CHAIN} {m}-m addrtype --dst-type LOCAL "
+                 f"-j {NODEPORTS_CHAIN}") for m in (matches if nat_node else ())]
+    # locally generated packets reach PREROUTING again through lo: let them in there
+    ordered += [("mangle", guard.replace(" -j RETURN", " ! -i lo -j RETURN")),
+                ("mangle", f"-A EDGEMESH-PREROUTING -j {TPROXY_CHAIN}"),
+                ("mangle", f"-A EDGEMESH-OUTPUT -j {MARK_CHAIN}")]
+    ordered += [("mangle", f"-A {TPROXY_CHAIN} {m}-m addrtype --dst-type LOCAL "
+                 f"-j {TPROXY_NODEPORTS_CHAIN}") for m in (matches if tproxy_node else ())]
+    listeners = {(p.to_ip, p.protocol, p.to_port) for p in dnat}
+    accepts = {f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
+               f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners}
+    if tproxy:
+        accepts.add(f"-A {INPUT_CHAIN} -p udp -m mark --mark {TPROXY_MARK} -j ACCEPT")
+    return Ruleset(tuple(ordered), {
+        SERVICES_CHAIN: frozenset(_dnat(SERVICES_CHAIN, p) for p in dnat if p.ip != NODE),
+        NODEPORTS_CHAIN: frozenset(_dnat(NODEPORTS_CHAIN, p) for p in nat_node),
+        TPROXY_CHAIN: frozenset(_tproxy(TPROXY_CHAIN, p) for p in tproxy if p.ip != NODE),
+        TPROXY_NODEPORTS_CHAIN: frozenset(_tproxy(TPROXY_NODEPORTS_CHAIN, p)
+                                          for p in tproxy_node),
+        # node ports are local addresses: their packets go through lo without a mark
+        MARK_CHAIN: frozenset(_mark(p) for p in tproxy if p.ip != NODE),
+        INPUT_CHAIN: frozenset(accepts)})
 
 
 def render_full(rules: Ruleset, hook_lines: Sequence[str] = (),
-                filter_hook_lines: Sequence[str] = ()) -> str:
+                filter_hook_lines: Sequence[str] = (),
+                mangle_hook_lines: Sequence[str] = ()) -> str:
     """The ``iptables-restore --noflush`` input that replaces our chains with ``rules``.
 
-    ``hook_lines`` and ``filter_hook_lines`` (from ``hook_fixes`` for the nat and filter
-    tables) go into the same transaction as each table's rules, so rules and the jumps into
-    them change together: no moment with rules but no hook, or a hook twice.
+    The ``*_hook_lines`` (from ``hook_fixes`` for each table) go into the same transaction
+    as each table's rules, so rules and the jumps into them change together: no moment with
+    rules but no hook, or a hook twice.
     """
-    jumps = [line for line in rules.ordered if line.startswith(f"-A {SERVICES_CHAIN} ")]
-    lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
-    lines += [line for line in rules.ordered if line not in jumps]
-    lines += sorted(rules.services, key=_portal_order)
-    lines += jumps  # last, as in kube-proxy: a local service IP is matched by its own port
-    lines += sorted(rules.node_ports, key=_portal_order)
-    lines.extend(hook_lines)
-    lines += ["COMMIT", "*filter", f":{INPUT_CHAIN} - [0:0]", *sorted(rules.accepts),
-              *filter_hook_lines, "COMMIT"]
+    fixes = {"nat": hook_lines, "mangle": mangle_hook_lines, "filter": filter_hook_lines}
+    lines: list[str] = []
+    for table, (_, chains) in TABLES.items():
+        ordered = [line for t, line in rules.ordered if t == table]
+        lines += [f"*{table}", *(f":{chain} - [0:0]" for chain in chains)]
+        tails = [line for line in ordered if line.split()[1] in SET_CHAINS]
+        lines += [line for line in ordered if line not in tails]
+        for chain in chains:
+            if chain in SET_CHAINS:
+                lines += sorted(rules.sets[chain], key=_portal_order)
+                # last, as in kube-proxy: a local service IP is matched by its own port
+                lines += _in_chain(tails, chain)
+        lines += [*fixes[table], "COMMIT"]
     return "\n".join(lines) + "\n"
 
 
@@ -193,24 +241,26 @@ def _portal_order(line: str) -> tuple[str, int, str, str]:
     """Lines in the order of their portals: address, port, protocol."""
     words = line.split()
     ip = words[words.index("-d") + 1] if "-d" in words else ""
-    return ip, int(words[words.index("--dport") + 1]), words[words.index("-p") + 1], line
+    port = int(words[words.index("--dport") + 1]) if "--dport" in words else 0
+    proto = words[words.index("-p") + 1] if "-p" in words else ""
+    return ip, port, proto, line
 
 
 def render_delta(old: Ruleset, new: Ruleset) -> str | None:
     """The restore input turning the applied ``old`` into ``new`` rule by rule: ``-D`` for
-    each rule gone, ``-I SERVICES 1``/``-A`` for each new one (new DNATs go before the
-    NodePort jumps, which stay last); "" when nothing changed; None when the ordered part
-    changed and the chains must be rewritten whole (``render_full``)."""
+    each rule gone, ``-I chain 1`` (before the NodePort jumps, which stay last) or ``-A``
+    for each new one; "" when nothing changed; None when the ordered part changed and the
+    chains must be rewritten whole (``render_full``)."""
     if old.ordered != new.ordered:
         return None
-    nat = [*_changes(SERVICES_CHAIN, old.services, new.services, insert=True),
-           *_changes(NODEPORTS_CHAIN, old.node_ports, new.node_ports)]
-    filt = _changes(INPUT_CHAIN, old.accepts, new.accepts)
     out = []
-    if nat:
-        out += ["*nat", *nat, "COMMIT"]
-    if filt:
-        out += ["*filter", *filt, "COMMIT"]
+    for table in TABLES:
+        ops = []
+        for chain, (t, insert) in SET_CHAINS.items():
+            if t == table:
+                ops += _changes(chain, old.sets[chain], new.sets[chain], insert)
+        if ops:
+            out += [f"*{table}", *ops, "COMMIT"]
     return "\n".join(out) + "\n" if out else ""
 
 
@@ -232,23 +282,26 @@ def render_rules(portals: list[Portal], hook_lines: Sequence[str] = (),
                        filter_hook_lines)
 
 
-def drifted(rules: Ruleset, saved_nat: str, saved_filter: str) -> bool:
-    """Whether the chains in ``iptables-save`` output differ from ``rules`` (a rule missing,
-    extra or out of order), or a jump rule into them is missing or doubled."""
-    if hook_fixes(saved_nat) or hook_fixes(saved_filter, FILTER_HOOKS):
-        return True
-    mine = [line for line in saved_nat.splitlines()
-            if line.startswith("-A EDGEMESH-")]
-    jumps = [line for line in rules.ordered if line.startswith(f"-A {SERVICES_CHAIN} ")]
-    services = [line for line in mine if line.startswith(f"-A {SERVICES_CHAIN} ")]
-    accepts = [line for line in saved_filter.splitlines()
-               if line.startswith(f"-A {INPUT_CHAIN} ")]
-    node_ports = [line for line in mine if line.startswith(f"-A {NODEPORTS_CHAIN} ")]
-    return (any(_in_chain(mine, chain) != _in_chain(rules.ordered, chain)
-                for _, chain in HOOKS)
-            or services[len(services) - len(jumps):] != jumps
-            or _differ(services[:len(services) - len(jumps)], rules.services)
-            or _differ(node_ports, rules.node_ports) or _differ(accepts, rules.accepts))
+def drifted(rules: Ruleset, saved: dict[str, str]) -> bool:
+    """Whether our chains in ``saved`` (``iptables-save -t`` output by table) differ from
+    ``rules`` (a rule missing, extra or out of order), or a jump into them is missing or
+    doubled."""
+    for table, (hooks, chains) in TABLES.items():
+        text = saved.get(table, "")
+        ordered = [line for t, line in rules.ordered if t == table]
+        if hook_fixes(text, hooks):
+            return True
+        mine = [line for line in text.splitlines() if line.startswith("-A EDGEMESH-")]
+        for chain in chains:
+            have, want = _in_chain(mine, chain), _in_chain(ordered, chain)
+            if chain not in SET_CHAINS or SET_CHAINS[chain][0] != table:
+                if have != want:
+                    return True
+                continue
+            head = have[:len(have) - len(want)]
+            if have[len(head):] != want or _differ(head, rules.sets[chain]):
+                return True
+    return False
 
 
 def _in_chain(lines: Sequence[str], chain: str) -> list[str]:
@@ -278,8 +331,8 @@ def hook_fixes(saved: str, hooks: Sequence[tuple[str, str]] = HOOKS) -> list[str
 
 def cleanup_commands(saved: str, table: str = "nat") -> list[list[str]]:
     """iptables arguments removing every jump rule and chain of ours found in ``saved``
-    (``iptables-save -t`` of ``table``: nat or filter)."""
-    hooks, chains = (HOOKS, CHAINS) if table == "nat" else (FILTER_HOOKS, (INPUT_CHAIN,))
+    (``iptables-save -t`` of ``table``: nat, mangle or filter)."""
+    hooks, chains = TABLES[table]
     lines = saved.splitlines()
     cmds: list[list[str]] = []
     for parent, chain in hooks:
@@ -350,8 +403,9 @@ class Rules:
             self.operations = 0
             return
         if text is None:
-            text = render_full(want, hook_fixes(_save(self.binary)),
-                               hook_fixes(_save(self.binary, "filter"), FILTER_HOOKS))
+            fixes = {table: hook_fixes(_save(self.binary, table), hooks)
+                     for table, (hooks, _) in TABLES.items()}
+            text = render_full(want, fixes["nat"], fixes["filter"], fixes["mangle"])
         self.applied = None  # unknown until the restore succeeds
         try:
             tasks.run([f"{self.binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
@@ -371,7 +425,7 @@ class Rules:
         the ones last applied: a rule or a jump removed, added or reordered by someone else."""
         if self.applied is None:
             return False
-        if drifted(self.applied, _save(self.binary), _save(self.binary, "filter")):
+        if drifted(self.applied, {table: _save(self.binary, table) for table in TABLES}):
             log.warning("%s rules drifted from what the proxy applied; rewriting them",
                         self.binary)
             self.applied = None
@@ -384,7 +438,7 @@ class Rules:
 
 
 def remove_from(binary: str) -> None:
-    for table in ("nat", "filter"):
+    for table in TABLES:
         for args in cleanup_commands(_save(binary, table), table):
             tasks.run([binary, "-w", "5", *args], timeout=10, check=False)
 
@@ -406,6 +460,28 @@ def remove_routes(cidrs: list[str]) -> None:
         tasks.run(["ip", "route", "del", cidr, "proto", ROUTE_PROTO], timeout=10, check=False)
 
 
+def ensure_tproxy_routing(family: int) -> None:
+    """Packets carrying ``TPROXY_MARK`` are delivered locally (table ``TPROXY_TABLE``: a
+    ``local`` default route on lo), once: TPROXY'd packets from other hosts, and locally
+    generated ones the MARK chain sends back through lo to meet TPROXY in PREROUTING."""
+    ip = ["ip", "-6"] if family == 6 else ["ip", "-4"]
+    rule = ["fwmark", TPROXY_MARK, "lookup", TPROXY_TABLE]
+    shown = tasks.run([*ip, "rule", "show"], timeout=10).stdout.decode(errors="replace")
+    if f"fwmark {TPROXY_MARK} lookup {TPROXY_TABLE}" not in shown:
+        tasks.run([*ip, "rule", "add", *rule], timeout=10)
+    tasks.run([*ip, "route", "replace", "local", "::/0" if family == 6 else "0.0.0.0/0",
+               "dev", "lo", "table", TPROXY_TABLE], timeout=10)
+
+
+def remove_tproxy_routing(family: int) -> None:
+    ip = ["ip", "-6"] if family == 6 else ["ip", "-4"]
+    for _ in range(16):  # every copy (a crash between add and a check may leave two)
+        if tasks.run([*ip, "rule", "del", "fwmark", TPROXY_MARK, "lookup", TPROXY_TABLE],
+                     timeout=10, check=False).returncode != 0:
+            break
+    tasks.run([*ip, "route", "flush", "table", TPROXY_TABLE], timeout=10, check=False)
+
+
 def cleanup(config: Config) -> None:
     """``edgemesh cleanup``: our chains, jump rules and routes, from every backend present,
     IPv4 and IPv6."""
@@ -415,3 +491,5 @@ def cleanup(config: Config) -> None:
             remove_from(binary)
     if shutil.which("ip"):
         remove_routes(config.modules.edgeProxy.serviceCIDR)
+        for family in (4, 6):
+            remove_tproxy_routing(family)

@@ -66,8 +66,8 @@ from edgemesh.proxy.iptables import NODE, Portal
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.steering import Steering
 from edgemesh.proxy.tcp import TCPListener, TCPPort, TCPProxy
-from edgemesh.proxy.transparent import TransparentTCP
-from edgemesh.proxy.udp import UDPListener
+from edgemesh.proxy.transparent import TransparentTCP, TransparentUDP
+from edgemesh.proxy.udp import TransparentUDPPort, UDPListener
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import Reconciler
@@ -195,6 +195,7 @@ class ProxyModule:
         self.tcp: TCPProxy | None = None
         self.listeners: dict[PortKey, Any] = {}  # the handler of each port (see the docstring)
         self.transparent: dict[int, TransparentTCP] = {}  # by family, with iptables only
+        self.transparent_udp: dict[int, TransparentUDP] = {}  # where TPROXY works
         self.addresses: dict[PortKey, list[str]] = {}  # where each port is intercepted
         self.rules: iptables.Rules | None = None
         ipv6 = ctx.config.commonConfig.bridgeDeviceIPv6
@@ -216,8 +217,7 @@ class ProxyModule:
         self.tcp = TCPProxy(self.dialer, cfg.connectTimeout, cfg.tcpIdleTimeout,
                             cfg.maxConnections)
         if cfg.iptables:
-            self.transparent[4] = TransparentTCP(self.tcp, self.listen_ip)
-            log.info("transparent TCP listener on %s:%d", *self.transparent[4].address)
+            self._open_transparent(4, self.listen_ip)
         self.ctx.admin.add_check("proxy", self._readiness)
         self.ctx.admin.add_view("proxy", self.view)
         self.ctx.store.subscribe(self.reconciler.wake, WATCHED)
@@ -231,13 +231,13 @@ class ProxyModule:
         if self.rules is not None:
             self.rules.remove()
             iptables.remove_routes(self.config.serviceCIDR)
+            iptables.remove_tproxy_routing(4)
         self._stop_ipv6()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
-        for transparent in self.transparent.values():
-            transparent.close()
-        self.transparent.clear()
+        for family in (4, 6):
+            self._close_transparent(family)
         if self.tcp is not None:
             self.tcp.close()
 
@@ -275,7 +275,7 @@ class ProxyModule:
             return self._ipv6_failed("address", f"cannot route the IPv6 service ranges: {e}")
         if self.tcp is not None and 6 not in self.transparent:
             try:
-                self.transparent[6] = TransparentTCP(self.tcp, self.listen_ip6)
+                self._open_transparent(6, self.listen_ip6)
             except OSError as e:
                 return self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
         self.rules6 = iptables.Rules(binary, family=6)
@@ -303,10 +303,31 @@ class ProxyModule:
         if self.rules6 is not None:
             self.rules6.remove()
             iptables.remove_routes(iptables.of_family(self.config.serviceCIDR, 6))
+            iptables.remove_tproxy_routing(6)
             self.rules6 = None
-        transparent = self.transparent.pop(6, None)
-        if transparent is not None:
-            transparent.close()
+        self._close_transparent(6)
+
+    def _open_transparent(self, family: int, ip: str) -> None:
+        """The family's transparent TCP listener and, where TPROXY works, its UDP one (else
+        its UDP ports keep a DNATed listener each, as with ``--no-iptables``)."""
+        assert self.tcp is not None
+        self.transparent[family] = TransparentTCP(self.tcp, ip)
+        try:
+            iptables.ensure_tproxy_routing(family)
+            self.transparent_udp[family] = TransparentUDP(ip)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.warning("IPv%d UDP service ports get a listener each: no TPROXY (%s)", family,
+                        detail.decode(errors="replace").strip() or e)
+        udp = self.transparent_udp.get(family)
+        log.info("transparent listeners: TCP %s, UDP %s", _where(self.transparent[family]),
+                 _where(udp) if udp is not None else "one per port")
+
+    def _close_transparent(self, family: int) -> None:
+        for table in (self.transparent, self.transparent_udp):
+            listener = table.pop(family, None)  # type: ignore[attr-defined]
+            if listener is not None:
+                listener.close()
 
     def _readiness(self) -> str:
         if not self.ctx.store.synced:
@@ -348,8 +369,9 @@ class ProxyModule:
             log.debug("no longer carrying %s", key)
         before = len(self.listeners)
         portals: dict[int, list[Portal]] = {4: [], 6: []}
-        steering: dict[int, Steering[TCPPort]] = {family: Steering()
-                                                  for family in self.transparent}
+        steering: dict[tuple[str, int], Steering[Any]] = {
+            **{("tcp", family): Steering() for family in self.transparent},
+            **{("udp", family): Steering() for family in self.transparent_udp}}
         for key, (svc, port) in want.items():
             try:
                 handler = self._listener_for(key, svc, port)
@@ -360,8 +382,9 @@ class ProxyModule:
                 self.addresses.pop(key, None)
                 continue
             portals[key.family] += self._portals(key, svc, port, handler, steering)
-        for family, table in steering.items():
-            self.transparent[family].steering = table
+        for (protocol, family), table in steering.items():  # swapped whole: never half-built
+            (self.transparent if protocol == "tcp" else self.transparent_udp)[family] \
+                .steering = table  # type: ignore[attr-defined]
         self.addresses = {k: v for k, v in self.addresses.items() if k in want}
         self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if time.monotonic() >= self._next_check:  # the periodic repair of drifted rules
@@ -380,17 +403,20 @@ class ProxyModule:
         self.synced = True
 
     def _portals(self, key: PortKey, svc: Service, port: ServicePort, handler: Any,
-                 steering: dict[int, Steering[TCPPort]]) -> list[Portal]:
-        """The DNATs leading to the port: its service addresses of the key's family and, where
-        enabled, its nodePort, to the transparent TCP listener (entered in its ``steering``)
-        or the port's own listener; ``/debug/proxy`` lists them as ``addresses``."""
-        table = steering.get(key.family) if key.protocol == "tcp" else None
+                 steering: dict[tuple[str, int], Steering[Any]]) -> list[Portal]:
+        """The rules leading to the port: its service addresses of the key's family and, where
+        enabled, its nodePort, to the transparent listener of its protocol (entered in its
+        ``steering``) or the port's own listener; ``/debug/proxy`` lists them as
+        ``addresses``."""
+        table = steering.get((key.protocol, key.family))
+        tproxy = table is not None and key.protocol == "udp"
         to_ip, to_port = self._listen_address(key, handler)
         ips = service_ips6(svc) if key.family == 6 else service_ips(svc)
-        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key)) for ip in ips]
+        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key), tproxy)
+                for ip in ips]
         node_port = node_port_of(svc, port)
         if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
-            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
+            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key), tproxy))
             if table is not None:
                 table.register_node_port(node_port, handler)
         if table is not None:
@@ -403,9 +429,10 @@ class ProxyModule:
     def _listen_address(self, key: PortKey, handler: Any) -> tuple[str, int]:
         """Where the port's connections or datagrams are accepted."""
         own = getattr(handler, "address", None)
-        if own is not None:
-            return own[0], own[1]
-        return self.transparent[key.family].address[0], self.transparent[key.family].address[1]
+        if own is None:
+            shared = self.transparent if key.protocol == "tcp" else self.transparent_udp
+            own = shared[key.family].address  # type: ignore[attr-defined]
+        return own[0], own[1]
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
         balancer = self.balancers.get(svc, port)
@@ -427,6 +454,10 @@ class ProxyModule:
         if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
             listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends,
                                         own_ip)
+        elif key.protocol == "udp" and key.family in self.transparent_udp:
+            listener = TransparentUDPPort(self.dialer, str(key), balancer, backends,
+                                          idle_timeout=cfg.udpIdleTimeout,
+                                          max_sessions=cfg.maxUDPSessions)
         elif key.protocol == "udp":
             listener = UDPListener(self.dialer, str(key), listen_ip, balancer, backends,
                                    idle_timeout=cfg.udpIdleTimeout,
@@ -469,6 +500,11 @@ class ProxyModule:
         meta = match.rule.meta
         return {"destinationRule": f"{meta.namespace}/{meta.name}",
                 "destinationRuleMatchedBy": match.by}
+
+
+def _where(listener: Any) -> str:
+    host, port = listener.address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build(ctx: Context) -> ProxyModule:

@@ -203,10 +203,16 @@ def test_rules_installed_for_cluster_ips_only(env: Env) -> None:
     assert nat.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     for ip, *_ in SERVICES.values():
         assert f"-d {ip}/32 -p tcp" in nat
-    assert "-d 10.96.0.30/32 -p udp -m udp --dport 7 " in nat
-    # web, echo, dns, iperf; not headless, not the one labelled for kube-proxy
-    assert nat.count("DNAT") == len(SERVICES) + 4
-    assert "10.96.0.50" not in nat
+    # UDP: TPROXY to the transparent UDP listener, nothing rewritten
+    mangle = env.node.run("iptables-save", "-t", "mangle").stdout
+    assert "-udp" not in nat and mangle.count("-j TPROXY") == 2  # echo, dns
+    assert "-A EDGEMESH-TPROXY -d 10.96.0.30/32 -p udp -m udp --dport 7 " in mangle
+    assert "-A EDGEMESH-MARK -d 10.96.0.30/32 -p udp -m udp --dport 7 " in mangle
+    # web, iperf; not headless, not the one labelled for kube-proxy
+    assert nat.count("DNAT") == len(SERVICES) + 2
+    assert "10.96.0.50" not in nat + mangle
+    # one TCP listener for every TCP service port: every DNAT leads to it
+    assert len({line.rsplit(" ", 1)[1] for line in nat.splitlines() if "DNAT" in line}) == 1
 
 
 def test_curl_through_cluster_ip_from_both_namespaces(env: Env) -> None:
@@ -326,17 +332,20 @@ def test_periodic_resync_repairs_drift(env: Env) -> None:
     # Damage done in one iptables-restore, so the agent's resync (every 1 s here) can never
     # land between two steps; asserting the damaged state afterwards would race that resync.
     env.node.run("iptables-restore", "--noflush", input=(
-        b"*nat\n-D OUTPUT -j EDGEMESH-OUTPUT\n-F EDGEMESH-SERVICES\nCOMMIT\n"))
-    netlab.wait_for(lambda: env.nat().count("DNAT") == len(SERVICES) + 4, timeout=15,
-                    what="rules restored")
+        b"*nat\n-D OUTPUT -j EDGEMESH-OUTPUT\n-F EDGEMESH-SERVICES\nCOMMIT\n"
+        b"*mangle\n-F EDGEMESH-TPROXY\nCOMMIT\n"))
+    netlab.wait_for(lambda: env.nat().count("DNAT") == len(SERVICES) + 2 and env.node.run(
+        "iptables-save", "-t", "mangle").stdout.count("-j TPROXY") == 2, timeout=15,
+        what="rules restored")
     assert env.nat().count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert env.connect(env.node, "10.96.0.10", 3)["failures"] == 0
 
 
 def test_rules_vanish_on_exit_and_after_kill9_with_cleanup(env: Env) -> None:
     env.proc.stop()
-    assert "EDGEMESH" not in env.nat()
+    assert "EDGEMESH" not in env.nat() + env.node.run("iptables-save", "-t", "mangle").stdout
     assert "10.96.0.0/12" not in env.node.run("ip", "route").stdout
+    assert "0x2000" not in env.node.run("ip", "rule").stdout  # TPROXY's routing too
     # --no-iptables: listeners on 127.0.0.1, the host's rules and routes untouched
     admin = "127.0.0.1:10558"
     bare = Proc(["agent", "--config", env.config, "--manifests", env.mdir, "--node-name",
@@ -361,6 +370,8 @@ def test_rules_vanish_on_exit_and_after_kill9_with_cleanup(env: Env) -> None:
             "cleanup", "--config", env.config]
     netlab.sh(*argv)
     assert "EDGEMESH" not in env.nat()  # ...until edgemesh cleanup
+    assert "EDGEMESH" not in env.node.run("iptables-save", "-t", "mangle").stdout
+    assert "0x2000" not in env.node.run("ip", "rule").stdout
     env.proc = env.agent()
 
 
@@ -372,6 +383,7 @@ def test_twenty_restarts_leave_no_duplicates(env: Env) -> None:
         assert nat.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
         assert nat.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
         assert nat.count("-d 10.96.0.10/32 ") == 1
+        assert env.node.run("ip", "rule").stdout.count("fwmark 0x2000/0x2000") == 1
         proc.stop(signal.SIGKILL)
     env.proc = env.agent()
     assert env.connect(env.client, "10.96.0.10", 3)["failures"] == 0
