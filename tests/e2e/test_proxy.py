@@ -276,6 +276,27 @@ def test_udp_echo_keeps_datagrams_and_replies_from_cluster_ip(env: Env) -> None:
         assert line == f"{backend} " + "x" * (100 + i)
 
 
+def test_one_udp_socket_to_two_services_gets_each_answer_from_its_own(env: Env) -> None:
+    # a forwarder (dnsmasq, say) asks two services from one source port: with one socket for
+    # every service, each reply must still come from the service it answers
+    code = textwrap.dedent("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+        s.bind(("0.0.0.0", 0))
+        s.sendto(b"ping", ("10.96.0.30", 7))
+        data, peer = s.recvfrom(65535)
+        print(peer[0], peer[1], data.decode().split()[1])
+        q = bytes.fromhex("abcd01000001000000000000")  # id abcd, one question:
+        q += b"\\x03app\\x07example\\x00\\x00\\x01\\x00\\x01"  # app.example A IN
+        s.sendto(q, ("10.96.0.53", 53))
+        data, peer = s.recvfrom(65535)
+        print(peer[0], peer[1], data[:2].hex())
+    """)
+    for ns in (env.client, env.node):
+        lines = ns.run("python3", "-c", code).stdout.splitlines()
+        assert lines == ["10.96.0.30 7 ping", "10.96.0.53 53 abcd"], lines
+
+
 def test_dns_over_udp_through_cluster_ip(env: Env) -> None:
     for ns in (env.client, env.node):
         r = ns.run("dig", "+short", "+time=3", "+tries=2", "@10.96.0.53", "app.example")
