@@ -93,6 +93,9 @@ SYNC_SECONDS = metrics.histogram("edgemesh_proxy_iptables_sync_seconds",
                                  "Time to render and apply the interception rules.")
 SYNC_FAILURES = metrics.counter("edgemesh_proxy_iptables_sync_failures_total",
                                 "iptables-restore runs that failed.")
+RULE_OPERATIONS = metrics.counter("edgemesh_proxy_iptables_rule_operations_total",
+                                  "Rules written (added, inserted or deleted) by successful "
+                                  "syncs: a change writes only the rules it changes.")
 
 
 @dataclass(frozen=True, order=True)
@@ -418,6 +421,7 @@ class Rules:
         self.applied = want
         self.last_text = text
         self.operations = sum(1 for line in text.splitlines() if line[:2] in ("-A", "-D", "-I"))
+        RULE_OPERATIONS.inc(self.operations)
         SYNC_SECONDS.observe(time.monotonic() - started)
 
     def check(self) -> bool:

@@ -486,6 +486,10 @@ class ProxyModule:
                         **self._rule_view(key.namespace, key.name),
                         "endpoints": [f"{b.ip}:{b.port}" for b in listener.backends]})
         return {"listeners": out, "iptables": self.rules.binary if self.rules else None,
+                "transparent": {f"{protocol}/IPv{family}": _where(listener)
+                                for protocol, table in (("tcp", self.transparent),
+                                                        ("udp", self.transparent_udp))
+                                for family, listener in table.items()},  # type: ignore[attr-defined]
                 "ip6tables": self.rules6.binary if self.rules6 else None,
                 "ipv6Error": self.ipv6_error,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
