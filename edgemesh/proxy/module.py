@@ -204,6 +204,10 @@ class ProxyModule:
         self.ipv6_error = ""
         self.synced = False
         self._next_check = 0.0  # when the rules are next compared with the kernel's
+        # what each port was built from, and its rules: a sync redoes only ports whose
+        # service or endpoints changed (all of them when a DestinationRule did)
+        self._seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
+        self._rules_seen: tuple[Any, ...] = ()
         self.reconciler = Reconciler("proxy-sync", self.sync, period=cfg.iptablesSyncPeriod,
                                      delay=0.05)
 
@@ -357,6 +361,7 @@ class ProxyModule:
     def sync(self) -> None:
         if not self.ctx.store.synced:
             return
+        started = time.monotonic()
         want = self.desired()
         self.ipv6_error = ""  # set again below by whatever fails in this sync
         if not any(k.family == 6 for k in want):
@@ -372,16 +377,30 @@ class ProxyModule:
         steering: dict[tuple[str, int], Steering[Any]] = {
             **{("tcp", family): Steering() for family in self.transparent},
             **{("udp", family): Steering() for family in self.transparent_udp}}
+        rules_now = tuple(self.ctx.store.list("DestinationRule"))
+        if rules_now != self._rules_seen:  # a rule may change any port's balancer
+            self._rules_seen, self._seen = rules_now, {}
+        seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
         for key, (svc, port) in want.items():
-            try:
-                handler = self._listener_for(key, svc, port)
-            except OSError as e:  # the IPv6 address vanished under us, say
-                if key.family == 4:
-                    raise
-                self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
-                self.addresses.pop(key, None)
-                continue
-            portals[key.family] += self._portals(key, svc, port, handler, steering)
+            state = (svc, tuple(self.ctx.store.slices_for(svc)))
+            last = self._seen.get(key)
+            if last is not None and last[0] == state and key in self.listeners:
+                mine = last[1]  # nothing of this port changed: its handler and rules stand
+                _register(steering.get((key.protocol, key.family)), mine,
+                          self.listeners[key])
+            else:
+                try:
+                    handler = self._listener_for(key, svc, port)
+                except OSError as e:  # the IPv6 address vanished under us, say
+                    if key.family == 4:
+                        raise
+                    self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
+                    self.addresses.pop(key, None)
+                    continue
+                mine = self._portals(key, svc, port, handler, steering)
+            seen[key] = (state, mine)
+            portals[key.family] += mine
+        self._seen = seen
         for (protocol, family), table in steering.items():  # swapped whole: never half-built
             (self.transparent if protocol == "tcp" else self.transparent_udp)[family] \
                 .steering = table  # type: ignore[attr-defined]
@@ -397,9 +416,9 @@ class ProxyModule:
         if self.rules6 is not None:
             self._sync_ipv6(portals[6])
         added = len(self.listeners) - before
-        if added or removed or not self.synced:
-            log.info("carrying %d service ports, %d added, %d removed", len(self.listeners),
-                     added, len(removed))
+        log.log(logging.INFO if added or removed or not self.synced else logging.DEBUG,
+                "carrying %d service ports, %d added, %d removed (%.0f ms)",
+                len(self.listeners), added, len(removed), (time.monotonic() - started) * 1e3)
         self.synced = True
 
     def _portals(self, key: PortKey, svc: Service, port: ServicePort, handler: Any,
@@ -417,10 +436,7 @@ class ProxyModule:
         node_port = node_port_of(svc, port)
         if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
             mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key), tproxy))
-            if table is not None:
-                table.register_node_port(node_port, handler)
-        if table is not None:
-            table.register(ips, port.port, handler)
+        _register(table, mine, handler)
         self.addresses[key] = [f"node:{p.port}" if p.ip == NODE else
                                f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}"
                                for p in mine]
@@ -504,6 +520,17 @@ class ProxyModule:
         meta = match.rule.meta
         return {"destinationRule": f"{meta.namespace}/{meta.name}",
                 "destinationRuleMatchedBy": match.by}
+
+
+def _register(table: Steering[Any] | None, portals: list[Portal], handler: Any) -> None:
+    """Enter the port's addresses in its transparent listener's table, if it uses one."""
+    if table is None:
+        return
+    for p in portals:
+        if p.ip == NODE:
+            table.register_node_port(p.port, handler)
+        else:
+            table.register((p.ip,), p.port, handler)
 
 
 def _where(listener: Any) -> str:
