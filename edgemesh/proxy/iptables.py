@@ -1,38 +1,52 @@
-"""Interception rules: rendered whole from the desired state, applied atomically, removed on exit.
+"""Interception rules: computed whole from the desired state, applied by difference, removed on
+exit.
 
-The proxy owns four chains in the ``nat`` table and nothing else but two jump rules:
+The proxy owns these chains and nothing else but the jump rules into them:
 
-    PREROUTING -j EDGEMESH-PREROUTING    (clients in other namespaces / pods routed via us)
-    OUTPUT     -j EDGEMESH-OUTPUT        (clients on this node)
-    EDGEMESH-PREROUTING: -d 127.0.0.0/8 -j RETURN, then -j EDGEMESH-SERVICES
-    EDGEMESH-OUTPUT -j EDGEMESH-SERVICES
-    EDGEMESH-SERVICES: one DNAT per (service IP, port, protocol) → the listener of that port,
-        where a service IP is a ClusterIP, an externalIP or a load-balancer ingress IP; then,
-        when there are NodePorts, a jump for local destinations (``-m addrtype --dst-type
-        LOCAL``, within each ``nodePortAddresses`` range if any) to
-    EDGEMESH-NODEPORTS: one DNAT per (nodePort, protocol) → the listener of the same port.
+    nat      PREROUTING -j EDGEMESH-PREROUTING   (clients in other namespaces / pods via us)
+             OUTPUT     -j EDGEMESH-OUTPUT       (clients on this node)
+             EDGEMESH-PREROUTING: -d 127.0.0.0/8 -j RETURN, then -j EDGEMESH-SERVICES
+             EDGEMESH-OUTPUT -j EDGEMESH-SERVICES
+             EDGEMESH-SERVICES: one DNAT per TCP (service IP, port) → the transparent TCP
+                 listener (or a port's own listener), where a service IP is a ClusterIP, an
+                 externalIP or a load-balancer ingress IP; then, when there are NodePorts, a
+                 jump for local destinations (``-m addrtype --dst-type LOCAL``, within each
+                 ``nodePortAddresses`` range if any) to
+             EDGEMESH-NODEPORTS: one DNAT per TCP nodePort.
+    mangle   PREROUTING -j EDGEMESH-PREROUTING, OUTPUT -j EDGEMESH-OUTPUT
+             EDGEMESH-PREROUTING: -d 127.0.0.0/8 ! -i lo -j RETURN, then -j EDGEMESH-TPROXY
+             EDGEMESH-TPROXY: one TPROXY per UDP (service IP, port) → the transparent UDP
+                 socket, with mark ``TPROXY_MARK``; then the NodePort jumps, to
+             EDGEMESH-TPROXY-NODEPORTS: one TPROXY per UDP nodePort.
+             EDGEMESH-OUTPUT -j EDGEMESH-MARK: one MARK per UDP (service IP, port), so this
+                 node's own datagrams are routed (``ensure_tproxy_routing``: fwmark → table
+                 237, a local default route on lo) back through PREROUTING, where TPROXY is.
+    filter   INPUT -j EDGEMESH-INPUT              (inserted first)
+             EDGEMESH-INPUT: one ACCEPT per DNAT target for packets our DNAT sent there
+                 (``-m conntrack --ctstate DNAT``), and one for UDP carrying our mark.
 
-In the ``filter`` table one chain and one jump rule more, so a host firewall that drops
-unsolicited input (policy DROP, as on many routers) still lets intercepted traffic reach the
-listeners, as the Go EdgeMesh's ``KUBE-NODEPORT-NON-LOCAL`` chain does:
+The filter chain lets intercepted traffic through a host firewall that drops unsolicited input
+(policy DROP, as on many routers), as the Go EdgeMesh's ``KUBE-NODEPORT-NON-LOCAL`` chain does;
+nothing else reaches the listeners through it. As in kube-proxy, service-IP rules come first
+and NodePorts last, so a service IP that happens to be local is matched by its own port.
+Clients on this node reach NodePorts on 127.0.0.1 too (the listener is local, so no
+``route_localnet`` is needed), but packets from the network for 127.0.0.0/8 are never
+rewritten or diverted: DNAT before routing would let them past the kernel's martian check (the
+hole of CVE-2020-8558); the mangle guard exempts only ``lo``, where this node's own packets
+come back.
 
-    INPUT -j EDGEMESH-INPUT               (inserted first)
-    EDGEMESH-INPUT: one ACCEPT per listener, for packets our DNAT sent there
-        (``-m conntrack --ctstate DNAT``): nothing else reaches the listeners through it.
-
-As in kube-proxy, ClusterIP rules come first and NodePorts last, so a service IP that happens
-to be local is matched by its own port. Clients on this node reach NodePorts on 127.0.0.1 too
-(as with the Go EdgeMesh's userspace proxier; the listener is local, so no ``route_localnet``
-is needed), but packets from the network for 127.0.0.0/8 are never rewritten: DNAT before
-routing would let them past the kernel's martian check (the hole of CVE-2020-8558).
-
-Every sync renders the full text (``render_rules``, a pure function) and feeds it to one
-``iptables-restore --noflush``: declaring a chain flushes it, so our chains are replaced
-in one transaction and rules of others stay untouched. The jump rules are checked against
-``iptables-save`` and added once (extra copies from a crash or a second agent are removed), so
-any number of restarts leaves exactly one of each. DNAT to a per-port listener tells the
-listener which service a connection or datagram was for, and UDP replies get the address the
-client sent to (ClusterIP, externalIP or node address and nodePort) back from conntrack.
+Updates scale with what changed (issue 16). ``ruleset`` computes the rules as a value: the
+rules whose order matters (the hook chains, the NodePort jumps ending a chain) as a list, the
+exact-match rules of each chain in ``SET_CHAINS`` as a set. The first sync, one after a failure
+or drift, and one that changes the ordered part write everything (``render_full``: declaring a
+chain flushes it, so our chains are replaced in one ``iptables-restore --noflush``
+transaction per table and rules of others stay untouched); every other sync writes only the
+rules that changed (``render_delta``: ``-D`` rule, ``-I chain 1`` before the jumps or ``-A``),
+and nothing at all when nothing did — one Service changed among 5,000 is a transaction of two
+rule lines. ``Rules.check`` (the periodic resync) compares ``iptables-save`` with what was
+applied and forces a full rewrite when they differ. The jump rules are checked against
+``iptables-save`` at each full rewrite and added once (extra copies from a crash or a second
+agent are removed), so any number of restarts leaves exactly one of each.
 
 Backends: the host's ``iptables`` may be nf_tables or legacy; ``detect_backend`` picks the one
 that already holds rules (as kube-proxy's iptables-wrapper does), so we never add rules that
@@ -47,7 +61,7 @@ the node itself ``[::1]:nodePort`` reaches the local listener as 127.0.0.1 does)
 NodePort jumps use the IPv6 ``nodePortAddresses`` ranges (none when the key lists only IPv4
 ones, and vice versa), and DNAT targets are written ``[addr]:port``. The module
 creates it only while it has IPv6 service addresses to serve; removal and ``edgemesh cleanup``
-cover both families.
+cover both families, all three tables and the TPROXY routing.
 """
 from __future__ import annotations
 

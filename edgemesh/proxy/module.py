@@ -1,9 +1,14 @@
-"""The agent's ``modules.edgeProxy``: listeners per service port, interception rules, dialer.
+"""The agent's ``modules.edgeProxy``: interception rules, the listeners they lead to, dialer.
 
 Reconciled from the store (level-triggered): every change to Services, endpoints or
 DestinationRules, and every ``iptablesSyncPeriod`` seconds, the module computes the ports it
-should serve, opens and closes listeners to match, hands each listener its current endpoints
-and balancer, then rewrites the interception rules in one ``iptables-restore``.
+should serve, creates and drops their handlers, hands each its current endpoints and
+balancer, then brings the interception rules up to date. A sync redoes only the ports whose
+Service or endpoints changed (every port when a DestinationRule changed), writes only the rules
+that changed (``iptables.render_delta``; none when nothing did), and logs one summary line
+(``carrying 10000 service ports, 3 added, 1 removed (12 ms)``; per-port lines at ``-v 4``).
+The periodic resync compares the kernel's rules with the applied ones and rewrites them whole
+only when they drifted.
 
 Which services are served: those with a ClusterIP (not headless, not ExternalName), minus those
 ``serviceFilterMode`` leaves to kube-proxy by the ``service.edgemesh.kubeedge.io/
@@ -16,36 +21,75 @@ Each served port is reached, as kube-proxy reaches it, at every IPv4 ClusterIP, 
 ``spec.externalIPs`` address and (type LoadBalancer) every ``status.loadBalancer.ingress`` IP
 whose ``ipMode`` is not ``Proxy``, on the service port; and (types NodePort and LoadBalancer)
 at every local address of this node within ``nodePortAddresses`` (default: all of them;
-127.0.0.1 for clients on this node only) on its ``nodePort``. All of them lead to the port's
-one listener. Service addresses that are not IP addresses, or that the API server would
-refuse as externalIPs (loopback, link-local, multicast, unspecified), are skipped, counted and
-logged once.
+127.0.0.1 for clients on this node only) on its ``nodePort``. Service addresses that are not
+IP addresses, or that the API server would refuse as externalIPs (loopback, link-local,
+multicast, unspecified), are skipped, counted and logged once.
+
+One socket per protocol and family, whatever the number of Services (issue 16). Every
+intercepted (address, port) of a family leads to one transparent listener of its protocol
+(``transparent.py``), which finds the flow's original destination and looks it up in a
+``steering.Steering`` table; the handler registered there takes the flow over:
+
+- TCP: ``nat`` DNAT of every service (IP, port) and NodePort to one listening socket, and
+  ``getsockopt(SO_ORIGINAL_DST)`` (``IP6T_SO_ORIGINAL_DST`` for IPv6) on each accepted
+  connection. Handlers: ``tcp.TCPPort`` (spliced), ``http_listen.TLSPort`` (SNI peeked, then
+  spliced), ``http_listen.HTTPListener`` (balanced per request by the HTTP engine).
+- UDP: ``mangle`` TPROXY of every service (IP, port) and NodePort to one socket with
+  ``IP_RECVORIGDSTADDR``, with ``fwmark → table 237: local default route on lo``; this
+  node's own datagrams to service addresses are marked in ``mangle OUTPUT`` so they take the
+  same route through lo and meet TPROXY in PREROUTING (TPROXY exists only there). Handler:
+  ``udp.TransparentUDPPort``, whose session binds a socket to the service address
+  (``IP_TRANSPARENT``) and connects it to the client: replies leave from the address the
+  client sent to (ClusterIP, externalIP, node address and nodePort), and TPROXY delivers the
+  client's next datagrams to that socket. Measured choice: a socket per session costs one
+  descriptor and no syscall per datagram; one reply socket with ``IP_PKTINFO`` cannot set the
+  source port, and DNAT to one UDP socket cannot tell two services apart for one client
+  socket (conntrack has no ``SO_ORIGINAL_DST`` for UDP, and the reply tuples would clash).
+  Where TPROXY is missing (no ``xt_TPROXY``/``nft_tproxy``, or no CAP_NET_ADMIN), UDP ports
+  fall back to a DNATed listener each, as before, logged once.
+
+Limits: the listeners see the client's real address (no SNAT), but a TCP connection's original
+destination exists only while conntrack tracks it (the rules need conntrack anyway); a
+connection straight to a listener's own address finds no service and is closed, counted in
+``edgemesh_proxy_unknown_destination_total``. A UDP session costs two descriptors (client side
+and endpoint side), at most ``maxUDPSessions`` per port. The marks use bit ``0x2000`` and
+routing table 237 (unused by kube-proxy, which uses 0x4000/0x8000, and by Cilium's 0x0f00).
+
+Reuse (Edge CNI, issue 17): to steer more addresses to the same listeners, add rules leading
+them there (a DNAT/TPROXY per range, as ``iptables`` renders for portals) and register a
+handler for the range: ``transparent[family].steering.register_range(cidr, (1, 65535),
+handler)`` (TCP: a ``tcp.TCPPort``-like object with ``accept(client_socket, addr)``; UDP: a
+``udp.UDPPort``-like one with ``datagram(data, client, original_destination)``). The
+``Steering`` tables are rebuilt at every sync from the ports; ranges are looked up after exact
+service addresses and before NodePorts.
 
 IPv6 (dual-stack services), as kube-proxy does it: IPv6 ClusterIPs, externalIPs and
-load-balancer IPs of a served port get a listener of their own and DNATs in a separate
-``ip6tables`` ruleset with the same chain names (``iptables.Rules(family=6)``); so does its
-``nodePort`` on every local IPv6 address within the IPv6 ``nodePortAddresses`` ranges (none
-when the key lists IPv4 ranges only; ``::1`` for clients on this node only, as 127.0.0.1), for
-services of type NodePort or LoadBalancer with an IPv6 service address. The IPv6 listeners
-bind ``commonConfig.bridgeDeviceIPv6`` (default ``fd00:169:254:96::16``, a ULA /128 added to
-the bridge device without DAD), the least exposed
-address that works from both hooks: ``::1`` cannot be a DNAT target for packets from other
-namespaces (IPv6 has no ``route_localnet``; the kernel drops them), a link-local address needs
-a zone a DNAT cannot carry, and a node address or ``::`` would expose the listeners on the
-network. Like ``bridgeDeviceIP`` it is on no link, routed only locally, and the filter chain
-accepts only what our DNAT sent to it. Each family's listener balances over the port's
-endpoints of that family (all endpoints when there are none), as kube-proxy keeps each family
-to its own.
+load-balancer IPs of a served port are intercepted by a separate ``ip6tables`` ruleset with the
+same chain names (``iptables.Rules(family=6)``) and reach the IPv6 transparent listeners; so
+does its ``nodePort`` on every local IPv6 address within the IPv6 ``nodePortAddresses`` ranges
+(none when the key lists IPv4 ranges only; ``::1`` for clients on this node only, as
+127.0.0.1), for services of type NodePort or LoadBalancer with an IPv6 service address. The
+IPv6 listeners bind ``commonConfig.bridgeDeviceIPv6`` (default ``fd00:169:254:96::16``, a ULA
+/128 added to the bridge device without DAD), the least exposed address that works from both
+hooks: ``::1`` cannot be a DNAT target for packets from other namespaces (IPv6 has no
+``route_localnet``; the kernel drops them), a link-local address needs a zone a DNAT cannot
+carry, and a node address or ``::`` would expose the listeners on the network. Like
+``bridgeDeviceIP`` it is on no link, routed only locally, and the filter chain accepts only
+what our rules sent to it. Each family's handler balances over the port's endpoints of that
+family (all endpoints when there are none), as kube-proxy keeps each family to its own.
 Nothing of this exists until a served service has an IPv6 address, and it is all removed when
 none has any more (the address stays on the bridge until ``edgemesh cleanup``). A host
 without ``ip6tables`` or with IPv6 disabled logs that once, counts it in
 ``edgemesh_proxy_ipv6_failures_total`` and keeps serving IPv4; every sync retries. IPv6
 ranges in ``serviceCIDR`` get their route (for clients on this node) when IPv6 starts.
 
-Listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on ephemeral ports;
-with ``iptables: false`` (``--no-iptables``) they bind ``listenAddress`` or 127.0.0.1,
-there are no IPv6 listeners (nothing would lead to them) and nothing on the host is
-changed — ``/debug/proxy`` lists where each port listens.
+The transparent listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on
+ephemeral ports. With ``iptables: false`` (``--no-iptables``) nothing intercepts, so nothing
+could tell one listener which service a connection was for: each port gets a listener of its
+own on ``listenAddress`` or 127.0.0.1 (the only way to reach a service then; descriptors grow
+with service ports in that mode), there are no IPv6 listeners and nothing on the host is
+changed — ``/debug/proxy`` lists where each port is reachable (``listen``) and, with iptables,
+the shared listeners (``transparent``).
 """
 from __future__ import annotations
 

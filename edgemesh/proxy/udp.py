@@ -1,20 +1,32 @@
 """UDP forwarding: one session per client address, datagram boundaries kept.
 
-A listener receives a service port's datagrams (DNATed to it). The first datagram from a client
-address opens a session: the balancer picks an endpoint and the dialer opens a datagram channel
-(a connected UDP socket, or a tunnel channel). Each later datagram from that address goes to the
-same channel; every reply is sent back from the listener's socket, so conntrack rewrites its
-source to the ClusterIP the client asked. Sessions close after ``udpIdleTimeout`` seconds
-without traffic either way (default 60 s: DNS over UDP, QUIC and game traffic keep working;
+A port's datagrams reach a ``UDPPort`` in one of two ways:
+
+- ``TransparentUDPPort`` (with iptables, where TPROXY works): the transparent UDP socket of
+  ``transparent.py`` passes on the first datagrams of each client with the service address
+  it was sent to. The session binds a socket of its own to that address (``IP_TRANSPARENT``,
+  ``transparent_socket``) and connects it to the client: a ``Front``. Replies leave from it,
+  so from the ClusterIP, externalIP or node address and port the client asked, and the kernel
+  delivers the client's later datagrams to it directly (TPROXY finds the connected socket
+  first). Sessions are told apart by (client, service address): one client socket asking two
+  services gets two sessions.
+- ``UDPListener`` (``--no-iptables``, or no TPROXY): a socket per port, DNATed to; every reply
+  is sent back from it, so conntrack rewrites its source to the service address.
+
+The first datagram from a client opens a session: the balancer picks an endpoint and the
+dialer opens a datagram channel (a connected UDP socket, or a tunnel channel). Each later
+datagram goes to the same channel. Sessions close after ``udpIdleTimeout`` seconds without
+traffic either way (default 60 s: DNS over UDP, QUIC and game traffic keep working;
 EdgeMesh's 250 ms broke long exchanges), when their endpoint refuses (ICMP port unreachable),
 or — beyond ``maxUDPSessions`` per port — the least recently used one is closed first.
 
 A session to a local endpoint (``LocalSession``) reads its replies in a libev io watcher
 callback on the hub's loop, as the TCP path does: a bounded batch of non-blocking ``recv`` per
-wake-up, each sent on from the listener's socket. It costs a socket, a watcher and one small
-object — no greenlet (whose saved stack made up most of ~10 KiB per session). A session
-through the tunnel keeps a greenlet reading its channel, whose ``recv`` blocks cooperatively.
-The listener's receive loop stays a greenlet: sending into a tunnel channel may wait.
+wake-up, each sent on to the client; its ``Front`` (if any) is read the same way. It costs a
+socket (two with a ``Front``), a watcher and one small object — no greenlet (whose saved stack
+made up most of ~10 KiB per session). A session through the tunnel keeps a greenlet reading
+its channel, whose ``recv`` blocks cooperatively, and one reading its ``Front``: sending into
+a tunnel channel may wait. A ``UDPListener``'s receive loop is a greenlet for that reason too.
 """
 from __future__ import annotations
 
