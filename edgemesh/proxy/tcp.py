@@ -525,8 +525,17 @@ class TCPPort:
         self.name = name
         self.balancer = balancer
         self.backends = backends
-        self.counters = (BYTES.labels(name, "upstream"), BYTES.labels(name, "downstream"))
-        self._accepted = CONNECTIONS.labels(name)
+        # metric children are made at the first connection: most of 10,000 ports see none
+        self._counters: tuple[Any, Any] | None = None
+        self._accepted: Any = None
+
+    @property
+    def counters(self) -> tuple[Any, Any]:
+        """The port's (upstream, downstream) byte counters."""
+        if self._counters is None:
+            name = self.name
+            self._counters = (BYTES.labels(name, "upstream"), BYTES.labels(name, "downstream"))
+        return self._counters
 
     def update(self, balancer: Balancer, backends: list[Backend]) -> None:
         self.balancer = balancer
@@ -539,6 +548,8 @@ class TCPPort:
             REJECTED.labels(self.name, "limit").inc()
             client.close()
             return
+        if self._accepted is None:
+            self._accepted = CONNECTIONS.labels(self.name)
         self._accepted.value += 1
         self._start(Conn(proxy, self, client, addr[0]))
 

@@ -278,11 +278,18 @@ class UDPPort:
         # to an unreachable node may take seconds and must not stall the service's other
         # clients. Datagrams that arrive meanwhile wait here, boundedly, in order.
         self._opening: dict[Any, list[bytes]] = {}
+        # metrics and the idle sweep start with the first session: most ports never see one
+        self.up: Any = None
+        self.down: Any = None
+        self._sweeper: gevent.Greenlet | None = None
+
+    def _first_session(self) -> None:
+        name = self.name
         self.up = DATAGRAMS.labels(name, "upstream")
         self.down = DATAGRAMS.labels(name, "downstream")
         SESSIONS.labels(name).fn = lambda: len(self.sessions)
         self._sweeper = tasks.spawn_forever(f"proxy-udp-idle-{name}", self._sweep_once,
-                                            backoff=min(idle_timeout / 4, 15.0))
+                                            backoff=min(self.idle_timeout / 4, 15.0))
 
     def update(self, balancer: Balancer, backends: list[Backend]) -> None:
         self.balancer = balancer
@@ -371,6 +378,8 @@ class UDPPort:
                 channel.close()
                 self.balancer.release(backend)
                 return None
+            if self._sweeper is None:
+                self._first_session()
             while len(self.sessions) >= self.max_sessions:
                 self.forget(next(iter(self.sessions.values())))
             session = self._session(key, client, backend, channel, reply, front)
@@ -401,7 +410,8 @@ class UDPPort:
             self.forget(session)
 
     def close(self) -> None:
-        self._sweeper.kill(block=False)
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
         for session in list(self.sessions.values()):
             self.forget(session)
         SESSIONS.remove(self.name)
