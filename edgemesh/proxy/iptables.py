@@ -65,6 +65,7 @@ cover both families, all three tables and the TPROXY routing.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import shutil
@@ -198,35 +199,43 @@ def ruleset(portals: list[Portal], node_port_addresses: Sequence[str] = (),
             family: int = 4) -> Ruleset:
     """The rules making our chains hold exactly ``portals`` (see the module docstring)."""
     guard = LOOPBACK_GUARD6 if family == 6 else LOOPBACK_GUARD
-    unique = set(portals)
-    dnat = [p for p in unique if not p.tproxy]
-    tproxy = [p for p in unique if p.tproxy]
     matches = node_port_matches(node_port_addresses, family)
-    nat_node = [p for p in dnat if p.ip == NODE] if matches else []
-    tproxy_node = [p for p in tproxy if p.ip == NODE] if matches else []
+    sets: dict[str, set[str]] = {chain: set() for chain in SET_CHAINS}
+    listeners = set()
+    for p in portals:  # one pass, each portal's lines made once and remembered (_lines_of)
+        if p.ip == NODE and not matches:
+            continue
+        for chain, line in _lines_of(p):
+            sets[chain].add(line)
+        if not p.tproxy:
+            listeners.add((p.to_ip, p.protocol, p.to_port))
     ordered = [("nat", guard), *(("nat", f"-A {chain} -j {SERVICES_CHAIN}") for _, chain in HOOKS)]
     ordered += [("nat", f"-A {SERVICES_CHAIN} {m}-m addrtype --dst-type LOCAL "
-                 f"-j {NODEPORTS_CHAIN}") for m in (matches if nat_node else ())]
+                 f"-j {NODEPORTS_CHAIN}") for m in (matches if sets[NODEPORTS_CHAIN] else ())]
     # locally generated packets reach PREROUTING again through lo: let them in there
     ordered += [("mangle", guard.replace(" -j RETURN", " ! -i lo -j RETURN")),
                 ("mangle", f"-A EDGEMESH-PREROUTING -j {TPROXY_CHAIN}"),
                 ("mangle", f"-A EDGEMESH-OUTPUT -j {MARK_CHAIN}")]
     ordered += [("mangle", f"-A {TPROXY_CHAIN} {m}-m addrtype --dst-type LOCAL "
-                 f"-j {TPROXY_NODEPORTS_CHAIN}") for m in (matches if tproxy_node else ())]
-    listeners = {(p.to_ip, p.protocol, p.to_port) for p in dnat}
-    accepts = {f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
-               f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners}
-    if tproxy:
-        accepts.add(f"-A {INPUT_CHAIN} -p udp -m mark --mark {TPROXY_MARK} -j ACCEPT")
-    return Ruleset(tuple(ordered), {
-        SERVICES_CHAIN: frozenset(_dnat(SERVICES_CHAIN, p) for p in dnat if p.ip != NODE),
-        NODEPORTS_CHAIN: frozenset(_dnat(NODEPORTS_CHAIN, p) for p in nat_node),
-        TPROXY_CHAIN: frozenset(_tproxy(TPROXY_CHAIN, p) for p in tproxy if p.ip != NODE),
-        TPROXY_NODEPORTS_CHAIN: frozenset(_tproxy(TPROXY_NODEPORTS_CHAIN, p)
-                                          for p in tproxy_node),
-        # node ports are local addresses: their packets go through lo without a mark
-        MARK_CHAIN: frozenset(_mark(p) for p in tproxy if p.ip != NODE),
-        INPUT_CHAIN: frozenset(accepts)})
+                 f"-j {TPROXY_NODEPORTS_CHAIN}")
+                for m in (matches if sets[TPROXY_NODEPORTS_CHAIN] else ())]
+    sets[INPUT_CHAIN] = {f"-A {INPUT_CHAIN} -d {_host(ip)} -p {proto} -m {proto} --dport {port} "
+                         f"-m conntrack --ctstate DNAT -j ACCEPT" for ip, proto, port in listeners}
+    if sets[TPROXY_CHAIN] or sets[TPROXY_NODEPORTS_CHAIN]:
+        sets[INPUT_CHAIN].add(f"-A {INPUT_CHAIN} -p udp -m mark --mark {TPROXY_MARK} -j ACCEPT")
+    return Ruleset(tuple(ordered), {chain: frozenset(lines) for chain, lines in sets.items()})
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _lines_of(p: Portal) -> tuple[tuple[str, str], ...]:
+    """(chain, restore line) of each rule a portal needs; remembered, as a sync sees mostly
+    the portals it saw last time."""
+    if not p.tproxy:
+        chain = NODEPORTS_CHAIN if p.ip == NODE else SERVICES_CHAIN
+        return ((chain, _dnat(chain, p)),)
+    if p.ip == NODE:  # node ports are local addresses: their packets go through lo unmarked
+        return ((TPROXY_NODEPORTS_CHAIN, _tproxy(TPROXY_NODEPORTS_CHAIN, p)),)
+    return ((TPROXY_CHAIN, _tproxy(TPROXY_CHAIN, p)), (MARK_CHAIN, _mark(p)))
 
 
 def render_full(rules: Ruleset, hook_lines: Sequence[str] = (),

@@ -252,6 +252,8 @@ class ProxyModule:
         # service or endpoints changed (all of them when a DestinationRule did)
         self._seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
         self._rules_seen: tuple[Any, ...] = ()
+        self._desired_memo: dict[tuple[str, str], tuple[Service, bool,
+                                                        list[tuple[PortKey, ServicePort]]]] = {}
         self.reconciler = Reconciler("proxy-sync", self.sync, period=cfg.iptablesSyncPeriod,
                                      delay=0.05)
 
@@ -386,21 +388,34 @@ class ProxyModule:
 
     def desired(self) -> dict[PortKey, tuple[Service, ServicePort]]:
         """Every service port this agent should listen for, from the store's current state."""
-        want: dict[PortKey, tuple[Service, ServicePort]] = {}
         ipv6 = bool(self.listen_ip6) and self.rules is not None
+        memo = self._desired_memo
+        fresh: dict[tuple[str, str], tuple[Service, bool, list[tuple[PortKey, ServicePort]]]] = {}
+        want: dict[PortKey, tuple[Service, ServicePort]] = {}
         for svc in self.ctx.store.services():
-            if not proxied(svc, self.config.serviceFilterMode):
-                continue
-            v4, v6 = bool(cluster_ips(svc)), ipv6 and bool(service_ips6(svc))
-            for port in svc.ports:
-                transport = transport_of(port)
-                if transport and v4:
-                    want[PortKey(svc.meta.namespace, svc.meta.name, port.port, transport)] = \
-                        (svc, port)
-                if transport and v6:
-                    want[PortKey(svc.meta.namespace, svc.meta.name, port.port, transport, 6)] \
-                        = (svc, port)
+            last = memo.get(svc.key)
+            if last is None or last[0] is not svc or last[1] != ipv6:
+                last = (svc, ipv6, self._ports_of(svc, ipv6))  # the service is new or changed
+            fresh[svc.key] = last
+            for key, port in last[2]:
+                want[key] = (svc, port)
+        self._desired_memo = fresh
         return want
+
+    def _ports_of(self, svc: Service, ipv6: bool) -> list[tuple[PortKey, ServicePort]]:
+        if not proxied(svc, self.config.serviceFilterMode):
+            return []
+        v4, v6 = bool(cluster_ips(svc)), ipv6 and bool(service_ips6(svc))
+        out = []
+        for port in svc.ports:
+            transport = transport_of(port)
+            if transport and v4:
+                out.append((PortKey(svc.meta.namespace, svc.meta.name, port.port, transport),
+                            port))
+            if transport and v6:
+                out.append((PortKey(svc.meta.namespace, svc.meta.name, port.port, transport,
+                                    6), port))
+        return out
 
     def sync(self) -> None:
         if not self.ctx.store.synced:
@@ -414,42 +429,41 @@ class ProxyModule:
             want = {k: v for k, v in want.items() if k.family == 4}
         removed = [k for k in self.listeners if k not in want]
         for key in removed:
+            self._unsteer(key, self.listeners[key])
             self.listeners.pop(key).close()
             log.debug("no longer carrying %s", key)
         before = len(self.listeners)
         portals: dict[int, list[Portal]] = {4: [], 6: []}
-        steering: dict[tuple[str, int], Steering[Any]] = {
-            **{("tcp", family): Steering() for family in self.transparent},
-            **{("udp", family): Steering() for family in self.transparent_udp}}
         rules_now = tuple(self.ctx.store.list("DestinationRule"))
-        if rules_now != self._rules_seen:  # a rule may change any port's balancer
-            self._rules_seen, self._seen = rules_now, {}
+        redo = rules_now != self._rules_seen  # a rule may change any port's balancer
+        self._rules_seen = rules_now
         seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
         for key, (svc, port) in want.items():
             state = (svc, tuple(self.ctx.store.slices_for(svc)))
             last = self._seen.get(key)
-            if last is not None and last[0] == state and key in self.listeners:
-                mine = last[1]  # nothing of this port changed: its handler and rules stand
-                _register(steering.get((key.protocol, key.family)), mine,
-                          self.listeners[key])
-            else:
-                try:
-                    handler = self._listener_for(key, svc, port)
-                except OSError as e:  # the IPv6 address vanished under us, say
-                    if key.family == 4:
-                        raise
-                    self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
-                    self.addresses.pop(key, None)
-                    continue
-                mine = self._portals(key, svc, port, handler, steering)
+            if not redo and last is not None and last[0] == state and key in self.listeners:
+                seen[key] = last  # nothing of this port changed: its handler and rules stand
+                portals[key.family] += last[1]
+                continue
+            old = self.listeners.get(key)
+            try:
+                handler = self._listener_for(key, svc, port)
+            except OSError as e:  # the IPv6 address vanished under us, say
+                if key.family == 4:
+                    raise
+                self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
+                self.addresses.pop(key, None)
+                continue
+            if old is not None:
+                self._unsteer(key, old)
+            mine = self._portals(key, svc, port, handler)
+            _register(self._steering(key), mine, handler)
             seen[key] = (state, mine)
             portals[key.family] += mine
         self._seen = seen
-        for (protocol, family), table in steering.items():  # swapped whole: never half-built
-            (self.transparent if protocol == "tcp" else self.transparent_udp)[family] \
-                .steering = table  # type: ignore[attr-defined]
-        self.addresses = {k: v for k, v in self.addresses.items() if k in want}
-        self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
+        if removed:
+            self.addresses = {k: v for k, v in self.addresses.items() if k in want}
+            self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         if time.monotonic() >= self._next_check:  # the periodic repair of drifted rules
             self._next_check = time.monotonic() + self.config.iptablesSyncPeriod
             for rules in (self.rules, self.rules6):
@@ -465,14 +479,29 @@ class ProxyModule:
                 len(self.listeners), added, len(removed), (time.monotonic() - started) * 1e3)
         self.synced = True
 
-    def _portals(self, key: PortKey, svc: Service, port: ServicePort, handler: Any,
-                 steering: dict[tuple[str, int], Steering[Any]]) -> list[Portal]:
+    def _steering(self, key: PortKey) -> Steering[Any] | None:
+        """The table of the transparent listener the port's traffic goes to, if any."""
+        shared = self.transparent if key.protocol == "tcp" else self.transparent_udp
+        listener = shared.get(key.family)  # type: ignore[attr-defined]
+        return listener.steering if listener is not None else None
+
+    def _unsteer(self, key: PortKey, handler: Any) -> None:
+        last = self._seen.get(key)
+        table = self._steering(key)
+        if last is None or table is None:
+            return
+        for p in last[1]:
+            if p.ip == NODE:
+                table.unregister_node_port(p.port, handler)
+            else:
+                table.unregister((p.ip,), p.port, handler)
+
+    def _portals(self, key: PortKey, svc: Service, port: ServicePort,
+                 handler: Any) -> list[Portal]:
         """The rules leading to the port: its service addresses of the key's family and, where
-        enabled, its nodePort, to the transparent listener of its protocol (entered in its
-        ``steering``) or the port's own listener; ``/debug/proxy`` lists them as
-        ``addresses``."""
-        table = steering.get((key.protocol, key.family))
-        tproxy = table is not None and key.protocol == "udp"
+        enabled, its nodePort, to the transparent listener of its protocol or the port's own
+        listener; ``/debug/proxy`` lists them as ``addresses``."""
+        tproxy = key.protocol == "udp" and getattr(handler, "address", None) is None
         to_ip, to_port = self._listen_address(key, handler)
         ips = service_ips6(svc) if key.family == 6 else service_ips(svc)
         mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key), tproxy)
@@ -480,7 +509,6 @@ class ProxyModule:
         node_port = node_port_of(svc, port)
         if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
             mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key), tproxy))
-        _register(table, mine, handler)
         self.addresses[key] = [f"node:{p.port}" if p.ip == NODE else
                                f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}"
                                for p in mine]

@@ -48,11 +48,21 @@ class Steering(Generic[H]):
         to ``handler`` (the Edge CNI's remote Pod networks)."""
         self.ranges.append((ipaddress.ip_network(network, strict=False), *ports, handler))
 
-    def unregister(self, handler: H) -> None:
-        """Forget every entry leading to ``handler``."""
-        self.exact = {k: h for k, h in self.exact.items() if h is not handler}
-        self.node_ports = {k: h for k, h in self.node_ports.items() if h is not handler}
-        self.ranges = [r for r in self.ranges if r[3] is not handler]
+    def unregister(self, ips: Iterable[str], port: int, handler: H) -> None:
+        """Forget ``register(ips, port, handler)``: entries since given to another handler
+        (two services claiming one address) stay."""
+        for ip in ips:
+            key = (_canonical(ip), port)
+            if self.exact.get(key) is handler:
+                del self.exact[key]
+
+    def unregister_node_port(self, port: int, handler: H) -> None:
+        if self.node_ports.get(port) is handler:
+            del self.node_ports[port]
+
+    def unregister_range(self, network: str, handler: H) -> None:
+        net = ipaddress.ip_network(network, strict=False)
+        self.ranges = [r for r in self.ranges if r[0] != net or r[3] is not handler]
 
     def lookup(self, ip: str, port: int) -> H | None:
         """The handler of a flow whose original destination was ``ip:port``."""
