@@ -380,6 +380,25 @@ def _save(binary: str, table: str = "nat") -> str:
         return ""
 
 
+def _save_tables(binary: str) -> dict[str, str]:
+    """Our tables as ``iptables-save -t`` shows each, from one ``iptables-save`` run."""
+    out: dict[str, list[str]] = {table: [] for table in TABLES}
+    current: list[str] = []
+    for line in _save_all(binary).splitlines(keepends=True):
+        if line.startswith("*"):
+            current = out.get(line[1:].strip(), [])
+        current.append(line)
+    return {table: "".join(lines) for table, lines in out.items()}
+
+
+def _save_all(binary: str) -> str:
+    try:
+        return tasks.run([f"{binary}-save"], timeout=10, check=False).stdout.decode(
+            errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def _rule_count(binary: str) -> int:
     if shutil.which(f"{binary}-save") is None:
         return -1
@@ -429,7 +448,8 @@ class Rules:
             self.operations = 0
             return
         if text is None:
-            fixes = {table: hook_fixes(_save(self.binary, table), hooks)
+            saved = _save_tables(self.binary)
+            fixes = {table: hook_fixes(saved[table], hooks)
                      for table, (hooks, _) in TABLES.items()}
             text = render_full(want, fixes["nat"], fixes["filter"], fixes["mangle"])
         self.applied = None  # unknown until the restore succeeds
@@ -452,7 +472,7 @@ class Rules:
         the ones last applied: a rule or a jump removed, added or reordered by someone else."""
         if self.applied is None:
             return False
-        if drifted(self.applied, {table: _save(self.binary, table) for table in TABLES}):
+        if drifted(self.applied, _save_tables(self.binary)):
             log.warning("%s rules drifted from what the proxy applied; rewriting them",
                         self.binary)
             self.applied = None
@@ -464,9 +484,31 @@ class Rules:
         self.applied = None
 
 
+def removal_input(saved: dict[str, str]) -> str:
+    """One ``iptables-restore --noflush`` input doing ``cleanup_commands`` for every table in
+    ``saved`` (``iptables-save -t`` output by table): jumps deleted, then our chains flushed,
+    then deleted — one transaction instead of a command each."""
+    out = []
+    for table, text in saved.items():
+        cmds = cleanup_commands(text, table)
+        if cmds:
+            out += [f"*{table}", *(" ".join(c[2:]) for c in cmds), "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
 def remove_from(binary: str) -> None:
-    for table in TABLES:
-        for args in cleanup_commands(_save(binary, table), table):
+    saved = _save_tables(binary)
+    text = removal_input(saved)
+    if not text:
+        return
+    try:
+        tasks.run([f"{binary}-restore", "-w", "5", "--noflush"], input=text.encode(),
+                  timeout=30)
+        return
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        log.debug("removing rules in one transaction failed (%s); one by one", e)
+    for table, text in saved.items():
+        for args in cleanup_commands(text, table):
             tasks.run([binary, "-w", "5", *args], timeout=10, check=False)
 
 

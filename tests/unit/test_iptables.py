@@ -534,3 +534,15 @@ def test_render_udp_under_tproxy_in_mangle_with_marks_for_this_node() -> None:
     delta = iptables.render_delta(base, more)
     assert delta is not None and delta.startswith("*mangle\n") and \
         sum(line.startswith("-") for line in delta.splitlines()) == 2
+
+
+def test_removal_is_one_transaction_jumps_then_flush_then_delete() -> None:
+    saved = {"nat": SAVED, "mangle": "*mangle\n:EDGEMESH-MARK - [0:0]\n"
+             "-A OUTPUT -j EDGEMESH-OUTPUT\nCOMMIT\n", "filter": "*filter\nCOMMIT\n"}
+    assert iptables.removal_input(saved).splitlines() == [
+        "*nat", "-D OUTPUT -j EDGEMESH-OUTPUT", "-D OUTPUT -j EDGEMESH-OUTPUT",
+        "-D OUTPUT -j EDGEMESH-OUTPUT", "-F EDGEMESH-SERVICES", "-F EDGEMESH-OUTPUT",
+        "-X EDGEMESH-SERVICES", "-X EDGEMESH-OUTPUT", "COMMIT",
+        "*mangle", "-D OUTPUT -j EDGEMESH-OUTPUT", "-F EDGEMESH-MARK", "-X EDGEMESH-MARK",
+        "COMMIT"]
+    assert iptables.removal_input({"nat": "*nat\nCOMMIT\n"}) == ""
