@@ -129,6 +129,7 @@ class Portal:
     to_port: int
     comment: str = ""
     tproxy: bool = False
+    last_port: int = 0  # with ``ip`` a CIDR: ports ``port``..``last_port`` (Edge CNI ranges)
 
 
 def _quote(text: str) -> str:
@@ -136,13 +137,17 @@ def _quote(text: str) -> str:
 
 
 def _host(ip: str) -> str:
-    """``ip/32``, or ``ip/128`` for IPv6 (as ``iptables-save`` and ``ip6tables-save`` show)."""
+    """``ip/32``, or ``ip/128`` for IPv6 (as ``iptables-save`` and ``ip6tables-save`` show);
+    a CIDR as it is."""
+    if "/" in ip:
+        return ip
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
 def _match(chain: str, p: Portal) -> str:
     dest = f" -d {_host(p.ip)}" if p.ip != NODE else ""
-    return f"-A {chain}{dest} -p {p.protocol} -m {p.protocol} --dport {p.port}"
+    ports = f"{p.port}:{p.last_port}" if p.last_port and p.last_port != p.port else p.port
+    return f"-A {chain}{dest} -p {p.protocol} -m {p.protocol} --dport {ports}"
 
 
 def _comment(p: Portal) -> str:
@@ -267,7 +272,7 @@ def _portal_order(line: str) -> tuple[str, int, str, str]:
     """Lines in the order of their portals: address, port, protocol."""
     words = line.split()
     ip = words[words.index("-d") + 1] if "-d" in words else ""
-    port = int(words[words.index("--dport") + 1]) if "--dport" in words else 0
+    port = int(words[words.index("--dport") + 1].split(":")[0]) if "--dport" in words else 0
     proto = words[words.index("-p") + 1] if "-p" in words else ""
     return ip, port, proto, line
 
@@ -317,7 +322,9 @@ def drifted(rules: Ruleset, saved: dict[str, str]) -> bool:
         ordered = [line for t, line in rules.ordered if t == table]
         if hook_fixes(text, hooks):
             return True
-        mine = [line for line in text.splitlines() if line.startswith("-A EDGEMESH-")]
+        # -save quotes a comment only when it needs quotes: compare without any
+        mine = [line.replace('"', "") for line in text.splitlines()
+                if line.startswith("-A EDGEMESH-")]
         for chain in chains:
             have, want = _in_chain(mine, chain), _in_chain(ordered, chain)
             if chain not in SET_CHAINS or SET_CHAINS[chain][0] != table:
@@ -335,7 +342,7 @@ def _in_chain(lines: Sequence[str], chain: str) -> list[str]:
 
 
 def _differ(lines: list[str], want: frozenset[str]) -> bool:
-    return len(lines) != len(want) or set(lines) != want
+    return len(lines) != len(want) or set(lines) != {line.replace('"', "") for line in want}
 
 
 def hook_rule(parent: str, chain: str) -> str:

@@ -41,8 +41,8 @@ intercepted (address, port) of a family leads to one transparent listener of its
   ``udp.TransparentUDPPort``, whose session binds a socket to the service address
   (``IP_TRANSPARENT``) and connects it to the client: replies leave from the address the
   client sent to (ClusterIP, externalIP, node address and nodePort), and TPROXY delivers the
-  client's next datagrams to that socket. Measured choice: a socket per session costs one
-  descriptor and no syscall per datagram; one reply socket with ``IP_PKTINFO`` cannot set the
+  client's next datagrams to that socket. Why: a socket per session costs one descriptor
+  and no extra syscall per datagram; one reply socket with ``IP_PKTINFO`` cannot set the
   source port, and DNAT to one UDP socket cannot tell two services apart for one client
   socket (conntrack has no ``SO_ORIGINAL_DST`` for UDP, and the reply tuples would clash).
   Where TPROXY is missing (no ``xt_TPROXY``/``nft_tproxy``, or no CAP_NET_ADMIN), UDP ports
@@ -55,13 +55,15 @@ connection straight to a listener's own address finds no service and is closed, 
 and endpoint side), at most ``maxUDPSessions`` per port. The marks use bit ``0x2000`` and
 routing table 237 (unused by kube-proxy, which uses 0x4000/0x8000, and by Cilium's 0x0f00).
 
-Reuse (Edge CNI, issue 17): to steer more addresses to the same listeners, add rules leading
-them there (a DNAT/TPROXY per range, as ``iptables`` renders for portals) and register a
-handler for the range: ``transparent[family].steering.register_range(cidr, (1, 65535),
-handler)`` (TCP: a ``tcp.TCPPort``-like object with ``accept(client_socket, addr)``; UDP: a
-``udp.UDPPort``-like one with ``datagram(data, client, original_destination)``). The
-``Steering`` tables are rebuilt at every sync from the ports; ranges are looked up after exact
-service addresses and before NodePorts.
+Reuse (Edge CNI, issue 17): ``ProxyModule.steer(protocol, cidr, (first, last), handler)``
+leads traffic to a range of addresses and ports (remote Pod networks: ``(1, 65535)``) to the
+same transparent listener of the range's family: it adds the rules (DNAT, or TPROXY and MARK
+for UDP, of the range and ports, at the next sync) and the ``Steering`` entry; ``unsteer``
+undoes it. The handler is a ``tcp.TCPPort``-like object with ``accept(client_socket, addr)``
+for TCP, a ``udp.UDPPort``-like one with ``datagram(data, client, original_destination)`` for
+UDP; ``original_dst`` (TCP) and the datagram's destination say which Pod was asked. Ranges are
+looked up after exact service addresses and before NodePorts; a sync touches only the entries
+of the ports it changes, so ranges stay until ``unsteer``.
 
 IPv6 (dual-stack services), as kube-proxy does it: IPv6 ClusterIPs, externalIPs and
 load-balancer IPs of a served port are intercepted by a separate ``ip6tables`` ruleset with the
@@ -251,6 +253,7 @@ class ProxyModule:
         # what each port was built from, and its rules: a sync redoes only ports whose
         # service or endpoints changed (all of them when a DestinationRule did)
         self._seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
+        self._steered: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}  # steer()
         self._rules_seen: tuple[Any, ...] = ()
         self._desired_memo: dict[tuple[str, str], tuple[Service, bool,
                                                         list[tuple[PortKey, ServicePort]]]] = {}
@@ -470,14 +473,51 @@ class ProxyModule:
                 if rules is not None:
                     rules.check()
         if self.rules is not None:
-            self.rules.sync(portals[4], self.config.nodePortAddresses)
+            self.rules.sync(portals[4] + self._steered_portals(4), self.config.nodePortAddresses)
         if self.rules6 is not None:
-            self._sync_ipv6(portals[6])
+            self._sync_ipv6(portals[6] + self._steered_portals(6))
         added = len(self.listeners) - before
         log.log(logging.INFO if added or removed or not self.synced else logging.DEBUG,
                 "carrying %d service ports, %d added, %d removed (%.0f ms)",
                 len(self.listeners), added, len(removed), (time.monotonic() - started) * 1e3)
         self.synced = True
+
+    def steer(self, protocol: str, cidr: str, ports: tuple[int, int], handler: Any) -> bool:
+        """Lead ``protocol`` traffic to ``cidr`` on ``ports`` (inclusive) to ``handler``
+        through the transparent listener of the range's family (for the Edge CNI: remote Pod
+        networks); False where there is none (no iptables, no TPROXY for UDP, no IPv6 yet).
+        The rules follow at the next sync."""
+        network = ipaddress.ip_network(cidr, strict=False)
+        shared = self.transparent if protocol == "tcp" else self.transparent_udp
+        listener = shared.get(network.version)  # type: ignore[attr-defined]
+        if listener is None:
+            return False
+        self.unsteer(protocol, cidr)
+        listener.steering.register_range(str(network), ports, handler)
+        self._steered[(protocol, str(network))] = (ports, handler)
+        self.reconciler.wake()
+        return True
+
+    def unsteer(self, protocol: str, cidr: str) -> None:
+        """Undo ``steer`` for that range."""
+        network = ipaddress.ip_network(cidr, strict=False)
+        entry = self._steered.pop((protocol, str(network)), None)
+        shared = self.transparent if protocol == "tcp" else self.transparent_udp
+        listener = shared.get(network.version)  # type: ignore[attr-defined]
+        if entry is not None and listener is not None:
+            listener.steering.unregister_range(str(network), entry[1])
+            self.reconciler.wake()
+
+    def _steered_portals(self, family: int) -> list[Portal]:
+        out = []
+        for (protocol, cidr), ((first, last), _) in self._steered.items():
+            shared = self.transparent if protocol == "tcp" else self.transparent_udp
+            listener = shared.get(family)  # type: ignore[attr-defined]
+            if listener is not None and (":" in cidr) == (family == 6):
+                to_ip, to_port = listener.address[:2]
+                out.append(Portal(cidr, first, protocol, to_ip, to_port, f"steered {cidr}",
+                                  protocol == "udp", last))
+        return out
 
     def _steering(self, key: PortKey) -> Steering[Any] | None:
         """The table of the transparent listener the port's traffic goes to, if any."""
