@@ -250,6 +250,9 @@ class ProxyModule:
         self.ipv6_error = ""
         self.synced = False
         self._next_check = 0.0  # when the rules are next compared with the kernel's
+        # store changes seen, and up to which one the last good sync went: a periodic wake
+        # with nothing new only compares the rules with the kernel's
+        self._changes, self._synced_changes = 1, 0
         # what each port was built from, and its rules: a sync redoes only ports whose
         # service or endpoints changed (all of them when a DestinationRule did)
         self._seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
@@ -273,12 +276,12 @@ class ProxyModule:
             self._open_transparent(4, self.listen_ip)
         self.ctx.admin.add_check("proxy", self._readiness)
         self.ctx.admin.add_view("proxy", self.view)
-        self.ctx.store.subscribe(self.reconciler.wake, WATCHED)
+        self.ctx.store.subscribe(self._wake, WATCHED)
         self.ctx.store.subscribe(self._on_sync_state, ())
         self.reconciler.start()
 
     def stop(self) -> None:
-        self.ctx.store.unsubscribe(self.reconciler.wake)
+        self.ctx.store.unsubscribe(self._wake)
         self.ctx.store.unsubscribe(self._on_sync_state)
         self.reconciler.stop()
         if self.rules is not None:
@@ -294,9 +297,13 @@ class ProxyModule:
         if self.tcp is not None:
             self.tcp.close()
 
+    def _wake(self, *_: Any) -> None:
+        self._changes += 1
+        self.reconciler.wake()
+
     def _on_sync_state(self, changed: frozenset[str]) -> None:
         if not changed:
-            self.reconciler.wake()
+            self._wake()
 
     def _prepare_host(self) -> None:
         device = netdev.ensure(self.ctx.config)  # shared with DNS; idempotent
@@ -423,6 +430,9 @@ class ProxyModule:
     def sync(self) -> None:
         if not self.ctx.store.synced:
             return
+        changes = self._changes
+        if changes == self._synced_changes and not self.ipv6_error and self._rules_intact():
+            return  # a periodic wake, nothing new, no drift, no retry due: nothing to do
         started = time.monotonic()
         want = self.desired()
         self.ipv6_error = ""  # set again below by whatever fails in this sync
@@ -467,11 +477,7 @@ class ProxyModule:
         if removed:
             self.addresses = {k: v for k, v in self.addresses.items() if k in want}
             self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
-        if time.monotonic() >= self._next_check:  # the periodic repair of drifted rules
-            self._next_check = time.monotonic() + self.config.iptablesSyncPeriod
-            for rules in (self.rules, self.rules6):
-                if rules is not None:
-                    rules.check()
+        self._rules_intact()
         if self.rules is not None:
             self.rules.sync(portals[4] + self._steered_portals(4), self.config.nodePortAddresses)
         if self.rules6 is not None:
@@ -481,6 +487,19 @@ class ProxyModule:
                 "carrying %d service ports, %d added, %d removed (%.0f ms)",
                 len(self.listeners), added, len(removed), (time.monotonic() - started) * 1e3)
         self.synced = True
+        self._synced_changes = changes
+
+    def _rules_intact(self) -> bool:
+        """Every ``iptablesSyncPeriod``: whether the kernel still holds the rules last applied
+        (False also makes the next rules sync rewrite them whole); True between checks."""
+        if time.monotonic() < self._next_check:
+            return True
+        self._next_check = time.monotonic() + self.config.iptablesSyncPeriod
+        intact = True
+        for rules in (self.rules, self.rules6):
+            if rules is not None and not rules.check():
+                intact = False
+        return intact
 
     def steer(self, protocol: str, cidr: str, ports: tuple[int, int], handler: Any) -> bool:
         """Lead ``protocol`` traffic to ``cidr`` on ``ports`` (inclusive) to ``handler``
@@ -495,7 +514,7 @@ class ProxyModule:
         self.unsteer(protocol, cidr)
         listener.steering.register_range(str(network), ports, handler)
         self._steered[(protocol, str(network))] = (ports, handler)
-        self.reconciler.wake()
+        self._wake()
         return True
 
     def unsteer(self, protocol: str, cidr: str) -> None:
@@ -506,7 +525,7 @@ class ProxyModule:
         listener = shared.get(network.version)  # type: ignore[attr-defined]
         if entry is not None and listener is not None:
             listener.steering.unregister_range(str(network), entry[1])
-            self.reconciler.wake()
+            self._wake()
 
     def _steered_portals(self, family: int) -> list[Portal]:
         out = []
