@@ -5,8 +5,8 @@ Prints, per N: time to ready, open descriptors, RSS, time for one added Service 
 rules (``iptables -C``), and time to exit on SIGTERM (and whether the rules went with it).
 The official benchmark is ``bench/scale.py``; this one isolates the proxy.
 
-    sudo .venv/bin/python bench/proxy_scale_quick.py 1000 5000 10000
-    sudo .venv/bin/python bench/proxy_scale_quick.py --tree /work/main 1000   # another tree
+    sudo .venv/bin/python -m bench.proxy_scale_quick --idle 65 1000 5000 10000
+    sudo .venv/bin/python -m bench.proxy_scale_quick --tree /work/main 1000   # another tree
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import yaml
 
@@ -54,7 +53,18 @@ def ready(ns: str) -> bool:
     return "[+] proxy ok" in r.stdout
 
 
-def run(n: int, tree: str, tmp: str) -> dict[str, object]:
+def idle_cpu(pid: int, seconds: float) -> float:
+    """Percent of one core the process used over ``seconds``."""
+    def ticks() -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    before = ticks()
+    time.sleep(seconds)
+    return round((ticks() - before) / os.sysconf("SC_CLK_TCK") / seconds * 100, 2)
+
+
+def run(n: int, tree: str, tmp: str, idle: float = 0.0) -> dict[str, object]:
     ns = f"scale{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     sh(ns, "ip", "link", "set", "lo", "up")
@@ -83,6 +93,8 @@ def run(n: int, tree: str, tmp: str) -> dict[str, object]:
         with open(f"/proc/{pid}/status") as f:
             rss = next(line for line in f if line.startswith("VmRSS"))
         out["rss_mb"] = round(int(rss.split()[1]) / 1024, 1)
+        if idle:
+            out["idle_cpu_pct"] = idle_cpu(pid, idle)
         # one Service more, in a file of its own
         svc, eps = service(n)
         with open(os.path.join(mdir, "new.yaml"), "w") as f:
@@ -100,6 +112,9 @@ def run(n: int, tree: str, tmp: str) -> dict[str, object]:
         proc.wait(timeout=60)
         out["stop_s"] = round(time.monotonic() - stop, 2)
         out["rules_left"] = sh(ns, "iptables-save").stdout.count("EDGEMESH")
+        with open(os.path.join(tmp, f"log{n}")) as f:  # "carrying N service ports, ... (T ms)"
+            syncs = [line.rsplit("(", 1)[1].split()[0] for line in f if "service ports," in line]
+        out["sync_ms_first_change"] = syncs[:1] + syncs[-1:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -112,10 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("sizes", nargs="+", type=int)
     parser.add_argument("--tree", default=os.getcwd(), help="source tree to run the agent from")
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="also measure idle CPU over this many seconds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            print(json.dumps(run(n, args.tree, tmp)), flush=True)
+            print(json.dumps(run(n, args.tree, tmp, args.idle)), flush=True)
 
 
 if __name__ == "__main__":
