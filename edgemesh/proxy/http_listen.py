@@ -1,11 +1,12 @@
 """Listeners for the ports the proxy does not simply splice: http ports balanced per request,
 and https ports whose TLS server name (SNI) is read for logs and metrics.
 
-The proxy module asks ``kind_for`` which listener a service port needs and ``make`` builds it;
-both listeners look like ``tcp.TCPListener`` to the module (``address``, ``balancer``,
-``backends``, ``update``, ``close``, ``kind``).
+The proxy module asks ``kind_for`` which handler a service port needs and ``make`` builds it;
+both look like ``tcp.TCPPort`` to the module (``accept``, ``balancer``, ``backends``,
+``update``, ``close``, ``kind``): connections come from the module's transparent listener
+(``transparent.py``), or from a listening socket of the port's own (``--no-iptables``).
 
-- ``HTTPListener``: a gevent ``StreamServer`` (bounded by ``maxConnections``) that hands each
+- ``HTTPListener``: a greenlet pool (bounded by ``maxConnections``) that hands each
   client connection to the HTTP engine (``http.serve_connection``) with the port's router,
   ``HttpPort``: each request's key (header, cookie, query parameter or source IP) picks an
   endpoint with the port's balancer; with cookie persistence (a DestinationRule
@@ -24,8 +25,8 @@ both listeners look like ``tcp.TCPListener`` to the module (``address``, ``balan
   message in ``edgemesh_http_malformed_total{sender="client", cause}``); a request head not complete
   within ``httpHeaderTimeout`` closes the connection without an answer.
   One ``UpstreamPool`` per port.
-- ``TLSListener``: the TCP splice path, but each accepted connection first waits (at most
-  ``SNI_WAIT`` seconds, on libev watchers, no greenlet) for the ClientHello, peeked with
+- ``TLSPort``/``TLSListener``: the TCP splice path, but each accepted connection first waits
+  (at most ``SNI_WAIT`` seconds, on libev watchers, no greenlet) for the ClientHello, peeked with
   ``MSG_PEEK`` so the bytes stay in the socket for the splice. TLS is never terminated;
   balancing stays per connection (``consistentHash.useSourceIp`` applies as on any TCP port).
   gRPC and HTTP/2 ports are plain TCP ports: balanced per connection, not per stream.
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gevent.pool import Pool
-from gevent.server import StreamServer
+from gevent.socket import socket as GeventSocket
 
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.models import AppProtocol, Service, ServicePort
@@ -54,7 +55,7 @@ from edgemesh.proxy.http_pool import UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason
 from edgemesh.proxy.http_target import NormalTarget, TargetError, normalize_request
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
-from edgemesh.proxy.tcp import CONNECTIONS, READ, Conn, TCPListener, TCPProxy
+from edgemesh.proxy.tcp import CONNECTIONS, READ, REJECTED, Acceptor, Conn, TCPPort, TCPProxy
 from edgemesh.proxy.tls_sni import MAX_HELLO, SniStatus, client_hello_sni
 from edgemesh.runtime import metrics
 
@@ -231,8 +232,9 @@ def cookie_for(store: Store, service: Service, port: ServicePort) -> HttpCookie 
 
 
 def make(kind: str, module: Any, name: str, service: Service, port: ServicePort,
-         balancer: Balancer, backends: list[Backend], listen_ip: str) -> Any:
-    """The listener of ``kind`` on ``listen_ip`` for a service port of the proxy ``module``."""
+         balancer: Balancer, backends: list[Backend], listen_ip: str | None) -> Any:
+    """The handler of ``kind`` for a service port of the proxy ``module``: with a listening
+    socket of its own on ``listen_ip``, or (None) fed by the module's transparent listener."""
     cfg = module.config
     if kind == "http":
         store = module.ctx.store
@@ -242,17 +244,21 @@ def make(kind: str, module: Any, name: str, service: Service, port: ServicePort,
                                        head_timeout=cfg.httpHeaderTimeout,
                                        idle_timeout=cfg.httpIdleTimeout,
                                        response_timeout=cfg.httpResponseTimeout),
-                            cfg.maxConnections)
+                            cfg.maxConnections, module.tcp)
+    if listen_ip is None:
+        return TLSPort(module.tcp, name, balancer, backends)
     return TLSListener(module.tcp, name, listen_ip, balancer, backends)
 
 
 class HTTPListener:
-    """A service port balanced per request (see ``edgemesh.proxy.http``)."""
+    """A service port balanced per request (see ``edgemesh.proxy.http``): each accepted
+    connection (from its own socket on ``ip``, or handed over by the transparent listener
+    through ``accept``) is served by a greenlet of a pool bounded by ``max_connections``."""
     kind = "http"
 
-    def __init__(self, name: str, ip: str, balancer: Balancer, backends: list[Backend],
+    def __init__(self, name: str, ip: str | None, balancer: Balancer, backends: list[Backend],
                  dialer: Dialer, cookie_of: Callable[[], HttpCookie | None],
-                 limits: HttpLimits, max_connections: int) -> None:
+                 limits: HttpLimits, max_connections: int, proxy: TCPProxy) -> None:
         self.name = name
         self.balancer = balancer
         self.backends = backends
@@ -261,14 +267,20 @@ class HTTPListener:
         self.port = HttpPort(name, balancer, lambda: self.backends, cookie_of())
         self.pool = UpstreamPool(dialer)
         self._accepted = CONNECTIONS.labels(name)
-        self.server = StreamServer((ip, 0), self._handle, spawn=Pool(max_connections))
-        self.server.start()
-        self.address: tuple[str, int] = self.server.address[:2]
+        self._clients = Pool(max_connections)
+        self.acceptor = Acceptor(proxy, ip, 0, self.accept, name) if ip is not None else None
+        self.address = self.acceptor.address if self.acceptor is not None else None
 
-    def _handle(self, sock: Any, addr: tuple[str, int]) -> None:
+    def accept(self, client: Any, addr: tuple[Any, ...]) -> None:
+        """Serve an accepted, non-blocking client socket in a greenlet of its own."""
+        if self._clients.full():
+            REJECTED.labels(self.name, "limit").inc()
+            client.close()
+            return
         self._accepted.inc()
-        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        serve_connection(sock, addr, self.port, self.pool, self.limits)  # type: ignore[arg-type]
+        sock = GeventSocket(client.family, client.type, 0, fileno=client.detach())
+        self._clients.spawn(serve_connection, sock, addr, self.port, self.pool,  # type: ignore[arg-type]
+                            self.limits)
 
     def update(self, balancer: Balancer, backends: list[Backend]) -> None:
         self.balancer = self.port.balancer = balancer
@@ -278,28 +290,38 @@ class HTTPListener:
 
     def close(self) -> None:
         """Stop accepting; requests in flight finish."""
-        self.server.close()
+        if self.acceptor is not None:
+            self.acceptor.close()
         self.pool.close()
 
 
-class TLSListener(TCPListener):
+class TLSPort(TCPPort):
     """An https port: spliced per connection after its ClientHello's SNI was peeked."""
     kind = "https"
-
-    def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
-                 backends: list[Backend]) -> None:
-        super().__init__(proxy, name, ip, balancer, backends)
 
     def _start(self, conn: Conn) -> None:
         self.proxy.conns.add(conn)
         _HelloWait(self, conn)
 
 
+class TLSListener(TLSPort):
+    """An https port with a listening socket of its own."""
+
+    def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
+                 backends: list[Backend]) -> None:
+        super().__init__(proxy, name, balancer, backends)
+        self.acceptor = Acceptor(proxy, ip, 0, self.accept, name)
+        self.address = self.acceptor.address
+
+    def close(self) -> None:
+        self.acceptor.close()
+
+
 class _HelloWait:
     """Waits for one connection's ClientHello, reports its SNI, then lets the splice start."""
     __slots__ = ("listener", "conn", "io", "timer", "retry")
 
-    def __init__(self, listener: TLSListener, conn: Conn) -> None:
+    def __init__(self, listener: TLSPort, conn: Conn) -> None:
         loop = listener.proxy.loop
         self.listener, self.conn = listener, conn
         self.io = loop.io(conn.client.fileno(), READ)

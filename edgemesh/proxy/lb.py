@@ -81,6 +81,7 @@ class LBSpec:
 
 
 AFFINITY_LIMIT = 65536  # remembered client keys per service port
+_RNG = random.Random()  # shared: a generator's state is 2.5 KB, and there is one per port
 
 
 def _hash64(text: str) -> int:
@@ -135,7 +136,7 @@ class Balancer:
         self.spec = spec
         self.node_name = node_name
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng or _RNG
         self._next = 0
         self._active: dict[Backend, int] = {}
         self._affinity: OrderedDict[str, tuple[Backend, float]] = OrderedDict()

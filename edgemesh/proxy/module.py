@@ -1,9 +1,14 @@
-"""The agent's ``modules.edgeProxy``: listeners per service port, interception rules, dialer.
+"""The agent's ``modules.edgeProxy``: interception rules, the listeners they lead to, dialer.
 
 Reconciled from the store (level-triggered): every change to Services, endpoints or
 DestinationRules, and every ``iptablesSyncPeriod`` seconds, the module computes the ports it
-should serve, opens and closes listeners to match, hands each listener its current endpoints
-and balancer, then rewrites the interception rules in one ``iptables-restore``.
+should serve, creates and drops their handlers, hands each its current endpoints and
+balancer, then brings the interception rules up to date. A sync redoes only the ports whose
+Service or endpoints changed (every port when a DestinationRule changed), writes only the rules
+that changed (``iptables.render_delta``; none when nothing did), and logs one summary line
+(``carrying 10000 service ports, 3 added, 1 removed (12 ms)``; per-port lines at ``-v 4``).
+The periodic resync compares the kernel's rules with the applied ones and rewrites them whole
+only when they drifted.
 
 Which services are served: those with a ClusterIP (not headless, not ExternalName), minus those
 ``serviceFilterMode`` leaves to kube-proxy by the ``service.edgemesh.kubeedge.io/
@@ -16,36 +21,77 @@ Each served port is reached, as kube-proxy reaches it, at every IPv4 ClusterIP, 
 ``spec.externalIPs`` address and (type LoadBalancer) every ``status.loadBalancer.ingress`` IP
 whose ``ipMode`` is not ``Proxy``, on the service port; and (types NodePort and LoadBalancer)
 at every local address of this node within ``nodePortAddresses`` (default: all of them;
-127.0.0.1 for clients on this node only) on its ``nodePort``. All of them lead to the port's
-one listener. Service addresses that are not IP addresses, or that the API server would
-refuse as externalIPs (loopback, link-local, multicast, unspecified), are skipped, counted and
-logged once.
+127.0.0.1 for clients on this node only) on its ``nodePort``. Service addresses that are not
+IP addresses, or that the API server would refuse as externalIPs (loopback, link-local,
+multicast, unspecified), are skipped, counted and logged once.
+
+One socket per protocol and family, whatever the number of Services (issue 16). Every
+intercepted (address, port) of a family leads to one transparent listener of its protocol
+(``transparent.py``), which finds the flow's original destination and looks it up in a
+``steering.Steering`` table; the handler registered there takes the flow over:
+
+- TCP: ``nat`` DNAT of every service (IP, port) and NodePort to one listening socket, and
+  ``getsockopt(SO_ORIGINAL_DST)`` (``IP6T_SO_ORIGINAL_DST`` for IPv6) on each accepted
+  connection. Handlers: ``tcp.TCPPort`` (spliced), ``http_listen.TLSPort`` (SNI peeked, then
+  spliced), ``http_listen.HTTPListener`` (balanced per request by the HTTP engine).
+- UDP: ``mangle`` TPROXY of every service (IP, port) and NodePort to one socket with
+  ``IP_RECVORIGDSTADDR``, with ``fwmark → table 237: local default route on lo``; this
+  node's own datagrams to service addresses are marked in ``mangle OUTPUT`` so they take the
+  same route through lo and meet TPROXY in PREROUTING (TPROXY exists only there). Handler:
+  ``udp.TransparentUDPPort``, whose session binds a socket to the service address
+  (``IP_TRANSPARENT``) and connects it to the client: replies leave from the address the
+  client sent to (ClusterIP, externalIP, node address and nodePort), and TPROXY delivers the
+  client's next datagrams to that socket. Why: a socket per session costs one descriptor
+  and no extra syscall per datagram; one reply socket with ``IP_PKTINFO`` cannot set the
+  source port, and DNAT to one UDP socket cannot tell two services apart for one client
+  socket (conntrack has no ``SO_ORIGINAL_DST`` for UDP, and the reply tuples would clash).
+  Where TPROXY is missing (no ``xt_TPROXY``/``nft_tproxy``, or no CAP_NET_ADMIN), UDP ports
+  fall back to a DNATed listener each, as before, logged once.
+
+Limits: the listeners see the client's real address (no SNAT), but a TCP connection's original
+destination exists only while conntrack tracks it (the rules need conntrack anyway); a
+connection straight to a listener's own address finds no service and is closed, counted in
+``edgemesh_proxy_unknown_destination_total``. A UDP session costs two descriptors (client side
+and endpoint side), at most ``maxUDPSessions`` per port. The marks use bit ``0x2000`` and
+routing table 237 (unused by kube-proxy, which uses 0x4000/0x8000, and by Cilium's 0x0f00).
+
+Reuse (Edge CNI, issue 17): ``ProxyModule.steer(protocol, cidr, (first, last), handler)``
+leads traffic to a range of addresses and ports (remote Pod networks: ``(1, 65535)``) to the
+same transparent listener of the range's family: it adds the rules (DNAT, or TPROXY and MARK
+for UDP, of the range and ports, at the next sync) and the ``Steering`` entry; ``unsteer``
+undoes it. The handler is a ``tcp.TCPPort``-like object with ``accept(client_socket, addr)``
+for TCP, a ``udp.UDPPort``-like one with ``datagram(data, client, original_destination)`` for
+UDP; ``original_dst`` (TCP) and the datagram's destination say which Pod was asked. Ranges are
+looked up after exact service addresses and before NodePorts; a sync touches only the entries
+of the ports it changes, so ranges stay until ``unsteer``.
 
 IPv6 (dual-stack services), as kube-proxy does it: IPv6 ClusterIPs, externalIPs and
-load-balancer IPs of a served port get a listener of their own and DNATs in a separate
-``ip6tables`` ruleset with the same chain names (``iptables.Rules(family=6)``); so does its
-``nodePort`` on every local IPv6 address within the IPv6 ``nodePortAddresses`` ranges (none
-when the key lists IPv4 ranges only; ``::1`` for clients on this node only, as 127.0.0.1), for
-services of type NodePort or LoadBalancer with an IPv6 service address. The IPv6 listeners
-bind ``commonConfig.bridgeDeviceIPv6`` (default ``fd00:169:254:96::16``, a ULA /128 added to
-the bridge device without DAD), the least exposed
-address that works from both hooks: ``::1`` cannot be a DNAT target for packets from other
-namespaces (IPv6 has no ``route_localnet``; the kernel drops them), a link-local address needs
-a zone a DNAT cannot carry, and a node address or ``::`` would expose the listeners on the
-network. Like ``bridgeDeviceIP`` it is on no link, routed only locally, and the filter chain
-accepts only what our DNAT sent to it. Each family's listener balances over the port's
-endpoints of that family (all endpoints when there are none), as kube-proxy keeps each family
-to its own.
+load-balancer IPs of a served port are intercepted by a separate ``ip6tables`` ruleset with the
+same chain names (``iptables.Rules(family=6)``) and reach the IPv6 transparent listeners; so
+does its ``nodePort`` on every local IPv6 address within the IPv6 ``nodePortAddresses`` ranges
+(none when the key lists IPv4 ranges only; ``::1`` for clients on this node only, as
+127.0.0.1), for services of type NodePort or LoadBalancer with an IPv6 service address. The
+IPv6 listeners bind ``commonConfig.bridgeDeviceIPv6`` (default ``fd00:169:254:96::16``, a ULA
+/128 added to the bridge device without DAD), the least exposed address that works from both
+hooks: ``::1`` cannot be a DNAT target for packets from other namespaces (IPv6 has no
+``route_localnet``; the kernel drops them), a link-local address needs a zone a DNAT cannot
+carry, and a node address or ``::`` would expose the listeners on the network. Like
+``bridgeDeviceIP`` it is on no link, routed only locally, and the filter chain accepts only
+what our rules sent to it. Each family's handler balances over the port's endpoints of that
+family (all endpoints when there are none), as kube-proxy keeps each family to its own.
 Nothing of this exists until a served service has an IPv6 address, and it is all removed when
 none has any more (the address stays on the bridge until ``edgemesh cleanup``). A host
 without ``ip6tables`` or with IPv6 disabled logs that once, counts it in
 ``edgemesh_proxy_ipv6_failures_total`` and keeps serving IPv4; every sync retries. IPv6
 ranges in ``serviceCIDR`` get their route (for clients on this node) when IPv6 starts.
 
-Listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on ephemeral ports;
-with ``iptables: false`` (``--no-iptables``) they bind ``listenAddress`` or 127.0.0.1,
-there are no IPv6 listeners (nothing would lead to them) and nothing on the host is
-changed — ``/debug/proxy`` lists where each port listens.
+The transparent listeners bind ``listenAddress`` (default: the agent's ``bridgeDeviceIP``) on
+ephemeral ports. With ``iptables: false`` (``--no-iptables``) nothing intercepts, so nothing
+could tell one listener which service a connection was for: each port gets a listener of its
+own on ``listenAddress`` or 127.0.0.1 (the only way to reach a service then; descriptors grow
+with service ports in that mode), there are no IPv6 listeners and nothing on the host is
+changed — ``/debug/proxy`` lists where each port is reachable (``listen``) and, with iptables,
+the shared listeners (``transparent``).
 """
 from __future__ import annotations
 
@@ -53,6 +99,7 @@ import ipaddress
 import logging
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +110,10 @@ from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import NODE, Portal
 from edgemesh.proxy.policy import Balancers
-from edgemesh.proxy.tcp import TCPListener, TCPProxy
-from edgemesh.proxy.udp import UDPListener
+from edgemesh.proxy.steering import Steering
+from edgemesh.proxy.tcp import TCPListener, TCPPort, TCPProxy
+from edgemesh.proxy.transparent import TransparentTCP, TransparentUDP
+from edgemesh.proxy.udp import TransparentUDPPort, UDPListener
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import Reconciler
@@ -190,7 +239,9 @@ class ProxyModule:
         self.listen_ip = cfg.listenAddress or (ctx.config.commonConfig.bridgeDeviceIP
                                                if cfg.iptables else "127.0.0.1")
         self.tcp: TCPProxy | None = None
-        self.listeners: dict[PortKey, Any] = {}
+        self.listeners: dict[PortKey, Any] = {}  # the handler of each port (see the docstring)
+        self.transparent: dict[int, TransparentTCP] = {}  # by family, with iptables only
+        self.transparent_udp: dict[int, TransparentUDP] = {}  # where TPROXY works
         self.addresses: dict[PortKey, list[str]] = {}  # where each port is intercepted
         self.rules: iptables.Rules | None = None
         ipv6 = ctx.config.commonConfig.bridgeDeviceIPv6
@@ -198,6 +249,17 @@ class ProxyModule:
         self.rules6: iptables.Rules | None = None  # exists while IPv6 addresses are served
         self.ipv6_error = ""
         self.synced = False
+        self._next_check = 0.0  # when the rules are next compared with the kernel's
+        # store changes seen, and up to which one the last good sync went: a periodic wake
+        # with nothing new only compares the rules with the kernel's
+        self._changes, self._synced_changes = 1, 0
+        # what each port was built from, and its rules: a sync redoes only ports whose
+        # service or endpoints changed (all of them when a DestinationRule did)
+        self._seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
+        self._steered: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}  # steer()
+        self._rules_seen: tuple[Any, ...] = ()
+        self._desired_memo: dict[tuple[str, str], tuple[Service, bool,
+                                                        list[tuple[PortKey, ServicePort]]]] = {}
         self.reconciler = Reconciler("proxy-sync", self.sync, period=cfg.iptablesSyncPeriod,
                                      delay=0.05)
 
@@ -210,29 +272,38 @@ class ProxyModule:
             self._prepare_host()
         self.tcp = TCPProxy(self.dialer, cfg.connectTimeout, cfg.tcpIdleTimeout,
                             cfg.maxConnections)
+        if cfg.iptables:
+            self._open_transparent(4, self.listen_ip)
         self.ctx.admin.add_check("proxy", self._readiness)
         self.ctx.admin.add_view("proxy", self.view)
-        self.ctx.store.subscribe(self.reconciler.wake, WATCHED)
+        self.ctx.store.subscribe(self._wake, WATCHED)
         self.ctx.store.subscribe(self._on_sync_state, ())
         self.reconciler.start()
 
     def stop(self) -> None:
-        self.ctx.store.unsubscribe(self.reconciler.wake)
+        self.ctx.store.unsubscribe(self._wake)
         self.ctx.store.unsubscribe(self._on_sync_state)
         self.reconciler.stop()
         if self.rules is not None:
             self.rules.remove()
             iptables.remove_routes(self.config.serviceCIDR)
+            iptables.remove_tproxy_routing(4)
         self._stop_ipv6()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
+        for family in (4, 6):
+            self._close_transparent(family)
         if self.tcp is not None:
             self.tcp.close()
 
+    def _wake(self, *_: Any) -> None:
+        self._changes += 1
+        self.reconciler.wake()
+
     def _on_sync_state(self, changed: frozenset[str]) -> None:
         if not changed:
-            self.reconciler.wake()
+            self._wake()
 
     def _prepare_host(self) -> None:
         device = netdev.ensure(self.ctx.config)  # shared with DNS; idempotent
@@ -262,6 +333,11 @@ class ProxyModule:
             iptables.ensure_routes(iptables.of_family(self.config.serviceCIDR, 6), device)
         except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
             return self._ipv6_failed("address", f"cannot route the IPv6 service ranges: {e}")
+        if self.tcp is not None and 6 not in self.transparent:
+            try:
+                self._open_transparent(6, self.listen_ip6)
+            except OSError as e:
+                return self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
         self.rules6 = iptables.Rules(binary, family=6)
         log.info("IPv6 service addresses: listeners on %s, backend %s", self.listen_ip6, binary)
         return True
@@ -287,7 +363,31 @@ class ProxyModule:
         if self.rules6 is not None:
             self.rules6.remove()
             iptables.remove_routes(iptables.of_family(self.config.serviceCIDR, 6))
+            iptables.remove_tproxy_routing(6)
             self.rules6 = None
+        self._close_transparent(6)
+
+    def _open_transparent(self, family: int, ip: str) -> None:
+        """The family's transparent TCP listener and, where TPROXY works, its UDP one (else
+        its UDP ports keep a DNATed listener each, as with ``--no-iptables``)."""
+        assert self.tcp is not None
+        self.transparent[family] = TransparentTCP(self.tcp, ip)
+        try:
+            iptables.ensure_tproxy_routing(family)
+            self.transparent_udp[family] = TransparentUDP(ip)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.warning("IPv%d UDP service ports get a listener each: no TPROXY (%s)", family,
+                        detail.decode(errors="replace").strip() or e)
+        udp = self.transparent_udp.get(family)
+        log.info("transparent listeners: TCP %s, UDP %s", _where(self.transparent[family]),
+                 _where(udp) if udp is not None else "one per port")
+
+    def _close_transparent(self, family: int) -> None:
+        for table in (self.transparent, self.transparent_udp):
+            listener = table.pop(family, None)  # type: ignore[attr-defined]
+            if listener is not None:
+                listener.close()
 
     def _readiness(self) -> str:
         if not self.ctx.store.synced:
@@ -298,70 +398,188 @@ class ProxyModule:
 
     def desired(self) -> dict[PortKey, tuple[Service, ServicePort]]:
         """Every service port this agent should listen for, from the store's current state."""
-        want: dict[PortKey, tuple[Service, ServicePort]] = {}
         ipv6 = bool(self.listen_ip6) and self.rules is not None
+        memo = self._desired_memo
+        fresh: dict[tuple[str, str], tuple[Service, bool, list[tuple[PortKey, ServicePort]]]] = {}
+        want: dict[PortKey, tuple[Service, ServicePort]] = {}
         for svc in self.ctx.store.services():
-            if not proxied(svc, self.config.serviceFilterMode):
-                continue
-            v4, v6 = bool(cluster_ips(svc)), ipv6 and bool(service_ips6(svc))
-            for port in svc.ports:
-                transport = transport_of(port)
-                if transport and v4:
-                    want[PortKey(svc.meta.namespace, svc.meta.name, port.port, transport)] = \
-                        (svc, port)
-                if transport and v6:
-                    want[PortKey(svc.meta.namespace, svc.meta.name, port.port, transport, 6)] \
-                        = (svc, port)
+            last = memo.get(svc.key)
+            if last is None or last[0] is not svc or last[1] != ipv6:
+                last = (svc, ipv6, self._ports_of(svc, ipv6))  # the service is new or changed
+            fresh[svc.key] = last
+            for key, port in last[2]:
+                want[key] = (svc, port)
+        self._desired_memo = fresh
         return want
+
+    def _ports_of(self, svc: Service, ipv6: bool) -> list[tuple[PortKey, ServicePort]]:
+        if not proxied(svc, self.config.serviceFilterMode):
+            return []
+        v4, v6 = bool(cluster_ips(svc)), ipv6 and bool(service_ips6(svc))
+        out = []
+        for port in svc.ports:
+            transport = transport_of(port)
+            if transport and v4:
+                out.append((PortKey(svc.meta.namespace, svc.meta.name, port.port, transport),
+                            port))
+            if transport and v6:
+                out.append((PortKey(svc.meta.namespace, svc.meta.name, port.port, transport,
+                                    6), port))
+        return out
 
     def sync(self) -> None:
         if not self.ctx.store.synced:
             return
+        changes = self._changes
+        if changes == self._synced_changes and not self.ipv6_error and self._rules_intact():
+            return  # a periodic wake, nothing new, no drift, no retry due: nothing to do
+        started = time.monotonic()
         want = self.desired()
         self.ipv6_error = ""  # set again below by whatever fails in this sync
         if not any(k.family == 6 for k in want):
             self._stop_ipv6()
         elif not self._start_ipv6():
             want = {k: v for k, v in want.items() if k.family == 4}
-        for key in [k for k in self.listeners if k not in want]:
+        removed = [k for k in self.listeners if k not in want]
+        for key in removed:
+            self._unsteer(key, self.listeners[key])
             self.listeners.pop(key).close()
-        portals, portals6 = [], []
+            log.debug("no longer carrying %s", key)
+        before = len(self.listeners)
+        portals: dict[int, list[Portal]] = {4: [], 6: []}
+        rules_now = tuple(self.ctx.store.list("DestinationRule"))
+        redo = rules_now != self._rules_seen  # a rule may change any port's balancer
+        self._rules_seen = rules_now
+        seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
         for key, (svc, port) in want.items():
-            if key.family == 6:
-                portals6 += self._ipv6_portals(key, svc, port)
+            state = (svc, tuple(self.ctx.store.slices_for(svc)))
+            last = self._seen.get(key)
+            if not redo and last is not None and last[0] == state and key in self.listeners:
+                seen[key] = last  # nothing of this port changed: its handler and rules stand
+                portals[key.family] += last[1]
                 continue
-            portals += self._portals(key, svc, port, self._listener_for(key, svc, port))
-        self.addresses = {k: v for k, v in self.addresses.items() if k in want}
-        self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
+            old = self.listeners.get(key)
+            try:
+                handler = self._listener_for(key, svc, port)
+            except OSError as e:  # the IPv6 address vanished under us, say
+                if key.family == 4:
+                    raise
+                self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
+                self.addresses.pop(key, None)
+                continue
+            if old is not None:
+                self._unsteer(key, old)
+            mine = self._portals(key, svc, port, handler)
+            _register(self._steering(key), mine, handler)
+            seen[key] = (state, mine)
+            portals[key.family] += mine
+        self._seen = seen
+        if removed:
+            self.addresses = {k: v for k, v in self.addresses.items() if k in want}
+            self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
+        self._rules_intact()
         if self.rules is not None:
-            self.rules.sync(portals, self.config.nodePortAddresses)
+            self.rules.sync(portals[4] + self._steered_portals(4), self.config.nodePortAddresses)
         if self.rules6 is not None:
-            self._sync_ipv6(portals6)
+            self._sync_ipv6(portals[6] + self._steered_portals(6))
+        added = len(self.listeners) - before
+        log.log(logging.INFO if added or removed or not self.synced else logging.DEBUG,
+                "carrying %d service ports, %d added, %d removed (%.0f ms)",
+                len(self.listeners), added, len(removed), (time.monotonic() - started) * 1e3)
         self.synced = True
+        self._synced_changes = changes
 
-    def _ipv6_portals(self, key: PortKey, svc: Service, port: ServicePort) -> list[Portal]:
-        try:
-            listener = self._listener_for(key, svc, port)
-        except OSError as e:  # the address vanished under us, say
-            self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
-            self.addresses.pop(key, None)
-            return []
-        return self._portals(key, svc, port, listener)
+    def _rules_intact(self) -> bool:
+        """Every ``iptablesSyncPeriod``: whether the kernel still holds the rules last applied
+        (False also makes the next rules sync rewrite them whole); True between checks."""
+        if time.monotonic() < self._next_check:
+            return True
+        self._next_check = time.monotonic() + self.config.iptablesSyncPeriod
+        intact = True
+        for rules in (self.rules, self.rules6):
+            if rules is not None and not rules.check():
+                intact = False
+        return intact
+
+    def steer(self, protocol: str, cidr: str, ports: tuple[int, int], handler: Any) -> bool:
+        """Lead ``protocol`` traffic to ``cidr`` on ``ports`` (inclusive) to ``handler``
+        through the transparent listener of the range's family (for the Edge CNI: remote Pod
+        networks); False where there is none (no iptables, no TPROXY for UDP, no IPv6 yet).
+        The rules follow at the next sync."""
+        network = ipaddress.ip_network(cidr, strict=False)
+        shared = self.transparent if protocol == "tcp" else self.transparent_udp
+        listener = shared.get(network.version)  # type: ignore[attr-defined]
+        if listener is None:
+            return False
+        self.unsteer(protocol, cidr)
+        listener.steering.register_range(str(network), ports, handler)
+        self._steered[(protocol, str(network))] = (ports, handler)
+        self._wake()
+        return True
+
+    def unsteer(self, protocol: str, cidr: str) -> None:
+        """Undo ``steer`` for that range."""
+        network = ipaddress.ip_network(cidr, strict=False)
+        entry = self._steered.pop((protocol, str(network)), None)
+        shared = self.transparent if protocol == "tcp" else self.transparent_udp
+        listener = shared.get(network.version)  # type: ignore[attr-defined]
+        if entry is not None and listener is not None:
+            listener.steering.unregister_range(str(network), entry[1])
+            self._wake()
+
+    def _steered_portals(self, family: int) -> list[Portal]:
+        out = []
+        for (protocol, cidr), ((first, last), _) in self._steered.items():
+            shared = self.transparent if protocol == "tcp" else self.transparent_udp
+            listener = shared.get(family)  # type: ignore[attr-defined]
+            if listener is not None and (":" in cidr) == (family == 6):
+                to_ip, to_port = listener.address[:2]
+                out.append(Portal(cidr, first, protocol, to_ip, to_port, f"steered {cidr}",
+                                  protocol == "udp", last))
+        return out
+
+    def _steering(self, key: PortKey) -> Steering[Any] | None:
+        """The table of the transparent listener the port's traffic goes to, if any."""
+        shared = self.transparent if key.protocol == "tcp" else self.transparent_udp
+        listener = shared.get(key.family)  # type: ignore[attr-defined]
+        return listener.steering if listener is not None else None
+
+    def _unsteer(self, key: PortKey, handler: Any) -> None:
+        last = self._seen.get(key)
+        table = self._steering(key)
+        if last is None or table is None:
+            return
+        for p in last[1]:
+            if p.ip == NODE:
+                table.unregister_node_port(p.port, handler)
+            else:
+                table.unregister((p.ip,), p.port, handler)
 
     def _portals(self, key: PortKey, svc: Service, port: ServicePort,
-                 listener: Any) -> list[Portal]:
-        """The DNATs leading to ``listener``: the port's service addresses of the key's family
-        and, where enabled, its nodePort; ``/debug/proxy`` lists them as ``addresses``."""
-        to_ip, to_port = listener.address[:2]
+                 handler: Any) -> list[Portal]:
+        """The rules leading to the port: its service addresses of the key's family and, where
+        enabled, its nodePort, to the transparent listener of its protocol or the port's own
+        listener; ``/debug/proxy`` lists them as ``addresses``."""
+        tproxy = key.protocol == "udp" and getattr(handler, "address", None) is None
+        to_ip, to_port = self._listen_address(key, handler)
         ips = service_ips6(svc) if key.family == 6 else service_ips(svc)
-        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key)) for ip in ips]
+        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key), tproxy)
+                for ip in ips]
         node_port = node_port_of(svc, port)
         if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
-            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key)))
+            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key), tproxy))
         self.addresses[key] = [f"node:{p.port}" if p.ip == NODE else
                                f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}"
                                for p in mine]
         return mine
+
+    def _listen_address(self, key: PortKey, handler: Any) -> tuple[str, int]:
+        """Where the port's connections or datagrams are accepted."""
+        own = getattr(handler, "address", None)
+        if own is None:
+            shared = self.transparent if key.protocol == "tcp" else self.transparent_udp
+            own = shared[key.family].address  # type: ignore[attr-defined]
+        return own[0], own[1]
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
         balancer = self.balancers.get(svc, port)
@@ -378,18 +596,25 @@ class ProxyModule:
             listener.update(balancer, backends)
             return listener
         cfg = self.config
+        # TCP ports share the transparent listener where there is one: no socket of their own
+        own_ip = None if key.protocol == "tcp" and self.transparent else listen_ip
         if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
             listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends,
-                                        listen_ip)
+                                        own_ip)
+        elif key.protocol == "udp" and key.family in self.transparent_udp:
+            listener = TransparentUDPPort(self.dialer, str(key), balancer, backends,
+                                          idle_timeout=cfg.udpIdleTimeout,
+                                          max_sessions=cfg.maxUDPSessions)
         elif key.protocol == "udp":
             listener = UDPListener(self.dialer, str(key), listen_ip, balancer, backends,
                                    idle_timeout=cfg.udpIdleTimeout,
                                    max_sessions=cfg.maxUDPSessions)
         else:
             assert self.tcp is not None
-            listener = TCPListener(self.tcp, str(key), listen_ip, balancer, backends)
+            listener = (TCPPort(self.tcp, str(key), balancer, backends) if own_ip is None
+                        else TCPListener(self.tcp, str(key), own_ip, balancer, backends))
         self.listeners[key] = listener
-        log.info("listening for %s on %s:%d", key, *listener.address[:2])
+        log.debug("carrying %s at %s:%d", key, *self._listen_address(key, listener))
         return listener
 
     def view(self) -> dict[str, Any]:
@@ -398,17 +623,20 @@ class ProxyModule:
         out = []
         for key, listener in sorted(self.listeners.items(), key=lambda kv: str(kv[0])):
             spec = listener.balancer.spec
-            host = listener.address[0]
+            host, port = self._listen_address(key, listener)
             out.append({"service": f"{key.namespace}/{key.name}", "port": key.port,
                         "protocol": key.protocol, "family": f"IPv{key.family}",
-                        "listen": f"[{host}]:{listener.address[1]}" if key.family == 6
-                        else f"{host}:{listener.address[1]}",
+                        "listen": f"[{host}]:{port}" if key.family == 6 else f"{host}:{port}",
                         "addresses": self.addresses.get(key, []),
                         "policy": spec.policy.value, "hashKey": spec.hash_key.value,
                         "affinitySeconds": spec.affinity_timeout,
                         **self._rule_view(key.namespace, key.name),
                         "endpoints": [f"{b.ip}:{b.port}" for b in listener.backends]})
         return {"listeners": out, "iptables": self.rules.binary if self.rules else None,
+                "transparent": {f"{protocol}/IPv{family}": _where(listener)
+                                for protocol, table in (("tcp", self.transparent),
+                                                        ("udp", self.transparent_udp))
+                                for family, listener in table.items()},  # type: ignore[attr-defined]
                 "ip6tables": self.rules6.binary if self.rules6 else None,
                 "ipv6Error": self.ipv6_error,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
@@ -423,6 +651,22 @@ class ProxyModule:
         meta = match.rule.meta
         return {"destinationRule": f"{meta.namespace}/{meta.name}",
                 "destinationRuleMatchedBy": match.by}
+
+
+def _register(table: Steering[Any] | None, portals: list[Portal], handler: Any) -> None:
+    """Enter the port's addresses in its transparent listener's table, if it uses one."""
+    if table is None:
+        return
+    for p in portals:
+        if p.ip == NODE:
+            table.register_node_port(p.port, handler)
+        else:
+            table.register((p.ip,), p.port, handler)
+
+
+def _where(listener: Any) -> str:
+    host, port = listener.address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build(ctx: Context) -> ProxyModule:

@@ -41,6 +41,7 @@ import fcntl
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -266,7 +267,7 @@ class Conn:
     __slots__ = ("proxy", "listener", "client", "client_ip", "server", "backend", "tried",
                  "flows", "last", "cw", "deadline", "closed")
 
-    def __init__(self, proxy: TCPProxy, listener: TCPListener, client: Any,
+    def __init__(self, proxy: TCPProxy, listener: TCPPort, client: Any,
                  client_ip: str) -> None:
         self.proxy = proxy
         self.listener = listener
@@ -512,17 +513,65 @@ class TCPProxy:
             self._watchers.pop().close()
 
 
-class TCPListener:
-    """A listening socket for one service port; ``backends`` and ``balancer`` follow the store."""
+class TCPPort:
+    """One service port's share of the TCP path: its endpoints, balancer and counters. It owns
+    no socket: an ``Acceptor`` (its own, or the transparent one every port shares) hands it
+    each accepted connection with ``accept``."""
+    kind: str | None = None  # "https" and "http" ports are subclasses (http_listen.py)
 
-    def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
-                 backends: list[Backend], port: int = 0) -> None:
+    def __init__(self, proxy: TCPProxy, name: str, balancer: Balancer,
+                 backends: list[Backend]) -> None:
         self.proxy = proxy
         self.name = name
         self.balancer = balancer
         self.backends = backends
-        self.counters = (BYTES.labels(name, "upstream"), BYTES.labels(name, "downstream"))
-        self._accepted = CONNECTIONS.labels(name)
+        # metric children are made at the first connection: most of 10,000 ports see none
+        self._counters: tuple[Any, Any] | None = None
+        self._accepted: Any = None
+
+    @property
+    def counters(self) -> tuple[Any, Any]:
+        """The port's (upstream, downstream) byte counters."""
+        if self._counters is None:
+            name = self.name
+            self._counters = (BYTES.labels(name, "upstream"), BYTES.labels(name, "downstream"))
+        return self._counters
+
+    def update(self, balancer: Balancer, backends: list[Backend]) -> None:
+        self.balancer = balancer
+        self.backends = backends
+
+    def accept(self, client: Any, addr: tuple[Any, ...]) -> None:
+        """Proxy an accepted, non-blocking client socket (closed here when over the limit)."""
+        proxy = self.proxy
+        if len(proxy.conns) >= proxy.max_connections:
+            REJECTED.labels(self.name, "limit").inc()
+            client.close()
+            return
+        if self._accepted is None:
+            self._accepted = CONNECTIONS.labels(self.name)
+        self._accepted.value += 1
+        self._start(Conn(proxy, self, client, addr[0]))
+
+    def _start(self, conn: Conn) -> None:
+        """Begin proxying an accepted connection (``http_listen.TLSPort`` peeks first)."""
+        self.proxy.conns.add(conn)
+        conn.connect_next()
+
+    def close(self) -> None:
+        """Nothing to release: connections already proxied carry on."""
+
+
+class Acceptor:
+    """A listening TCP socket that accepts in batches on a libev watcher and hands each
+    connection to ``dispatch(client, addr)``: one port's ``accept``, or the transparent
+    listener's lookup of the original destination (``transparent.py``)."""
+
+    def __init__(self, proxy: TCPProxy, ip: str, port: int,
+                 dispatch: Callable[[Any, tuple[Any, ...]], None], name: str) -> None:
+        self.proxy = proxy
+        self.name = name
+        self.dispatch = dispatch
         family = _socket.AF_INET6 if ":" in ip else _socket.AF_INET
         self.sock = _socket.socket(family, _socket.SOCK_STREAM)
         self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
@@ -535,10 +584,6 @@ class TCPListener:
         self._watcher = proxy.loop.io(self.sock.fileno(), READ)
         self._watcher.start(self.on_acceptable)
 
-    def update(self, balancer: Balancer, backends: list[Backend]) -> None:
-        self.balancer = balancer
-        self.backends = backends
-
     def on_acceptable(self) -> None:
         try:
             self._accept_batch()
@@ -547,7 +592,6 @@ class TCPListener:
             log.exception("accept on %s failed", self.name)
 
     def _accept_batch(self) -> None:
-        proxy = self.proxy
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, addr = self.sock._accept()  # type: ignore[attr-defined]
@@ -557,19 +601,9 @@ class TCPListener:
                 if _once(("accept", e.errno)):
                     log.error("accept on %s: %s", self.name, e)
                 return
-            if len(proxy.conns) >= proxy.max_connections:
-                REJECTED.labels(self.name, "limit").inc()
-                os.close(fd)
-                continue
             client = _socket.socket(self.family, _STREAM, 0, fd)
             client.setblocking(False)
-            self._accepted.value += 1
-            self._start(Conn(proxy, self, client, addr[0]))
-
-    def _start(self, conn: Conn) -> None:
-        """Begin proxying an accepted connection (``http_listen.TLSListener`` peeks first)."""
-        self.proxy.conns.add(conn)
-        conn.connect_next()
+            self.dispatch(client, addr)
 
     def close(self) -> None:
         """Stop accepting; connections already proxied carry on."""
@@ -577,3 +611,16 @@ class TCPListener:
         self._watcher.close()
         self.sock.close()
 
+
+class TCPListener(TCPPort):
+    """A service port with a listening socket of its own (``--no-iptables``, tests)."""
+
+    def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
+                 backends: list[Backend], port: int = 0) -> None:
+        super().__init__(proxy, name, balancer, backends)
+        self.acceptor = Acceptor(proxy, ip, port, self.accept, name)
+        self.sock = self.acceptor.sock
+        self.address = self.acceptor.address
+
+    def close(self) -> None:
+        self.acceptor.close()

@@ -203,10 +203,16 @@ def test_rules_installed_for_cluster_ips_only(env: Env) -> None:
     assert nat.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     for ip, *_ in SERVICES.values():
         assert f"-d {ip}/32 -p tcp" in nat
-    assert "-d 10.96.0.30/32 -p udp -m udp --dport 7 " in nat
-    # web, echo, dns, iperf; not headless, not the one labelled for kube-proxy
-    assert nat.count("DNAT") == len(SERVICES) + 4
-    assert "10.96.0.50" not in nat
+    # UDP: TPROXY to the transparent UDP listener, nothing rewritten
+    mangle = env.node.run("iptables-save", "-t", "mangle").stdout
+    assert "-udp" not in nat and mangle.count("-j TPROXY") == 2  # echo, dns
+    assert "-A EDGEMESH-TPROXY -d 10.96.0.30/32 -p udp -m udp --dport 7 " in mangle
+    assert "-A EDGEMESH-MARK -d 10.96.0.30/32 -p udp -m udp --dport 7 " in mangle
+    # web, iperf; not headless, not the one labelled for kube-proxy
+    assert nat.count("DNAT") == len(SERVICES) + 2
+    assert "10.96.0.50" not in nat + mangle
+    # one TCP listener for every TCP service port: every DNAT leads to it
+    assert len({line.rsplit(" ", 1)[1] for line in nat.splitlines() if "DNAT" in line}) == 1
 
 
 def test_curl_through_cluster_ip_from_both_namespaces(env: Env) -> None:
@@ -270,6 +276,27 @@ def test_udp_echo_keeps_datagrams_and_replies_from_cluster_ip(env: Env) -> None:
         assert line == f"{backend} " + "x" * (100 + i)
 
 
+def test_one_udp_socket_to_two_services_gets_each_answer_from_its_own(env: Env) -> None:
+    # a forwarder (dnsmasq, say) asks two services from one source port: with one socket for
+    # every service, each reply must still come from the service it answers
+    code = textwrap.dedent("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+        s.bind(("0.0.0.0", 0))
+        s.sendto(b"ping", ("10.96.0.30", 7))
+        data, peer = s.recvfrom(65535)
+        print(peer[0], peer[1], data.decode().split()[1])
+        q = bytes.fromhex("abcd01000001000000000000")  # id abcd, one question:
+        q += b"\\x03app\\x07example\\x00\\x00\\x01\\x00\\x01"  # app.example A IN
+        s.sendto(q, ("10.96.0.53", 53))
+        data, peer = s.recvfrom(65535)
+        print(peer[0], peer[1], data[:2].hex())
+    """)
+    for ns in (env.client, env.node):
+        lines = ns.run("python3", "-c", code).stdout.splitlines()
+        assert lines == ["10.96.0.30 7 ping", "10.96.0.53 53 abcd"], lines
+
+
 def test_dns_over_udp_through_cluster_ip(env: Env) -> None:
     for ns in (env.client, env.node):
         r = ns.run("dig", "+short", "+time=3", "+tries=2", "@10.96.0.53", "app.example")
@@ -326,17 +353,20 @@ def test_periodic_resync_repairs_drift(env: Env) -> None:
     # Damage done in one iptables-restore, so the agent's resync (every 1 s here) can never
     # land between two steps; asserting the damaged state afterwards would race that resync.
     env.node.run("iptables-restore", "--noflush", input=(
-        b"*nat\n-D OUTPUT -j EDGEMESH-OUTPUT\n-F EDGEMESH-SERVICES\nCOMMIT\n"))
-    netlab.wait_for(lambda: env.nat().count("DNAT") == len(SERVICES) + 4, timeout=15,
-                    what="rules restored")
+        b"*nat\n-D OUTPUT -j EDGEMESH-OUTPUT\n-F EDGEMESH-SERVICES\nCOMMIT\n"
+        b"*mangle\n-F EDGEMESH-TPROXY\nCOMMIT\n"))
+    netlab.wait_for(lambda: env.nat().count("DNAT") == len(SERVICES) + 2 and env.node.run(
+        "iptables-save", "-t", "mangle").stdout.count("-j TPROXY") == 2, timeout=15,
+        what="rules restored")
     assert env.nat().count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert env.connect(env.node, "10.96.0.10", 3)["failures"] == 0
 
 
 def test_rules_vanish_on_exit_and_after_kill9_with_cleanup(env: Env) -> None:
     env.proc.stop()
-    assert "EDGEMESH" not in env.nat()
+    assert "EDGEMESH" not in env.nat() + env.node.run("iptables-save", "-t", "mangle").stdout
     assert "10.96.0.0/12" not in env.node.run("ip", "route").stdout
+    assert "0x2000" not in env.node.run("ip", "rule").stdout  # TPROXY's routing too
     # --no-iptables: listeners on 127.0.0.1, the host's rules and routes untouched
     admin = "127.0.0.1:10558"
     bare = Proc(["agent", "--config", env.config, "--manifests", env.mdir, "--node-name",
@@ -361,6 +391,8 @@ def test_rules_vanish_on_exit_and_after_kill9_with_cleanup(env: Env) -> None:
             "cleanup", "--config", env.config]
     netlab.sh(*argv)
     assert "EDGEMESH" not in env.nat()  # ...until edgemesh cleanup
+    assert "EDGEMESH" not in env.node.run("iptables-save", "-t", "mangle").stdout
+    assert "0x2000" not in env.node.run("ip", "rule").stdout
     env.proc = env.agent()
 
 
@@ -372,6 +404,7 @@ def test_twenty_restarts_leave_no_duplicates(env: Env) -> None:
         assert nat.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
         assert nat.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
         assert nat.count("-d 10.96.0.10/32 ") == 1
+        assert env.node.run("ip", "rule").stdout.count("fwmark 0x2000/0x2000") == 1
         proc.stop(signal.SIGKILL)
     env.proc = env.agent()
     assert env.connect(env.client, "10.96.0.10", 3)["failures"] == 0

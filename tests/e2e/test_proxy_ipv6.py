@@ -200,12 +200,16 @@ def test_ipv6_ruleset_mirrors_the_ipv4_one_for_ipv6_addresses_only(env: Env) -> 
         assert (f"-A EDGEMESH-SERVICES -d {ip}/128 -p tcp -m tcp --dport 80 -m comment "
                 f'--comment "default/web:80/tcp/ipv6" -j DNAT --to-destination '
                 f"[{LISTEN6}]:{web_port}") in nat6
-    assert (f"-d {ECHO6}/128 -p udp -m udp --dport 7 -m comment --comment "
-            f'"default/echo:7/udp/ipv6" -j DNAT --to-destination [{LISTEN6}]:{echo_port}') in nat6
-    assert nat6.count("DNAT") == 4 and "v4only" not in nat6  # single-stack IPv4: nothing
+    mangle6 = env.save("ip6tables", "mangle")
+    assert (f"-A EDGEMESH-TPROXY -d {ECHO6}/128 -p udp -m udp --dport 7 -m comment --comment "
+            f'"default/echo:7/udp/ipv6" -j TPROXY --on-port {echo_port} --on-ip {LISTEN6} '
+            "--tproxy-mark 0x2000/0x2000") in mangle6
+    assert "-A EDGEMESH-PREROUTING -d ::1/128 ! -i lo -j RETURN" in mangle6
+    assert nat6.count("DNAT") == 3 and "v4only" not in nat6  # single-stack IPv4: nothing
+    assert web_port != echo_port  # one TCP listener, one UDP socket
     assert "-A INPUT -j EDGEMESH-INPUT" in env.save("ip6tables", "filter")
     # the IPv4 ruleset is what it always was: IPv4 addresses only
-    assert nat4.count("DNAT") == 3 and ":" not in "".join(
+    assert nat4.count("DNAT") == 2 and ":" not in "".join(
         line.split("--comment")[0] for line in nat4.splitlines() if "DNAT" in line)
     assert view["default/v4only/IPv4"] and "default/v4only/IPv6" not in view
     assert env.view()["ip6tables"] in ("ip6tables-nft", "ip6tables-legacy")
@@ -259,7 +263,7 @@ def test_udp_echo_over_ipv6_replies_from_the_cluster_ip(env: Env) -> None:
 def test_periodic_resync_repairs_ipv6_drift(env: Env) -> None:
     env.node.run("ip6tables-restore", "--noflush", input=(
         b"*nat\n-D OUTPUT -j EDGEMESH-OUTPUT\n-F EDGEMESH-SERVICES\nCOMMIT\n"))
-    netlab.wait_for(lambda: env.save("ip6tables").count("DNAT") == 4, timeout=15,
+    netlab.wait_for(lambda: env.save("ip6tables").count("DNAT") == 3, timeout=15,
                     what="ipv6 rules restored")
     assert env.save("ip6tables").count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert env.curl(env.node, f"http://[{WEB6}]/")[1] in PODS6

@@ -134,14 +134,20 @@ def test_rules_cover_node_ports_external_and_lb_ips_only_for_our_services(env: E
     nat = env.nat()
     assert nat.count("-A EDGEMESH-SERVICES -d 192.168.50.0/24 -m addrtype --dst-type LOCAL "
                      "-j EDGEMESH-NODEPORTS") == 1
-    for port in ("-p tcp -m tcp --dport 30080 ", "-p udp -m udp --dport 30007 ",
-                 "-p tcp -m tcp --dport 30081 "):
+    for port in ("-p tcp -m tcp --dport 30080 ", "-p tcp -m tcp --dport 30081 "):
         assert f"-A EDGEMESH-NODEPORTS {port}" in nat
     assert f"-d {EXTERNAL_IP}/32 -p tcp -m tcp --dport 80 " in nat
-    assert f"-d {EXTERNAL_IP}/32 -p udp -m udp --dport 7 " in nat
     assert f"-d {LB_IP}/32 -p tcp -m tcp --dport 8080 " in nat
+    # UDP: TPROXY in mangle, NodePorts within the same ranges, service addresses marked
+    # when sent from this node
+    mangle = env.node.run("iptables-save", "-t", "mangle").stdout
+    assert mangle.count("-A EDGEMESH-TPROXY -d 192.168.50.0/24 -m addrtype --dst-type LOCAL "
+                        "-j EDGEMESH-TPROXY-NODEPORTS") == 1
+    assert "-A EDGEMESH-TPROXY-NODEPORTS -p udp -m udp --dport 30007 " in mangle
+    assert f"-A EDGEMESH-TPROXY -d {EXTERNAL_IP}/32 -p udp -m udp --dport 7 " in mangle
+    assert f"-A EDGEMESH-MARK -d {EXTERNAL_IP}/32 -p udp -m udp --dport 7 " in mangle
     for absent in (LB_PROXY_IP, KUBE_EXTERNAL_IP, "30090", "10.96.0.50"):
-        assert absent not in nat
+        assert absent not in nat + mangle
     view = json.loads(env.node.run("curl", "-s", f"http://{ADMIN}/debug/proxy").stdout)
     addresses = {f"{lst['service']}:{lst['port']}": lst["addresses"] for lst in view["listeners"]}
     assert addresses == {"default/web:80": ["10.96.0.20:80", f"{EXTERNAL_IP}:80", "node:30080"],

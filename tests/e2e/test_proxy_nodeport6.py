@@ -152,8 +152,12 @@ def test_each_family_gets_its_node_ports_within_its_own_ranges(env: Env) -> None
                        "-j EDGEMESH-NODEPORTS")
     ports6 = sorted(line.split("--dport ")[1].split()[0] for line in nat6[1:])
     ports4 = sorted(line.split("--dport ")[1].split()[0] for line in nat4[1:])
-    assert ports6 == ["30007", "30050", "30080"]  # the IPv4-only service's 30040: not here
-    assert ports4 == ["30007", "30040", "30080"]  # the IPv6-only service's 30050: not here
+    assert ports6 == ["30050", "30080"]  # the IPv4-only service's 30040: not here
+    assert ports4 == ["30040", "30080"]  # the IPv6-only service's 30050: not here
+    # UDP 30007: TPROXY in each family's mangle table
+    for binary in ("ip6tables", "iptables"):
+        mangle = env.node.run(f"{binary}-save", "-t", "mangle").stdout
+        assert mangle.count("-A EDGEMESH-TPROXY-NODEPORTS -p udp -m udp --dport 30007 ") == 1
     view = {f"{lst['service']}/{lst['family']}": lst for lst in env.view()["listeners"]}
     assert view["default/web/IPv6"]["addresses"] == ["[fd00:10:96::20]:80", "node:30080"]
     assert view["default/lb6/IPv6"]["addresses"] == ["[fd00:10:96::50]:80", "node:30050"]

@@ -30,13 +30,21 @@ P = [Portal("10.96.0.10", 80, "tcp", "169.254.96.16", 41000, 'shop/web:http "x"'
      Portal("10.96.0.20", 53, "udp", "169.254.96.16", 41001, "kube-system/dns:dns")]
 
 
-def test_render_owns_five_chains_and_one_dnat_per_portal() -> None:
+def test_render_owns_its_chains_and_one_dnat_per_portal() -> None:
     text = render_rules(P + P[:1])
     lines = text.splitlines()
     assert lines[0] == "*nat" and lines[-1] == "COMMIT"
     assert [line for line in lines if line.startswith(":")] == [
         ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]",
-        ":EDGEMESH-NODEPORTS - [0:0]", ":EDGEMESH-INPUT - [0:0]"]
+        ":EDGEMESH-NODEPORTS - [0:0]",
+        # mangle: TPROXY for UDP to the transparent listener (none among these portals)
+        ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]", ":EDGEMESH-TPROXY - [0:0]",
+        ":EDGEMESH-TPROXY-NODEPORTS - [0:0]", ":EDGEMESH-MARK - [0:0]",
+        ":EDGEMESH-INPUT - [0:0]"]
+    mangle = lines[lines.index("*mangle"):lines.index("*filter")]
+    assert [line for line in mangle if line.startswith("-A")] == [
+        "-A EDGEMESH-PREROUTING -d 127.0.0.0/8 ! -i lo -j RETURN",
+        "-A EDGEMESH-PREROUTING -j EDGEMESH-TPROXY", "-A EDGEMESH-OUTPUT -j EDGEMESH-MARK"]
     dnat = [line for line in lines if "-j DNAT" in line]
     assert dnat == [
         '-A EDGEMESH-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment '
@@ -45,7 +53,8 @@ def test_render_owns_five_chains_and_one_dnat_per_portal() -> None:
         '"kube-system/dns:dns" -j DNAT --to-destination 169.254.96.16:41001']
     # nothing outside our chains is ever written
     assert all(line.split()[1].startswith("EDGEMESH-") for line in lines if line.startswith("-A"))
-    assert "NODEPORTS" not in "".join(lines[5:])  # no NodePort: declared, empty, never jumped to
+    # no NodePort: declared, empty, never jumped to
+    assert not any("NODEPORTS" in line for line in lines if line.startswith("-A"))
     # filter: one ACCEPT per listener, only for what our DNAT sent there
     assert lines[lines.index("*filter"):] == [
         "*filter", ":EDGEMESH-INPUT - [0:0]",
@@ -118,17 +127,27 @@ def test_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
         "import sys; from edgemesh.proxy import iptables as I\n"
         f"r = I.Rules('{binary}')\n"
         "P = [I.Portal('10.96.0.10', 80, 'tcp', '169.254.96.16', 41000, 'a/b:http'),\n"
-        "     I.Portal(I.NODE, 30080, 'tcp', '169.254.96.16', 41000, 'a/b:http')]\n"
+        "     I.Portal(I.NODE, 30080, 'tcp', '169.254.96.16', 41000, 'a/b:http'),\n"
+        "     I.Portal('10.96.0.20', 53, 'udp', '169.254.96.16', 41001, 'a/d', tproxy=True),\n"
+        "     I.Portal('100.64.0.0/10', 1, 'tcp', '169.254.96.16', 41000, 'cni/p', False, 65535),\n"
+        "     I.Portal('100.64.0.0/10', 1, 'udp', '169.254.96.16', 41001, 'cni/p', True, 65535)]\n"
         "for _ in range(3): r.sync(P, ['192.168.0.0/16'])\n"
-        "print(I._save(r.binary), I._save(r.binary, 'filter'))\n"
-        "r.remove(); print('---'); print(I._save(r.binary), I._save(r.binary, 'filter'))\n")
+        "print(r.check(), *(I._save(r.binary, t) for t in I.TABLES))\n"
+        "r.remove(); print('---'); print(*(I._save(r.binary, t) for t in I.TABLES))\n")
     out = ns.run(".venv/bin/python", "-c", code).stdout
     before, after = out.split("---")
-    assert before.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
-    assert before.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
+    assert before.startswith("True")  # what the kernel shows is what was applied
+    assert before.count("-j TPROXY --on-port 41001 --on-ip 169.254.96.16") == 2
+    assert before.count("-A EDGEMESH-MARK -d 10.96.0.20/32 -p udp") == 1
+    # a steered range (the Edge CNI's remote Pods): every port, to the same listeners
+    assert ('-A EDGEMESH-SERVICES -d 100.64.0.0/10 -p tcp -m tcp --dport 1:65535 -m comment '
+            '--comment "cni/p" -j DNAT --to-destination 169.254.96.16:41000') in before
+    assert "-A EDGEMESH-TPROXY -d 100.64.0.0/10 -p udp -m udp --dport 1:65535 " in before
+    assert before.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 2  # nat and mangle, once each
+    assert before.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 2
     assert before.count("-A INPUT -j EDGEMESH-INPUT") == 1
     assert before.count("--dport 41000 -m conntrack --ctstate DNAT -j ACCEPT") == 1
-    assert before.count("--to-destination 169.254.96.16:41000") == 2
+    assert before.count("--to-destination 169.254.96.16:41000") == 3
     assert before.count("-A EDGEMESH-SERVICES -d 192.168.0.0/16 -m addrtype --dst-type LOCAL "
                         "-j EDGEMESH-NODEPORTS") == 1
     assert "EDGEMESH" not in after
@@ -184,8 +203,8 @@ def test_render_node_port_addresses_one_jump_per_range() -> None:
     assert node_port_matches(["10.0.0.0/8", "0.0.0.0/0"]) == [""]  # everything: no -d
     assert node_port_matches([]) == [""]
     # ranges given but no NodePort: no jump at all
-    rules = render_rules(P, node_port_addresses=["10.0.0.0/8"]).splitlines()[5:]
-    assert not any("NODEPORTS" in line for line in rules)
+    rules = render_rules(P, node_port_addresses=["10.0.0.0/8"]).splitlines()
+    assert not any("NODEPORTS" in line for line in rules if line.startswith("-A"))
 
 
 def _svc(type_: str = "ClusterIP", cluster_ip: str = "10.96.0.10", labels: dict | None = None,
@@ -263,8 +282,13 @@ P6 = [Portal("fd00:10:96::20", 80, "tcp", *L6, "shop/web:80/tcp/ipv6"),
       Portal(NODE, 30080, "tcp", *L6, "shop/web:80/tcp/ipv6")]
 
 
+def _without_mangle(text: str) -> list[str]:
+    lines = text.splitlines()
+    return lines[:lines.index("*mangle")] + lines[lines.index("*filter"):]
+
+
 def test_render_ipv6_ruleset_same_chains_bracketed_targets() -> None:
-    lines = render_rules(P6, family=6).splitlines()
+    lines = _without_mangle(render_rules(P6, family=6))
     assert [line for line in lines if line.startswith(":")] == [
         ":EDGEMESH-SERVICES - [0:0]", ":EDGEMESH-PREROUTING - [0:0]", ":EDGEMESH-OUTPUT - [0:0]",
         ":EDGEMESH-NODEPORTS - [0:0]", ":EDGEMESH-INPUT - [0:0]"]
@@ -389,3 +413,144 @@ def test_ipv6_loopback_from_the_network_is_never_rewritten() -> None:
         guard = lines.index("-A EDGEMESH-PREROUTING -d ::1/128 -j RETURN")
         assert guard < lines.index("-A EDGEMESH-PREROUTING -j EDGEMESH-SERVICES")
         assert not any("::1/128" in line for line in lines if "OUTPUT" in line)
+
+
+# ---- incremental updates -----------------------------------------------------------------------
+
+def _many(n: int, changed: int | None = None, node_ports: bool = True) -> list[Portal]:
+    """Portals of ``n`` services (a ClusterIP each, every 10th with a NodePort), all led to
+    one transparent listener; service ``changed`` has a new ClusterIP."""
+    out = []
+    for i in range(n):
+        ip = f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
+        if i == changed:
+            ip = "10.200.0.1"
+        out.append(Portal(ip, 80, "tcp", *L, f"ns/svc{i}:80/tcp"))
+        if node_ports and i % 10 == 0:
+            out.append(Portal(NODE, 30000 + i // 10, "tcp", *L, f"ns/svc{i}:80/tcp"))
+    return out
+
+
+def test_one_service_changed_among_5000_is_two_rule_operations() -> None:
+    base = iptables.ruleset(_many(5000))
+    sets = base.sets
+    assert len(sets["EDGEMESH-SERVICES"]) == 5000 and len(sets["EDGEMESH-INPUT"]) == 1
+    delta = iptables.render_delta(base, iptables.ruleset(_many(5000, changed=1234)))
+    assert delta is not None
+    ops = [line for line in delta.splitlines() if line[:2] in ("-A", "-D", "-I")]
+    assert ops == [
+        '-D EDGEMESH-SERVICES -d 10.96.4.210/32 -p tcp -m tcp --dport 80 -m comment '
+        '--comment "ns/svc1234:80/tcp" -j DNAT --to-destination 169.254.96.16:41000',
+        # inserted first: before the NodePort jumps, which stay last
+        '-I EDGEMESH-SERVICES 1 -d 10.200.0.1/32 -p tcp -m tcp --dport 80 -m comment '
+        '--comment "ns/svc1234:80/tcp" -j DNAT --to-destination 169.254.96.16:41000']
+    assert delta.splitlines()[0] == "*nat" and "*filter" not in delta  # listener unchanged
+    # a service added (with a NodePort): its two rules; one removed: its one; nothing
+    # changed: nothing at all
+    added = iptables.render_delta(base, iptables.ruleset(_many(5001)))
+    assert added is not None and sum(line.startswith("-") for line in added.splitlines()) == 2
+    removed = iptables.render_delta(base, iptables.ruleset(_many(4999)))
+    assert removed is not None and sum(line.startswith("-") for line in removed.splitlines()) \
+        == 1
+    assert iptables.render_delta(base, iptables.ruleset(list(reversed(_many(5000))))) == ""
+
+
+def test_first_node_port_or_new_ranges_rewrite_the_chains_whole() -> None:
+    without = iptables.ruleset(_many(20, node_ports=False))
+    assert iptables.render_delta(without, iptables.ruleset(_many(20))) is None
+    assert iptables.render_delta(iptables.ruleset(_many(20)),
+                                 iptables.ruleset(_many(20), ["10.0.0.0/8"])) is None
+
+
+def test_drift_is_seen_in_saved_rules() -> None:
+    rules = iptables.ruleset(EXTRA)
+    text = iptables.render_full(rules)
+    nat, rest = text.split("*mangle")
+    mangle, filt = rest.split("*filter")
+    hooks = "-A PREROUTING -j EDGEMESH-PREROUTING\n-A OUTPUT -j EDGEMESH-OUTPUT\n"
+    saved = {"nat": nat + hooks, "mangle": mangle + hooks,
+             "filter": "*filter" + filt + "-A INPUT -j EDGEMESH-INPUT\n"}
+    assert not iptables.drifted(rules, saved)
+    # -save leaves out the quotes of a comment that needs none: not a drift
+    assert not iptables.drifted(rules, {t: text.replace('"', "") for t, text in saved.items()})
+    dnat = next(line for line in nat.splitlines() if "192.0.2.50" in line)
+    assert iptables.drifted(rules, {**saved, "nat": saved["nat"].replace(dnat + "\n", "")})
+    assert iptables.drifted(rules, {**saved, "nat": nat})  # the jumps removed
+    assert iptables.drifted(rules, {**saved, "mangle": mangle})
+    jump = "-A EDGEMESH-SERVICES -m addrtype --dst-type LOCAL -j EDGEMESH-NODEPORTS\n"
+    moved = saved["nat"].replace(jump, "").replace(dnat + "\n", jump + dnat + "\n")
+    assert iptables.drifted(rules, {**saved, "nat": moved})  # a DNAT after the NodePort jump
+    assert iptables.drifted(rules, {**saved, "filter": saved["filter"].replace(
+        "-A EDGEMESH-INPUT", "-A X", 1)})
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("binary", ["iptables-nft", "iptables-legacy"])
+def test_one_change_among_5000_services_in_a_namespace(lab, binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} not installed")
+    ns = lab.netns("ipt5k")
+    code = (
+        "from tests.unit.test_iptables import _many\n"
+        "from edgemesh.proxy import iptables as I\n"
+        f"r = I.Rules('{binary}')\n"
+        "r.sync(_many(5000)); full = r.operations\n"
+        "r.sync(_many(5000, changed=1234)); one = r.operations\n"
+        "r.sync(_many(5000, changed=1234)); none = r.operations\n"
+        "ok = r.check()\n"
+        "saved = I._save(r.binary)\n"
+        "r.remove()\n"
+        "print(full, one, none, ok, saved.count('-j DNAT'), '10.200.0.1/32' in saved,\n"
+        "      '10.96.4.210/32' in saved, 'EDGEMESH' in I._save(r.binary))\n")
+    out = ns.run(".venv/bin/python", "-c", code).stdout.split()
+    assert out == ["5513", "2", "0", "True", "5500", "True", "False", "False"], out
+
+
+def test_render_udp_under_tproxy_in_mangle_with_marks_for_this_node() -> None:
+    udp = [Portal("10.96.0.20", 53, "udp", "169.254.96.16", 41005, "kube-system/dns:53/udp",
+                  tproxy=True),
+           Portal(NODE, 30053, "udp", "169.254.96.16", 41005, "kube-system/dns:53/udp",
+                  tproxy=True)]
+    text = render_rules([*EXTRA[:1], *udp], node_port_addresses=["192.168.50.0/24"])
+    lines = text.splitlines()
+    nat, mangle = lines[:lines.index("*mangle")], lines[lines.index("*mangle"):
+                                                        lines.index("*filter")]
+    assert not any("udp" in line for line in nat)  # nothing rewritten for UDP
+    tproxy = "-j TPROXY --on-port 41005 --on-ip 169.254.96.16 --tproxy-mark 0x2000/0x2000"
+    comment = '-m comment --comment "kube-system/dns:53/udp" '
+    assert [line for line in mangle if line.startswith("-A")] == [
+        "-A EDGEMESH-PREROUTING -d 127.0.0.0/8 ! -i lo -j RETURN",
+        "-A EDGEMESH-PREROUTING -j EDGEMESH-TPROXY", "-A EDGEMESH-OUTPUT -j EDGEMESH-MARK",
+        f"-A EDGEMESH-TPROXY -d 10.96.0.20/32 -p udp -m udp --dport 53 {comment}{tproxy}",
+        "-A EDGEMESH-TPROXY -d 192.168.50.0/24 -m addrtype --dst-type LOCAL "
+        "-j EDGEMESH-TPROXY-NODEPORTS",
+        f"-A EDGEMESH-TPROXY-NODEPORTS -p udp -m udp --dport 30053 {comment}{tproxy}",
+        # this node's own packets to the ClusterIP: marked, routed through lo to PREROUTING
+        f"-A EDGEMESH-MARK -d 10.96.0.20/32 -p udp -m udp --dport 53 {comment}"
+        "-j MARK --set-xmark 0x2000/0x2000"]
+    assert "-A EDGEMESH-INPUT -p udp -m mark --mark 0x2000/0x2000 -j ACCEPT" in lines
+    six = render_rules([Portal("fd00:10:96::30", 7, "udp", "fd00:169:254:96::16", 41003,
+                               "shop/echo:7/udp/ipv6", tproxy=True)], family=6)
+    assert ("-A EDGEMESH-TPROXY -d fd00:10:96::30/128 -p udp -m udp --dport 7 -m comment "
+            '--comment "shop/echo:7/udp/ipv6" -j TPROXY --on-port 41003 '
+            "--on-ip fd00:169:254:96::16 --tproxy-mark 0x2000/0x2000") in six
+    assert "-A EDGEMESH-PREROUTING -d ::1/128 ! -i lo -j RETURN" in six
+    # one UDP service more: two rule operations (its TPROXY and its MARK)
+    base = iptables.ruleset(udp)
+    more = iptables.ruleset([*udp, Portal("10.96.0.21", 53, "udp", "169.254.96.16", 41005,
+                                          "x/y:53/udp", tproxy=True)])
+    delta = iptables.render_delta(base, more)
+    assert delta is not None and delta.startswith("*mangle\n") and \
+        sum(line.startswith("-") for line in delta.splitlines()) == 2
+
+
+def test_removal_is_one_transaction_jumps_then_flush_then_delete() -> None:
+    saved = {"nat": SAVED, "mangle": "*mangle\n:EDGEMESH-MARK - [0:0]\n"
+             "-A OUTPUT -j EDGEMESH-OUTPUT\nCOMMIT\n", "filter": "*filter\nCOMMIT\n"}
+    assert iptables.removal_input(saved).splitlines() == [
+        "*nat", "-D OUTPUT -j EDGEMESH-OUTPUT", "-D OUTPUT -j EDGEMESH-OUTPUT",
+        "-D OUTPUT -j EDGEMESH-OUTPUT", "-F EDGEMESH-SERVICES", "-F EDGEMESH-OUTPUT",
+        "-X EDGEMESH-SERVICES", "-X EDGEMESH-OUTPUT", "COMMIT",
+        "*mangle", "-D OUTPUT -j EDGEMESH-OUTPUT", "-F EDGEMESH-MARK", "-X EDGEMESH-MARK",
+        "COMMIT"]
+    assert iptables.removal_input({"nat": "*nat\nCOMMIT\n"}) == ""
