@@ -244,7 +244,9 @@ class EdgeProxy:
     enable: bool = opt(True, "Intercept service traffic and forward it to endpoints.")
     serviceCIDR: list[str] = opt(["10.96.0.0/12"], "Service IP ranges (routes are added for them).",
                                  cidrs)
-    listenAddress: str = opt("", "Address of the per-port listeners; empty: bridgeDeviceIP.")
+    listenAddress: str = opt("", "Address of the proxy's listeners (the transparent ones "
+                             "iptables leads to; one per port with iptables off); empty: "
+                             "bridgeDeviceIP.")
     iptables: bool = opt(True, "Manage iptables rules (off: listeners only).")
     iptablesSyncPeriod: float = opt(30.0, "Seconds between rule resyncs that repair drift.",
                                     positive)

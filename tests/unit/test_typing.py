@@ -26,6 +26,7 @@ PROTOCOL_CORES = [
     "edgemesh/proxy/http_exchange.py",
     "edgemesh/proxy/http_target.py",
     "edgemesh/proxy/tls_sni.py",
+    "edgemesh/proxy/steering.py",
     "edgemesh/gateway/routes.py",
     "edgemesh/gateway/compile.py",
     "edgemesh/gateway/linear_re.py",
