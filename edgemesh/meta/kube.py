@@ -284,9 +284,8 @@ class KubeSource:
     def _replace_in_namespace(self, kind: str, ns: str,
                               pairs: list[tuple[Any, dict[str, Any]]]) -> None:
         """Make ``kind`` in namespace ``ns`` hold exactly ``pairs``; other namespaces kept."""
-        raws = {object_key(r, True): r for r in self.store.raw_snapshot().get(kind, [])}
-        keep = [(o, raws[key]) for o in self.store.list(kind)
-                if o.meta.namespace != ns and (key := (o.meta.namespace, o.meta.name)) in raws]
+        keep = [(o, self.store.raw(kind, o.meta.namespace, o.meta.name))
+                for o in self.store.list(kind) if o.meta.namespace != ns]
         self.store.replace(kind, keep + pairs)
 
     def _replace(self, st: KindState, pairs: list[tuple[Any, dict[str, Any]]]) -> None:
@@ -426,13 +425,10 @@ class KubeSource:
                 pairs.append((obj, raw))
             elif isinstance(raw, dict) and (key := object_key(raw, st.kind.namespaced)):
                 bad.append(key)
-        if bad:
-            raws = {object_key(r, st.kind.namespaced): r
-                    for r in self.store.raw_snapshot().get(name, [])}
-            for key in bad:
-                old = self.store.get(name, *key)
-                if old is not None and key in raws:
-                    pairs.append((old, raws[key]))
+        for key in bad:
+            old = self.store.get(name, *key)
+            if old is not None:
+                pairs.append((old, self.store.raw(name, *key)))
         self._replace(st, pairs)
 
     def _parse(self, kind: Kind, raw: Any) -> Any | None:

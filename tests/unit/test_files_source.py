@@ -130,7 +130,8 @@ def test_list_kinds_in_yaml_and_json_and_concatenated_json(tmp_path):
 def test_timestamps_stay_strings_so_raw_documents_are_json(tmp_path):
     write(tmp_path / "s.yaml", service("web").replace(
         "namespace: demo}", "namespace: demo, creationTimestamp: 2024-01-01T00:00:00Z}"))
-    store, _ = loaded(tmp_path)
+    store = Store(keep_raw=True)  # as with the metadata cache
+    FilesSource(store, [str(tmp_path)]).poll()
     raw = store.raw_snapshot()["Service"][0]
     assert raw["metadata"]["creationTimestamp"] == "2024-01-01T00:00:00Z"
     json.dumps(store.raw_snapshot())
