@@ -8,14 +8,19 @@ It is idempotent: the DNS module and the proxy both call it for the same device.
 duplicate address detection: the bridge has no ports, so DAD would leave it tentative and
 unbindable); the proxy calls it only when it has IPv6 service addresses to serve.
 ``remove(config)`` undoes all of it; ``edgemesh cleanup`` runs it.
+
+Addresses are read with one netlink dump (``edgemesh.netlink``), not by forking ``ip``: the
+agent may hold thousands of descriptors, and nothing it does on a timer should fork.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 
+from edgemesh import netlink
 from edgemesh.config import Config
 from edgemesh.runtime import tasks
 
@@ -31,7 +36,12 @@ def _cidr(ip: str) -> str:
 
 
 def addresses_by_device() -> dict[str, set[str]]:
-    """Every interface's addresses (``ip -j addr``)."""
+    """Every interface's addresses: one netlink dump (no helper process); ``ip -j addr``
+    only where netlink is refused."""
+    try:
+        return _by_name(netlink.dump_addresses())
+    except OSError as e:
+        log.debug("netlink address dump failed (%s); asking ip", e)
     out = _ip("-j", "addr", "show", check=False)
     if out.returncode != 0:
         return {}
@@ -41,6 +51,19 @@ def addresses_by_device() -> dict[str, set[str]]:
         return {}
     return {link.get("ifname", ""): {a.get("local", "") for a in link.get("addr_info", [])
                                      if a.get("local")} for link in links}
+
+
+def _by_name(found: list[tuple[int, str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {name: set() for _, name in socket.if_nameindex()}
+    names: dict[int, str] = {}
+    for index, ip in found:
+        if index not in names:
+            try:
+                names[index] = socket.if_indextoname(index)
+            except OSError:
+                names[index] = f"if{index}"  # gone between the dump and the lookup
+        out.setdefault(names[index], set()).add(ip)
+    return out
 
 
 def local_addresses() -> set[str]:

@@ -25,7 +25,7 @@ from edgemesh.meta.models import Pod, Service
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-KindKey = tuple[str, Key]
+KindKey = tuple[str, str, str]  # (kind, namespace, name)
 Put = tuple[str, Any, "dict[str, Any] | None"]
 
 
@@ -52,15 +52,22 @@ ImplyNamespace = Callable[[str], Parsed]
 
 
 class Merged:
-    """The merged state of every file, and the index it needs to derive endpoints."""
+    """The merged state of every file, and the index it needs to derive endpoints.
+
+    Memory per object is a few dict slots: a file's objects by (kind, namespace, name), the
+    path that defines each (a list only for objects defined in several files), and the Pods
+    and Services by namespace; the objects themselves are shared with the store.
+    """
 
     def __init__(self, derive: DeriveSlices, imply: ImplyNamespace) -> None:
         self._derive, self._imply = derive, imply
-        self._files: dict[str, list[Parsed]] = {}
-        self._defs: dict[KindKey, dict[str, Parsed]] = {}  # every definition, by path
-        self._effective: dict[KindKey, Parsed] = {}  # the winning definitions
+        self._files: dict[str, dict[KindKey, Any]] = {}  # path -> objects it defines
+        self._raws: dict[str, dict[KindKey, dict[str, Any]]] = {}  # only if documents kept
+        self._owners: dict[KindKey, str | list[str]] = {}  # the paths defining an object
+        self._applied: dict[KindKey, Any] = {}  # what the store was given (winners only)
         self._dirty: set[KindKey] = set()
         self._services: dict[str, dict[str, Service]] = {}  # namespace -> name -> Service
+        self._selectors: dict[tuple[str, str, str], set[str]] = {}  # (ns, label) -> Services
         self._pods: dict[str, dict[str, Pod]] = {}  # namespace -> name -> Pod
         self._covered: collections.Counter[Key] = collections.Counter()  # user slices
         self._derived: dict[Key, list[Parsed]] = {}
@@ -74,30 +81,44 @@ class Merged:
 
     def set_file(self, path: str, objects: list[Parsed]) -> None:
         self.remove_file(path)
-        self._files[path] = objects
+        mine: dict[KindKey, Any] = {}
+        raws: dict[KindKey, dict[str, Any]] = {}
         for item in objects:
-            ck = (item.kind, (item.obj.meta.namespace, item.obj.meta.name))
-            self._defs.setdefault(ck, {})[path] = item
+            ck = (item.kind, item.obj.meta.namespace, item.obj.meta.name)
+            mine[ck] = item.obj  # a later document in the same file wins
+            if item.raw is not None:
+                raws[ck] = item.raw
+        self._files[path] = mine
+        if raws:
+            self._raws[path] = raws
+        for ck in mine:
+            owners = self._owners.get(ck)
+            if owners is None:
+                self._owners[ck] = path
+            else:
+                self._owners[ck] = sorted({*([owners] if isinstance(owners, str)
+                                             else owners), path})
             self._dirty.add(ck)
 
     def remove_file(self, path: str) -> None:
-        for item in self._files.pop(path, ()):
-            ck = (item.kind, (item.obj.meta.namespace, item.obj.meta.name))
-            defs = self._defs.get(ck)
-            if defs is not None:
-                defs.pop(path, None)
-                if not defs:
-                    del self._defs[ck]
+        self._raws.pop(path, None)
+        for ck in self._files.pop(path, ()):
+            owners = self._owners.get(ck)
+            if owners == path:
+                del self._owners[ck]
+            elif isinstance(owners, list):
+                rest = [p for p in owners if p != path]
+                self._owners[ck] = rest[0] if len(rest) == 1 else rest
             self._dirty.add(ck)
 
     def flush(self) -> Writes:
         """The store writes since the last flush."""
         out = Writes()
         touched: set[Key] = set()
-        for ck in sorted(self._dirty):
+        for ck in self._dirty:
             self._settle(ck, out, touched)
         self._dirty.clear()
-        for key in sorted(touched):
+        for key in touched:
             self._rederive(key, out)
         self._imply_namespaces(out)
         return out
@@ -105,29 +126,28 @@ class Merged:
     # ---- winners ----------------------------------------------------------------------------
 
     def _settle(self, ck: KindKey, out: Writes, touched: set[Key]) -> None:
-        defs = self._defs.get(ck)
-        new = defs[max(defs)] if defs else None
-        old = self._effective.get(ck)
-        if defs and len(defs) > 1:
-            log.warning("%s %s/%s is defined twice; %s wins", ck[0], ck[1][0], ck[1][1],
-                        max(defs))
-        if new is old or (new is not None and old is not None and new.obj == old.obj):
-            if new is not None:
-                self._effective[ck] = new
+        owners = self._owners.get(ck)
+        if isinstance(owners, list):
+            log.warning("%s %s/%s is defined twice; %s wins", ck[0], ck[1], ck[2], owners[-1])
+            owners = owners[-1]
+        new = self._files[owners][ck] if owners is not None else None
+        old = self._applied.get(ck)
+        if new is old or (new is not None and old is not None and new == old):
             return
-        kind, key = ck
+        kind, key = ck[0], (ck[1], ck[2])
         if new is None:
-            del self._effective[ck]
+            del self._applied[ck]
             out.deletes.append((kind, key))
             out.removed += 1
         else:
-            self._effective[ck] = new
-            out.puts.append((kind, new.obj, new.raw))
+            assert owners is not None
+            self._applied[ck] = new
+            out.puts.append((kind, new, self._raws.get(owners, {}).get(ck)))
             out.added += old is None
             out.changed += old is not None
-        for item, sign in ((old, -1), (new, 1)):
-            if item is not None:
-                self._index(kind, key, item.obj, sign, touched)
+        for obj, sign in ((old, -1), (new, 1)):
+            if obj is not None:
+                self._index(kind, key, obj, sign, touched)
 
     def _index(self, kind: str, key: Key, obj: Any, sign: int, touched: set[Key]) -> None:
         ns, name = key
@@ -137,6 +157,12 @@ class Merged:
             (self._declared.add if sign > 0 else self._declared.discard)(name)
         elif kind == "Service":
             _put_or_drop(self._services, ns, name, obj, sign)
+            if obj.selector:  # indexed by one of its labels: a Pod finds its Services
+                item = (ns, *min(obj.selector.items()))
+                names = self._selectors.setdefault(item, set())
+                (names.add if sign > 0 else names.discard)(name)
+                if not names:
+                    del self._selectors[item]
             touched.add(key)
         elif kind == "EndpointSlice" and obj.service_name:
             self._covered[(ns, obj.service_name)] += sign
@@ -146,9 +172,12 @@ class Merged:
             touched.add(key)
         elif kind == "Pod":
             _put_or_drop(self._pods, ns, name, obj, sign)
-            for svc in self._services.get(ns, {}).values():
-                if svc.selector and selects(svc.selector, obj):
-                    touched.add(svc.key)
+            services = self._services.get(ns, {})
+            for label in obj.meta.labels.items():
+                for svc_name in self._selectors.get((ns, *label), ()):
+                    svc = services.get(svc_name)
+                    if svc is not None and svc.selector and selects(svc.selector, obj):
+                        touched.add(svc.key)
 
     # ---- derived endpoints and implied namespaces -------------------------------------------
 
@@ -161,8 +190,8 @@ class Merged:
             pods = [p for p in self._pods.get(key[0], {}).values()
                     if selects(svc.selector, p)]
             new = [p for p in self._derive(svc, pods) if
-                   ("EndpointSlice", (p.obj.meta.namespace, p.obj.meta.name))
-                   not in self._effective]
+                   ("EndpointSlice", p.obj.meta.namespace, p.obj.meta.name)
+                   not in self._applied]
         if self._covered[key] <= 0:
             del self._covered[key]
         old = self._derived.pop(key, [])
@@ -185,13 +214,13 @@ class Merged:
             out.puts.append(("Namespace", item.obj, item.raw))
         self._implied = implied
 
-    def objects(self) -> Iterable[Parsed]:
+    def objects(self) -> Iterable[Any]:
         """Every winning definition (not the derived ones)."""
-        return self._effective.values()
+        return self._applied.values()
 
     def counts(self) -> dict[str, int]:
         """Objects by kind, derived slices and implied namespaces included."""
-        out = collections.Counter(kind for kind, _ in self._effective)
+        out = collections.Counter(kind for kind, _, _ in self._applied)
         out["EndpointSlice"] += sum(len(v) for v in self._derived.values())
         out["Namespace"] += len(self._implied)
         return {k.name: out[k.name] for k in kinds.ALL if out[k.name]}
