@@ -26,11 +26,12 @@ its own resourceVersion (K7):
   store. The gateway's RBAC grants Secrets per namespace (build/gateway/), so a 403 there is
   "not granted in that namespace" (feature off, retried), never a cluster-wide request.
 
-The store is marked synced once Service, EndpointSlice (or Endpoints), Pod and Namespace have
-each listed once. If a first list fails and ``state_dir`` holds a metadata cache, the cache
-fills the store and ``/readyz`` stays 200 with a check named ``apiserver (serving cached
-metadata: API unreachable since ...)``: the agent can serve, so a readiness probe should keep
-sending traffic, and the note says what it is serving. The first full live sync clears it.
+The store is marked synced once Service, EndpointSlice (or Endpoints) and Namespace have each
+listed once (Pods are not watched: nothing reads them from an API source). If a first list
+fails and ``state_dir`` holds a metadata cache, the cache fills the store and ``/readyz`` stays
+200 with a check named ``apiserver (serving cached metadata: API unreachable since ...)``: the
+agent can serve, so a readiness probe should keep sending traffic, and the note says what it is
+serving. The first full live sync clears it.
 """
 from __future__ import annotations
 
@@ -80,7 +81,10 @@ EVENTS = metrics.counter("edgemesh_meta_events_total", "Watch events received.",
 BAD_OBJECTS = metrics.counter("edgemesh_meta_bad_objects_total",
                               "Objects from the API that failed to parse (skipped).", ["kind"])
 
-REQUIRED = ("Service", "EndpointSlice", "Pod", "Namespace")
+# Pods are not watched: no consumer reads them from an API source (the files source uses them to
+# derive endpoints, the API has its EndpointSlices), and a cluster's Pods outnumber its Services
+# several times over in list time and memory.
+REQUIRED = ("Service", "EndpointSlice", "Namespace")
 OPTIONAL = ("Node", "DestinationRule", "Gateway", "VirtualService")
 SECRET = "Secret"
 RELIST_AFTER_FAILURES = 3
@@ -540,7 +544,12 @@ class KubeSource:
             watched = {st.kind.name for st in self.states.values()} | \
                 ({SECRET} if self.secret_namespaces is not None else set())
             self.store.replace_many({k: [] for k in self._cache_kinds - watched})
+        first = not self.store.synced
         self.store.mark_synced("")
+        if first:
+            log.info("metadata synced from %s: %s", self.conn.base_url, ", ".join(
+                f"{self.store.count(k):,} {k}" for k in (*REQUIRED, *OPTIONAL)
+                if self.store.count(k)) or "no objects")
         if self.cache is not None:
             self.cache.loaded(False)
 
