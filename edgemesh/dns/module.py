@@ -52,6 +52,7 @@ class DNSModule:
         self.server = DNSServer(self.host, self.cfg.listenPort, self.answerer, self.forwarder,
                                 self.policy, cache_cfg.maxOutstanding)
         self._refresher: gevent.Greenlet | None = None
+        self._zone_refresher = tasks.Reconciler("dns-zone", self._refresh_zone)
         ctx.admin.add_check("dns", self._check)  # not ready until start() has run
 
     def _upstreams(self) -> list[tuple[str, int]]:
@@ -68,12 +69,19 @@ class DNSModule:
     def _store_changed(self, _kinds: frozenset[str]) -> None:
         self.serial = max(self.serial + 1, int(time.time()))
         self.answerer.invalidate()
+        self._zone_refresher.wake()
+
+    def _refresh_zone(self) -> None:
+        """Bring the zone up to the store now, so no query waits for the rebuild."""
+        _ = self.answerer.zone
 
     def start(self) -> None:
         if self.host == self.ctx.config.commonConfig.bridgeDeviceIP:
             netdev.ensure(self.ctx.config)
         self.policy.set_local(netdev.local_addresses())
         self.ctx.store.subscribe(self._store_changed, ZONE_KINDS)
+        self._refresh_zone()  # built before the servers answer (and before /readyz says so)
+        self._zone_refresher.start()
         self.server.start()
         self._refresher = tasks.spawn_forever("dns-local-addresses", self._refresh_local,
                                               backoff=0)
@@ -103,6 +111,7 @@ class DNSModule:
 
     def stop(self) -> None:
         self.ctx.store.unsubscribe(self._store_changed)
+        self._zone_refresher.stop()
         if self._refresher is not None:
             self._refresher.kill()
         self.server.stop()

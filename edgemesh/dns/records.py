@@ -17,14 +17,7 @@ import ipaddress
 import socket
 from typing import Any
 
-from edgemesh.dns.zone import (
-    EndpointRecord,
-    PortRecord,
-    ServiceKind,
-    ServiceRecord,
-    ZoneData,
-    dashed_ip,
-)
+from edgemesh.dns.zone import EndpointRecord, PortRecord, ServiceKind, ServiceRecord, ZoneData
 
 Key = tuple[str, str]
 Owners = ServiceRecord | tuple[ServiceRecord, ...]
@@ -97,9 +90,9 @@ class ZoneIndex:
                 for ip in ep.addresses:
                     ip = canonical(ip)
                     if ip not in endpoints:
-                        host = _lower(ep.hostname) if ep.hostname else dashed_ip(ip)
+                        host = _lower(ep.hostname) if ep.hostname else ""
                         endpoints[ip] = EndpointRecord(host, ip, sl_ports)
-        ordered = tuple(sorted(endpoints.values(), key=lambda e: (e.hostname, e.ip)))
+        ordered = tuple(sorted(endpoints.values(), key=lambda e: (e.label, e.ip)))
         if svc.headless:
             return ServiceRecord(name, namespace, ServiceKind.HEADLESS, ports=ports,
                                  endpoints=ordered)
@@ -125,7 +118,7 @@ def ptr_targets(data: ZoneData, ip: str) -> tuple[str, ...]:
         if rec.kind is ServiceKind.CLUSTER_IP and ip in rec.ips:
             out.add(fqdn)
         if rec.kind is not ServiceKind.EXTERNAL_NAME:
-            out.update(f"{ep.hostname}.{fqdn}" for ep in rec.endpoints if ep.ip == ip)
+            out.update(f"{ep.label}.{fqdn}" for ep in rec.endpoints if ep.ip == ip)
     return tuple(sorted(out))
 
 

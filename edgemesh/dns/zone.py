@@ -59,9 +59,15 @@ class PortRecord:
 
 @dataclass(frozen=True, slots=True)
 class EndpointRecord:
-    hostname: str  # the endpoint's hostname, else its dashed IP (D2.1); lower case
+    hostname: str  # the endpoint's own hostname, lower case; "" for none
     ip: str
     ports: tuple[PortRecord, ...]
+
+    @property
+    def label(self) -> str:
+        """Its name's first label: the hostname, else the dashed IP (D2.1), spelled on use
+        (tens of thousands of endpoints need not each hold the string)."""
+        return self.hostname or dashed_ip(self.ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +208,7 @@ class _Asked:
             ips = [ep.ip for ep in svc.endpoints]
             if self.qtype == T_SRV:  # D9.2: per endpoint and port, named or not
                 pairs = [(ep, p) for ep in svc.endpoints for p in ep.ports]
-                return self._srv([(f"{ep.hostname}.{self.qname}", p.port) for ep, p in pairs],
+                return self._srv([(f"{ep.label}.{self.qname}", p.port) for ep, p in pairs],
                                  svc)
             return self._address_answer(ips)
         if self.qtype == T_SRV:
@@ -210,7 +216,7 @@ class _Asked:
         return self._address_answer(list(svc.ips))
 
     def _endpoint(self, svc: ServiceRecord, label: str) -> Reply:
-        matches = [ep for ep in svc.endpoints if ep.hostname == label]
+        matches = [ep for ep in svc.endpoints if ep.label == label]
         if svc.kind is ServiceKind.EXTERNAL_NAME or not matches:
             return self._negative(NXDOMAIN)  # D4.2, D5.3
         return self._address_answer([ep.ip for ep in matches])
@@ -221,7 +227,7 @@ class _Asked:
         name, proto = port_label.removeprefix("_"), proto_label.removeprefix("_")
         target_svc = ".".join(self.labels[2:])  # <svc>.<ns>.svc.<zone> as asked
         if svc.kind is ServiceKind.HEADLESS:
-            pairs = [(f"{ep.hostname}.{target_svc}", p.port) for ep in svc.endpoints
+            pairs = [(f"{ep.label}.{target_svc}", p.port) for ep in svc.endpoints
                      for p in ep.ports if p.name and p.name == name and p.protocol == proto]
         else:
             pairs = [(target_svc, p.port) for p in svc.ports
@@ -293,7 +299,7 @@ class _Asked:
                              rdata=SRV(0, weight, port, targets[target])))
         for low, target in targets.items():
             host = low.split(".", 1)[0] if svc.kind is ServiceKind.HEADLESS else ""
-            ips = [ep.ip for ep in svc.endpoints if ep.hostname == host] if host else svc.ips
+            ips = [ep.ip for ep in svc.endpoints if ep.label == host] if host else svc.ips
             additional.extend(self._addresses(target, ips))
         return Reply(answer=answer, additional=additional)
 

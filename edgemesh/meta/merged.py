@@ -74,6 +74,8 @@ class Merged:
         self._ns_use: collections.Counter[str] = collections.Counter()
         self._declared: set[str] = set()
         self._implied: set[str] = set()
+        self._counts: collections.Counter[str] = collections.Counter()  # applied, by kind
+        self._derived_count = 0
         self.derivations = 0  # Services whose endpoints were derived again (tests count it)
 
     def count(self, path: str) -> int:
@@ -139,12 +141,15 @@ class Merged:
             del self._applied[ck]
             out.deletes.append((kind, key))
             out.removed += 1
+            self._counts[kind] -= 1
         else:
             assert owners is not None
             self._applied[ck] = new
-            out.puts.append((kind, new, self._raws.get(owners, {}).get(ck)))
+            raws = self._raws.get(owners)
+            out.puts.append((kind, new, raws.get(ck) if raws else None))
             out.added += old is None
             out.changed += old is not None
+            self._counts[kind] += old is None
         for obj, sign in ((old, -1), (new, 1)):
             if obj is not None:
                 self._index(kind, key, obj, sign, touched)
@@ -195,6 +200,7 @@ class Merged:
         if self._covered[key] <= 0:
             del self._covered[key]
         old = self._derived.pop(key, [])
+        self._derived_count += len(new) - len(old)
         if new:
             self._derived[key] = new
         names = {p.obj.meta.name for p in new}
@@ -220,8 +226,8 @@ class Merged:
 
     def counts(self) -> dict[str, int]:
         """Objects by kind, derived slices and implied namespaces included."""
-        out = collections.Counter(kind for kind, _, _ in self._applied)
-        out["EndpointSlice"] += sum(len(v) for v in self._derived.values())
+        out = self._counts.copy()
+        out["EndpointSlice"] += self._derived_count
         out["Namespace"] += len(self._implied)
         return {k.name: out[k.name] for k in kinds.ALL if out[k.name]}
 

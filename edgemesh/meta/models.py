@@ -104,6 +104,13 @@ def shared_map(value: dict[str, str]) -> dict[str, str]:
     return found
 
 
+def forget_shared() -> None:
+    """Drop the sharing tables (the objects keep their shared values): called once a large
+    first load is in, so the tables' own keys do not stay for the agent's lifetime."""
+    _shared_maps.clear()
+    _shared_tuples.clear()
+
+
 def shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:
     """One tuple object for equal tuples of hashable values (ports, address lists)."""
     found = _shared_tuples.get(value)
@@ -373,11 +380,12 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
         if not isinstance(e, dict):
             raise ManifestError(f"endpoints[{i}]: expected a mapping")
         cond = _map(e, "conditions", where)
-        serving = _bool(cond, "serving", where + "conditions.", True)
-        terminating = _bool(cond, "terminating", where + "conditions.", False)
+        at = where + "conditions."
+        serving = _bool(cond, "serving", at, True)
+        terminating = _bool(cond, "terminating", at, False)
         endpoints.append(Endpoint(
             addresses=_strs(e, "addresses", where),
-            ready=_bool(cond, "ready", where + "conditions.", True),
+            ready=_bool(cond, "ready", at, True),
             serving=serving, terminating=terminating,
             hostname=_str(e, "hostname", where),
             node_name=sys.intern(_str(e, "nodeName", where)),
@@ -435,12 +443,18 @@ class Pod:
     container_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, protocol)
 
 
+def _pod_ip(item: dict[str, Any], i: int) -> str:
+    ip = item["ip"]
+    if not isinstance(ip, str):
+        raise ManifestError(f"status.podIPs[{i}].ip: expected a string, got {ip!r}")
+    return ip
+
+
 def parse_pod(obj: dict[str, Any]) -> Pod:
     meta = parse_meta(obj)
     spec = _map(obj, "spec", "")
     status = _map(obj, "status", "")
-    ips = tuple(_str(ip, "ip", f"status.podIPs[{i}].")
-                for i, ip in enumerate(_list(status, "podIPs", "status."))
+    ips = tuple(_pod_ip(ip, i) for i, ip in enumerate(_list(status, "podIPs", "status."))
                 if isinstance(ip, dict) and ip.get("ip"))
     if not ips and status.get("podIP"):
         ips = (_str(status, "podIP", "status."),)
@@ -449,8 +463,8 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
     cports = []
     for i, c in enumerate(_list(spec, "containers", "spec.")):
         for j, p in enumerate(_list(c if isinstance(c, dict) else {}, "ports", "")):
-            w = f"spec.containers[{i}].ports[{j}]."
             if isinstance(p, dict) and p.get("containerPort") is not None:
+                w = f"spec.containers[{i}].ports[{j}]."
                 cports.append((sys.intern(_str(p, "name", w)),
                                _int(p, "containerPort", w) or 0,
                                sys.intern(_str(p, "protocol", w, "TCP"))))
