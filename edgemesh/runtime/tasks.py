@@ -53,7 +53,9 @@ def run(argv: Sequence[str], *, input: bytes | None = None, timeout: float = 30.
         check: bool = True) -> subprocess.CompletedProcess[bytes]:
     """Run a helper program (iptables-restore, ip) to completion, cooperatively."""
     log.debug("running %s", " ".join(argv))
-    result = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout)
+    from edgemesh.runtime.spawn import run_spawned  # posix_spawn: no fork of a large agent
+
+    result = run_spawned(argv, input=input, timeout=timeout)
     if check and result.returncode != 0:
         raise subprocess.CalledProcessError(result.returncode, list(argv), result.stdout,
                                             result.stderr)
