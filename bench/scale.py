@@ -23,7 +23,11 @@ descriptors once settled; idle CPU over ``--idle`` seconds (default 60); iptable
 time to exit on SIGTERM. The 10k/1k ratio of each figure is printed (linear growth = 10).
 
     .venv/bin/python -m bench.scale [--sizes 100,1000,10000] [--endpoints 5]
-        [--sources files,kube] [--idle 60] [--no-iptables] [--format json|yaml] [--json]
+        [--sources files,kube] [--idle 60] [--no-iptables] [--no-proxy] [--format json|yaml]
+        [--json]
+
+``--no-proxy`` runs the agent without its proxy module: the figures of the metadata sources, the
+store and DNS alone (the proxy's listeners and rules are measured by the default run).
 
 Reference, kube-proxy's published figures (iptables mode, the same job at cluster scale):
 
@@ -293,6 +297,7 @@ class Figures:
     services: int
     endpoints: int
     iptables: bool
+    proxy: bool = True
     ready_s: float = float("nan")
     log_lines: int = 0
     add_dns_ms: float = float("nan")
@@ -345,7 +350,7 @@ def ready(admin: str) -> bool:
 
 
 def run_one(args: argparse.Namespace, source: str, n: int, tmp: str) -> Figures:
-    fig = Figures(source, n, args.endpoints, args.iptables)
+    fig = Figures(source, n, args.endpoints, args.iptables, args.proxy)
     cluster = generate(n, args.endpoints)
     side: KubeSide | FilesSide
     where: list[str]
@@ -361,7 +366,8 @@ def run_one(args: argparse.Namespace, source: str, n: int, tmp: str) -> Figures:
     admin, dns = f"127.0.0.1:{free_port()}", ("127.0.0.1", free_port())
     cfg = os.path.join(tmp, "agent.yaml")
     with open(cfg, "w", encoding="utf-8") as f:
-        f.write("modules: {edgeTunnel: {enable: false}}\n"
+        proxy = "" if args.proxy else ", edgeProxy: {enable: false}"
+        f.write(f"modules: {{edgeTunnel: {{enable: false}}{proxy}}}\n"
                 f"commonConfig: {{stateDir: {tmp}/state}}\n")
     argv = [sys.executable, "-m", "edgemesh", "agent", "--config", cfg, *where,
             "--admin", admin, "--dns-listen", f"{dns[0]}:{dns[1]}", "--node-name", "node-0",
@@ -421,7 +427,7 @@ def changes(args: argparse.Namespace, side: KubeSide | FilesSide, fig: Figures,
     """Add a Service, change its IP, move its endpoint, delete it; time each to DNS/proxy."""
     a, b = Backend(b"A"), Backend(b"B")
     fqdn = f"probe.{PROBE_NS}.svc.{ZONE}"
-    carried = args.iptables
+    carried = args.iptables and args.proxy
 
     def slice_to(port: int) -> Obj:
         return endpoint_slices("probe", PROBE_NS, [("127.0.0.1", "node-0", "probe-0")], port)[0]
@@ -478,6 +484,7 @@ def report(results: list[Figures]) -> None:
     for source in dict.fromkeys(r.source for r in results):
         runs = sorted((r for r in results if r.source == source), key=lambda r: r.services)
         mode = "iptables in a netns" if runs[0].iptables else "--no-iptables"
+        mode += "" if runs[0].proxy else ", proxy disabled"
         print(f"\n{source} source, {runs[0].endpoints} endpoints per Service, {mode}")
         by_n = {r.services: r for r in runs}
         head = "".join(f"{n:>10,}" for n in by_n) + ("   10k/1k" if {1000, 10000} <= set(by_n)
@@ -522,6 +529,8 @@ def main() -> None:
                         help="seconds between changes (longer than a files poll)")
     parser.add_argument("--no-iptables", dest="iptables", action="store_false",
                         default=os.geteuid() == 0)
+    parser.add_argument("--no-proxy", dest="proxy", action="store_false",
+                        help="disable the proxy module: the metadata and DNS side alone")
     parser.add_argument("--format", choices=("json", "yaml"), default="json")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
