@@ -14,7 +14,6 @@ maps an IP to the records that own it, and PTR targets are spelled when asked.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from typing import Any
 
 from edgemesh.dns.zone import EndpointRecord, PortRecord, ServiceKind, ServiceRecord, ZoneData
@@ -124,13 +123,20 @@ def ptr_targets(data: ZoneData, ip: str) -> tuple[str, ...]:
 
 def canonical(ip: str) -> str:
     """``ip`` in its canonical text form; the same string object when it already is (IPv4)."""
-    try:
-        if ":" not in ip:
-            socket.inet_pton(socket.AF_INET, ip)
-            return ip
-        return str(ipaddress.ip_address(ip))
-    except (OSError, ValueError):
+    if ":" not in ip and _dotted_quad(ip):
         return ip
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
+
+
+def _dotted_quad(text: str) -> bool:
+    """Canonical IPv4 text (four decimal octets, no leading zeros), without ipaddress's cost."""
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        p.isdigit() and p.isascii() and len(p) <= 3 and int(p) <= 255 and (p == "0" or p[0] != "0")
+        for p in parts)
 
 
 def _lower(text: str) -> str:

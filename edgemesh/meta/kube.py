@@ -40,7 +40,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,7 @@ from edgemesh.meta.kubewire import (
     retry_after_seconds,
     status_error,
 )
-from edgemesh.meta.store import Store
+from edgemesh.meta.store import Store, raw_json
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.admin import Admin
 from edgemesh.runtime.logs import Once
@@ -286,13 +286,13 @@ class KubeSource:
         self._replace_in_namespace(SECRET, ns, [])
 
     def _replace_in_namespace(self, kind: str, ns: str,
-                              pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+                              pairs: Sequence[tuple[Any, Any]]) -> None:
         """Make ``kind`` in namespace ``ns`` hold exactly ``pairs``; other namespaces kept."""
         keep = [(o, self.store.raw(kind, o.meta.namespace, o.meta.name))
                 for o in self.store.list(kind) if o.meta.namespace != ns]
-        self.store.replace(kind, keep + pairs)
+        self.store.replace(kind, [*keep, *pairs])
 
-    def _replace(self, st: KindState, pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+    def _replace(self, st: KindState, pairs: Sequence[tuple[Any, Any]]) -> None:
         if st.namespace:
             self._replace_in_namespace(st.kind.name, st.namespace, pairs)
         else:
@@ -395,7 +395,11 @@ class KubeSource:
     # ---- list ---------------------------------------------------------------------------------
 
     def _relist(self, st: KindState) -> None:
-        items: list[Any] = []
+        # Each page is parsed as it arrives and its documents dropped (kept as compact JSON
+        # only for the cache): a 10,000-object list never holds every raw mapping at once.
+        pairs: list[tuple[Any, Any]] = []
+        bad: list[tuple[str, str]] = []
+        count = 0
         token, list_rv = "", ""
         while True:
             params: dict[str, str] = {"limit": str(PAGE_SIZE)}
@@ -405,30 +409,40 @@ class KubeSource:
                 params["resourceVersion"] = st.list_rv
             with self._get(st, params, (CONNECT_TIMEOUT, LIST_READ_TIMEOUT), stream=False) as r:
                 page = list_page(r.content)
-            items.extend(page.items)
+            self._parse_items(st, page.items, pairs, bad)
+            count += len(page.items)
             list_rv = list_rv or page.resource_version
             token = page.continue_token
             if not token:
                 break
         RELISTS.labels(st.kind.name).inc()
-        self.apply_list(st, items)
+        self._apply_parsed(st, pairs, bad)
         # An empty offline metaServer list has no RV (K10.3): watch with "" and expect a replay.
         st.rv, st.need_list, st.listed, st.expired_in_row = list_rv, False, True, 0
         self._recovered(st)
-        log.debug("%s: listed %d objects at rv %r", st.what, len(items), list_rv)
+        log.debug("%s: listed %d objects at rv %r", st.what, count, list_rv)
         self._check_synced()
 
     def apply_list(self, st: KindState, items: list[Any]) -> None:
         """Make the store hold exactly these objects; a bad one keeps its last good state."""
-        name = st.kind.name
-        pairs: list[tuple[Any, dict[str, Any]]] = []
+        pairs: list[tuple[Any, Any]] = []
         bad: list[tuple[str, str]] = []
+        self._parse_items(st, items, pairs, bad)
+        self._apply_parsed(st, pairs, bad)
+
+    def _parse_items(self, st: KindState, items: list[Any], pairs: list[tuple[Any, Any]],
+                     bad: list[tuple[str, str]]) -> None:
+        keep = self.store.keep_raw
         for raw in items:
             obj = self._parse(st.kind, raw)
             if obj is not None:
-                pairs.append((obj, raw))
+                pairs.append((obj, raw_json(raw) if keep else None))
             elif isinstance(raw, dict) and (key := object_key(raw, st.kind.namespaced)):
                 bad.append(key)
+
+    def _apply_parsed(self, st: KindState, pairs: list[tuple[Any, Any]],
+                      bad: list[tuple[str, str]]) -> None:
+        name = st.kind.name
         for key in bad:
             old = self.store.get(name, *key)
             if old is not None:

@@ -21,7 +21,7 @@ import builtins
 import collections
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
 Listener = Callable[[frozenset[str]], None]
+Raw = dict[str, Any] | bytes | None  # a raw document, as a mapping or as compact JSON
 JOURNAL_SIZE = 4096
 ENDPOINT_KINDS = ("EndpointSlice", "Endpoints")
 
@@ -101,11 +102,11 @@ class Store:
 
     # ---- writing (sources only) ---------------------------------------------------------------
 
-    def replace(self, kind: str, objects: list[tuple[Any, dict[str, Any] | None]]) -> bool:
+    def replace(self, kind: str, objects: Sequence[tuple[Any, Raw]]) -> bool:
         """Make ``kind`` hold exactly ``objects`` ((typed, raw) pairs); True if anything changed."""
         return self.replace_many({kind: objects})
 
-    def replace_many(self, state: dict[str, list[tuple[Any, dict[str, Any] | None]]]) -> bool:
+    def replace_many(self, state: Mapping[str, Sequence[tuple[Any, Raw]]]) -> bool:
         """Replace several kinds at once, notifying subscribers once; only differences are
         written (and journaled)."""
         changed = set()
@@ -126,7 +127,7 @@ class Store:
             self._notify(changed)
         return bool(changed)
 
-    def write_many(self, puts: Iterable[tuple[str, Any, dict[str, Any] | None]],
+    def write_many(self, puts: Iterable[tuple[str, Any, Raw]],
                    deletes: Iterable[tuple[str, Key]] = ()) -> bool:
         """Upsert ``puts`` ((kind, typed, raw)) and delete ``deletes`` ((kind, key)) as one
         change, notifying subscribers once; True if anything changed."""
@@ -148,7 +149,7 @@ class Store:
             self._notify(changed)
         return bool(changed)
 
-    def upsert(self, kind: str, obj: Any, raw: dict[str, Any] | None) -> bool:
+    def upsert(self, kind: str, obj: Any, raw: Raw) -> bool:
         key = _key(obj)
         if self.keep_raw:
             self._keep(kind, key, raw)
@@ -177,9 +178,9 @@ class Store:
             self.revision += 1
             self._notify(set())
 
-    def _keep(self, kind: str, key: Key, raw: dict[str, Any] | None) -> None:
+    def _keep(self, kind: str, key: Key, raw: Raw) -> None:
         if raw is not None:
-            self._raw[kind][key] = json.dumps(raw, separators=(",", ":")).encode()
+            self._raw[kind][key] = raw if isinstance(raw, bytes) else raw_json(raw)
 
     def _put(self, kind: str, key: Key, obj: Any) -> None:
         old = self._objects[kind].get(key)
@@ -446,6 +447,11 @@ def _service_of(kind: str, key: Key, obj: Any) -> Key | None:
     if kind == "EndpointSlice":
         return (key[0], obj.service_name) if obj.service_name else None
     return None
+
+
+def raw_json(raw: dict[str, Any]) -> bytes:
+    """A raw document as the store keeps it (compact JSON); sources may pass this instead."""
+    return json.dumps(raw, separators=(",", ":")).encode()
 
 
 def _key(obj: Any) -> Key:
