@@ -10,6 +10,7 @@ sync (at most ``limit`` seconds), then moves everything alive into the permanent
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 from typing import Any
@@ -56,4 +57,13 @@ class FirstLoad:
         gc.collect(1)  # the young generations only: cheap, and frees startup's short cycles
         gc.freeze()
         gc.enable()
+        _trim()
         log.debug("garbage collector on; %d objects frozen", gc.get_freeze_count())
+
+
+def _trim() -> None:
+    """Give the allocator's free pages back to the system (glibc), after the load's peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl on OpenWrt): nothing to trim
