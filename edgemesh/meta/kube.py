@@ -501,6 +501,9 @@ class KubeSource:
         EVENTS.labels(name, ev.type).inc()
         if ev.type == "ERROR":
             raise status_error(ev.object)
+        if log.isEnabledFor(logging.DEBUG):  # per-object lines at -v 3 and up
+            log.debug("%s: %s %s", st.what, ev.type, "/".join(
+                k for k in (object_key(ev.object, st.kind.namespaced) or ()) if k))
         if ev.type in ("ADDED", "MODIFIED"):
             obj = self._parse(st.kind, ev.object)
             if obj is not None:

@@ -77,6 +77,7 @@ class Merged:
         self._counts: collections.Counter[str] = collections.Counter()  # applied, by kind
         self._derived_count = 0
         self.derivations = 0  # Services whose endpoints were derived again (tests count it)
+        self._debug = False
 
     def count(self, path: str) -> int:
         return len(self._files.get(path, ()))
@@ -117,6 +118,7 @@ class Merged:
         """The store writes since the last flush."""
         out = Writes()
         touched: set[Key] = set()
+        self._debug = log.isEnabledFor(logging.DEBUG)  # per-object lines at -v 3 and up
         for ck in self._dirty:
             self._settle(ck, out, touched)
         self._dirty.clear()
@@ -137,6 +139,9 @@ class Merged:
         if new is old or (new is not None and old is not None and new == old):
             return
         kind, key = ck[0], (ck[1], ck[2])
+        if self._debug:
+            log.debug("%s %s/%s %s", kind, ck[1], ck[2], "removed" if new is None else
+                      "added" if old is None else "changed")
         if new is None:
             del self._applied[ck]
             out.deletes.append((kind, key))
