@@ -2,9 +2,11 @@
 
 ``set_file(path, objects)`` / ``remove_file(path)`` record a file's new contents; ``flush()``
 returns the writes that bring the store from the last flush to the new state: objects whose
-winning definition changed, endpoints derived from Pods for the selector Services affected,
-and the Namespaces implied by the objects. The work is proportional to what the files changed,
-not to the size of the cluster: indexes by namespace find the Services a Pod change can touch.
+winning definition changed, endpoints derived from Pods for the selector Services affected, and
+the Namespaces implied by the objects. Pods themselves stay here, where endpoints are derived
+from them: no consumer reads Pods from the store. The work is proportional to what the files
+changed, not to the size of the cluster: indexes by namespace find the Services a Pod change can
+touch.
 
 Rules (the files source's docstring states them for users): an object defined in several files
 comes from the last path in sort order (logged once per change); a Service with a selector and
@@ -135,7 +137,8 @@ class Merged:
             log.warning("%s %s/%s is defined twice; %s wins", ck[0], ck[1], ck[2], owners[-1])
             owners = owners[-1]
         new = self._files[owners][ck] if owners is not None else None
-        old = self._applied.get(ck)
+        pod = ck[0] == "Pod"  # Pods stay here (endpoints are derived from them), not the store
+        old = self._pods.get(ck[1], {}).get(ck[2]) if pod else self._applied.get(ck)
         if new is old or (new is not None and old is not None and new == old):
             return
         kind, key = ck[0], (ck[1], ck[2])
@@ -143,15 +146,17 @@ class Merged:
             log.debug("%s %s/%s %s", kind, ck[1], ck[2], "removed" if new is None else
                       "added" if old is None else "changed")
         if new is None:
-            del self._applied[ck]
-            out.deletes.append((kind, key))
+            if not pod:
+                del self._applied[ck]
+                out.deletes.append((kind, key))
             out.removed += 1
             self._counts[kind] -= 1
         else:
             assert owners is not None
-            self._applied[ck] = new
-            raws = self._raws.get(owners)
-            out.puts.append((kind, new, raws.get(ck) if raws else None))
+            if not pod:
+                self._applied[ck] = new
+                raws = self._raws.get(owners)
+                out.puts.append((kind, new, raws.get(ck) if raws else None))
             out.added += old is None
             out.changed += old is not None
             self._counts[kind] += old is None
@@ -224,6 +229,10 @@ class Merged:
             item = self._imply(ns)
             out.puts.append(("Namespace", item.obj, item.raw))
         self._implied = implied
+
+    def pod(self, namespace: str, name: str) -> Pod | None:
+        """A Pod the files define (Pods are kept here, not in the store)."""
+        return self._pods.get(namespace, {}).get(name)
 
     def objects(self) -> Iterable[Any]:
         """Every winning definition (not the derived ones)."""
