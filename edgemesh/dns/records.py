@@ -14,6 +14,7 @@ maps an IP to the records that own it, and PTR targets are spelled when asked.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from edgemesh.dns.zone import EndpointRecord, PortRecord, ServiceKind, ServiceRecord, ZoneData
@@ -131,12 +132,15 @@ def canonical(ip: str) -> str:
         return ip
 
 
+# Canonical IPv4 text: four decimal octets 0-255 without leading zeros. Fixed repetition and
+# alternatives of bounded length: matching is linear in the text.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
 def _dotted_quad(text: str) -> bool:
-    """Canonical IPv4 text (four decimal octets, no leading zeros), without ipaddress's cost."""
-    parts = text.split(".")
-    return len(parts) == 4 and all(
-        p.isdigit() and p.isascii() and len(p) <= 3 and int(p) <= 255 and (p == "0" or p[0] != "0")
-        for p in parts)
+    """``text`` is canonical IPv4, checked without ipaddress's cost (60,000 at 10k Services)."""
+    return _DOTTED_QUAD.fullmatch(text) is not None
 
 
 def _lower(text: str) -> str:
