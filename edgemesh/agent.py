@@ -20,7 +20,7 @@ from edgemesh import __version__
 from edgemesh.config import Config
 from edgemesh.meta import kinds
 from edgemesh.meta.store import Store
-from edgemesh.runtime import metrics
+from edgemesh.runtime import heap, metrics
 from edgemesh.runtime.admin import Admin, runtime_view
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ def run(config: Config, role: str = "agent") -> int:
     from edgemesh.meta import sources  # noqa: PLC0415 (keeps `edgemesh version` light)
 
     ctx = Context(config=config, store=Store(), admin=Admin(), role=role)
+    first_load = heap.FirstLoad(ctx.store)
+    first_load.hold()  # no cyclic collection while the first state loads
     BUILD_INFO.labels(__version__, role).set(1)
     _register_views(ctx)
     stop = gevent.event.Event()
@@ -146,4 +148,5 @@ def run(config: Config, role: str = "agent") -> int:
         for source in running_sources:
             source.stop()
         ctx.admin.stop()
+        first_load.release()
     return 0

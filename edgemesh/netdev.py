@@ -9,16 +9,21 @@ duplicate address detection: the bridge has no ports, so DAD would leave it tent
 unbindable); the proxy calls it only when it has IPv6 service addresses to serve.
 ``remove(config)`` undoes all of it; ``edgemesh cleanup`` runs it.
 
-Without an ``ip`` program, listing addresses logs that once and finds none (as busybox's
-``ip``, which lacks ``-j``, does); changing them raises ``tasks.MissingHelper``.
+Addresses are read with one netlink dump (``edgemesh.netlink``), not by forking ``ip``: the
+agent may hold thousands of descriptors, and nothing it does on a timer should fork. Where
+netlink is refused and there is no ``ip`` program either, listing addresses logs that once and
+finds none (as busybox's ``ip``, which lacks ``-j``, does); changing them raises
+``tasks.MissingHelper``.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 
+from edgemesh import netlink
 from edgemesh.config import Config
 from edgemesh.runtime import tasks
 
@@ -35,8 +40,13 @@ def _cidr(ip: str) -> str:
 
 
 def addresses_by_device() -> dict[str, set[str]]:
-    """Every interface's addresses (``ip -j addr``); none when ``ip`` is missing or fails."""
+    """Every interface's addresses: one netlink dump (no helper process); ``ip -j addr``
+    only where netlink is refused; none when that fails too or ``ip`` is missing."""
     global _missing_ip_logged
+    try:
+        return _by_name(netlink.dump_addresses())
+    except OSError as e:
+        log.debug("netlink address dump failed (%s); asking ip", e)
     try:
         out = _ip("-j", "addr", "show", check=False)
     except tasks.MissingHelper as e:
@@ -52,6 +62,19 @@ def addresses_by_device() -> dict[str, set[str]]:
         return {}
     return {link.get("ifname", ""): {a.get("local", "") for a in link.get("addr_info", [])
                                      if a.get("local")} for link in links}
+
+
+def _by_name(found: list[tuple[int, str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {name: set() for _, name in socket.if_nameindex()}
+    names: dict[int, str] = {}
+    for index, ip in found:
+        if index not in names:
+            try:
+                names[index] = socket.if_indextoname(index)
+            except OSError:
+                names[index] = f"if{index}"  # gone between the dump and the lookup
+        out.setdefault(names[index], set()).add(ip)
+    return out
 
 
 def local_addresses() -> set[str]:

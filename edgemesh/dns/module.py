@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from edgemesh import netdev
+from edgemesh import netdev, netlink
 from edgemesh.dns.answers import Answerer
 from edgemesh.dns.cache import AnswerCache
 from edgemesh.dns.clients import ClientPolicy
+from edgemesh.dns.records import ZoneIndex
 from edgemesh.dns.server import DNSServer
 from edgemesh.dns.upstream import Forwarder, parse_servers, servers_from_resolv_conf
-from edgemesh.dns.zone import ZoneData, zone_data_from
+from edgemesh.dns.zone import ZoneData
 from edgemesh.runtime import tasks
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ class DNSModule:
         cache_cfg = self.cfg.cacheDNS
         cache = AnswerCache(cache_cfg.cacheSize, max_ttl=cache_cfg.cacheTTL) \
             if cache_cfg.enable else None
+        ns_ips = () if self.host in ("0.0.0.0", "::") else (self.host,)
+        self.index = ZoneIndex(self.cfg.zone, self.cfg.ttl, ns_ips)
         self.answerer = Answerer(self._zone_data, cache, exact_size=cache_cfg.cacheSize)
         self.policy = ClientPolicy(self.cfg.allowedClients)
         self.forwarder = Forwarder(self._upstreams(), cache_cfg.upstreamTimeout,
@@ -49,6 +52,7 @@ class DNSModule:
         self.server = DNSServer(self.host, self.cfg.listenPort, self.answerer, self.forwarder,
                                 self.policy, cache_cfg.maxOutstanding)
         self._refresher: gevent.Greenlet | None = None
+        self._zone_refresher = tasks.Reconciler("dns-zone", self._refresh_zone)
         ctx.admin.add_check("dns", self._check)  # not ready until start() has run
 
     def _upstreams(self) -> list[tuple[str, int]]:
@@ -59,31 +63,55 @@ class DNSModule:
         return [s for s in servers if s not in own]  # never forward to ourselves
 
     def _zone_data(self) -> ZoneData:
-        ns_ips = () if self.host in ("0.0.0.0", "::") else (self.host,)
-        return zone_data_from(self.ctx.store, self.cfg.zone, self.cfg.ttl, self.serial, ns_ips)
+        """The zone, brought up to the store's revision (only changed Services rebuilt)."""
+        return self.index.refresh(self.ctx.store, self.serial)
 
     def _store_changed(self, _kinds: frozenset[str]) -> None:
         self.serial = max(self.serial + 1, int(time.time()))
         self.answerer.invalidate()
+        self._zone_refresher.wake()
+
+    def _refresh_zone(self) -> None:
+        """Bring the zone up to the store now, so no query waits for the rebuild."""
+        _ = self.answerer.zone
 
     def start(self) -> None:
         if self.host == self.ctx.config.commonConfig.bridgeDeviceIP:
             netdev.ensure(self.ctx.config)
         self.policy.set_local(netdev.local_addresses())
         self.ctx.store.subscribe(self._store_changed, ZONE_KINDS)
+        self._refresh_zone()  # built before the servers answer (and before /readyz says so)
+        self._zone_refresher.start()
         self.server.start()
         self._refresher = tasks.spawn_forever("dns-local-addresses", self._refresh_local,
-                                              backoff=LOCAL_REFRESH)
+                                              backoff=0)
         self.ctx.admin.add_view("dns", self.view)
         log.info("DNS on %s:%d (zone %s), upstreams %s", self.host, self.server.port,
                  self.cfg.zone, ", ".join(f"{h}:{p}" for h, p in self.forwarder.servers)
                  or "none")
 
     def _refresh_local(self) -> None:
-        self.policy.set_local(netdev.local_addresses())
+        """Re-read this node's addresses when the kernel says they changed (netlink), or every
+        ``LOCAL_REFRESH`` seconds where address events cannot be had."""
+        try:
+            events = netlink.AddressEvents()
+        except OSError as e:
+            log.debug("no netlink address events (%s); re-reading every %.0fs", e,
+                      LOCAL_REFRESH)
+            gevent.sleep(LOCAL_REFRESH)
+            self.policy.set_local(netdev.local_addresses())
+            return
+        try:
+            self.policy.set_local(netdev.local_addresses())  # what changed before we joined
+            while True:
+                events.wait()
+                self.policy.set_local(netdev.local_addresses())
+        finally:
+            events.close()
 
     def stop(self) -> None:
         self.ctx.store.unsubscribe(self._store_changed)
+        self._zone_refresher.stop()
         if self._refresher is not None:
             self._refresher.kill()
         self.server.stop()

@@ -50,21 +50,27 @@ class ServiceKind(enum.Enum):
     EXTERNAL_NAME = "ExternalName"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PortRecord:
     name: str  # lower case; "" for an unnamed port
     protocol: str  # "tcp", "udp", "sctp"
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointRecord:
-    hostname: str  # the endpoint's hostname, else its dashed IP (D2.1); lower case
+    hostname: str  # the endpoint's own hostname, lower case; "" for none
     ip: str
     ports: tuple[PortRecord, ...]
 
+    @property
+    def label(self) -> str:
+        """Its name's first label: the hostname, else the dashed IP (D2.1), spelled on use
+        (tens of thousands of endpoints need not each hold the string)."""
+        return self.hostname or dashed_ip(self.ip)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class ServiceRecord:
     name: str
     namespace: str
@@ -84,7 +90,8 @@ class ZoneData:
     synced: bool = True
     namespaces: frozenset[str] = frozenset()
     services: dict[tuple[str, str], ServiceRecord] = field(default_factory=dict)
-    reverse: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ip → PTR targets
+    # ip → the ServiceRecord(s) owning it (edgemesh.dns.records spells the PTR targets)
+    reverse: dict[str, Any] = field(default_factory=dict)
     ns_ips: tuple[str, ...] = ()  # glue for the apex NS (our own address)
 
     @property
@@ -113,60 +120,11 @@ def dashed_ip(ip: str) -> str:
 
 def zone_data_from(store: Any, zone: str, ttl: int, serial: int,
                    ns_ips: Iterable[str] = ()) -> ZoneData:
-    """Index the store's Services, EndpointSlices/Endpoints and Namespaces for answering."""
-    zone = zone.lower().rstrip(".")
-    services: dict[tuple[str, str], ServiceRecord] = {}
-    reverse: dict[str, list[str]] = {}
-    namespaces = {ns.meta.name.lower() for ns in store.list("Namespace")}
-    for svc in store.services():
-        rec = _service_record(store, svc)
-        key = (rec.namespace, rec.name)
-        services[key] = rec
-        namespaces.add(rec.namespace)
-        fqdn = f"{rec.name}.{rec.namespace}.svc.{zone}"
-        if rec.kind is ServiceKind.CLUSTER_IP:
-            for ip in rec.ips:
-                reverse.setdefault(ip, []).append(fqdn)
-        if rec.kind is not ServiceKind.EXTERNAL_NAME:
-            for ep in rec.endpoints:
-                reverse.setdefault(ep.ip, []).append(f"{ep.hostname}.{fqdn}")
-    return ZoneData(zone=zone, ttl=ttl, serial=serial, synced=store.synced,
-                    namespaces=frozenset(namespaces), services=services,
-                    reverse={_canonical(ip): tuple(sorted(set(t))) for ip, t in reverse.items()},
-                    ns_ips=tuple(ns_ips))
+    """Index the store's Services, EndpointSlices/Endpoints and Namespaces for answering (a
+    full build; the DNS module keeps an ``edgemesh.dns.records.ZoneIndex`` up to date)."""
+    from edgemesh.dns.records import ZoneIndex
 
-
-def _canonical(ip: str) -> str:
-    try:
-        return str(ipaddress.ip_address(ip))
-    except ValueError:
-        return ip
-
-
-def _service_record(store: Any, svc: Any) -> ServiceRecord:
-    name, namespace = svc.meta.name.lower(), svc.meta.namespace.lower()
-    ports = tuple(PortRecord(p.name.lower(), p.protocol.lower(), p.port) for p in svc.ports)
-    if svc.type == "ExternalName":
-        return ServiceRecord(name, namespace, ServiceKind.EXTERNAL_NAME, ports=ports,
-                             external_name=svc.external_name.lower().rstrip("."))
-    endpoints: dict[str, EndpointRecord] = {}
-    for sl in store.slices_for(svc):
-        sl_ports = tuple(PortRecord(p.name.lower(), (p.protocol or "TCP").lower(), p.port)
-                         for p in sl.ports if p.port)
-        for ep in sl.endpoints:
-            if not (ep.ready or svc.publish_not_ready):
-                continue  # D2.2: not-ready endpoints produce no records at all
-            for ip in ep.addresses:
-                ip = _canonical(ip)
-                host = (ep.hostname or dashed_ip(ip)).lower()
-                endpoints.setdefault(ip, EndpointRecord(host, ip, sl_ports))
-    ordered = tuple(sorted(endpoints.values(), key=lambda e: (e.hostname, e.ip)))
-    if svc.headless:
-        return ServiceRecord(name, namespace, ServiceKind.HEADLESS, ports=ports,
-                             endpoints=ordered)
-    ips = tuple(_canonical(ip) for ip in svc.cluster_ips if ip and ip != "None")
-    return ServiceRecord(name, namespace, ServiceKind.CLUSTER_IP, ips=ips, ports=ports,
-                         endpoints=ordered)
+    return ZoneIndex(zone, ttl, tuple(ns_ips)).refresh(store, serial)
 
 
 # ---- answering -------------------------------------------------------------------------------
@@ -250,7 +208,7 @@ class _Asked:
             ips = [ep.ip for ep in svc.endpoints]
             if self.qtype == T_SRV:  # D9.2: per endpoint and port, named or not
                 pairs = [(ep, p) for ep in svc.endpoints for p in ep.ports]
-                return self._srv([(f"{ep.hostname}.{self.qname}", p.port) for ep, p in pairs],
+                return self._srv([(f"{ep.label}.{self.qname}", p.port) for ep, p in pairs],
                                  svc)
             return self._address_answer(ips)
         if self.qtype == T_SRV:
@@ -258,7 +216,7 @@ class _Asked:
         return self._address_answer(list(svc.ips))
 
     def _endpoint(self, svc: ServiceRecord, label: str) -> Reply:
-        matches = [ep for ep in svc.endpoints if ep.hostname == label]
+        matches = [ep for ep in svc.endpoints if ep.label == label]
         if svc.kind is ServiceKind.EXTERNAL_NAME or not matches:
             return self._negative(NXDOMAIN)  # D4.2, D5.3
         return self._address_answer([ep.ip for ep in matches])
@@ -269,7 +227,7 @@ class _Asked:
         name, proto = port_label.removeprefix("_"), proto_label.removeprefix("_")
         target_svc = ".".join(self.labels[2:])  # <svc>.<ns>.svc.<zone> as asked
         if svc.kind is ServiceKind.HEADLESS:
-            pairs = [(f"{ep.hostname}.{target_svc}", p.port) for ep in svc.endpoints
+            pairs = [(f"{ep.label}.{target_svc}", p.port) for ep in svc.endpoints
                      for p in ep.ports if p.name and p.name == name and p.protocol == proto]
         else:
             pairs = [(target_svc, p.port) for p in svc.ports
@@ -341,7 +299,7 @@ class _Asked:
                              rdata=SRV(0, weight, port, targets[target])))
         for low, target in targets.items():
             host = low.split(".", 1)[0] if svc.kind is ServiceKind.HEADLESS else ""
-            ips = [ep.ip for ep in svc.endpoints if ep.hostname == host] if host else svc.ips
+            ips = [ep.ip for ep in svc.endpoints if ep.label == host] if host else svc.ips
             additional.extend(self._addresses(target, ips))
         return Reply(answer=answer, additional=additional)
 
@@ -387,8 +345,10 @@ def _is_ip(text: str) -> bool:
 def _reverse(data: ZoneData, owner: DNSLabel, qtype: int, lower: list[str]) -> Reply | None:
     if not data.synced:
         return None
+    from edgemesh.dns.records import ptr_targets
+
     ip = ip_from_reverse(lower)
-    targets = data.reverse.get(ip) if ip else None
+    targets = ptr_targets(data, ip) if ip else ()
     if not targets:
         return None  # falls through to the upstream, as EdgeMesh's Corefile says (D11.1)
     from dnslib import PTR, RR, SOA, DNSLabel

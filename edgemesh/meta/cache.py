@@ -1,11 +1,12 @@
 """The metadata cache: the last good state, on disk, for starts while the API is unreachable.
 
 ``MetadataCache`` subscribes to the store and, about a second after the last change of a burst,
-writes ``store.raw_snapshot()`` to ``<state-dir>/metadata-cache.json``: written to a temp file,
-fsynced, renamed over the old one (a crash leaves the old file or the new one, never half of
-one), mode 0600 in a 0700 directory (the snapshot holds Secrets when the gateway is on). It
-writes only once the store is synced from the live API, so a partial first list never
-replaces a complete cache.
+writes the store's raw documents (``store.raw_json()``, kept because the cache sets
+``store.keep_raw``) to ``<state-dir>/metadata-cache.json``: written to a temp file, fsynced,
+renamed over the old one (a crash leaves the old file or the new one, never half of one), mode
+0600 in a 0700 directory (the snapshot holds Secrets when the gateway is on). It writes only
+once the store is synced from the live API, so a partial first list never replaces a complete
+cache.
 
 ``load()`` parses every cached document with its kind; a document that no longer parses is
 skipped, a file that is not a cache (corrupt, wrong version) is reported and ignored.
@@ -55,6 +56,7 @@ class MetadataCache:
         self._dirty = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
         self._written_revision = -1
+        store.keep_raw = True  # the snapshot is made of the raw documents
 
     def start(self) -> None:
         self.store.subscribe(self._changed)
@@ -93,10 +95,8 @@ class MetadataCache:
             return False
         revision = self.store.revision
         written = _now()
-        doc = {"version": FORMAT_VERSION, "written": written, "source": self.source,
-               "kinds": self.store.raw_snapshot()}
         try:
-            write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode())
+            write_atomic(self.path, snapshot_bytes(written, self.source, self.store.raw_json()))
         except OSError as e:
             if self.last_error != str(e):
                 log.warning("cannot write metadata cache %s: %s", self.path, e)
@@ -125,6 +125,15 @@ class MetadataCache:
             return None
         self.written_at = str(doc.get("written", ""))
         return parse_state(doc["kinds"], self.path)
+
+
+def snapshot_bytes(written: str, source: str, kinds_: dict[str, list[bytes]]) -> bytes:
+    """The cache file: its header and the raw documents, joined without re-encoding them."""
+    head = json.dumps({"version": FORMAT_VERSION, "written": written, "source": source},
+                      separators=(",", ":")).encode()
+    body = b",".join(json.dumps(kind).encode() + b":[" + b",".join(docs) + b"]"
+                     for kind, docs in kinds_.items())
+    return head[:-1] + b',"kinds":{' + body + b"}}"
 
 
 def parse_state(docs: dict[str, Any], where: str) -> State:

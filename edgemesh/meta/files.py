@@ -3,8 +3,10 @@
 ``--manifests DIR`` (repeatable) loads every ``*.yaml``, ``*.yml`` and ``*.json`` below DIR
 (hidden entries skipped, so a ConfigMap volume's ``..data`` copies are not read twice). A file
 may hold several documents (``---``), concatenated JSON objects, or a ``kind: List`` /
-``ServiceList`` with ``items``. Files are polled (mtime, size, inode) every ``poll_interval``
-seconds, so an edit lands within two polls; no inotify needed.
+``ServiceList`` with ``items``. Where the kernel has inotify, a change is read as soon as it is
+written (the directories are watched; a file is re-read only if its (mtime, size, inode) or
+bytes changed); elsewhere files are polled every ``poll_interval`` seconds, so an edit lands
+within two polls. Only what a changed file changed is written to the store.
 
 Rules a user can rely on:
 
@@ -28,7 +30,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -36,6 +37,8 @@ import yaml
 
 from edgemesh.errors import ManifestError
 from edgemesh.meta import kinds
+from edgemesh.meta.inotify import Watcher
+from edgemesh.meta.merged import Merged, Parsed
 from edgemesh.meta.models import SERVICE_NAME_LABEL, Pod, Service
 from edgemesh.meta.store import Store
 from edgemesh.runtime import metrics, tasks
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = (".yaml", ".yml", ".json")
 RACY_NS = 2_000_000_000
+EVENT_SETTLE = 0.01  # seconds to let the rest of a writer's burst arrive after an event
 
 BAD_DOCUMENTS = metrics.counter(
     "edgemesh_meta_bad_documents_total",
@@ -62,59 +66,86 @@ class _ManifestLoader(_Base):  # type: ignore[misc]
         for first, resolvers in _Base.yaml_implicit_resolvers.items()}
 
 
-@dataclass(frozen=True)
-class Parsed:
-    """One object read from a manifest: its kind name, typed value and raw document."""
-    kind: str
-    obj: Any
-    raw: dict[str, Any]
-
-
 Signature = tuple[int, int, int]  # (mtime_ns, size, inode)
 
 
 class FilesSource:
-    """Polls manifest directories and keeps the store equal to what they describe."""
+    """Watches manifest directories and keeps the store equal to what they describe."""
 
-    def __init__(self, store: Store, dirs: list[str], poll_interval: float = 1.0) -> None:
+    def __init__(self, store: Store, dirs: list[str], poll_interval: float = 1.0,
+                 use_inotify: bool = True) -> None:
         self.store = store
         self.dirs = list(dirs)
         self.poll_interval = poll_interval
+        self.use_inotify = use_inotify
+        self.merged = Merged(slices_for_pods, implied_namespace)
         self._signatures: dict[str, Signature] = {}
-        self._good: dict[str, list[Parsed]] = {}  # path → last good contents
         self._errors: dict[str, list[str]] = {}  # path → problems of its current version
         self._content: dict[str, bytes] = {}  # path → digest of the bytes last read
         self._racy: set[str] = set()
         self._missing_reported: set[str] = set()
+        self._dirs_seen: set[str] = set()
+        self._watcher: Watcher | None = None
         self._greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
-        """Load once (so the store is synced before consumers start), then keep polling."""
+        """Load once (so the store is synced before consumers start), then watch: inotify
+        where the kernel has it (a change is read as soon as it is written), else a poll every
+        ``poll_interval`` seconds."""
+        self._watcher = Watcher.open() if self.use_inotify else None
+        self._watch_dirs()
         self.poll()
-        self._greenlet = tasks.spawn_forever("meta-files", self._sleep_then_poll, backoff=0)
+        self._greenlet = tasks.spawn_forever("meta-files", self._wait_then_poll, backoff=0)
 
     def stop(self) -> None:
         if self._greenlet is not None:
             self._greenlet.kill()
             self._greenlet = None
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+    @property
+    def watching(self) -> str:
+        """How changes are noticed: "inotify" or "polling"."""
+        return "inotify" if self._watcher is not None else "polling"
 
     @property
     def errors(self) -> dict[str, list[str]]:
         """The current problems by file (empty when every file is good)."""
         return {path: list(problems) for path, problems in self._errors.items()}
 
-    def _sleep_then_poll(self) -> None:
-        gevent.sleep(self.poll_interval)
+    def _wait_then_poll(self) -> None:
+        watcher = self._watcher
+        if watcher is None or self._missing_reported:
+            gevent.sleep(self.poll_interval)  # polling, or waiting for a directory to appear
+        elif watcher.wait(None):
+            gevent.sleep(EVENT_SETTLE)  # a writer's burst (write, rename) lands as one poll
+            watcher.drain()
+        if self._watch_dirs() and self._watcher is not None:
+            self.poll()  # a new directory: what was written before its watch is read here
         self.poll()
+
+    def _watch_dirs(self) -> bool:
+        """Watch every directory known; True if one was not watched before."""
+        if self._watcher is None:
+            return False
+        known = set(self._watcher.watched)
+        dirs = {top for top in self.dirs if os.path.isdir(top)} | self._dirs_seen
+        for d in dirs:
+            self._watcher.watch(d)
+        self._watcher.forget(dirs)
+        return bool(set(self._watcher.watched) - known)
 
     def poll(self) -> bool:
         """Re-read changed files; apply the result to the store. True if anything changed."""
+        self._dirs_seen.clear()
         current = dict(self._scan())
         changed = False
         for path in sorted(set(self._signatures) - set(current)):
             log.info("manifest %s removed", path)
             self._signatures.pop(path)
-            self._good.pop(path, None)
+            self.merged.remove_file(path)
             self._errors.pop(path, None)
             self._content.pop(path, None)
             self._racy.discard(path)
@@ -139,13 +170,14 @@ class FilesSource:
                                 top)
                 continue
             self._missing_reported.discard(top)
-            yield from _walk(top)
+            yield from _walk(top, self._dirs_seen)
 
     def _load_file(self, path: str, signature: Signature) -> bool:
         """Read one file that may have changed; True if its content did."""
         # A write in the same clock tick as our read leaves (mtime, size) unchanged, so a
         # file modified very recently is read again on the next poll ("racy" as git says).
-        if time.time_ns() - signature[0] < RACY_NS:
+        # With inotify that write is an event of its own: no second read needed.
+        if self._watcher is None and time.time_ns() - signature[0] < RACY_NS:
             self._racy.add(path)
         else:
             self._racy.discard(path)
@@ -156,56 +188,44 @@ class FilesSource:
         except (OSError, UnicodeDecodeError) as e:
             self._content.pop(path, None)
             self._reject(path, [f"{path}: cannot read: {e}"])
-            return True
+            return False
         digest = hashlib.blake2b(data, digest_size=16).digest()
         if self._content.get(path) == digest:
             return False
         self._content[path] = digest
-        parsed, problems = read_manifest(path, text)
+        parsed, problems = read_manifest(path, text, keep_raw=self.store.keep_raw)
         if problems:
             self._reject(path, problems)
-            return True
+            return False
         if self._errors.pop(path, None):
             log.info("manifest %s is good again", path)
-        self._good[path] = parsed
+        self.merged.set_file(path, parsed)
         log.debug("manifest %s: %d objects", path, len(parsed))
         return True
 
     def _reject(self, path: str, problems: list[str]) -> None:
         self._errors[path] = problems
         BAD_DOCUMENTS.inc(len(problems))
-        kept = len(self._good.get(path, []))
         for problem in problems:
             log.error("%s", problem)
         log.warning("manifest %s rejected; keeping its last good contents (%d objects)",
-                    path, kept)
+                    path, self.merged.count(path))
 
     # ---- applying -----------------------------------------------------------------------------
 
     def _apply(self) -> None:
-        by_kind: dict[str, dict[tuple[str, str], Parsed]] = {k.name: {} for k in kinds.ALL}
-        for path in sorted(self._good):
-            for item in self._good[path]:
-                key = (item.obj.meta.namespace, item.obj.meta.name)
-                if key in by_kind[item.kind]:
-                    log.warning("%s %s/%s is defined twice; %s wins", item.kind, key[0], key[1],
-                                path)
-                by_kind[item.kind][key] = item
-        for item in derive_endpoint_slices(by_kind):
-            by_kind["EndpointSlice"].setdefault((item.obj.meta.namespace, item.obj.meta.name),
-                                                item)
-        for item in implied_namespaces(by_kind):
-            by_kind["Namespace"][("", item.obj.meta.name)] = item
-        state = {kind: [(p.obj, p.raw) for p in items.values()]
-                 for kind, items in by_kind.items()}
-        if self.store.replace_many(state):
+        writes = self.merged.flush()
+        if self.store.write_many(writes.puts, writes.deletes):
             RELOADS.inc()
-            log.info("manifests applied: %s", ", ".join(
-                f"{len(v)} {k}" for k, v in state.items() if v) or "no objects")
+            counts = self.merged.counts()
+            log.info("manifests applied: %s (%d added, %d changed, %d removed)",
+                     ", ".join(f"{n:,} {k}" for k, n in counts.items()) or "no objects",
+                     writes.added, writes.changed, writes.removed)
         self.store.mark_synced()
 
 
-def _walk(top: str) -> Iterator[tuple[str, Signature]]:
+def _walk(top: str, dirs: set[str]) -> Iterator[tuple[str, Signature]]:
+    dirs.add(top)
     try:
         entries = sorted(os.scandir(top), key=lambda e: e.name)
     except OSError as e:
@@ -216,7 +236,7 @@ def _walk(top: str) -> Iterator[tuple[str, Signature]]:
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
-                yield from _walk(entry.path)
+                yield from _walk(entry.path, dirs)
             elif entry.name.endswith(EXTENSIONS) and entry.is_file():
                 st = entry.stat()
                 yield entry.path, (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -226,8 +246,10 @@ def _walk(top: str) -> Iterator[tuple[str, Signature]]:
 
 # ---- documents --------------------------------------------------------------------------------
 
-def read_manifest(path: str, text: str) -> tuple[list[Parsed], list[str]]:
-    """The objects of known kinds in one file, and every problem found (``FILE:doc#N: ...``)."""
+def read_manifest(path: str, text: str, keep_raw: bool = True
+                  ) -> tuple[list[Parsed], list[str]]:
+    """The objects of known kinds in one file, and every problem found (``FILE:doc#N: ...``);
+    without ``keep_raw`` the parsed objects do not hold on to their documents."""
     try:
         documents = _documents(path, text)
     except ManifestError as e:
@@ -240,7 +262,7 @@ def read_manifest(path: str, text: str) -> tuple[list[Parsed], list[str]]:
             continue
         for where, item in _expand_list(doc, f"{path}:doc#{index}"):
             try:
-                result = parse_document(item)
+                result = parse_document(item, keep_raw)
             except ManifestError as e:
                 problems.append(f"{where}: {e}")
                 continue
@@ -303,7 +325,7 @@ def _expand_list(doc: Any, where: str) -> Iterator[tuple[str, Any]]:
         yield f"{where}.items[{i}]", item
 
 
-def parse_document(doc: Any) -> Parsed | None:
+def parse_document(doc: Any, keep_raw: bool = True) -> Parsed | None:
     """A typed object from one document; None for kinds EdgeMesh does not read.
 
     Raises ManifestError for something that is not a Kubernetes object, or a malformed
@@ -324,7 +346,7 @@ def parse_document(doc: Any) -> Parsed | None:
     meta = doc.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
     try:
-        return Parsed(known.name, known.parse(doc), doc)
+        return Parsed(known.name, known.parse(doc), doc if keep_raw else None)
     except ManifestError as e:
         raise ManifestError(f"{kind} {name if isinstance(name, str) else '?'}: {e}") from None
     except (AttributeError, TypeError, ValueError) as e:  # a shape the parser did not foresee
@@ -339,29 +361,6 @@ def _shape(value: Any) -> str:
 
 
 # ---- endpoints from pods ----------------------------------------------------------------------
-
-def derive_endpoint_slices(by_kind: dict[str, dict[tuple[str, str], Parsed]]) -> list[Parsed]:
-    """EndpointSlices for selector Services that have neither slices nor Endpoints."""
-    covered = {(p.obj.meta.namespace, p.obj.service_name)
-               for p in by_kind["EndpointSlice"].values() if p.obj.service_name}
-    covered |= set(by_kind["Endpoints"])
-    pods_by_ns: dict[str, list[Pod]] = {}
-    for p in by_kind["Pod"].values():
-        pods_by_ns.setdefault(p.obj.meta.namespace, []).append(p.obj)
-    out: list[Parsed] = []
-    for key, parsed in sorted(by_kind["Service"].items()):
-        svc: Service = parsed.obj
-        if not svc.selector or svc.type == "ExternalName" or key in covered:
-            continue
-        selected = [pod for pod in pods_by_ns.get(svc.meta.namespace, [])
-                    if _selects(svc.selector, pod)]
-        out.extend(slices_for_pods(svc, selected))
-    return out
-
-
-def _selects(selector: dict[str, str], pod: Pod) -> bool:
-    return all(pod.meta.labels.get(k) == v for k, v in selector.items())
-
 
 def slices_for_pods(svc: Service, pods: list[Pod]) -> list[Parsed]:
     """The slices Kubernetes would make for ``svc`` from ``pods``.
@@ -430,13 +429,8 @@ def _endpoint_doc(svc: Service, pod: Pod, ip: str) -> dict[str, Any]:
 
 # ---- namespaces -------------------------------------------------------------------------------
 
-def implied_namespaces(by_kind: dict[str, dict[tuple[str, str], Parsed]]) -> list[Parsed]:
-    """Namespace objects for namespaces that objects live in but no document declares."""
-    declared = {name for _, name in by_kind["Namespace"]}
-    used = {"default"} | {ns for items in by_kind.values() for ns, _ in items if ns}
-    out = []
-    for name in sorted(used - declared):
-        raw = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
-               "status": {"phase": "Active"}}
-        out.append(Parsed("Namespace", kinds.NAMESPACE.parse(raw), raw))
-    return out
+def implied_namespace(name: str) -> Parsed:
+    """The Namespace object of a namespace that objects live in but no document declares."""
+    raw = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+           "status": {"phase": "Active"}}
+    return Parsed("Namespace", kinds.NAMESPACE.parse(raw), raw)

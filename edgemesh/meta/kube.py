@@ -26,11 +26,12 @@ its own resourceVersion (K7):
   store. The gateway's RBAC grants Secrets per namespace (build/gateway/), so a 403 there is
   "not granted in that namespace" (feature off, retried), never a cluster-wide request.
 
-The store is marked synced once Service, EndpointSlice (or Endpoints), Pod and Namespace have
-each listed once. If a first list fails and ``state_dir`` holds a metadata cache, the cache
-fills the store and ``/readyz`` stays 200 with a check named ``apiserver (serving cached
-metadata: API unreachable since ...)``: the agent can serve, so a readiness probe should keep
-sending traffic, and the note says what it is serving. The first full live sync clears it.
+The store is marked synced once Service, EndpointSlice (or Endpoints) and Namespace have each
+listed once (Pods are not watched: nothing reads them from an API source). If a first list
+fails and ``state_dir`` holds a metadata cache, the cache fills the store and ``/readyz`` stays
+200 with a check named ``apiserver (serving cached metadata: API unreachable since ...)``: the
+agent can serve, so a readiness probe should keep sending traffic, and the note says what it is
+serving. The first full live sync clears it.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +64,7 @@ from edgemesh.meta.kubewire import (
     retry_after_seconds,
     status_error,
 )
-from edgemesh.meta.store import Store
+from edgemesh.meta.store import Store, raw_json
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.admin import Admin
 from edgemesh.runtime.logs import Once
@@ -80,7 +81,10 @@ EVENTS = metrics.counter("edgemesh_meta_events_total", "Watch events received.",
 BAD_OBJECTS = metrics.counter("edgemesh_meta_bad_objects_total",
                               "Objects from the API that failed to parse (skipped).", ["kind"])
 
-REQUIRED = ("Service", "EndpointSlice", "Pod", "Namespace")
+# Pods are not watched: no consumer reads them from an API source (the files source uses them to
+# derive endpoints, the API has its EndpointSlices), and a cluster's Pods outnumber its Services
+# several times over in list time and memory.
+REQUIRED = ("Service", "EndpointSlice", "Namespace")
 OPTIONAL = ("Node", "DestinationRule", "Gateway", "VirtualService")
 SECRET = "Secret"
 RELIST_AFTER_FAILURES = 3
@@ -282,14 +286,13 @@ class KubeSource:
         self._replace_in_namespace(SECRET, ns, [])
 
     def _replace_in_namespace(self, kind: str, ns: str,
-                              pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+                              pairs: Sequence[tuple[Any, Any]]) -> None:
         """Make ``kind`` in namespace ``ns`` hold exactly ``pairs``; other namespaces kept."""
-        raws = {object_key(r, True): r for r in self.store.raw_snapshot().get(kind, [])}
-        keep = [(o, raws[key]) for o in self.store.list(kind)
-                if o.meta.namespace != ns and (key := (o.meta.namespace, o.meta.name)) in raws]
-        self.store.replace(kind, keep + pairs)
+        keep = [(o, self.store.raw(kind, o.meta.namespace, o.meta.name))
+                for o in self.store.list(kind) if o.meta.namespace != ns]
+        self.store.replace(kind, [*keep, *pairs])
 
-    def _replace(self, st: KindState, pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+    def _replace(self, st: KindState, pairs: Sequence[tuple[Any, Any]]) -> None:
         if st.namespace:
             self._replace_in_namespace(st.kind.name, st.namespace, pairs)
         else:
@@ -392,7 +395,11 @@ class KubeSource:
     # ---- list ---------------------------------------------------------------------------------
 
     def _relist(self, st: KindState) -> None:
-        items: list[Any] = []
+        # Each page is parsed as it arrives and its documents dropped (kept as compact JSON
+        # only for the cache): a 10,000-object list never holds every raw mapping at once.
+        pairs: list[tuple[Any, Any]] = []
+        bad: list[tuple[str, str]] = []
+        count = 0
         token, list_rv = "", ""
         while True:
             params: dict[str, str] = {"limit": str(PAGE_SIZE)}
@@ -402,37 +409,44 @@ class KubeSource:
                 params["resourceVersion"] = st.list_rv
             with self._get(st, params, (CONNECT_TIMEOUT, LIST_READ_TIMEOUT), stream=False) as r:
                 page = list_page(r.content)
-            items.extend(page.items)
+            self._parse_items(st, page.items, pairs, bad)
+            count += len(page.items)
             list_rv = list_rv or page.resource_version
             token = page.continue_token
             if not token:
                 break
         RELISTS.labels(st.kind.name).inc()
-        self.apply_list(st, items)
+        self._apply_parsed(st, pairs, bad)
         # An empty offline metaServer list has no RV (K10.3): watch with "" and expect a replay.
         st.rv, st.need_list, st.listed, st.expired_in_row = list_rv, False, True, 0
         self._recovered(st)
-        log.debug("%s: listed %d objects at rv %r", st.what, len(items), list_rv)
+        log.debug("%s: listed %d objects at rv %r", st.what, count, list_rv)
         self._check_synced()
 
     def apply_list(self, st: KindState, items: list[Any]) -> None:
         """Make the store hold exactly these objects; a bad one keeps its last good state."""
-        name = st.kind.name
-        pairs: list[tuple[Any, dict[str, Any]]] = []
+        pairs: list[tuple[Any, Any]] = []
         bad: list[tuple[str, str]] = []
+        self._parse_items(st, items, pairs, bad)
+        self._apply_parsed(st, pairs, bad)
+
+    def _parse_items(self, st: KindState, items: list[Any], pairs: list[tuple[Any, Any]],
+                     bad: list[tuple[str, str]]) -> None:
+        keep = self.store.keep_raw
         for raw in items:
             obj = self._parse(st.kind, raw)
             if obj is not None:
-                pairs.append((obj, raw))
+                pairs.append((obj, raw_json(raw) if keep else None))
             elif isinstance(raw, dict) and (key := object_key(raw, st.kind.namespaced)):
                 bad.append(key)
-        if bad:
-            raws = {object_key(r, st.kind.namespaced): r
-                    for r in self.store.raw_snapshot().get(name, [])}
-            for key in bad:
-                old = self.store.get(name, *key)
-                if old is not None and key in raws:
-                    pairs.append((old, raws[key]))
+
+    def _apply_parsed(self, st: KindState, pairs: list[tuple[Any, Any]],
+                      bad: list[tuple[str, str]]) -> None:
+        name = st.kind.name
+        for key in bad:
+            old = self.store.get(name, *key)
+            if old is not None:
+                pairs.append((old, self.store.raw(name, *key)))
         self._replace(st, pairs)
 
     def _parse(self, kind: Kind, raw: Any) -> Any | None:
@@ -487,6 +501,9 @@ class KubeSource:
         EVENTS.labels(name, ev.type).inc()
         if ev.type == "ERROR":
             raise status_error(ev.object)
+        if log.isEnabledFor(logging.DEBUG):  # per-object lines at -v 3 and up
+            log.debug("%s: %s %s", st.what, ev.type, "/".join(
+                k for k in (object_key(ev.object, st.kind.namespaced) or ()) if k))
         if ev.type in ("ADDED", "MODIFIED"):
             obj = self._parse(st.kind, ev.object)
             if obj is not None:
@@ -544,7 +561,12 @@ class KubeSource:
             watched = {st.kind.name for st in self.states.values()} | \
                 ({SECRET} if self.secret_namespaces is not None else set())
             self.store.replace_many({k: [] for k in self._cache_kinds - watched})
+        first = not self.store.synced
         self.store.mark_synced("")
+        if first:
+            log.info("metadata synced from %s: %s", self.conn.base_url, ", ".join(
+                f"{self.store.count(k):,} {k}" for k in (*REQUIRED, *OPTIONAL)
+                if self.store.count(k)) or "no objects")
         if self.cache is not None:
             self.cache.loaded(False)
 

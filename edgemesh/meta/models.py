@@ -11,6 +11,7 @@ import base64
 import binascii
 import enum
 import ipaddress
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,45 @@ def _strmap(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
     return out
 
 
+# Many objects carry the same small values (namespaces, node names, protocols, the labels of a
+# Deployment's Pods): one shared copy each instead of one per object. The tables are cleared
+# when they grow past SHARED_LIMIT, so label churn cannot grow them without bound.
+SHARED_LIMIT = 65536
+_shared_maps: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+_shared_tuples: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_EMPTY_MAP: dict[str, str] = {}  # shared by every object without labels; never mutated
+
+
+def shared_map(value: dict[str, str]) -> dict[str, str]:
+    """One dict object for equal small maps (labels, selectors); callers never mutate it."""
+    if not value:
+        return _EMPTY_MAP
+    key = tuple(value.items())
+    found = _shared_maps.get(key)
+    if found is None:
+        if len(_shared_maps) >= SHARED_LIMIT:
+            _shared_maps.clear()
+        found = _shared_maps[key] = {sys.intern(k): sys.intern(v) for k, v in key}
+    return found
+
+
+def forget_shared() -> None:
+    """Drop the sharing tables (the objects keep their shared values): called once a large
+    first load is in, so the tables' own keys do not stay for the agent's lifetime."""
+    _shared_maps.clear()
+    _shared_tuples.clear()
+
+
+def shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:
+    """One tuple object for equal tuples of hashable values (ports, address lists)."""
+    found = _shared_tuples.get(value)
+    if found is None:
+        if len(_shared_tuples) >= SHARED_LIMIT:
+            _shared_tuples.clear()
+        found = _shared_tuples[value] = value
+    return found
+
+
 def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     items = _list(obj, key, where)
     if not all(isinstance(i, str) for i in items):
@@ -90,7 +130,7 @@ def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
 
 # ---- metadata ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectMeta:
     name: str
     namespace: str = ""
@@ -98,6 +138,7 @@ class ObjectMeta:
     resource_version: str = ""
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    # parse_meta validates annotations but does not keep them (nothing reads them)
 
 
 def parse_meta(obj: dict[str, Any], namespaced: bool = True) -> ObjectMeta:
@@ -108,11 +149,13 @@ def parse_meta(obj: dict[str, Any], namespaced: bool = True) -> ObjectMeta:
     if not name:
         raise ManifestError("metadata.name: required")
     namespace = _str(m, "namespace", "metadata.", "default" if namespaced else "")
-    return ObjectMeta(name=name, namespace=namespace if namespaced else "",
+    if m.get("annotations") is not None:
+        _strmap(m, "annotations", "metadata.")  # validated; no consumer reads them, and
+        # kubectl's last-applied-configuration would be a second copy of every manifest
+    return ObjectMeta(name=name, namespace=sys.intern(namespace) if namespaced else "",
                       uid=_str(m, "uid", "metadata."),
                       resource_version=_str(m, "resourceVersion", "metadata."),
-                      labels=_strmap(m, "labels", "metadata."),
-                      annotations=_strmap(m, "annotations", "metadata."))
+                      labels=shared_map(_strmap(m, "labels", "metadata.")))
 
 
 # ---- Service ----------------------------------------------------------------------------------
@@ -152,7 +195,7 @@ def app_protocol_of(app_protocol: str, name: str, protocol: str) -> AppProtocol:
     return AppProtocol.TCP
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
     protocol: str  # TCP | UDP | SCTP
@@ -166,7 +209,7 @@ class ServicePort:
         return app_protocol_of(self.app_protocol, self.name, self.protocol)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoadBalancerIngress:
     """One ``status.loadBalancer.ingress[]`` entry. ``ip_mode`` ``Proxy`` means the load
     balancer does not deliver packets with the IP as destination, so it is not intercepted."""
@@ -175,7 +218,7 @@ class LoadBalancerIngress:
     ip_mode: str = ""  # "" (VIP before Kubernetes 1.29) | "VIP" | "Proxy"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     meta: ObjectMeta
     type: str = "ClusterIP"
@@ -255,8 +298,10 @@ def parse_service(obj: dict[str, Any]) -> Service:
         raise ManifestError("spec.selector: expected a mapping")
     if svc_type == "ExternalName" and not spec.get("externalName"):
         raise ManifestError("spec.externalName: required for type ExternalName")
-    return Service(meta=meta, type=svc_type, cluster_ips=ips, ports=ports,
-                   selector={str(k): str(v) for k, v in selector.items()} if selector else None,
+    return Service(meta=meta, type=sys.intern(svc_type), cluster_ips=ips,
+                   ports=shared_tuple(ports),
+                   selector=shared_map({str(k): str(v) for k, v in selector.items()})
+                   if selector else None,
                    external_name=_str(spec, "externalName", "spec.").rstrip("."),
                    session_affinity=_str(spec, "sessionAffinity", "spec.", "None"),
                    affinity_timeout=_int(affinity, "timeoutSeconds",
@@ -269,14 +314,14 @@ def parse_service(obj: dict[str, Any]) -> Service:
 
 # ---- EndpointSlice / Endpoints ----------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TargetRef:
     kind: str
     namespace: str
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
     port: int | None
@@ -284,7 +329,7 @@ class EndpointPort:
     app_protocol: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[str, ...]
     ready: bool = True
@@ -299,7 +344,7 @@ class Endpoint:
     ports: tuple[EndpointPort, ...] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     """An EndpointSlice, or a core/v1 Endpoints object converted to the same shape."""
     meta: ObjectMeta
@@ -313,7 +358,8 @@ def _target_ref(obj: dict[str, Any], where: str) -> TargetRef | None:
     ref = _map(obj, "targetRef", where)
     if not ref:
         return None
-    return TargetRef(kind=_str(ref, "kind", where), namespace=_str(ref, "namespace", where),
+    return TargetRef(kind=sys.intern(_str(ref, "kind", where)),
+                     namespace=sys.intern(_str(ref, "namespace", where)),
                      name=_str(ref, "name", where))
 
 
@@ -321,8 +367,8 @@ def _endpoint_port(p: Any, where: str) -> EndpointPort:
     """One port; ``where`` is its path with a trailing dot (``ports[0].``)."""
     if not isinstance(p, dict):
         raise ManifestError(f"{where.rstrip('.')}: expected a mapping")
-    return EndpointPort(name=_str(p, "name", where), port=_int(p, "port", where),
-                        protocol=_str(p, "protocol", where, "TCP"),
+    return EndpointPort(name=sys.intern(_str(p, "name", where)), port=_int(p, "port", where),
+                        protocol=sys.intern(_str(p, "protocol", where, "TCP")),
                         app_protocol=_str(p, "appProtocol", where))
 
 
@@ -334,18 +380,20 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
         if not isinstance(e, dict):
             raise ManifestError(f"endpoints[{i}]: expected a mapping")
         cond = _map(e, "conditions", where)
-        serving = _bool(cond, "serving", where + "conditions.", True)
-        terminating = _bool(cond, "terminating", where + "conditions.", False)
+        at = where + "conditions."
+        serving = _bool(cond, "serving", at, True)
+        terminating = _bool(cond, "terminating", at, False)
         endpoints.append(Endpoint(
             addresses=_strs(e, "addresses", where),
-            ready=_bool(cond, "ready", where + "conditions.", True),
+            ready=_bool(cond, "ready", at, True),
             serving=serving, terminating=terminating,
-            hostname=_str(e, "hostname", where), node_name=_str(e, "nodeName", where),
-            zone=_str(e, "zone", where), target_ref=_target_ref(e, where)))
+            hostname=_str(e, "hostname", where),
+            node_name=sys.intern(_str(e, "nodeName", where)),
+            zone=sys.intern(_str(e, "zone", where)), target_ref=_target_ref(e, where)))
     ports = tuple(_endpoint_port(p, f"ports[{i}].") for i, p in enumerate(_list(obj, "ports", "")))
     return EndpointSlice(meta=meta, service_name=meta.labels.get(SERVICE_NAME_LABEL, ""),
-                         address_type=_str(obj, "addressType", "", "IPv4"),
-                         endpoints=tuple(endpoints), ports=ports)
+                         address_type=sys.intern(_str(obj, "addressType", "", "IPv4")),
+                         endpoints=tuple(endpoints), ports=shared_tuple(ports))
 
 
 def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
@@ -381,7 +429,7 @@ def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
 
 # ---- Pod, Node, Namespace, Secret -------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pod:
     meta: ObjectMeta
     node_name: str = ""
@@ -395,12 +443,18 @@ class Pod:
     container_ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, protocol)
 
 
+def _pod_ip(item: dict[str, Any], i: int) -> str:
+    ip = item["ip"]
+    if not isinstance(ip, str):
+        raise ManifestError(f"status.podIPs[{i}].ip: expected a string, got {ip!r}")
+    return ip
+
+
 def parse_pod(obj: dict[str, Any]) -> Pod:
     meta = parse_meta(obj)
     spec = _map(obj, "spec", "")
     status = _map(obj, "status", "")
-    ips = tuple(_str(ip, "ip", f"status.podIPs[{i}].")
-                for i, ip in enumerate(_list(status, "podIPs", "status."))
+    ips = tuple(_pod_ip(ip, i) for i, ip in enumerate(_list(status, "podIPs", "status."))
                 if isinstance(ip, dict) and ip.get("ip"))
     if not ips and status.get("podIP"):
         ips = (_str(status, "podIP", "status."),)
@@ -409,20 +463,22 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
     cports = []
     for i, c in enumerate(_list(spec, "containers", "spec.")):
         for j, p in enumerate(_list(c if isinstance(c, dict) else {}, "ports", "")):
-            w = f"spec.containers[{i}].ports[{j}]."
             if isinstance(p, dict) and p.get("containerPort") is not None:
-                cports.append((_str(p, "name", w), _int(p, "containerPort", w) or 0,
-                               _str(p, "protocol", w, "TCP")))
+                w = f"spec.containers[{i}].ports[{j}]."
+                cports.append((sys.intern(_str(p, "name", w)),
+                               _int(p, "containerPort", w) or 0,
+                               sys.intern(_str(p, "protocol", w, "TCP"))))
     m = _map(obj, "metadata", "")
-    return Pod(meta=meta, node_name=_str(spec, "nodeName", "spec."),
+    return Pod(meta=meta, node_name=sys.intern(_str(spec, "nodeName", "spec.")),
                hostname=_str(spec, "hostname", "spec."),
                subdomain=_str(spec, "subdomain", "spec."),
                host_network=_bool(spec, "hostNetwork", "spec.", False),
-               phase=_str(status, "phase", "status."), pod_ips=ips, ready=ready,
-               terminating=bool(m.get("deletionTimestamp")), container_ports=tuple(cports))
+               phase=sys.intern(_str(status, "phase", "status.")), pod_ips=ips, ready=ready,
+               terminating=bool(m.get("deletionTimestamp")),
+               container_ports=shared_tuple(tuple(cports)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     meta: ObjectMeta
     addresses: tuple[tuple[str, str], ...] = ()  # (type, address): InternalIP, ExternalIP, ...
@@ -437,7 +493,7 @@ def parse_node(obj: dict[str, Any]) -> Node:
     return Node(meta=parse_meta(obj, namespaced=False), addresses=addrs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Namespace:
     meta: ObjectMeta
     phase: str = "Active"
@@ -449,7 +505,7 @@ def parse_namespace(obj: dict[str, Any]) -> Namespace:
                      phase=_str(status, "phase", "status.", "Active"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Secret:
     meta: ObjectMeta
     type: str = "Opaque"

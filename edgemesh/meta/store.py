@@ -3,16 +3,26 @@
 Sources write (``replace`` a whole kind, ``upsert``, ``delete``); consumers read and subscribe.
 A subscriber is told *which kinds* changed, never what the change was: it reconciles from the
 current state (level-triggered), so a missed or repeated notification cannot leave it wrong.
+A consumer that wants to reconcile only what changed asks ``changes_since(revision)``: the
+keys written since, and the Services whose own object or endpoints they touch; ``None`` when
+the bounded journal no longer reaches back that far (then it rebuilds from the whole state).
 
-The store is used from one OS thread (gevent greenlets), so it needs no locks. Indexes are
-rebuilt lazily on first read after a change to a kind they depend on.
+The store is used from one OS thread (gevent greenlets), so it needs no locks. Indexes (by
+Service IP, slices by Service, namespaces, DestinationRules by host) are kept up to date write
+by write: one write costs what it changed, never the size of the cluster. ``replace`` diffs the
+new state against the old and writes only the difference.
+
+Raw documents are kept only with ``keep_raw`` (the metadata cache needs them), as compact JSON
+bytes: a tenth of the memory of the parsed mapping, and never a second copy of every manifest.
 """
 from __future__ import annotations
 
 import builtins
+import collections
+import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edgemesh.meta import istio, kinds
@@ -32,9 +42,12 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
 Listener = Callable[[frozenset[str]], None]
+Raw = dict[str, Any] | bytes | None  # a raw document, as a mapping or as compact JSON
+JOURNAL_SIZE = 4096
+ENDPOINT_KINDS = ("EndpointSlice", "Endpoints")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint address × one port of a service: what the load balancer chooses among."""
     ip: str
@@ -55,14 +68,33 @@ class RuleMatch:
     by: Literal["host", "name"]
 
 
-class Store:
-    """Typed objects by kind and key, plus the raw documents they came from (for the cache)."""
+@dataclass
+class Changes:
+    """What was written since a revision: keys by kind, and the Services they touch (a Service
+    itself, or the one an EndpointSlice/Endpoints belongs to, before and after the write)."""
+    keys: dict[str, set[Key]] = field(default_factory=dict)
+    services: set[Key] = field(default_factory=set)
 
-    def __init__(self) -> None:
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+
+class Store:
+    """Typed objects by kind and key, their indexes, and (``keep_raw``) their raw documents."""
+
+    def __init__(self, keep_raw: bool = False) -> None:
         self._objects: dict[str, dict[Key, Any]] = {k.name: {} for k in kinds.ALL}
-        self._raw: dict[str, dict[Key, dict[str, Any]]] = {k.name: {} for k in kinds.ALL}
+        self._raw: dict[str, dict[Key, bytes]] = {k.name: {} for k in kinds.ALL}
+        self.keep_raw = keep_raw
         self._listeners: list[tuple[Listener, frozenset[str] | None]] = []
-        self._index: dict[str, Any] = {}
+        self._journal: collections.deque[tuple[int, str, Key, Key | None]] = \
+            collections.deque()
+        self._journal_floor = 0  # changes_since(r) needs r >= this
+        self._by_ip: dict[str, Service] = {}
+        self._slices: dict[Key, dict[str, EndpointSlice]] = {}  # service key -> name -> slice
+        self._ns_services: collections.Counter[str] = collections.Counter()
+        self._rules: dict[str, _RuleIndex] = {}  # zone -> index; dropped on any rule change
+        self._wildcard_names: dict[tuple[Key, str], bool] = {}  # dropped on Service changes
         self.revision = 0
         self.synced = False  # the first full state has arrived (from any source)
         self.stale_reason = ""  # set while serving from the cache with the API unreachable
@@ -70,38 +102,72 @@ class Store:
 
     # ---- writing (sources only) ---------------------------------------------------------------
 
-    def replace(self, kind: str, objects: list[tuple[Any, dict[str, Any]]]) -> bool:
+    def replace(self, kind: str, objects: Sequence[tuple[Any, Raw]]) -> bool:
         """Make ``kind`` hold exactly ``objects`` ((typed, raw) pairs); True if anything changed."""
         return self.replace_many({kind: objects})
 
-    def replace_many(self, state: dict[str, list[tuple[Any, dict[str, Any]]]]) -> bool:
-        """Replace several kinds at once, notifying subscribers once."""
+    def replace_many(self, state: Mapping[str, Sequence[tuple[Any, Raw]]]) -> bool:
+        """Replace several kinds at once, notifying subscribers once; only differences are
+        written (and journaled)."""
         changed = set()
+        self.revision += 1
         for kind, objects in state.items():
-            new = {_key(o): o for o, _ in objects}
-            self._raw[kind] = {_key(o): r for o, r in objects}
-            if new != self._objects[kind]:
-                self._objects[kind] = new
+            current = self._objects[kind]
+            new = {_key(o): (o, r) for o, r in objects}
+            for key in [k for k in current if k not in new]:
+                self._remove(kind, key)
                 changed.add(kind)
+            for key, (obj, raw) in new.items():
+                if self.keep_raw:
+                    self._keep(kind, key, raw)
+                if current.get(key) != obj:
+                    self._put(kind, key, obj)
+                    changed.add(kind)
         if changed:
-            self._changed(changed)
+            self._notify(changed)
         return bool(changed)
 
-    def upsert(self, kind: str, obj: Any, raw: dict[str, Any]) -> bool:
+    def write_many(self, puts: Iterable[tuple[str, Any, Raw]],
+                   deletes: Iterable[tuple[str, Key]] = ()) -> bool:
+        """Upsert ``puts`` ((kind, typed, raw)) and delete ``deletes`` ((kind, key)) as one
+        change, notifying subscribers once; True if anything changed."""
+        changed = set()
+        self.revision += 1
+        for kind, key in deletes:
+            self._raw[kind].pop(key, None)
+            if key in self._objects[kind]:
+                self._remove(kind, key)
+                changed.add(kind)
+        for kind, obj, raw in puts:
+            key = _key(obj)
+            if self.keep_raw:
+                self._keep(kind, key, raw)
+            if self._objects[kind].get(key) != obj:
+                self._put(kind, key, obj)
+                changed.add(kind)
+        if changed:
+            self._notify(changed)
+        return bool(changed)
+
+    def upsert(self, kind: str, obj: Any, raw: Raw) -> bool:
         key = _key(obj)
-        self._raw[kind][key] = raw
+        if self.keep_raw:
+            self._keep(kind, key, raw)
         if self._objects[kind].get(key) == obj:
             return False
-        self._objects[kind][key] = obj
-        self._changed({kind})
+        self.revision += 1
+        self._put(kind, key, obj)
+        self._notify({kind})
         return True
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         key = (namespace, name)
         self._raw[kind].pop(key, None)
-        if self._objects[kind].pop(key, None) is None:
+        if key not in self._objects[kind]:
             return False
-        self._changed({kind})
+        self.revision += 1
+        self._remove(kind, key)
+        self._notify({kind})
         return True
 
     def mark_synced(self, stale_reason: str = "") -> None:
@@ -109,13 +175,79 @@ class Store:
         self.synced = True
         self.stale_reason = stale_reason
         if changed:
-            self._changed(set())
+            self.revision += 1
+            self._notify(set())
 
-    def _changed(self, changed: set[str]) -> None:
-        self.revision += 1
-        for name in list(self._index):
-            if not changed.isdisjoint(_INDEX_DEPENDS[name]):
-                del self._index[name]
+    def _keep(self, kind: str, key: Key, raw: Raw) -> None:
+        if raw is not None:
+            self._raw[kind][key] = raw if isinstance(raw, bytes) else raw_json(raw)
+
+    def _put(self, kind: str, key: Key, obj: Any) -> None:
+        old = self._objects[kind].get(key)
+        if old is not None:
+            self._unindex(kind, key, old)
+        self._objects[kind][key] = obj
+        self._index(kind, key, obj)
+        self._journal_add(kind, key, old, obj)
+
+    def _remove(self, kind: str, key: Key) -> None:
+        old = self._objects[kind].pop(key)
+        self._raw[kind].pop(key, None)
+        self._unindex(kind, key, old)
+        self._journal_add(kind, key, old, None)
+
+    def _index(self, kind: str, key: Key, obj: Any) -> None:
+        if kind == "Service":
+            for ip in _service_ips(obj):
+                self._by_ip[ip] = obj
+            self._ns_services[key[0]] += 1
+            self._wildcard_names.clear()
+        elif kind == "EndpointSlice" and obj.service_name:
+            self._slices.setdefault((key[0], obj.service_name), {})[key[1]] = obj
+        elif kind == "DestinationRule":
+            self._rules.clear()
+
+    def _unindex(self, kind: str, key: Key, old: Any) -> None:
+        if kind == "Service":
+            for ip in _service_ips(old):
+                if self._by_ip.get(ip) is old:
+                    del self._by_ip[ip]
+            self._ns_services[key[0]] -= 1
+            if self._ns_services[key[0]] <= 0:
+                del self._ns_services[key[0]]
+            self._wildcard_names.clear()
+        elif kind == "EndpointSlice" and old.service_name:
+            skey = (key[0], old.service_name)
+            slices = self._slices.get(skey)
+            if slices is not None:
+                slices.pop(key[1], None)
+                if not slices:
+                    del self._slices[skey]
+        elif kind == "DestinationRule":
+            self._rules.clear()
+
+    def _journal_add(self, kind: str, key: Key, old: Any, new: Any) -> None:
+        journal = self._journal
+        for obj in (old, new) if old is not None and new is not None else (old or new,):
+            service = _service_of(kind, key, obj)
+            if len(journal) >= JOURNAL_SIZE:
+                self._journal_floor = journal.popleft()[0]
+            journal.append((self.revision, kind, key, service))
+
+    def changes_since(self, revision: int) -> Changes | None:
+        """Everything written after ``revision``; None if the journal no longer reaches back."""
+        if revision < self._journal_floor:
+            return None
+        out = Changes()
+        for rev, kind, key, service in reversed(self._journal):
+            if rev <= revision:
+                break
+            out.keys.setdefault(kind, set()).add(key)
+            if service is not None:
+                out.services.add(service)
+        return out
+
+    def _notify(self, changed: set[str]) -> None:
         frozen = frozenset(changed)
         for listener, wanted in list(self._listeners):
             if wanted is None or not wanted.isdisjoint(frozen) or not frozen:
@@ -150,8 +282,19 @@ class Store:
         return len(self._objects[kind])
 
     def raw_snapshot(self) -> dict[str, builtins.list[dict[str, Any]]]:
-        """Every raw document by kind: what the cache writes."""
+        """Every raw document by kind (``keep_raw`` only)."""
+        return {kind: [json.loads(d) for d in docs.values()]
+                for kind, docs in self._raw.items() if docs}
+
+    def raw_json(self) -> dict[str, builtins.list[bytes]]:
+        """Every raw document by kind as compact JSON: what the cache writes, without
+        decoding and encoding again (``keep_raw`` only)."""
         return {kind: list(docs.values()) for kind, docs in self._raw.items() if docs}
+
+    def raw(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The raw document of one object (``keep_raw`` only)."""
+        doc = self._raw[kind].get((namespace, name))
+        return json.loads(doc) if doc is not None else None
 
     def service(self, namespace: str, name: str) -> Service | None:
         return self._objects["Service"].get((namespace, name))
@@ -160,10 +303,7 @@ class Store:
         return list(self._objects["Service"].values())
 
     def service_by_ip(self, ip: str) -> Service | None:
-        index = self._cached("service_by_ip", lambda: {
-            ip_: s for s in self._objects["Service"].values() for ip_ in
-            (*s.cluster_ips, *s.external_ips) if ip_ and ip_ != "None"})
-        return index.get(ip)
+        return self._by_ip.get(ip)
 
     def node(self, name: str) -> Node | None:
         return self._objects["Node"].get(("", name))
@@ -173,18 +313,19 @@ class Store:
 
     def namespace_exists(self, namespace: str) -> bool:
         """A namespace object exists, or (clusters we cannot list namespaces from) a service."""
-        names = self._cached("namespaces", lambda: {
-            *(ns.meta.name for ns in self._objects["Namespace"].values()
-              if isinstance(ns, Namespace)),
-            *(s.meta.namespace for s in self._objects["Service"].values())})
-        return namespace in names
+        return namespace in self._ns_services or \
+            isinstance(self._objects["Namespace"].get(("", namespace)), Namespace)
+
+    def namespaces(self) -> set[str]:
+        """Every namespace that exists (see ``namespace_exists``)."""
+        return {*(ns.meta.name for ns in self._objects["Namespace"].values()
+                  if isinstance(ns, Namespace)), *self._ns_services}
 
     def slices_for(self, service: Service) -> builtins.list[EndpointSlice]:
         """EndpointSlices of a service; its core/v1 Endpoints only when it has no slices."""
-        by_service = self._cached("slices", self._slices_by_service)
-        slices = by_service.get(service.key)
+        slices = self._slices.get(service.key)
         if slices:
-            return slices
+            return [slices[name] for name in sorted(slices)]
         legacy = self._objects["Endpoints"].get(service.key)
         return [legacy] if legacy else []
 
@@ -237,9 +378,12 @@ class Store:
         """
         name, ns = service.meta.name, service.meta.namespace
         fqdn = f"{name}.{ns}.svc.{zone}"
+        index = self._rules.get(zone)
+        if index is None:
+            index = self._rules[zone] = _RuleIndex(self._objects["DestinationRule"], zone)
         best: tuple[int, int, int, Key] | None = None
         chosen = None
-        for key, dr in self._objects["DestinationRule"].items():
+        for key, dr in (*index.exact.get(fqdn, ()), *index.wildcards):
             if not _host_matches(dr, fqdn, zone):
                 continue
             wildcard = dr.host.startswith("*")
@@ -260,35 +404,54 @@ class Store:
         return RuleMatch(named, "name")
 
     def _names_a_service(self, dr: istio.DestinationRule, zone: str) -> bool:
-        known: dict[tuple[Key, str], bool] = self._cached("rule_names_service", dict)
+        host = dr.host.rstrip(".").lower()
+        if not host.startswith("*"):
+            fqdn = _expand_host(host, dr.meta.namespace, zone)
+            parts = fqdn.removesuffix(f".svc.{zone}").split(".")
+            return len(parts) == 2 and (parts[1], parts[0]) in self._objects["Service"]
         key = (_key(dr), zone)
-        if key not in known:  # computed once per rule until Services or rules change
+        known = self._wildcard_names.get(key)
+        if known is None:  # computed once per wildcard rule until Services change
             suffix = f".svc.{zone}"
-            known[key] = any(_host_matches(dr, f"{s_name}.{s_ns}{suffix}", zone)
-                             for s_ns, s_name in self._objects["Service"])
-        return known[key]
-
-    def _cached(self, name: str, build: Callable[[], Any]) -> Any:
-        if name not in self._index:
-            self._index[name] = build()
-        return self._index[name]
-
-    def _slices_by_service(self) -> dict[Key, builtins.list[EndpointSlice]]:
-        out: dict[Key, builtins.list[EndpointSlice]] = {}
-        for sl in self._objects["EndpointSlice"].values():
-            if sl.service_name:
-                out.setdefault((sl.meta.namespace, sl.service_name), []).append(sl)
-        for slices in out.values():
-            slices.sort(key=lambda s: s.meta.name)
-        return out
+            known = self._wildcard_names[key] = any(
+                _host_matches(dr, f"{s_name}.{s_ns}{suffix}", zone)
+                for s_ns, s_name in self._objects["Service"])
+        return known
 
 
-_INDEX_DEPENDS: dict[str, set[str]] = {
-    "service_by_ip": {"Service"},
-    "namespaces": {"Namespace", "Service"},
-    "slices": {"EndpointSlice"},
-    "rule_names_service": {"Service", "DestinationRule"},
-}
+class _RuleIndex:
+    """DestinationRules of one zone: by the FQDN their exact host names, and the wildcards."""
+
+    def __init__(self, rules: dict[Key, istio.DestinationRule], zone: str) -> None:
+        self.exact: dict[str, list[tuple[Key, istio.DestinationRule]]] = {}
+        self.wildcards: list[tuple[Key, istio.DestinationRule]] = []
+        for key, dr in rules.items():
+            host = dr.host.rstrip(".").lower()
+            if host.startswith("*"):
+                self.wildcards.append((key, dr))
+            else:
+                self.exact.setdefault(_expand_host(host, dr.meta.namespace, zone), []
+                                      ).append((key, dr))
+
+
+def _service_ips(svc: Service) -> Iterator[str]:
+    for ip in (*svc.cluster_ips, *svc.external_ips):
+        if ip and ip != "None":
+            yield ip
+
+
+def _service_of(kind: str, key: Key, obj: Any) -> Key | None:
+    """The Service an object's change touches (for ``Changes.services``)."""
+    if kind == "Service" or kind == "Endpoints":
+        return key
+    if kind == "EndpointSlice":
+        return (key[0], obj.service_name) if obj.service_name else None
+    return None
+
+
+def raw_json(raw: dict[str, Any]) -> bytes:
+    """A raw document as the store keeps it (compact JSON); sources may pass this instead."""
+    return json.dumps(raw, separators=(",", ":")).encode()
 
 
 def _key(obj: Any) -> Key:

@@ -95,7 +95,8 @@ def test_multi_document_yaml_skips_empty_and_ignores_unknown_kinds(tmp_path, cap
     before = bad_count()
     with caplog.at_level(logging.DEBUG, logger="edgemesh.meta.files"):
         store, source = loaded(tmp_path)
-    assert store.service("demo", "web") and store.get("Pod", "demo", "web-1")
+    assert store.service("demo", "web") and source.merged.pod("demo", "web-1")
+    assert store.get("Pod", "demo", "web-1") is None  # kept by the source, not the store
     assert source.errors == {} and bad_count() == before
     assert "ignored 2 documents" in caplog.text
 
@@ -130,7 +131,8 @@ def test_list_kinds_in_yaml_and_json_and_concatenated_json(tmp_path):
 def test_timestamps_stay_strings_so_raw_documents_are_json(tmp_path):
     write(tmp_path / "s.yaml", service("web").replace(
         "namespace: demo}", "namespace: demo, creationTimestamp: 2024-01-01T00:00:00Z}"))
-    store, _ = loaded(tmp_path)
+    store = Store(keep_raw=True)  # as with the metadata cache
+    FilesSource(store, [str(tmp_path)]).poll()
     raw = store.raw_snapshot()["Service"][0]
     assert raw["metadata"]["creationTimestamp"] == "2024-01-01T00:00:00Z"
     json.dumps(store.raw_snapshot())
@@ -236,7 +238,7 @@ def test_syntax_error_keeps_the_files_last_good_state(tmp_path, caplog):
     assert problem in caplog.text and "keeping its last good contents" in caplog.text
     assert bad_count() == before + 1
     assert store.service("demo", "web").cluster_ips == ("10.96.0.1",)  # whole file kept
-    assert store.get("Pod", "demo", "web-1")
+    assert source.merged.pod("demo", "web-1")
     write(tmp_path / "other.yaml", service("other", ip="10.96.0.6"))  # others still reload
     source.poll()
     assert store.service("demo", "other").cluster_ips == ("10.96.0.6",)
@@ -245,7 +247,7 @@ def test_syntax_error_keeps_the_files_last_good_state(tmp_path, caplog):
     source.poll()
     assert source.errors == {}
     assert store.service("demo", "web").cluster_ips == ("10.96.0.3",)
-    assert store.get("Pod", "demo", "web-1") is None
+    assert source.merged.pod("demo", "web-1") is None
 
 
 def test_malformed_object_of_a_known_kind_is_reported_with_file_and_index(tmp_path):

@@ -93,7 +93,7 @@ def test_namespaces_index():
 
 
 def test_writes_report_whether_anything_changed_and_keep_raw_documents():
-    store = Store()
+    store = Store(keep_raw=True)
     obj, raw = svc()
     assert store.replace("Service", [(obj, raw)])
     assert not store.replace("Service", [svc()])

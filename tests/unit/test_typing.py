@@ -15,6 +15,8 @@ PROTOCOL_CORES = [
     "edgemesh/config_go.py",
     "edgemesh/meta/",
     "edgemesh/dns/zone.py",
+    "edgemesh/dns/records.py",
+    "edgemesh/netlink.py",
     "edgemesh/dns/wire.py",
     "edgemesh/tunnel/frames.py",
     "edgemesh/tunnel/handshake.py",

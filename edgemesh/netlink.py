@@ -1,0 +1,110 @@
+"""Interface addresses over rtnetlink: a dump, and a socket that says when they change.
+
+``dump_addresses()`` asks the kernel for every address (``RTM_GETADDR`` with ``NLM_F_DUMP``)
+and returns ``(interface index, address)`` pairs — what ``ip -j addr`` prints, without a helper
+process. ``AddressEvents`` joins the IPv4/IPv6 address multicast groups: its descriptor becomes
+readable when an address is added or removed, so a consumer re-reads only then, never on a
+timer. ``parse_addresses`` is the sans-IO part (bytes in, pairs out).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
+_HDR = struct.Struct("=LHHLL")  # nlmsghdr: len, type, flags, seq, pid
+_IFA = struct.Struct("=BBBBL")  # ifaddrmsg: family, prefixlen, flags, scope, index
+_RTA = struct.Struct("=HH")  # rtattr: len, type
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def parse_addresses(data: bytes, seq: int | None = None) -> tuple[list[tuple[int, str]], bool]:
+    """``(index, address)`` of every RTM_NEWADDR in ``data``, and whether the dump is done.
+
+    Raises OSError for an NLMSG_ERROR answer; messages of other sequence numbers are skipped.
+    """
+    out: list[tuple[int, str]] = []
+    pos = 0
+    while pos + _HDR.size <= len(data):
+        length, mtype, _flags, mseq, _pid = _HDR.unpack_from(data, pos)
+        if length < _HDR.size or pos + length > len(data):
+            break  # truncated: the rest is not a whole message
+        body = data[pos + _HDR.size:pos + length]
+        pos += _align(length)
+        if seq is not None and mseq != seq:
+            continue
+        if mtype == NLMSG_DONE:
+            return out, True
+        if mtype == NLMSG_ERROR:
+            code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+            if code:
+                raise OSError(code, os.strerror(code))
+            continue
+        if mtype != RTM_NEWADDR or len(body) < _IFA.size:
+            continue
+        family, _plen, _f, _scope, index = _IFA.unpack_from(body)
+        attrs = _attributes(body[_IFA.size:])
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        if raw is not None and family in (socket.AF_INET, socket.AF_INET6):
+            out.append((index, str(ipaddress.ip_address(raw))))
+    return out, False
+
+
+def _attributes(data: bytes) -> dict[int, bytes]:
+    attrs: dict[int, bytes] = {}
+    pos = 0
+    while pos + _RTA.size <= len(data):
+        length, kind = _RTA.unpack_from(data, pos)
+        if length < _RTA.size or pos + length > len(data):
+            break
+        attrs.setdefault(kind, data[pos + _RTA.size:pos + length])
+        pos += _align(length)
+    return attrs
+
+
+def dump_addresses() -> list[tuple[int, str]]:
+    """Every address of this network namespace, from one netlink dump."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.bind((0, 0))
+        seq = 1
+        request = _HDR.pack(_HDR.size + _IFA.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP,
+                            seq, 0) + _IFA.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        s.sendto(request, (0, 0))
+        found: list[tuple[int, str]] = []
+        while True:
+            pairs, done = parse_addresses(s.recv(1 << 16), seq)
+            found += pairs
+            if done:
+                return found
+
+
+class AddressEvents:
+    """A netlink socket in the address groups: readable when an address comes or goes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+
+    def wait(self) -> None:
+        """Block (cooperatively under gevent) until something changed; drain the rest."""
+        self.sock.recv(1 << 16)
+        self.sock.setblocking(False)
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            self.sock.setblocking(True)
+
+    def close(self) -> None:
+        self.sock.close()
