@@ -51,6 +51,7 @@ from edgemesh.meta.store import Backend
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics, tasks
+from edgemesh.runtime.backoff import AcceptBackoff, is_resource_error
 from edgemesh.runtime.logs import Once
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ REJECTED = metrics.counter("edgemesh_proxy_rejected_connections_total",
                            "every attempt failed.", ["service", "reason"])
 CALLBACK_ERRORS = metrics.counter("edgemesh_proxy_callback_errors_total",
                                   "Unexpected errors in the TCP data path (bugs).")
+ACCEPT_PAUSES = metrics.counter("edgemesh_proxy_accept_pauses_total",
+                                "Pauses of a TCP listener's accepting for lack of descriptors "
+                                "or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).", ["listener"])
 
 
 class PipePool:
@@ -581,6 +585,8 @@ class Acceptor:
         self.sock.setblocking(False)
         self.family = family
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self._backoff = AcceptBackoff()
+        self._resume: Any = None  # the timer of a pause, while paused
         self._watcher = proxy.loop.io(self.sock.fileno(), READ)
         self._watcher.start(self.on_acceptable)
 
@@ -597,16 +603,36 @@ class Acceptor:
                 fd, addr = self.sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
-            except OSError as e:  # EMFILE and friends: try again on the next wake-up
+            except OSError as e:
                 if _once(("accept", e.errno)):
                     log.error("accept on %s: %s", self.name, e)
-                return
+                if is_resource_error(e):
+                    self._pause()
+                return  # others (ECONNABORTED...): the next wake-up tries again
+            self._backoff.reset()
             client = _socket.socket(self.family, _STREAM, 0, fd)
             client.setblocking(False)
             self.dispatch(client, addr)
 
+    def _pause(self) -> None:
+        """Out of descriptors: stop the level-triggered watcher (it would fire again at once,
+        a CPU spin) and start it after a delay, as gevent's StreamServer does."""
+        ACCEPT_PAUSES.labels(self.name).inc()
+        self._watcher.stop()
+        self._resume = self.proxy.loop.timer(self._backoff.delay())
+        self._resume.start(self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume.close()
+        self._resume = None
+        self._watcher.start(self.on_acceptable)
+
     def close(self) -> None:
         """Stop accepting; connections already proxied carry on."""
+        if self._resume is not None:
+            self._resume.stop()
+            self._resume.close()
+            self._resume = None
         self._watcher.stop()
         self._watcher.close()
         self.sock.close()

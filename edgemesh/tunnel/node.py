@@ -20,6 +20,8 @@ import gevent.pool
 
 from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
+from edgemesh.runtime.backoff import AcceptBackoff, is_resource_error
+from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import identity
 from edgemesh.tunnel.frames import INITIAL_WINDOW
@@ -28,6 +30,7 @@ from edgemesh.tunnel.records import RecordReader
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, handshake_over
 
 log = logging.getLogger(__name__)
+_once = Once()
 
 HANDSHAKES = metrics.counter("edgemesh_tunnel_handshakes_total",
                              "Tunnel handshakes by direction and result.",
@@ -112,13 +115,16 @@ class TunnelNode:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        backoff = AcceptBackoff()
         while True:
             try:
                 sock, addr = self._listener.accept()
             except OSError as e:
-                log.warning("tunnel accept failed: %s", e)
-                gevent.sleep(0.1)
+                if _once(("accept", e.errno)):
+                    log.warning("tunnel accept failed: %s", e)
+                gevent.sleep(backoff.delay() if is_resource_error(e) else 0.01)
                 continue
+            backoff.reset()
             claim = self.claims.pop(addr[:2], None)
             if claim is not None:
                 spawn("tunnel-claimed", claim, sock)

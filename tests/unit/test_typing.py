@@ -33,6 +33,7 @@ PROTOCOL_CORES = [
     "edgemesh/gateway/compile.py",
     "edgemesh/gateway/linear_re.py",
     "edgemesh/gateway/ciphers.py",
+    "edgemesh/runtime/backoff.py",
 ]
 
 
