@@ -322,6 +322,10 @@ class EdgeTunnel:
     maxStreamsPerPeer: int = opt(1024, "Streams a peer may open to us at once.", positive)
     relayBytesPerSecond: int = opt(50_000_000, "Per-peer relay bandwidth limit.", positive)
     relayMaxCircuits: int = opt(64, "Per-peer relay circuits limit.", positive)
+    relayMaxCircuitsTotal: int = opt(1024, "Relay circuits this node holds at once for all "
+                                           "peers together (more are refused).", positive)
+    relayIdleTimeout: float = opt(300.0, "Seconds a relay circuit may carry no byte before "
+                                         "it is closed.", positive)
 
 
 @dataclass
@@ -374,6 +378,12 @@ class Server:
     relayBytesPerSecond: int = opt(50_000_000, "Per-peer relay bandwidth limit (bytes/s).",
                                    positive)
     relayMaxCircuits: int = opt(64, "Relay circuits one peer may hold at once.", positive)
+    relayMaxCircuitsTotal: int = opt(1024, "Relay circuits held at once for all peers "
+                                           "together (more are refused).", positive)
+    relayIdleTimeout: float = opt(300.0, "Seconds a relay circuit may carry no byte before "
+                                         "it is closed.", positive)
+    maxSessions: int = opt(10000, "Agent sessions held at once (more connections are "
+                                  "refused).", positive)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from edgemesh.config import Config, split_host_port
 from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.admin import Admin
+from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
@@ -28,10 +29,13 @@ from edgemesh.tunnel.relay import RelayCore
 from edgemesh.tunnel.session import Session
 
 log = logging.getLogger(__name__)
+_once = Once()
 
 SILENT_PROBE = 2.0
 SILENT_DEAD = 6.0
 
+SESSIONS_REFUSED = metrics.counter("edgemesh_server_sessions_refused_total",
+                                   "Agent sessions refused: maxSessions were open.")
 BUILD_INFO = metrics.gauge("edgemesh_build_info", "EdgeMesh version and role.",
                            ["version", "role"])
 
@@ -46,8 +50,10 @@ class Server:
         psk = identity.load_psk(tc.psk.path, tc.psk.enable)
         self.node = TunnelNode(name, "server", config.commonConfig.stateDir, psk,
                                "bindings.json")
-        self.relay = RelayCore(sc.relayBytesPerSecond, sc.relayMaxCircuits)
+        self.relay = RelayCore(sc.relayBytesPerSecond, sc.relayMaxCircuits,
+                               sc.relayMaxCircuitsTotal, sc.relayIdleTimeout)
         self.listen = sc.listen
+        self.max_sessions = sc.maxSessions
         self.sessions: set[Session] = set()
         self._monitor: gevent.Greenlet | None = None
 
@@ -61,6 +67,7 @@ class Server:
         if self._monitor is not None:
             self._monitor.kill(block=False)
         self.node.stop()
+        self.relay.stop()
         for s in list(self.sessions):
             s.close("server shutting down")
 
@@ -84,6 +91,14 @@ class Server:
     def _on_accept(self, acc: Accepted) -> None:
         if acc.result.remote_hello.intent == "circuit":
             self.relay.handle_circuit(acc)
+            return
+        if len(self.sessions) >= self.max_sessions:
+            SESSIONS_REFUSED.inc()
+            if _once("sessions"):
+                log.warning("refused a session from %s (%s): %d sessions open (maxSessions; "
+                            "logged once)", acc.result.remote_hello.node, acc.address,
+                            len(self.sessions))
+            acc.sock.close()
             return
         session = Session(acc.sock, acc.result, acc.reader, initiator=False,
                           local_hello=self.node.hello(), path="direct", address=acc.address,

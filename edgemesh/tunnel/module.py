@@ -61,7 +61,8 @@ class TunnelModule:
             log.info("relayNodes: %s; servers %s", "this node relays, advertising "
                      f"{', '.join(advertise) or 'its own addresses'}" if relay
                      else "this node does not relay", ", ".join(servers) or "none")
-        self.relay = RelayCore(cfg.relayBytesPerSecond, cfg.relayMaxCircuits) \
+        self.relay = RelayCore(cfg.relayBytesPerSecond, cfg.relayMaxCircuits,
+                               cfg.relayMaxCircuitsTotal, cfg.relayIdleTimeout) \
             if relay else None
         self.peers = Peers(self.node, ctx.store, servers, cfg.listenPort, advertise,
                            self._make_session)
@@ -92,6 +93,8 @@ class TunnelModule:
     def stop(self) -> None:
         self.node.stop()
         self.peers.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
     def check(self) -> str:
         if not self.peers.links or any(link.up for link in self.peers.links):

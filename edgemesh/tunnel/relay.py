@@ -9,6 +9,9 @@ relay tells B (``incoming``), B opens a circuit connection with ``accept: <token
 answers both with one encrypted ``circuit`` record and from then on splices raw bytes. A and B
 run their own end-to-end handshake through it, so the relay only ever sees their ciphertext.
 Per-peer limits: circuits at once, and bytes/s (a token bucket per node, over all its circuits).
+Relay-wide: circuits at once over all peers, and an idle timeout (a circuit that carried no
+byte either way for that long is closed, so parked circuits cannot hold the relay's slots).
+Refusals are counted by reason (``edgemesh_relay_circuits_total``) and logged once per reason.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import gevent.event
 
 from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
-from edgemesh.runtime.tasks import spawn
+from edgemesh.runtime.logs import Once
+from edgemesh.runtime.tasks import spawn, spawn_forever
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel import punch, splice
 from edgemesh.tunnel.node import Accepted
@@ -33,6 +37,7 @@ from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import Session
 
 log = logging.getLogger(__name__)
+_once = Once()
 
 CIRCUIT_WAIT = 10.0
 ANSWER_TIMEOUT = 5.0  # seconds to write a circuit answer to a member's socket
@@ -53,6 +58,9 @@ THROTTLED = metrics.counter("edgemesh_relay_throttled_seconds_total",
                             "Time relay splicing waited on a peer's bytes/s limit.", ["peer"])
 PUNCHES = metrics.counter("edgemesh_relay_punches_total",
                           "Hole-punch coordination requests, by outcome.", ["result"])
+IDLE_CLOSED = metrics.counter("edgemesh_relay_idle_circuits_closed_total",
+                              "Relay circuits closed after carrying nothing for the idle "
+                              "timeout.")
 REGISTERED = metrics.gauge("edgemesh_relay_registered_nodes", "Nodes registered here.")
 
 
@@ -93,6 +101,17 @@ class Registration:
                            self.nat, self.session.rtt)
 
 
+@dataclass(eq=False)
+class _Circuit:
+    """A spliced circuit: its two sockets and when a byte last crossed it."""
+    a: socket.socket
+    b: socket.socket
+    last: float
+
+    def idle(self, now: float, timeout: float) -> bool:
+        return now - self.last > timeout
+
+
 @dataclass
 class _Pending:
     requester: str
@@ -103,11 +122,17 @@ class _Pending:
 class RelayCore:
     """Registrations, lookups and circuits for one server (or relaying agent)."""
 
-    def __init__(self, bytes_per_second: int, max_circuits: int) -> None:
+    def __init__(self, bytes_per_second: int, max_circuits: int, max_total: int = 1024,
+                 idle_timeout: float = 300.0) -> None:
         self.rate = bytes_per_second
         self.max_circuits = max_circuits
+        self.max_total = max_total
+        self.idle_timeout = idle_timeout
         self.registry: dict[str, Registration] = {}
         self.circuits: dict[str, int] = {}
+        self.total = 0  # circuits held or being set up, over every requester
+        self.live: set[_Circuit] = set()
+        self._sweeper: gevent.Greenlet | None = None
         self.buckets: dict[str, TokenBucket] = {}
         self._pending: dict[str, _Pending] = {}
         self._cooldown = punch.PairCooldown()
@@ -202,13 +227,17 @@ class RelayCore:
         requester = acc.result.remote_hello.node
         reason = self._refusal(requester, target)
         if reason:
-            CIRCUITS_TOTAL.labels(reason.split(":")[0].replace(" ", "_")).inc()
+            label = reason.split(":")[0].replace(" ", "_")
+            CIRCUITS_TOTAL.labels(label).inc()
+            if _once(label):
+                log.warning("refused a circuit %s -> %s: %s", requester, target, reason)
             self._answer(acc.sock, channel, False, reason)
             acc.sock.close()
             return
         token = secrets.token_hex(16)
         pending = self._pending[token] = _Pending(requester, target)
         self.circuits[requester] = self.circuits.get(requester, 0) + 1
+        self.total += 1
         CIRCUITS.labels(requester).inc()
         try:
             self.registry[target].session.send_control({"op": "incoming", "circuit": token,
@@ -250,10 +279,13 @@ class RelayCore:
             return "circuit to self"
         if self.circuits.get(requester, 0) >= self.max_circuits:
             return f"circuit limit: {requester} has {self.max_circuits} circuits"
+        if self.total >= self.max_total:
+            return f"relay full: {self.max_total} circuits"
         return ""
 
     def _release(self, requester: str) -> None:
         self.circuits[requester] = max(0, self.circuits.get(requester, 1) - 1)
+        self.total = max(0, self.total - 1)
         CIRCUITS.labels(requester).dec()
 
     @staticmethod
@@ -267,22 +299,54 @@ class RelayCore:
                 b_left: bytes, b_name: str) -> None:
         for sock in (a, b):
             detect_dead_peer(sock)
-        one = spawn("relay-splice", self._copy, a, b, a_left, a_name)
+        circuit = _Circuit(a, b, time.monotonic())
+        self.live.add(circuit)
+        self._start_sweeper()
+        one = spawn("relay-splice", self._copy, a, b, a_left, a_name, circuit)
         try:
-            self._copy(b, a, b_left, b_name)
+            self._copy(b, a, b_left, b_name, circuit)
             one.join()
         finally:
+            self.live.discard(circuit)
             one.kill(block=False)
             a.close()
             b.close()
 
-    def _copy(self, src: socket.socket, dst: socket.socket, first: bytes, sender: str) -> None:
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = spawn_forever("relay-idle", self.close_idle,
+                                          backoff=min(self.idle_timeout / 4, 5.0))
+
+    def close_idle(self) -> None:
+        """Shut down circuits that carried nothing for ``idle_timeout``: both copies end."""
+        now = time.monotonic()
+        for circuit in [c for c in self.live if c.idle(now, self.idle_timeout)]:
+            self.live.discard(circuit)
+            IDLE_CLOSED.inc()
+            if _once("idle"):
+                log.info("closed a relay circuit idle for over %.0fs (logged once)",
+                         self.idle_timeout)
+            for sock in (circuit.a, circuit.b):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        """Stop the idle sweep (circuits carry on until their members close them)."""
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None
+
+    def _copy(self, src: socket.socket, dst: socket.socket, first: bytes, sender: str,
+              circuit: _Circuit) -> None:
         bucket = self.buckets.setdefault(sender, TokenBucket(self.rate))
         counter, throttled = RELAY_BYTES.labels(sender), THROTTLED.labels(sender)
 
         def pace(n: int) -> float:
             counter.inc(n)
-            wait = bucket.take(n, time.monotonic())
+            circuit.last = now = time.monotonic()
+            wait = bucket.take(n, now)
             if wait > 0:
                 throttled.inc(wait)
             return wait

@@ -1,10 +1,15 @@
-"""RelayCore's circuit bookkeeping, on real sockets: a circuit token is good for one accept."""
+"""RelayCore's circuit bookkeeping, on real sockets: a circuit token is good for one accept;
+caps (relay-wide circuits, server sessions) refuse and count; idle circuits are closed."""
 from __future__ import annotations
 
 import json
 import socket
 from types import SimpleNamespace
 
+import gevent
+
+from edgemesh.runtime import metrics
+from edgemesh.server.main import Server
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.relay import RelayCore, _Pending
 
@@ -53,3 +58,65 @@ def test_only_the_named_target_may_accept() -> None:
     assert answer(intruder_peer)["reason"] == "unknown circuit"
     assert not pending.arrived.ready() and "tok" in core._pending  # b1 can still accept
     intruder_peer.close()
+
+
+def counter(name: str, *labels: str) -> float:
+    metric = metrics.REGISTRY.get(name)
+    assert metric is not None
+    return (metric.labels(*labels) if labels else metric).value  # type: ignore[attr-defined]
+
+
+def registered(*nodes: str) -> dict:
+    return {n: SimpleNamespace(session=SimpleNamespace(closed=False)) for n in nodes}
+
+
+def test_circuits_beyond_the_relay_wide_cap_are_refused_and_counted() -> None:
+    core = RelayCore(bytes_per_second=10**9, max_circuits=4, max_total=2)
+    core.registry = registered("a1", "b1")
+    core.total = 2  # held by other members: a1 itself holds none
+    before = counter("edgemesh_relay_circuits_total", "relay_full")
+    mine, peer = socket.socketpair()
+    core._connect(accepted("a1", mine), PlainChannel(), "b1")
+    assert answer(peer) == {"op": "circuit", "ok": False, "reason": "relay full: 2 circuits"}
+    assert mine.fileno() == -1 and core.circuits.get("a1", 0) == 0 and core.total == 2
+    assert counter("edgemesh_relay_circuits_total", "relay_full") == before + 1
+    peer.close()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        one = socket.create_connection(srv.getsockname())
+        return one, srv.accept()[0]
+
+
+def test_an_idle_circuit_is_closed_and_a_busy_one_is_not() -> None:
+    core = RelayCore(bytes_per_second=10**9, max_circuits=4, idle_timeout=0.4)
+    (a, a_peer), (b, b_peer) = tcp_pair(), tcp_pair()
+    before = counter("edgemesh_relay_idle_circuits_closed_total")
+    splicing = gevent.spawn(core._splice, a, b"", "a1", b, b"", "b1")
+    b_peer.settimeout(5)
+    for _ in range(8):  # 0.8 s of traffic, twice the idle timeout: kept
+        a_peer.sendall(b"x")
+        assert b_peer.recv(16) == b"x"
+        gevent.sleep(0.1)
+    assert len(core.live) == 1 and not splicing.ready()
+    splicing.join(timeout=3)  # silence: closed within the timeout and a sweep
+    assert splicing.ready() and not core.live
+    assert b_peer.recv(16) == b"" and a.fileno() == -1 and b.fileno() == -1
+    assert counter("edgemesh_relay_idle_circuits_closed_total") == before + 1
+    core.stop()
+    for s in (a_peer, b_peer):
+        s.close()
+
+
+def test_sessions_beyond_max_sessions_are_refused_and_counted() -> None:
+    server = Server.__new__(Server)
+    server.sessions, server.max_sessions = {object()}, 1  # type: ignore[assignment]
+    before = counter("edgemesh_server_sessions_refused_total")
+    mine, peer = socket.socketpair()
+    server._on_accept(SimpleNamespace(sock=mine, address="192.0.2.9:20006",  # type: ignore
+                                      result=SimpleNamespace(remote_hello=SimpleNamespace(
+                                          intent="session", node="n9"))))
+    assert mine.fileno() == -1 and len(server.sessions) == 1
+    assert counter("edgemesh_server_sessions_refused_total") == before + 1
+    peer.close()
