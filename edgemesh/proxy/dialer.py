@@ -26,13 +26,13 @@ Optional extension of ``TunnelDialer`` (the proxy's TCP path uses it when the tu
 ``open_stream`` stays for callers that need a socket: the gateway, HTTP pools):
 
     def attach_stream(self, node, protocol, ip, port, client, timeout, *,
-                      on_end=None, on_activity=None) -> handle
+                      on_end=None, on_bytes=None) -> handle
 
   opens the stream like ``open_stream`` (same errors, ``client`` untouched on failure), then
   pumps ``client`` (a connected stream socket) to and from it itself, on its own duplicate of
   the descriptor: no socketpair hop. Half-closes cross both ways; a reset on either side
   resets the client (RST). ``on_end()`` is called once when the stream is over,
-  ``on_activity()`` whenever bytes moved. The handle has ``close()`` (abort: reset the stream,
+  ``on_bytes(up, down)`` whenever bytes moved (from the client, to the client). The handle has ``close()`` (abort: reset the stream,
   stop pumping, never blocks) and ``setsockopt(level, option, value)`` (on the client socket).
 """
 from __future__ import annotations

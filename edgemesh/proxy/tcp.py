@@ -383,12 +383,13 @@ class Conn:
 
     def _attach_remote(self, attach: Any, backend: Backend) -> None:
         """The tunnel takes over the pumping (``TunnelDialer.attach_stream``): it calls
-        ``close`` when the stream is over and ``_touch`` as bytes move (the idle sweep);
+        ``close`` when the stream is over and ``_moved`` as bytes move (the idle sweep and
+        ``edgemesh_proxy_bytes_total``, as the local path's flows count);
         ``self.server`` becomes its handle (``close``/``setsockopt`` like a socket)."""
         try:
             handle = attach(backend.node_name, "tcp", backend.ip, backend.port, self.client,
                             self.proxy.dialer.connect_timeout, on_end=self.close,
-                            on_activity=self._touch)
+                            on_bytes=self._moved)
         except (UnavailableError, OSError) as e:
             log.debug("tunnel to %s failed: %s", backend, e)
             if not self.closed:  # close() already released the pick
@@ -398,8 +399,13 @@ class Conn:
         if self.closed:
             handle.close()
 
-    def _touch(self) -> None:
+    def _moved(self, up: int, down: int) -> None:
         self.last = self.proxy.loop.now()
+        counters = self.listener.counters
+        if up:
+            counters[0].value += up
+        if down:
+            counters[1].value += down
 
     # ---- pumping and closing ------------------------------------------------------------------
 

@@ -117,7 +117,7 @@ class TunnelModule:
     def attach_stream(self, node: str, proto: str, ip: str, port: int,
                       client: socket.socket, timeout: float | None, *,
                       on_end: Callable[[], None] | None = None,
-                      on_activity: Callable[[], None] | None = None) -> AttachedStream:
+                      on_bytes: Callable[[int, int], None] | None = None) -> AttachedStream:
         """Open a stream to ip:port on ``node`` and pump ``client`` to and from it ourselves
         (the proxy's TCP path: no socketpair hop). Raises UnavailableError like
         ``open_stream``, with ``client`` untouched; see ``pumps.AttachedStream`` after."""
@@ -130,7 +130,7 @@ class TunnelModule:
         except OSError as e:  # the client went away meanwhile (closed descriptor)
             stream.reset(fr.ResetCode.CANCEL)
             raise UnavailableError(f"attach_stream: {e}") from e
-        stream.on_activity = on_activity
+        stream.on_bytes = on_bytes
         return attached
 
     def open_datagram(self, node: str, ip: str, port: int) -> TunnelDatagrams:

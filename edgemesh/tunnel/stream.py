@@ -50,8 +50,9 @@ class Stream:
         self.sink: socket.socket | None = None  # drain_to's socket: the reader sends to it
         self._batch: list[bytes | memoryview] = []  # for the sink, sent after a read's records
         self._queued = 0  # bytes in _chunks
-        # called when bytes moved either way (an attached proxy connection's idle clock)
-        self.on_activity: Callable[[], None] | None = None
+        # called with (bytes from the sink's socket, bytes to it) as they move: an attached
+        # proxy connection's idle clock and byte counters
+        self.on_bytes: Callable[[int, int], None] | None = None
         self.eof = False
         self.error: StreamClosed | None = None
 
@@ -87,8 +88,8 @@ class Stream:
                 sent = 0  # full (EAGAIN), or broken: drain_to meets the error and resets
         if sent:
             self._delivered(sent, total - sent + self._queued)
-            if self.on_activity is not None:
-                self.on_activity()
+            if self.on_bytes is not None:
+                self.on_bytes(0, sent)
         for data in batch:
             if sent >= len(data):
                 sent -= len(data)
@@ -177,8 +178,8 @@ class Stream:
             if not n:
                 self.shutdown_write()
                 return
-            if self.on_activity is not None:
-                self.on_activity()
+            if self.on_bytes is not None:
+                self.on_bytes(n, 0)
             for record, view in zip(records, views, strict=True):
                 k = min(n, len(view))
                 if not k:
@@ -194,10 +195,11 @@ class Stream:
         try:
             while True:
                 while self._chunks:
-                    sock.sendall(self._chunks[0])  # popped only once sent: keeps the order
+                    chunk = self._chunks[0]
+                    sock.sendall(chunk)  # popped only once sent: keeps the order
                     self._pop()
-                    if self.on_activity is not None:
-                        self.on_activity()
+                    if self.on_bytes is not None:
+                        self.on_bytes(0, len(chunk))
                 if self.error:
                     raise self.error
                 if self.eof:

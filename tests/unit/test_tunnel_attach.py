@@ -19,7 +19,7 @@ from edgemesh.meta.models import Node, ObjectMeta
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer, LBSpec
-from edgemesh.proxy.tcp import TCPListener, TCPProxy
+from edgemesh.proxy.tcp import BYTES, TCPListener, TCPProxy
 from edgemesh.tunnel.policy import REFUSED
 from tests.unit.test_tunnel_session import agent, store_with
 
@@ -157,6 +157,23 @@ def test_bytes_both_ways_and_half_close_both_ways(pair) -> None:
         assert fds() == before
     finally:
         lst.close()
+
+
+def test_tunnel_bytes_count_in_proxy_bytes_total(pair) -> None:
+    a, b, ep, proxy = pair
+    lst = TCPListener(proxy, "t/attach-bytes", "127.0.0.1", Balancer(LBSpec()),
+                      [Backend("127.0.0.1", ep.port, node_name="b")])
+    up = blob(SEED_UP)
+    try:
+        with socket.create_connection(lst.address, timeout=10) as c:
+            sender = gevent.spawn(lambda: (c.sendall(b"C" + up), c.shutdown(socket.SHUT_WR)))
+            got = read_all(c)
+            sender.get()
+        settle(a, b, proxy)
+    finally:
+        lst.close()
+    counted = {d: BYTES.labels("t/attach-bytes", d).value for d in ("upstream", "downstream")}
+    assert counted == {"upstream": 1 + len(up), "downstream": len(got)}
 
 
 def test_endpoint_reset_resets_the_client(pair) -> None:
