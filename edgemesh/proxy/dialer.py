@@ -32,8 +32,9 @@ Optional extension of ``TunnelDialer`` (the proxy's TCP path uses it when the tu
   pumps ``client`` (a connected stream socket) to and from it itself, on its own duplicate of
   the descriptor: no socketpair hop. Half-closes cross both ways; a reset on either side
   resets the client (RST). ``on_end()`` is called once when the stream is over,
-  ``on_bytes(up, down)`` whenever bytes moved (from the client, to the client). The handle has ``close()`` (abort: reset the stream,
-  stop pumping, never blocks) and ``setsockopt(level, option, value)`` (on the client socket).
+  ``on_bytes(up, down)`` whenever bytes moved (from the client, to the client). The handle
+  has ``close()`` (abort: reset the stream, stop pumping, never blocks) and
+  ``setsockopt(level, option, value)`` (on the client socket).
 """
 from __future__ import annotations
 
