@@ -11,7 +11,6 @@ import logging
 import signal
 import socket
 import time
-from typing import Any
 
 import gevent
 import gevent.event
@@ -23,7 +22,7 @@ from edgemesh.runtime import metrics
 from edgemesh.runtime.admin import Admin
 from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn
-from edgemesh.tunnel import identity
+from edgemesh.tunnel import control, identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.relay import RelayCore
 from edgemesh.tunnel.session import Session
@@ -103,14 +102,15 @@ class Server:
         session = Session(acc.sock, acc.result, acc.reader, initiator=False,
                           local_hello=self.node.hello(), path="direct", address=acc.address,
                           max_inbound=0, on_stream=None, on_control=self._on_control,
-                          on_close=self._on_close)
+                          on_close=self._on_close, answer_unknown=True)
         self.sessions.add(session)
         session.start()
 
-    def _on_control(self, session: Session, msg: dict[str, Any]) -> None:
+    def _on_control(self, session: Session, msg: control.Message) -> None:
         if not self.relay.on_control(session, msg):
-            session.send_control({"op": "error", "id": msg.get("id"),
-                                  "reason": f"unknown op {msg.get('op')!r}"})
+            rid = getattr(msg, "id", None)
+            session.send_control(control.Error(rid if isinstance(rid, int) else None,
+                                               f"unknown op {msg.op!r}"))
 
     def _on_close(self, session: Session) -> None:
         self.sessions.discard(session)

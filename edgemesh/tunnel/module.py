@@ -13,8 +13,8 @@ from edgemesh.agent import Context
 from edgemesh.config_go import relay_plan
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
+from edgemesh.tunnel import control, identity
 from edgemesh.tunnel import frames as fr
-from edgemesh.tunnel import identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.peers import Peers
 from edgemesh.tunnel.policy import REFUSED, LocalEndpoints
@@ -178,14 +178,14 @@ class TunnelModule:
         if self.relay is not None:
             self.relay.on_session_closed(session)
 
-    def _on_control(self, session: Session, msg: dict[str, Any]) -> None:
+    def _on_control(self, session: Session, msg: control.Message) -> None:
         if self.peers.on_control(session, msg):
             return
         if self.relay is not None and self.relay.on_control(session, msg):
             return
-        if msg.get("op") in ("register", "lookup"):
-            session.send_control({"op": "error", "id": msg.get("id"),
-                                  "reason": "this agent is not a relay"})
+        if isinstance(msg, control.Register | control.Lookup):
+            rid = msg.id if isinstance(msg, control.Lookup) else None
+            session.send_control(control.Error(rid, "this agent is not a relay"))
 
     def _on_stream(self, session: Session, stream: Stream) -> None:
         target = stream.target

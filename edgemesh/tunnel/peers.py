@@ -15,7 +15,6 @@ smaller name, so both sides agree. Punching itself is in ``punching``.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import socket
 import struct
@@ -28,11 +27,11 @@ import gevent
 import gevent.event
 
 from edgemesh.config import split_host_port
-from edgemesh.errors import EdgeMeshError, UnavailableError
+from edgemesh.errors import EdgeMeshError, RemoteProtocolError, UnavailableError
 from edgemesh.meta.store import Store
 from edgemesh.runtime.tasks import spawn
+from edgemesh.tunnel import control, punch
 from edgemesh.tunnel import frames as fr
-from edgemesh.tunnel import punch
 from edgemesh.tunnel.node import TunnelNode, fmt_addr
 from edgemesh.tunnel.paths import DIRECT, PATHS, PUNCH_BUDGET, RELAY, PathStrategy
 from edgemesh.tunnel.punching import Puncher
@@ -434,9 +433,11 @@ class Peers:
         channel = SecureChannel(result.send, result.recv)
         body = read_record(sock, reader, time.monotonic() + timeout)
         frame = fr.decode_frame(channel.open(body))
-        answer = json.loads(frame.payload)
-        if not answer.get("ok"):
-            raise UnavailableError(f"relay {link.address} refused: {answer.get('reason')}")
+        answer = control.decode(frame.payload)
+        if not isinstance(answer, control.Circuit):
+            raise RemoteProtocolError(f"relay {link.address} answered {answer.op}, not circuit")
+        if not answer.ok:
+            raise UnavailableError(f"relay {link.address} refused: {answer.reason}")
         leftover = type(reader)()
         leftover.feed(reader.leftover())
         return leftover
@@ -487,9 +488,9 @@ class Peers:
 
     def _register(self, link: ServerLink) -> None:
         if link.session is not None:
-            link.session.send_control({"op": "register", "addrs": self.local_addresses(),
-                                       "port": self.listen_port, "nat": self.nat.value,
-                                       "mapped": link.local_port == self.listen_port})
+            link.session.send_control(control.Register(
+                tuple(self.local_addresses()), self.listen_port, self.nat.value,
+                link.local_port == self.listen_port))
 
     def _observed(self, link: ServerLink, observed: str) -> None:
         if link.observed and link.observed != observed:
@@ -508,27 +509,26 @@ class Peers:
                 if lk.up:
                     self._register(lk)
 
-    def on_control(self, session: Session, msg: dict[str, Any]) -> bool:
+    def on_control(self, session: Session, msg: control.Message) -> bool:
         """Messages servers send to agents; False when not one of these."""
-        op = msg.get("op")
         server = next((lk for lk in self.links if lk.session is session), None)
-        if op == "registered":
+        if isinstance(msg, control.Registered):
             if server is not None:
-                self._observed(server, str(msg.get("observed", "")))
-        elif op == "record":
-            waiter = self._lookups.pop(msg.get("id"), None)  # type: ignore[arg-type]
+                self._observed(server, msg.observed)
+        elif isinstance(msg, control.Record):
+            waiter = self._lookups.pop(msg.id, None) if msg.id is not None else None
             if waiter is not None:
                 waiter.set(msg)
-        elif op == "punch":
+        elif isinstance(msg, control.Punch):
             if server is not None:  # only our own servers may ask us to connect out
                 self.puncher.on_offer(msg)
-        elif op == "incoming":
+        elif isinstance(msg, control.Incoming):
             if server is None:
                 return True  # only our own servers may ask us to open circuits
             try:
-                self._accept_circuit(server, str(msg.get("circuit")), str(msg.get("from")))
+                self._accept_circuit(server, msg.circuit, msg.from_node)
             except (EdgeMeshError, OSError) as e:
-                log.info("circuit from %s via %s failed: %s", msg.get("from"), server.address,
+                log.info("circuit from %s via %s failed: %s", msg.from_node, server.address,
                          e)
         else:
             return False
@@ -546,17 +546,14 @@ class Peers:
             rid = next(self._ids)
             waiter = self._lookups[rid] = gevent.event.AsyncResult()
             try:
-                link.session.send_control({"op": "lookup", "id": rid, "node": node})
+                link.session.send_control(control.Lookup(rid, node))
                 msg = waiter.get(timeout=LOOKUP_TIMEOUT)
             except (gevent.Timeout, EdgeMeshError):
                 self._lookups.pop(rid, None)
                 continue
-            if msg.get("found"):
-                rec = PeerRecord(node, str(msg.get("key", "")),
-                                 [str(a) for a in msg.get("addrs", [])],
-                                 int(msg.get("port") or 0), str(msg.get("public", "")),
-                                 bool(msg.get("online")), time.monotonic(),
-                                 str(msg.get("nat", "")))
+            if msg.found:
+                rec = PeerRecord(node, msg.key, list(msg.addrs), msg.port, msg.public,
+                                 msg.online, time.monotonic(), msg.nat)
                 self.records[node] = rec
                 return rec
         return rec

@@ -19,11 +19,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemesh.tunnel import control
+
 MAX_ATTEMPTS_KEPT = 12
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
 PAIR_COOLDOWN = 2.0  # a server coordinates one punch per pair at most this often
-MAX_DELAY = 1.0
+MAX_DELAY = control.MAX_DELAY
 
 
 class NatKind(enum.StrEnum):
@@ -95,7 +97,7 @@ class Party:
     rtt: float | None
 
 
-def offers(a: Party, b: Party, rid: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def offers(a: Party, b: Party, rid: int | None) -> tuple[control.Punch, control.Punch]:
     """The ``punch`` messages for A (who asked, ``rid``) and B, timed to leave together.
 
     The side with the shorter path to the server waits half the difference, so both SYNs
@@ -105,16 +107,15 @@ def offers(a: Party, b: Party, rid: Any) -> tuple[dict[str, Any], dict[str, Any]
     delay_a = min(MAX_DELAY, max(0.0, (rb - ra) / 2))
     delay_b = min(MAX_DELAY, max(0.0, (ra - rb) / 2))
 
-    def offer(to_peer: Party, delay: float) -> dict[str, Any]:
-        return {"op": "punch", "ok": True, "node": to_peer.node, "key": to_peer.key,
-                "public": to_peer.public, "addrs": list(to_peer.addrs), "port": to_peer.port,
-                "nat": to_peer.nat, "delay": round(delay, 4)}
-    return {**offer(b, delay_a), "id": rid}, offer(a, delay_b)
+    def offer(to_peer: Party, delay: float, asker: int | None) -> control.Punch:
+        return control.Punch(True, to_peer.node, asker, to_peer.key, to_peer.public,
+                             to_peer.addrs, to_peer.port, to_peer.nat, round(delay, 4))
+    return offer(b, delay_a, rid), offer(a, delay_b, None)
 
 
 @dataclass(frozen=True)
 class Offer:
-    """A validated ``punch`` message received by an agent."""
+    """A usable ``punch`` offer received by an agent."""
     node: str
     key: str
     host: str
@@ -123,21 +124,14 @@ class Offer:
     delay: float
 
 
-def parse_offer(msg: dict[str, Any]) -> Offer | str:
+def parse_offer(msg: control.Punch) -> Offer | str:
     """An ``Offer``, or the reason the message is not a usable one (refusals included)."""
-    if not msg.get("ok"):
-        return str(msg.get("reason") or "server refused to coordinate")
-    node, public = msg.get("node"), msg.get("public")
-    if not isinstance(node, str) or not isinstance(public, str):
-        return "malformed punch offer"
-    where = split(public)
+    if not msg.ok:
+        return msg.reason or "server refused to coordinate"
+    where = split(msg.public)
     if where is None:
         return "malformed punch offer: public address"
-    delay = msg.get("delay", 0)
-    if not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY:
-        delay = 0.0
-    return Offer(node, str(msg.get("key", "")), where[0], where[1], str(msg.get("nat", "")),
-                 float(delay))
+    return Offer(msg.node, msg.key, where[0], where[1], msg.nat, msg.delay)
 
 
 class PairCooldown:

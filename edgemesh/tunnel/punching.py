@@ -30,7 +30,7 @@ import gevent.event
 from edgemesh.errors import EdgeMeshError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.tasks import spawn
-from edgemesh.tunnel import punch
+from edgemesh.tunnel import control, punch
 from edgemesh.tunnel.node import fmt_addr, reuse_socket
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, Session
 
@@ -68,7 +68,7 @@ class Puncher:
         if run is None:
             run = self.runs[node] = Run()
             assert link.session is not None
-            link.session.send_control({"op": "rendezvous", "id": rid, "node": node})
+            link.session.send_control(control.Rendezvous(rid, node))
             spawn("tunnel-punch-offer-wait", self._offer_timeout, node, run)
         try:
             session = run.result.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -90,10 +90,10 @@ class Puncher:
         if not run.result.ready():
             run.result.set_exception(UnavailableError(reason))
 
-    def on_offer(self, msg: dict[str, object]) -> None:
+    def on_offer(self, msg: control.Punch) -> None:
         """A ``punch`` message from one of our servers."""
-        offer = punch.parse_offer(msg)  # type: ignore[arg-type]
-        node = str(msg.get("node", ""))
+        offer = punch.parse_offer(msg)
+        node = msg.node
         if isinstance(offer, str):
             run = self.runs.get(node)
             if run is not None and not run.started:

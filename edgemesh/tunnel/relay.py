@@ -15,7 +15,6 @@ Refusals are counted by reason (``edgemesh_relay_circuits_total``) and logged on
 """
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import socket
@@ -30,8 +29,8 @@ from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn, spawn_forever
+from edgemesh.tunnel import control, punch, splice
 from edgemesh.tunnel import frames as fr
-from edgemesh.tunnel import punch, splice
 from edgemesh.tunnel.node import Accepted
 from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import Session
@@ -92,9 +91,9 @@ class Registration:
     nat: str = punch.NatKind.UNKNOWN.value
     mapped: bool = True  # the agent's link comes from its tunnel port: ``observed`` is punchable
 
-    def record(self) -> dict[str, Any]:
-        return {"node": self.node, "key": self.key, "addrs": self.addrs, "port": self.port,
-                "public": self.observed, "nat": self.nat, "online": not self.session.closed}
+    def record(self, rid: int | None = None) -> control.Record:
+        return control.Record(rid, True, self.node, not self.session.closed, self.key,
+                              tuple(self.addrs), self.port, self.observed, self.nat)
 
     def party(self) -> punch.Party:
         return punch.Party(self.node, self.key, self.observed, tuple(self.addrs), self.port,
@@ -140,25 +139,23 @@ class RelayCore:
 
     # ---- rendezvous ---------------------------------------------------------------------------
 
-    def on_control(self, session: Session, msg: dict[str, Any]) -> bool:
+    def on_control(self, session: Session, msg: control.Message) -> bool:
         """Handle a rendezvous message; False if it is not one of ours."""
-        op = msg.get("op")
-        if op == "register":
+        if isinstance(msg, control.Register):
             self._register(session, msg)
-        elif op == "lookup":
-            reg = self.registry.get(str(msg.get("node", "")))
-            reply = reg.record() if reg else {"node": msg.get("node"), "online": False}
-            session.send_control({"op": "record", "id": msg.get("id"), "found": bool(reg),
-                                  **reply})
-        elif op == "rendezvous":
+        elif isinstance(msg, control.Lookup):
+            reg = self.registry.get(msg.node)
+            session.send_control(reg.record(msg.id) if reg else
+                                 control.Record(msg.id, False, msg.node, False))
+        elif isinstance(msg, control.Rendezvous):
             self._rendezvous(session, msg)
         else:
             return False
         return True
 
-    def _rendezvous(self, session: Session, msg: dict[str, Any]) -> None:
+    def _rendezvous(self, session: Session, msg: control.Rendezvous) -> None:
         """Send both nodes a ``punch`` offer naming the other (docs/tunnel-protocol.md §8)."""
-        rid, target = msg.get("id"), str(msg.get("node", ""))
+        rid, target = msg.id, msg.node
         me, other = self.registry.get(session.peer), self.registry.get(target)
         if me is None or me.session is not session:
             reason = "register first"
@@ -180,21 +177,17 @@ class RelayCore:
             session.send_control(to_me)
             return
         PUNCHES.labels("refused").inc()
-        session.send_control({"op": "punch", "id": rid, "node": target, "ok": False,
-                              "reason": reason})
+        session.send_control(control.Punch(False, target, rid, reason=reason))
 
-    def _register(self, session: Session, msg: dict[str, Any]) -> None:
-        addrs = [str(a) for a in msg.get("addrs", []) if isinstance(a, str)][:16]
-        port = msg.get("port")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            port = 0
-        nat = msg.get("nat")
-        nat = nat if nat in {k.value for k in punch.NatKind} else punch.NatKind.UNKNOWN.value
+    def _register(self, session: Session, msg: control.Register) -> None:
+        addrs = list(msg.addrs[:16])
+        nat = msg.nat if msg.nat in {k.value for k in punch.NatKind} \
+            else punch.NatKind.UNKNOWN.value
         self.registry[session.peer] = Registration(session.peer, session, session.peer_key.hex(),
-                                                   addrs, port, session.address, nat,
-                                                   msg.get("mapped", True) is not False)
-        session.send_control({"op": "registered", "observed": session.address})
-        log.info("registered %s (lan %s port %d, seen as %s)", session.peer, addrs, port,
+                                                   addrs, msg.port, session.address, nat,
+                                                   msg.mapped)
+        session.send_control(control.Registered(session.address))
+        log.info("registered %s (lan %s port %d, seen as %s)", session.peer, addrs, msg.port,
                  session.address)
 
     def on_session_closed(self, session: Session) -> None:
@@ -203,7 +196,12 @@ class RelayCore:
             del self.registry[session.peer]
 
     def records(self) -> list[dict[str, Any]]:
-        return [r.record() for r in sorted(self.registry.values(), key=lambda r: r.node)]
+        """The admin view: one row per registration, as a ``record`` answer carries it."""
+        rows = []
+        for reg in sorted(self.registry.values(), key=lambda r: r.node):
+            row = control.to_dict(reg.record())
+            rows.append({k: v for k, v in row.items() if k not in ("op", "id", "found")})
+        return rows
 
     # ---- circuits -----------------------------------------------------------------------------
 
@@ -240,8 +238,7 @@ class RelayCore:
         self.total += 1
         CIRCUITS.labels(requester).inc()
         try:
-            self.registry[target].session.send_control({"op": "incoming", "circuit": token,
-                                                        "from": requester})
+            self.registry[target].session.send_control(control.Incoming(token, requester))
             other = pending.arrived.get(timeout=CIRCUIT_WAIT)
         except (gevent.Timeout, EdgeMeshError):
             CIRCUITS_TOTAL.labels("target_did_not_answer").inc()
@@ -290,7 +287,7 @@ class RelayCore:
 
     @staticmethod
     def _answer(sock: socket.socket, channel: SecureChannel, ok: bool, reason: str) -> None:
-        body = json.dumps({"op": "circuit", "ok": ok, "reason": reason}).encode()
+        body = control.encode(control.Circuit(ok, reason))
         record = channel.seal(fr.encode_frame(fr.Frame(fr.FrameType.CONTROL, 0, body)))
         with gevent.Timeout(ANSWER_TIMEOUT, TimeoutError("circuit answer timed out")):
             sock.sendall(record)

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 import gevent
 import gevent.event
@@ -30,7 +28,9 @@ from gevent.socket import wait_read
 
 from edgemesh.errors import EdgeMeshError, RemoteProtocolError, UnavailableError
 from edgemesh.runtime import metrics
+from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn
+from edgemesh.tunnel import control
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.handshake import Handshake, Hello, Result
 from edgemesh.tunnel.policy import REFUSED
@@ -39,6 +39,7 @@ from edgemesh.tunnel.stream import DEAD_AFTER, PING_INTERVAL, RECORD_OVERHEAD, S
 from edgemesh.tunnel.x25519 import StaticKey
 
 log = logging.getLogger(__name__)
+_once = Once()
 
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_READ = 16 * 1024  # a read shorter than this gives the reader's buffer back
@@ -51,6 +52,8 @@ BUFFER_CAP = 32 * 1024 * 1024  # received bytes held for a session's consumers, 
 WIRE_BYTES = metrics.counter("edgemesh_tunnel_bytes_total",
                              "Encrypted bytes on tunnel connections, by peer and direction.",
                              ["peer", "direction"])
+UNKNOWN_CONTROL = metrics.counter("edgemesh_tunnel_unknown_control_total",
+                                  "Control messages of a kind this version does not know.")
 SESSION_ERRORS = metrics.counter("edgemesh_tunnel_session_errors_total",
                                  "Sessions closed because the peer broke the protocol.",
                                  ["reason"])
@@ -86,7 +89,7 @@ def read_record(sock: socket.socket, reader: RecordReader, deadline: float) -> b
 
 
 StreamHandler = Callable[["Session", Stream], None]
-ControlHandler = Callable[["Session", dict[str, Any]], None]
+ControlHandler = Callable[["Session", control.Message], None]
 
 
 class Session:
@@ -96,7 +99,8 @@ class Session:
                  initiator: bool, local_hello: Hello, path: str, address: str,
                  max_inbound: int = 1024, on_stream: StreamHandler | None = None,
                  on_control: ControlHandler | None = None,
-                 on_close: Callable[["Session"], None] | None = None) -> None:
+                 on_close: Callable[["Session"], None] | None = None,
+                 answer_unknown: bool = False) -> None:
         self.sock = sock
         self.peer = result.remote_hello.node
         self.peer_key = result.remote_static
@@ -112,6 +116,7 @@ class Session:
         self.on_stream = on_stream
         self.on_control = on_control
         self.on_close = on_close
+        self.answer_unknown = answer_unknown
         self.rtt: float | None = None
         self.created = time.monotonic()
         self.last_seen = self.created
@@ -151,8 +156,8 @@ class Session:
         stream.wait_accepted(timeout)
         return stream
 
-    def send_control(self, message: dict[str, Any]) -> None:
-        payload = json.dumps(message, separators=(",", ":")).encode()
+    def send_control(self, message: control.Message) -> None:
+        payload = control.encode(message)
         if len(payload) > MAX_CONTROL:
             raise ValueError("control message too large")
         self.write(self.mux.control(payload))
@@ -398,12 +403,18 @@ class Session:
         spawn(f"tunnel-stream-{self.peer}", self.on_stream, self, stream)
 
     def _on_control(self, payload: bytes) -> None:
+        """A malformed message breaks the protocol (the session closes, naming the field); an
+        unknown kind is counted, logged once and answered when ``answer_unknown``."""
         try:
-            message = json.loads(payload)
-        except ValueError:
-            raise RemoteProtocolError("control message is not JSON") from None
-        if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-            raise RemoteProtocolError("control message without op")
+            message = control.decode(payload)
+        except control.UnknownKind as e:
+            UNKNOWN_CONTROL.inc()
+            if _once(("unknown-op", self.peer, e.op)):
+                log.warning("%s sent an unknown control message %r (logged once)", self.peer,
+                            e.op)
+            if self.answer_unknown:
+                self.send_control(control.Error(e.id, str(e)))
+            return
         if self.on_control is not None:
             spawn(f"tunnel-control-{self.peer}", self.on_control, self, message)
 

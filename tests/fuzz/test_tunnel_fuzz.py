@@ -1,14 +1,18 @@
-"""Fuzzing every parser of untrusted tunnel bytes: records, frames, the mux, hellos, handshakes.
+"""Fuzzing every parser of untrusted tunnel bytes: records, frames, the mux, hellos, handshakes,
+control messages.
 
 Property: arbitrary input either parses or raises RemoteProtocolError — never anything else.
 """
 from __future__ import annotations
+
+import json
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemesh.errors import RemoteProtocolError
+from edgemesh.tunnel import control
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.handshake import Handshake, Hello
 from edgemesh.tunnel.records import RecordReader, frame_record
@@ -89,3 +93,34 @@ def test_handshake_initiator_rejects_garbage_message_two(data):
     except RemoteProtocolError:
         return
     raise AssertionError("garbage message 2 accepted")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+control_fields = st.sampled_from(["id", "node", "addrs", "port", "nat", "mapped", "observed",
+                                  "found", "key", "public", "online", "ok", "delay", "reason",
+                                  "circuit", "from"])
+control_ops = st.sampled_from([*control._PARSERS, "teleport"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(control_ops, st.dictionaries(control_fields, json_values, max_size=10))
+def test_control_decode_raises_only_protocol_errors(op, fields):
+    payload = json.dumps({"op": op, **fields}).encode()
+    try:
+        message = control.decode(payload)
+    except RemoteProtocolError:
+        return
+    assert control.decode(control.encode(message)) == message
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_control_decode_of_any_bytes(data):
+    try:
+        control.decode(data)
+    except RemoteProtocolError:
+        pass

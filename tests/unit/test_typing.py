@@ -21,6 +21,7 @@ PROTOCOL_CORES = [
     "edgemesh/tunnel/frames.py",
     "edgemesh/tunnel/handshake.py",
     "edgemesh/tunnel/punch.py",
+    "edgemesh/tunnel/control.py",
     "edgemesh/proxy/lb.py",
     "edgemesh/proxy/http_head.py",
     "edgemesh/proxy/http_body.py",
