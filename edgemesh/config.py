@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from edgemesh import doc_limits
 from edgemesh.errors import ConfigError
 
 Checker = Callable[[Any], "str | None"]
@@ -508,13 +509,24 @@ def load(path: str | None, warnings: list[str] | None = None) -> Config:
         return Config()
     try:
         with open(path, encoding="utf-8") as f:
-            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+            text = f.read()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        _check_bounds(docs, len(text), path)
         data = _config_document(docs, path)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply"]) from None
     return from_mapping(data, warnings)
+
+
+def _check_bounds(docs: list[Any], text_len: int, path: str) -> None:
+    for doc in docs:
+        why = doc_limits.problem(doc, text_len)
+        if why:
+            raise ConfigError([f"{path}: refused: the document {why}"])
 
 
 def _config_document(docs: list[Any], path: str) -> Any:
@@ -525,7 +537,9 @@ def _config_document(docs: list[Any], path: str) -> Any:
             for name, text in d["data"].items()
             if str(name).endswith((".yaml", ".yml")) and isinstance(text, str)]
     if len(held) == 1:
-        return yaml.safe_load(held[0][1])
+        inner = yaml.safe_load(held[0][1])
+        _check_bounds([inner], len(held[0][1]), f"{path}: {held[0][0]}")
+        return inner
     if len(held) > 1:
         raise ConfigError([f"{path}: its ConfigMaps hold {len(held)} config files "
                            f"({', '.join(n for n, _ in held)}); give one"])

@@ -35,6 +35,7 @@ from typing import Any
 import gevent
 import yaml
 
+from edgemesh import doc_limits
 from edgemesh.errors import ManifestError
 from edgemesh.meta import kinds
 from edgemesh.meta.inotify import Watcher
@@ -276,8 +277,20 @@ def read_manifest(path: str, text: str, keep_raw: bool = True
 
 
 def _documents(path: str, text: str) -> list[Any]:
-    if path.endswith(".json"):
-        return _json_documents(path, text)
+    """The documents of one file, each within ``doc_limits`` (depth, expanded size)."""
+    try:
+        docs = _json_documents(path, text) if path.endswith(".json") \
+            else _yaml_documents(path, text)
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply") from None
+    for i, doc in enumerate(docs):
+        why = doc_limits.problem(doc, len(text))
+        if why:
+            raise ManifestError(f"{path}:doc#{i + 1}: refused: the document {why}")
+    return docs
+
+
+def _yaml_documents(path: str, text: str) -> list[Any]:
     docs: list[Any] = []
     try:
         for doc in yaml.load_all(text, Loader=_ManifestLoader):

@@ -35,6 +35,7 @@ PROTOCOL_CORES = [
     "edgemesh/gateway/linear_re.py",
     "edgemesh/gateway/ciphers.py",
     "edgemesh/runtime/backoff.py",
+    "edgemesh/doc_limits.py",
 ]
 
 
