@@ -86,6 +86,9 @@ class FilesSource:
         self._racy: set[str] = set()
         self._missing_reported: set[str] = set()
         self._dirs_seen: set[str] = set()
+        # directories this poll could not list (EMFILE...): their files are kept, not removed
+        self._unlistable: dict[str, str] = {}
+        self._unlistable_reported: set[str] = set()
         self._watcher: Watcher | None = None
         self._greenlet: gevent.Greenlet | None = None
 
@@ -141,9 +144,13 @@ class FilesSource:
     def poll(self) -> bool:
         """Re-read changed files; apply the result to the store. True if anything changed."""
         self._dirs_seen.clear()
+        self._unlistable.clear()
         current = dict(self._scan())
+        self._report_unlistable()
         changed = False
         for path in sorted(set(self._signatures) - set(current)):
+            if self._under_unlistable(path):
+                continue  # unknown this time, not gone: keep what it served
             log.info("manifest %s removed", path)
             self._signatures.pop(path)
             self.merged.remove_file(path)
@@ -171,7 +178,21 @@ class FilesSource:
                                 top)
                 continue
             self._missing_reported.discard(top)
-            yield from _walk(top, self._dirs_seen)
+            yield from _walk(top, self._dirs_seen, self._unlistable)
+
+    def _under_unlistable(self, path: str) -> bool:
+        return any(path.startswith(d + os.sep) for d in self._unlistable)
+
+    def _report_unlistable(self) -> None:
+        """Log a directory that cannot be listed once, and again when it can be."""
+        for top, why in self._unlistable.items():
+            if top not in self._unlistable_reported:
+                self._unlistable_reported.add(top)
+                log.warning("cannot list %s: %s; keeping what its manifests served until it "
+                            "can be listed", top, why)
+        for top in sorted(self._unlistable_reported - set(self._unlistable)):
+            self._unlistable_reported.discard(top)
+            log.info("can list %s again", top)
 
     def _load_file(self, path: str, signature: Signature) -> bool:
         """Read one file that may have changed; True if its content did."""
@@ -225,19 +246,22 @@ class FilesSource:
         self.store.mark_synced()
 
 
-def _walk(top: str, dirs: set[str]) -> Iterator[tuple[str, Signature]]:
+def _walk(top: str, dirs: set[str], unlistable: dict[str, str]
+          ) -> Iterator[tuple[str, Signature]]:
     dirs.add(top)
     try:
         entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # removed meanwhile: its files are gone
     except OSError as e:
-        log.warning("cannot list %s: %s", top, e.strerror)
+        unlistable[top] = e.strerror or str(e)
         return
     for entry in entries:
         if entry.name.startswith("."):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
-                yield from _walk(entry.path, dirs)
+                yield from _walk(entry.path, dirs, unlistable)
             elif entry.name.endswith(EXTENSIONS) and entry.is_file():
                 st = entry.stat()
                 yield entry.path, (st.st_mtime_ns, st.st_size, st.st_ino)

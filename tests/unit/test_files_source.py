@@ -453,3 +453,27 @@ def test_configmap_volume_layout_is_read_once_and_follows_updates(tmp_path):
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     source.poll()
     assert store.service("demo", "web").cluster_ips == ("10.96.0.2",)
+
+
+def test_a_directory_that_cannot_be_listed_keeps_its_services(tmp_path, monkeypatch, caplog):
+    """Out of descriptors (EMFILE), listing fails: that is not every manifest removed."""
+    write(tmp_path / "web.yaml", service("web"))
+    store, source = loaded(tmp_path)
+    real = os.scandir
+
+    def exhausted(path):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(files.os, "scandir", exhausted)
+    with caplog.at_level(logging.INFO, logger="edgemesh.meta.files"):
+        for _ in range(3):
+            source.poll()
+        assert store.service("demo", "web") is not None
+        monkeypatch.setattr(files.os, "scandir", real)
+        source.poll()
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("cannot list" in m for m in said) == 1
+    assert any("can list" in m and "again" in m for m in said)
+    assert store.service("demo", "web") is not None
+    os.remove(tmp_path / "web.yaml")
+    source.poll()  # a listing that works and lacks the file: removed
+    assert store.service("demo", "web") is None
