@@ -412,7 +412,7 @@ class Session:
             if _once(("unknown-op", self.peer, e.op)):
                 log.warning("%s sent an unknown control message %r (logged once)", self.peer,
                             e.op)
-            if self.answer_unknown:
+            if self.answer_unknown and not self.closed:
                 self.send_control(control.Error(e.id, str(e)))
             return
         if self.on_control is not None:
