@@ -44,7 +44,10 @@ def run_spawned(argv: Sequence[str], *, input: bytes | None = None, timeout: flo
         os.close(fd)
     for fd in (in_w, out_r, err_r):
         os.set_blocking(fd, False)
-    feeder = gevent.spawn(_feed, in_w, input or b"")
+    # each of our pipe ends is closed exactly once: a second close could hit a descriptor
+    # number another greenlet was given meanwhile (and gevent's close raises for it)
+    mine = {in_w, out_r, err_r}
+    feeder = gevent.spawn(_feed, in_w, input or b"", mine)
     readers = [gevent.spawn(_drain, fd) for fd in (out_r, err_r)]
     try:
         with gevent.Timeout(timeout, subprocess.TimeoutExpired(list(argv), timeout)):
@@ -55,13 +58,13 @@ def run_spawned(argv: Sequence[str], *, input: bytes | None = None, timeout: flo
         gevent.killall([feeder, *readers])
         raise
     finally:
-        for fd in (in_w, out_r, err_r):
-            _close(fd)
+        for fd in list(mine):
+            _close_once(fd, mine)
     return subprocess.CompletedProcess(list(argv), os.waitstatus_to_exitcode(status),
                                        readers[0].value, readers[1].value)
 
 
-def _feed(fd: int, data: bytes) -> None:
+def _feed(fd: int, data: bytes, mine: set[int]) -> None:
     try:
         view = memoryview(data)
         while view:
@@ -69,6 +72,12 @@ def _feed(fd: int, data: bytes) -> None:
     except BrokenPipeError:
         pass  # the helper did not read all of its input; its exit status says why
     finally:
+        _close_once(fd, mine)  # EOF for the helper's stdin
+
+
+def _close_once(fd: int, mine: set[int]) -> None:
+    if fd in mine:
+        mine.discard(fd)
         _close(fd)
 
 

@@ -8,7 +8,7 @@ import subprocess
 import gevent
 import pytest
 
-from edgemesh.runtime import tasks
+from edgemesh.runtime import spawn, tasks
 from edgemesh.runtime.spawn import run_spawned
 
 
@@ -55,3 +55,15 @@ def _inheritable(fd: int) -> bool:
         return os.get_inheritable(fd)
     except OSError:
         return False  # the listing's own descriptor, closed since
+
+
+@pytest.mark.parametrize(("argv", "data"), [(["true"], b""), (["cat"], os.urandom(1 << 20))])
+def test_every_pipe_end_is_closed_once(monkeypatch, argv: list[str], data: bytes) -> None:
+    """The feeder closes stdin for EOF; closing it again could close a descriptor number
+    another greenlet was given meanwhile (an agent lost its netlink socket that way)."""
+    closed: list[int] = []
+    real = spawn._close
+    monkeypatch.setattr(spawn, "_close", lambda fd: (closed.append(fd), real(fd)))
+    result = run_spawned(argv, input=data, timeout=10)
+    assert result.returncode == 0 and result.stdout == data
+    assert len(closed) == len(set(closed)) == 3
