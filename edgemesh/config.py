@@ -362,7 +362,7 @@ class EdgeGateway:
 @dataclass
 class EdgeCNI:
     enable: bool = opt(False, "Carry connections to remote Pod IPs that the kernel cannot "
-                       "route through the tunnel (TCP), and let peers dial this node's own "
+                       "route through the tunnel (TCP and UDP), and let peers dial this node's own "
                        "Pods at any port (edgemesh/proxy/podip.py).")
 
 

@@ -280,7 +280,9 @@ class ProxyModule:
             self._open_transparent(4, self.listen_ip)
             if self.ctx.config.modules.edgeCNI.enable:
                 self.pods = PodNetworks(self.ctx.store, self.ctx.node_name, self.tcp,
-                                        self.steer, self.unsteer)
+                                        self.steer, self.unsteer,
+                                        udp_idle_timeout=cfg.udpIdleTimeout,
+                                        max_udp_sessions=cfg.maxUDPSessions)
         elif self.ctx.config.modules.edgeCNI.enable:
             log.warning("edgeCNI needs edgeProxy.iptables; remote Pod IPs are not carried")
         self.ctx.admin.add_check("proxy", self._readiness)

@@ -1,5 +1,5 @@
 """Edge CNI (issue 17, item 1) end to end: a client on site A reaches, by Pod IP and at any
-port, a Pod that lives on site B behind a NAT that drops inbound traffic; the connection is
+port, TCP and UDP, a Pod that lives on site B behind a NAT that drops inbound traffic; it is
 steered to a1's transparent listener and carried through the relay to b1's agent, which
 connects to its Pod. b1 refuses what is not one of its Pods (its own bridge address, a host on
 its LAN that a lying manifest calls a Pod), counted.
@@ -64,6 +64,27 @@ SERVE = textwrap.dedent("""
 """)
 
 
+UDP_ECHO = textwrap.dedent("""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 5353))
+    while True:
+        data, peer = s.recvfrom(65535); s.sendto(b"echo " + data, peer)
+""")
+UDP_CLIENT = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+    s.connect((sys.argv[1], 5353)); got = []
+    for size in (1, 100, 1400, 8000, 3):
+        for attempt in range(3):  # the first datagram may wait for the tunnel
+            s.send(bytes([65 + size % 26]) * size)
+            try:
+                got.append(len(s.recv(65535))); break
+            except TimeoutError:
+                continue
+    print(",".join(map(str, got)))
+""")
+
+
 class Env:
     def __init__(self, lab: netlab.Lab, tmp: str) -> None:
         self.lab, self.tmp = lab, tmp
@@ -87,6 +108,7 @@ class Env:
         self.pod.run("ip", "route", "add", "default", "via", "10.244.2.1")
         for port in (9100, 8080):
             self.pod.popen(["python3", "-c", SERVE, POD_B, str(port)])
+        self.pod.popen(["python3", "-c", UDP_ECHO])
         self.b1.popen(["python3", "-c", SERVE, "b1-host", "9200"])  # the node itself
         self.x1.popen(["python3", "-c", SERVE, "x1", "9100"])
         for d in ("m", "lie"):
@@ -136,6 +158,12 @@ def test_a_remote_pod_ip_behind_a_nat_answers_at_any_port(env: Env) -> None:
     out = env.a1.run("python3", "-c", TCP_CLIENT, POD_B, "9100", check=False).stdout
     assert "400" in out or "HTTP" in out  # raw TCP bytes both ways (a bad request's answer)
     assert metric(env.metrics(env.a1), "edgemesh_cni_pod_connections_total", node="b1") >= 4
+
+
+def test_udp_to_a_remote_pod_ip_keeps_datagram_boundaries(env: Env) -> None:
+    out = env.a1.run("python3", "-c", UDP_CLIENT, POD_B, timeout=60).stdout.strip()
+    assert out == "6,105,1405,8005,8"  # each reply one datagram, "echo " + what was sent
+    assert metric(env.metrics(env.a1), "edgemesh_cni_pod_udp_sessions_total", node="b1") >= 1
 
 
 def test_the_remote_agent_refuses_what_is_not_its_pod(env: Env) -> None:
