@@ -20,7 +20,8 @@ costs what this node runs, not what the cluster runs.
 
 An address named by two sources on different nodes goes to the exact one (slice or Pod) over a
 range; between two exact ones, the last seen wins (a Pod that moved; the next sync settles).
-Addresses that are not IP addresses are skipped.
+Addresses that are not IP addresses are skipped, and so are Nodes' own addresses
+(``status.addresses``: what a hostNetwork Pod's endpoint shows), which are nodes, not Pods.
 """
 from __future__ import annotations
 
@@ -43,16 +44,22 @@ class PodMap:
     def build(cls, slices: Iterable[EndpointSlice], pods: Iterable[Pod] = (),
               nodes: Iterable[Node] = ()) -> PodMap:
         out = cls()
+        nodes = list(nodes)
+        # a hostNetwork Pod's endpoint is its node's address: never a Pod IP (steering it
+        # would capture the tunnel's own connections to that node)
+        hosts = {a for node in nodes for _, a in node.addresses}
         for sl in slices:
             for ep in sl.endpoints:
                 ref = ep.target_ref
                 if ep.node_name and ref is not None and ref.kind == "Pod":
                     for ip in ep.addresses:
-                        out._add(ip, ep.node_name)
+                        if ip not in hosts:
+                            out._add(ip, ep.node_name)
         for pod in pods:
             if pod.node_name and not pod.host_network:
                 for ip in pod.pod_ips:
-                    out._add(ip, pod.node_name)
+                    if ip not in hosts:
+                        out._add(ip, pod.node_name)
         for node in nodes:
             for cidr in node.pod_cidrs:
                 try:

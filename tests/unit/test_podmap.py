@@ -42,11 +42,13 @@ def sample() -> PodMap:
     slices = [models.parse_endpoint_slice(slice_doc("db", [
         ("10.244.1.5", "a1", "Pod"), ("10.244.2.7", "b1", "Pod"),
         ("192.168.20.9", "b1", None),  # a hand-written endpoint: no Pod, not in the map
-        ("10.9.0.3", "b1", "Pod"), ("not-an-ip", "b1", "Pod")]))]
+        ("10.9.0.3", "b1", "Pod"), ("not-an-ip", "b1", "Pod"),
+        ("192.168.20.2", "b1", "Pod")]))]  # a hostNetwork Pod's endpoint: b1's address
     pods = [models.parse_pod(pod_doc("solo", "b1", "10.9.0.4")),
             models.parse_pod(pod_doc("hostnet", "b1", "192.168.20.2", host_network=True))]
     nodes = [models.parse_node(node_doc("a1", ["10.244.1.0/24"])),
-             models.parse_node(node_doc("b1", ["10.244.2.0/24"])),
+             models.parse_node({**node_doc("b1", ["10.244.2.0/24"]), "status": {
+                 "addresses": [{"type": "InternalIP", "address": "192.168.20.2"}]}}),
              models.parse_node({"kind": "Node", "metadata": {"name": "c1"},
                                 "spec": {"podCIDR": "10.244.3.0/24"}})]
     return PodMap.build(slices, pods, nodes)
@@ -60,7 +62,7 @@ def test_pod_ips_come_from_pod_endpoints_pods_and_node_ranges() -> None:
     assert pods.node_of("10.244.3.8") == "c1"  # spec.podCIDR (single) read too
     assert pods.node_of("10.244.2.0") is None and pods.node_of("10.244.2.255") is None
     assert pods.node_of("192.168.20.9") is None  # no targetRef Pod
-    assert pods.node_of("192.168.20.2") is None  # hostNetwork: the node's address
+    assert pods.node_of("192.168.20.2") is None  # the node's address (hostNetwork), no Pod
     assert pods.node_of("10.8.0.1") is None and pods.node_of("garbage") is None
 
 
