@@ -365,11 +365,19 @@ class EdgeGateway:
 
 
 @dataclass
+class EdgeCNI:
+    enable: bool = opt(False, "Carry connections to remote Pod IPs that the kernel cannot "
+                       "route through the tunnel (TCP and UDP), and let peers dial this node's own "
+                       "Pods at any port (edgemesh/proxy/podip.py).")
+
+
+@dataclass
 class Modules:
     edgeDNS: EdgeDNS = section(EdgeDNS, "Node-local DNS.")
     edgeProxy: EdgeProxy = section(EdgeProxy, "Service proxy.")
     edgeTunnel: EdgeTunnel = section(EdgeTunnel, "Node-to-node tunnel.")
     edgeGateway: EdgeGateway = section(EdgeGateway, "Ingress gateway.")
+    edgeCNI: EdgeCNI = section(EdgeCNI, "Edge CNI: remote Pod IPs through the tunnel.")
 
 
 @dataclass

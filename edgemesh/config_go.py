@@ -118,8 +118,12 @@ GO_KEYS: tuple[GoKey, ...] = (
                           note=k.note or "the gateway balances by it (and its defaultPolicy) "
                                          "when set, else by modules.edgeProxy.loadBalancer")
       for k in _LB),
-    GoKey("modules.edgeCNI", R, "the edge CNI (Pod IPs routed across nodes) is not "
-                                "implemented; Services across nodes work through edgeProxy"),
+    GoKey("modules.edgeCNI", C), GoKey("modules.edgeCNI.enable", S,
+                                       "remote Pod IPs carried through the tunnel (TCP), "
+                                       "not the Go TUN overlay"),
+    GoKey("modules.edgeCNI.meshCIDRConfig", C),
+    *(GoKey(f"modules.edgeCNI.meshCIDRConfig.{k}", IGN, "Pod IPs are used as they are; "
+            "no mesh address ranges yet") for k in ("cloudCIDR", "edgeCIDR")),
     GoKey(_TUNNEL, S),
     GoKey(f"{_TUNNEL}.enable", S, "default true (Go: false unless the ConfigMap sets it)"),
     GoKey(f"{_TUNNEL}.listenPort", S),

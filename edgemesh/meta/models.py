@@ -482,6 +482,7 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
 class Node:
     meta: ObjectMeta
     addresses: tuple[tuple[str, str], ...] = ()  # (type, address): InternalIP, ExternalIP, ...
+    pod_cidrs: tuple[str, ...] = ()  # spec.podCIDRs (or spec.podCIDR), where the cluster sets it
 
 
 def parse_node(obj: dict[str, Any]) -> Node:
@@ -490,7 +491,11 @@ def parse_node(obj: dict[str, Any]) -> Node:
                    _str(a, "address", f"status.addresses[{i}]."))
                   for i, a in enumerate(_list(status, "addresses", "status."))
                   if isinstance(a, dict))
-    return Node(meta=parse_meta(obj, namespaced=False), addresses=addrs)
+    spec = _map(obj, "spec", "")
+    cidrs = tuple(c for c in _list(spec, "podCIDRs", "spec.") if isinstance(c, str) and c)
+    if not cidrs and spec.get("podCIDR"):
+        cidrs = (_str(spec, "podCIDR", "spec."),)
+    return Node(meta=parse_meta(obj, namespaced=False), addresses=addrs, pod_cidrs=cidrs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,9 @@ undoes it. The handler is a ``tcp.TCPPort``-like object with ``accept(client_soc
 for TCP, a ``udp.UDPPort``-like one with ``datagram(data, client, original_destination)`` for
 UDP; ``original_dst`` (TCP) and the datagram's destination say which Pod was asked. Ranges are
 looked up after exact service addresses and before NodePorts; a sync touches only the entries
-of the ports it changes, so ranges stay until ``unsteer``.
+of the ports it changes, so ranges stay until ``unsteer``. Its user is ``podip.PodNetworks``
+(``modules.edgeCNI.enable``), brought up to date at every sync; ``/debug/proxy`` shows it under
+``edgeCNI``.
 
 IPv6 (dual-stack services), as kube-proxy does it: IPv6 ClusterIPs, externalIPs and
 load-balancer IPs of a served port are intercepted by a separate ``ip6tables`` ruleset with the
@@ -109,6 +111,7 @@ from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, Service
 from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import NODE, Portal
+from edgemesh.proxy.podip import PodNetworks
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.steering import Steering
 from edgemesh.proxy.tcp import TCPListener, TCPPort, TCPProxy
@@ -257,6 +260,7 @@ class ProxyModule:
         # service or endpoints changed (all of them when a DestinationRule did)
         self._seen: dict[PortKey, tuple[Any, list[Portal]]] = {}
         self._steered: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}  # steer()
+        self.pods: PodNetworks | None = None  # the Edge CNI (podip.py), when enabled
         self._rules_seen: tuple[Any, ...] = ()
         self._desired_memo: dict[tuple[str, str], tuple[Service, bool,
                                                         list[tuple[PortKey, ServicePort]]]] = {}
@@ -274,9 +278,16 @@ class ProxyModule:
                             cfg.maxConnections)
         if cfg.iptables:
             self._open_transparent(4, self.listen_ip)
+            if self.ctx.config.modules.edgeCNI.enable:
+                self.pods = PodNetworks(self.ctx.store, self.ctx.node_name, self.tcp,
+                                        self.steer, self.unsteer,
+                                        udp_idle_timeout=cfg.udpIdleTimeout,
+                                        max_udp_sessions=cfg.maxUDPSessions)
+        elif self.ctx.config.modules.edgeCNI.enable:
+            log.warning("edgeCNI needs edgeProxy.iptables; remote Pod IPs are not carried")
         self.ctx.admin.add_check("proxy", self._readiness)
         self.ctx.admin.add_view("proxy", self.view)
-        self.ctx.store.subscribe(self._wake, WATCHED)
+        self.ctx.store.subscribe(self._wake, WATCHED + (("Pod", "Node") if self.pods else ()))
         self.ctx.store.subscribe(self._on_sync_state, ())
         self.reconciler.start()
 
@@ -478,6 +489,8 @@ class ProxyModule:
             self.addresses = {k: v for k, v in self.addresses.items() if k in want}
             self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         self._rules_intact()
+        if self.pods is not None:
+            self.pods.sync()
         if self.rules is not None:
             self.rules.sync(portals[4] + self._steered_portals(4), self.config.nodePortAddresses)
         if self.rules6 is not None:
@@ -639,6 +652,7 @@ class ProxyModule:
                                 for family, listener in table.items()},  # type: ignore[attr-defined]
                 "ip6tables": self.rules6.binary if self.rules6 else None,
                 "ipv6Error": self.ipv6_error,
+                "edgeCNI": self.pods.view() if self.pods is not None else None,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
 
     def _rule_view(self, namespace: str, name: str) -> dict[str, str | None]:

@@ -304,6 +304,11 @@ class UDPPort:
         """How replies reach ``client``, and the session's own client socket if it has one."""
         raise NotImplementedError
 
+    def backends_for(self, local: tuple[str, int]) -> list[Backend]:
+        """The endpoints a new session to ``local`` chooses among: the port's (the Edge CNI's
+        port has one per destination, ``podip.PodUDPPort``)."""
+        return self.backends
+
     def datagram(self, data: bytes, client: tuple[str, int], local: tuple[str, int]) -> None:
         """A datagram from ``client`` to the service address ``local``."""
         key = self.key(client, local)
@@ -356,9 +361,10 @@ class UDPPort:
     def _open(self, key: Any, client: tuple[str, int],
               local: tuple[str, int]) -> AnySession | None:
         bkey = client[0] if self.balancer.wants_client_ip else None
+        backends = self.backends_for(local)
         tried: list[Backend] = []
         while len(tried) < 3:
-            backend = self.balancer.pick(self.backends, bkey, tried)
+            backend = self.balancer.pick(backends, bkey, tried)
             if backend is None:
                 return None
             tried.append(backend)

@@ -13,6 +13,7 @@ from edgemesh.agent import Context
 from edgemesh.config_go import relay_plan
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
+from edgemesh.runtime.logs import Once
 from edgemesh.tunnel import control, identity
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.node import Accepted, TunnelNode
@@ -30,6 +31,7 @@ from edgemesh.tunnel.session import Session
 from edgemesh.tunnel.stream import Stream
 
 log = logging.getLogger(__name__)
+_once = Once()
 
 STREAMS_OPENED = metrics.counter("edgemesh_tunnel_streams_opened_total",
                                  "Streams this node opened to peers, by protocol.", ["proto"])
@@ -55,7 +57,8 @@ class TunnelModule:
         self.cfg = cfg
         psk = identity.load_psk(cfg.psk.path, cfg.psk.enable)
         self.node = TunnelNode(ctx.node_name, "agent", ctx.state_dir, psk, "peers.json")
-        self.policy = LocalEndpoints(ctx.store, ctx.node_name)
+        self.policy = LocalEndpoints(ctx.store, ctx.node_name,
+                                     pods=ctx.config.modules.edgeCNI.enable)
         relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role == "agent")
         if cfg.relayNodes:
             log.info("relayNodes: %s; servers %s", "this node relays, advertising "
@@ -191,9 +194,10 @@ class TunnelModule:
         target = stream.target
         if not self.policy.allows(target):
             REFUSED.labels("not_local_endpoint").inc()
-            log.info("refused stream from %s to %s %s:%d: not an endpoint on this node",
-                     session.peer, target.proto.name, target.ip, target.port)
-            stream.reset(fr.ResetCode.NOT_LOCAL, "not an endpoint on this node")
+            if _once(("refused", session.peer, target.ip)):
+                log.info("refused stream from %s to %s %s:%d: not an endpoint or Pod on this "
+                         "node", session.peer, target.proto.name, target.ip, target.port)
+            stream.reset(fr.ResetCode.NOT_LOCAL, "not an endpoint or Pod on this node")
             return
         STREAMS_SERVED.labels(target.proto.name.lower()).inc()
         if target.proto is fr.Proto.TCP:

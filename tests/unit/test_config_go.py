@@ -151,20 +151,25 @@ def test_a_key_nobody_had_is_still_an_error_even_among_go_keys() -> None:
 def test_go_features_switched_on_exit_2_saying_what_to_use() -> None:
     [p] = problems({"modules": {"edgeProxy": {"socks5Proxy": {"enable": True}}}})
     assert p.startswith("modules.edgeProxy.socks5Proxy.enable: true is refused") and "SOCKS5" in p
-    [p] = problems({"modules": {"edgeCNI": {"enable": True}}})
-    assert p.startswith("modules.edgeCNI.enable: true is refused") and "edgeProxy" in p
     [p] = problems({"modules": {"edgeTunnel": {"psk": {"enable": False}}}})
     assert p.startswith("modules.edgeTunnel.psk.enable: false is refused")
 
 
 def test_ignored_keys_warn_once_each_naming_what_replaces_them() -> None:
     c, warnings = load({"kubeAPIConfig": {"qps": 5, "Mode": "CloudMode"},
-                        "modules": {"edgeCNI": {"enable": False, "meshCIDRConfig": {}}}})
+                        "modules": {"edgeCNI": {"enable": False, "meshCIDRConfig": {
+                            "edgeCIDR": ["10.0.0.0/8"]}}}})
     assert c == cfg.Config()
     assert len(warnings) == 3
     assert warnings[1].startswith("kubeAPIConfig.Mode: ignored (Go EdgeMesh key): the metadata "
                                   "source is chosen without it")
-    assert warnings[2].startswith("modules.edgeCNI: ignored (Go EdgeMesh key, not enabled)")
+    assert warnings[2].startswith("modules.edgeCNI.meshCIDRConfig.edgeCIDR: ignored (Go "
+                                  "EdgeMesh key)")
+
+
+def test_go_edge_cni_enable_is_ours() -> None:
+    c, _ = load({"modules": {"edgeCNI": {"enable": True}}})
+    assert c.modules.edgeCNI.enable
 
 
 def test_tunnel_limit_and_cache_dns_map_onto_ours() -> None:

@@ -30,6 +30,8 @@ PROTOCOL_CORES = [
     "edgemesh/proxy/http_target.py",
     "edgemesh/proxy/tls_sni.py",
     "edgemesh/proxy/steering.py",
+    "edgemesh/proxy/podmap.py",
+    "edgemesh/tunnel/policy.py",
     "edgemesh/gateway/routes.py",
     "edgemesh/gateway/compile.py",
     "edgemesh/gateway/linear_re.py",
