@@ -146,11 +146,14 @@ def run(argv: Sequence[str], *, input: bytes | None = None, timeout: float = 30.
     It gets :func:`host_environment`; a program not installed raises :class:`MissingHelper`
     (``need`` says what wanted it, else :data:`HELPER_USES` does)."""
     log.debug("running %s", " ".join(argv))
-    from edgemesh.runtime.spawn import run_spawned  # posix_spawn: no fork of a large agent
-
+    # gevent's subprocess (fork): a posix_spawn path with cooperative pipes was tried and
+    # reverted, as its children's exits and EOFs were sometimes never seen (edgemesh cleanup
+    # hung); with one transparent listener per protocol the agent no longer holds a
+    # descriptor per service for the child to close
     env = host_environment(os.environ, bool(getattr(sys, "frozen", False)))
     try:
-        result = run_spawned(argv, input=input, timeout=timeout, env=env)
+        result = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
+                                env=env)
     except FileNotFoundError as e:
         if e.filename not in (None, argv[0]):
             raise
