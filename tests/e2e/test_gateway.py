@@ -507,7 +507,7 @@ def test_backend_gets_the_normalised_origin_form(env: Env) -> None:
                                                        "app.example.com")
     assert answers[1][0].startswith("HTTP/1.1 418") and answers[1][1] == "short and stout"
     got = json.loads(answers[2][1])
-    assert got["path"] == "/~user/a%2Fb/"  # %2F kept (Istio BASE), unreserved decoded
+    assert got["path"] == "/~user/a/b/"  # %2F decoded (DECODE_AND_MERGE_SLASHES), unreserved too
 
 
 def test_websocket_through_the_gateway(env: Env) -> None:
