@@ -78,7 +78,9 @@ _SLASHES = frozenset(b"/\\")  # %2F, %5C
 _VISIBLE = bytes(range(0x21, 0x7F))
 _PLAIN_TARGET = _PATH_OK + b"?"  # an origin-form target made of these needs no work
 MAX_REMEMBERED = 1024
+MAX_REMEMBERED_BYTES = 512  # longer targets are normalised every time: the caches stay small
 _remembered: dict[bytes, Authority] = {}
+_normal: dict[tuple[bytes, bytes | None], NormalTarget] = {}
 
 
 class TargetError(HeadError):
@@ -127,7 +129,22 @@ class NormalTarget(NamedTuple):
 
 
 def normalize_request(target: bytes, host: bytes | None) -> NormalTarget:
-    """The normalised target of a request with ``Host`` field ``host`` (None: none sent)."""
+    """The normalised target of a request with ``Host`` field ``host`` (None: none sent),
+    remembered: a port sees the same few targets again and again, and building even the
+    unchanged answer costs ~10 % of a proxied request (``MAX_REMEMBERED`` of them; refusals
+    are not remembered)."""
+    key = (target, host)
+    found = _normal.get(key)
+    if found is None:
+        found = _normalize_request(target, host)
+        if len(target) + len(host or b"") <= MAX_REMEMBERED_BYTES:  # a bounded cache
+            if len(_normal) >= MAX_REMEMBERED:
+                _normal.clear()
+            _normal[key] = found
+    return found
+
+
+def _normalize_request(target: bytes, host: bytes | None) -> NormalTarget:
     given = authority_of(host) if host else None
     if target[:1] == b"/" and not target.translate(None, _PLAIN_TARGET) and \
             b"/." not in target and b"//" not in target:
@@ -154,9 +171,10 @@ def authority_of(raw: bytes) -> Authority:
     found = _remembered.get(raw)
     if found is None:
         found = parse_authority(raw)
-        if len(_remembered) >= MAX_REMEMBERED:
-            _remembered.clear()
-        _remembered[raw] = found
+        if len(raw) <= MAX_REMEMBERED_BYTES:
+            if len(_remembered) >= MAX_REMEMBERED:
+                _remembered.clear()
+            _remembered[raw] = found
     return found
 
 
