@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 from tests.procs import ROOT
-from tests.unit.test_manifests import PROCD_STUBS
+from tests.unit.test_manifests import PROCD_STUBS, procd_output
 
 FOREIGN = os.path.join(ROOT, "packaging", "foreign")
 IPK_MEMBERS = ["./debian-binary", "./data.tar.gz", "./control.tar.gz"]
@@ -154,17 +154,7 @@ def procd_commands(root: str, sections: dict[str, dict[str, str | list[str]]]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=10,
                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     assert r.returncode == 0, r.stderr
-    commands: dict[str, list[str]] = {}
-    name = ""
-    for line in r.stdout.splitlines():
-        if line.startswith("INSTANCE "):
-            name = line.split()[1]
-            commands[name] = []
-        elif line.startswith("ARG "):
-            commands[name].append(line[4:])
-        elif line.startswith("LOG "):
-            commands.setdefault("log", []).append(line[4:])
-    return commands
+    return procd_output(r.stdout)
 
 
 @contextlib.contextmanager

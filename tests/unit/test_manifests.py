@@ -363,9 +363,14 @@ def procd_commands(cfg: dict[str, str]) -> dict[str, list[str]]:
     script = f"{PROCD_STUBS}\n{env}\n. {os.path.join(OPENWRT, 'edgemesh.init')}\nstart_service\n"
     r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=10)
     assert r.returncode == 0, r.stderr
+    return procd_output(r.stdout)
+
+
+def procd_output(stdout: str) -> dict[str, list[str]]:
+    """The instances (name → argv) and log lines the PROCD_STUBS printed."""
     commands: dict[str, list[str]] = {}
     name = ""
-    for line in r.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("INSTANCE "):
             name = line.split()[1]
             commands[name] = []
