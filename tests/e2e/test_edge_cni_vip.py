@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import textwrap
 
 import pytest
@@ -222,3 +223,16 @@ def test_legacy_headless_proxy_balances_with_the_port_mapping(env: Env) -> None:
     assert pod_vip == env.vip("a1", f"db-1.db.{Z}")
     assert env.curl("a1", plain, 12345, pod_vip) == ""  # nothing listens on 12345
     assert env.curl("a1", plain, 80, pod_vip) == "pod b1"
+
+
+def test_cleanup_after_a_crash_removes_the_mesh_range_rules(env: Env) -> None:
+    a1 = env.ns["a1"]
+
+    def rules() -> str:
+        return a1.run("iptables-save").stdout
+    assert MESH in rules()  # one rule per protocol for the whole range, not one per Pod
+    assert sum(MESH in line for line in rules().splitlines()) <= 4
+    env.procs["a1"].stop(signal.SIGKILL)
+    assert MESH in rules()
+    a1.run(*edgemesh_argv(), "cleanup", "--config", os.path.join(env.tmp, "config.yaml"))
+    assert MESH not in rules()
