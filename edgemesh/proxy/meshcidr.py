@@ -250,6 +250,10 @@ class _Usable:
         # routed networks holding this node's own Pods: its Pod network (the Docker bridge)
         self.own_networks = own_nets + [net for net in self.routed
                                         if any(a in net for a in own)]
+        # thousands of steered /32s are one set lookup, the few ranges a scan
+        self.steered_ips = {str(n.network_address) for n in self.steered
+                            if n.num_addresses == 1}
+        self.steered_nets = [n for n in self.steered if n.num_addresses > 1]
 
     def usable(self, ip: str) -> bool:
         owners = self.pods.ips.get(ip, {})
@@ -258,8 +262,8 @@ class _Usable:
         addr = ipaddress.ip_address(ip)
         if any(addr in net for net in self.own_networks):
             return False
-        return any(addr in net for net in self.steered) or any(addr in net
-                                                               for net in self.routed)
+        return ip in self.steered_ips or any(addr in net for net in self.steered_nets) \
+            or any(addr in net for net in self.routed)
 
 
 def shared_plan(ctx: Any) -> AddressPlan | None:

@@ -177,6 +177,7 @@ class PodNetworks:
         self.steered: dict[str, set[str]] = {"tcp": set(), "udp": set()}
         self._revision = -1
         self._proxied: list[tuple[str, str]] = []
+        self._planned: tuple[Any, ...] = ()  # what the plan was last computed from
 
     # -- what the handlers ask --
 
@@ -204,7 +205,8 @@ class PodNetworks:
             backends = self.store.backends(svc, sp)
             balancer = self.balancers.get(svc, sp) if self.balancers is not None else _ONE
             name = f"{target.namespace}/{target.name}:{port}"
-        POD_CONNECTIONS.labels(backends[0].node_name if backends else "").inc()
+        if name == NAME:
+            POD_CONNECTIONS.labels(backends[0].node_name).inc()
         one = TCPPort(self.proxy, name, balancer, backends)  # type: ignore[arg-type]
         if name == NAME:
             one._counters = self.ports["tcp"].counters
@@ -247,8 +249,13 @@ class PodNetworks:
         want = {r for r in self.map.remote_ranges(self.node, routed)
                 if ":" not in r}  # IPv4 only for now
         version = self.plan.version
-        unplaced = self.plan.update(self.map, headless_proxied=self._proxied, routed=routed,
-                                    local=self._local_addresses(), steered=want)
+        local = self._local_addresses()
+        inputs = (self._revision, tuple(routed), frozenset(local), frozenset(want))
+        unplaced = []
+        if inputs != self._planned:  # a periodic sync with nothing new costs no replanning
+            self._planned = inputs
+            unplaced = self.plan.update(self.map, headless_proxied=self._proxied,
+                                        routed=routed, local=local, steered=want)
         if unplaced:
             EXHAUSTED.inc(len(unplaced))
             if _once(("exhausted", len(self.plan.allocator.assigned))):

@@ -291,3 +291,75 @@ def test_a_write_rebuilds_one_service_and_answers_follow_the_plan() -> None:
     assert index.rebuilt == built + 1  # only db's records
     assert answers(data, f"db-1.db.default.svc.{Z}") == [plan.address("b1", "172.17.0.2")]
     assert plan.address("b1", "172.17.0.2") != "172.17.0.2"  # no longer shared, not routed
+
+
+# ---- the proxy's side: PodNetworks.sync with fake steering -----------------------------------
+
+def pod_networks(store: Store, monkeypatch: pytest.MonkeyPatch, node: str = "a1",
+                 cidr: str = "100.127.0.0/16") -> tuple[Any, list[tuple[str, str, str]]]:
+    from types import SimpleNamespace
+
+    from edgemesh.proxy import podip
+    monkeypatch.setattr(podip, "route_table", lambda family=4: [
+        {"dst": "172.17.0.0/16", "dev": "docker0", "scope": "link"}])
+    calls: list[tuple[str, str, str]] = []
+
+    def steer(protocol: str, net: str, ports: tuple[int, int], handler: Any) -> bool:
+        calls.append(("steer", protocol, net))
+        return True
+
+    def unsteer(protocol: str, net: str) -> None:
+        calls.append(("unsteer", protocol, net))
+    proxy = SimpleNamespace(dialer=None)
+    pods = podip.PodNetworks(store, node, proxy, steer, unsteer,  # type: ignore[arg-type]
+                             plan=AddressPlan(node, cidr),
+                             local_addresses=lambda: {"172.17.0.1"})
+    return pods, calls
+
+
+def test_one_rule_per_protocol_for_the_range_and_vips_go_within_one_sync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = cluster()
+    pods, calls = pod_networks(store, monkeypatch)
+    pods.sync()
+    assert sorted(calls) == [("steer", "tcp", "100.127.0.0/16"),
+                             ("steer", "udp", "100.127.0.0/16")]  # nothing per Pod
+    vip = pods.plan.address("b1", "172.17.0.2")
+    assert pods.udp_backends(vip, 53)[0].node_name == "b1"
+    assert pods.udp_backends(vip, 53)[0].ip == "172.17.0.2"
+    assert pods.remote_node("172.17.0.2") is None  # shared: never by value
+    svc_vip = pods.plan.service_address("default", "nginx-svc")
+    assert svc_vip and pods.tcp_port_for(svc_vip, 12345).backends[0].port == 80  # mapping
+    assert pods.tcp_port_for(svc_vip, 80) is None  # not a service port
+    view = pods.view()
+    assert view["meshCIDR"] == "100.127.0.0/16" and view["virtualIPs"] >= 3
+    told: list[int] = []
+    pods.plan.listeners.append(lambda: told.append(1))
+    pods.sync()
+    assert told == []  # nothing changed: no replanning, DNS keeps its answers
+    store.delete("EndpointSlice", "default", "db-1")  # every db Pod gone
+    pods.sync()
+    assert pods.plan.target(vip) is None and pods.udp_backends(vip, 53) == []
+    assert told == [1]
+
+
+def test_a_full_mesh_range_is_logged_and_counted(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from edgemesh.proxy import podip
+    before = podip.EXHAUSTED.value
+    pods, _ = pod_networks(cluster(), monkeypatch, cidr="10.99.0.0/30")  # 2 addresses
+    with caplog.at_level("WARNING"):
+        pods.sync()
+    assert "is full" in caplog.text
+    assert pods.plan.allocator.exhausted >= 2
+    assert podip.EXHAUSTED.value >= before + 2
+
+
+def test_status_shows_the_edge_cni() -> None:
+    from edgemesh.status import render
+    store = cluster()
+    plan = plan_for(store)
+    text = render({"node": {"node": "a1", "synced": True},
+                   "edgeCNI": {**plan.view(limit=1), "podNetworks": ["10.244.2.0/24"]}})
+    assert "mode auto, meshCIDR 100.127.0.0/16" in text
+    assert "pod networks carried: 10.244.2.0/24" in text and "... and" in text
