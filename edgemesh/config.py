@@ -387,7 +387,7 @@ class EdgeCNI:
     headlessProxy: bool = opt(False, "Default of the annotation edgemesh.kubeedge.io/"
                               "headless-proxy: a headless Service's name resolves to a "
                               "virtual address balanced like a ClusterIP, port mapping "
-                              "included (the legacy EdgeMesh behaviour).")
+                              "included (the legacy EdgeMesh behaviour; needs enable).")
 
 
 @dataclass

@@ -262,7 +262,14 @@ class PodNetworks:
                 log.warning("edge CNI: meshCIDR %s is full; %d Pods or Services keep their "
                             "real address (first: %s)", self.plan.cidr, len(unplaced),
                             unplaced[0])
-        want.add(str(self.plan.allocator.network))
+        mesh = self.plan.allocator.network
+        if any(net.overlaps(mesh) for net in routed if net.version == 4) \
+                and _once(("mesh-overlaps", str(mesh))):
+            log.warning("edge CNI: meshCIDR %s overlaps a route of this node (%s); traffic "
+                        "there is intercepted as virtual Pod addresses: choose another range",
+                        mesh, ", ".join(str(n) for n in routed
+                                        if n.version == 4 and n.overlaps(mesh)))
+        want.add(str(mesh))
         for protocol, steered in self.steered.items():
             added = sorted(want - steered)
             gone = steered - want

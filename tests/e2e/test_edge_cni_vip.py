@@ -181,6 +181,9 @@ def test_same_pod_ip_on_two_nodes_each_reaches_the_other_by_vip(env: Env) -> Non
         # its own Pod: the real IP, by name and by address, never intercepted
         assert env.dig(here, f"{own_name}.db.{Z}") == [POD]
         assert env.curl(here, f"{own_name}.db.{Z}", 80, POD) == f"pod {here}"
+        own_ptr = env.ns[here].run("dig", "+short", "-p", "1053", "@127.0.0.1", "-x", POD,
+                                   check=False).stdout.split()
+        assert f"{own_name}.db.{Z}." in own_ptr and f"{other_name}.db.{Z}." not in own_ptr
         assert sorted(env.dig(here, f"db.{Z}")) == sorted([POD, vip])  # headless: both
         # PTR of the VIP names the remote Pod, and the pod name answers the VIP
         ptr = env.ns[here].run("dig", "+short", "-p", "1053", "@127.0.0.1", "-x", vip,
@@ -223,6 +226,22 @@ def test_legacy_headless_proxy_balances_with_the_port_mapping(env: Env) -> None:
     assert pod_vip == env.vip("a1", f"db-1.db.{Z}")
     assert env.curl("a1", plain, 12345, pod_vip) == ""  # nothing listens on 12345
     assert env.curl("a1", plain, 80, pod_vip) == "pod b1"
+
+
+def test_a_deleted_pod_loses_its_vip_and_interception(env: Env) -> None:
+    vip = env.vip("a1", f"db-1.db.{Z}")
+    assert env.curl("a1", f"db-1.db.{Z}", 80, vip) == "pod b1"
+    docs = [d for d in manifests() if d["kind"] != "EndpointSlice"]
+    docs += headless("db", 80, 80, "http", [endpoint("a1", "db-0")])[1:]  # pod-b1 gone
+    meshlab.write(env.tmp, "m/all.yaml", yaml.safe_dump_all(docs))
+
+    def gone() -> bool:
+        view = json.loads(env.ns["a1"].run("curl", "-s", f"http://{ADMIN}/debug/proxy").stdout)
+        return all(v["vip"] != vip for v in view["edgeCNI"]["virtualIPList"])
+    netlab.wait_for(gone, timeout=10, what="the deleted Pod's VIP released")
+    assert env.dig("a1", f"db-1.db.{Z}") == []  # NXDOMAIN
+    assert env.curl("a1", f"db-1.db.{Z}", 80, vip) == ""  # closed: no Pod there
+    assert env.dig("a1", f"db.{Z}") == [POD]  # a1's own Pod, at its real IP
 
 
 def test_cleanup_after_a_crash_removes_the_mesh_range_rules(env: Env) -> None:
