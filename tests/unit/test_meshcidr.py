@@ -7,6 +7,8 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgemesh import config
 from edgemesh.dns.records import ZoneIndex
@@ -61,6 +63,21 @@ def test_collisions_probe_deterministically_and_release_frees() -> None:
     a.sync(names[:1])  # the other Pods deleted: released
     assert a.address("ns/p1") is None and a.address("ns/p0") == kept
     assert len(a.owners) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=0, max_size=40, unique=True),
+       st.randoms(use_true_random=False))
+def test_any_pods_in_any_order_get_the_same_unique_addresses(names: list[str],
+                                                             rnd: Any) -> None:
+    a, b = Allocator.of("10.99.0.0/26"), Allocator.of("10.99.0.0/26")  # 62 addresses
+    a.sync(names)
+    shuffled = names[:]
+    rnd.shuffle(shuffled)
+    b.sync(shuffled)
+    assert a.assigned == b.assigned
+    assert len(set(a.assigned.values())) == len(names)
+    assert all(1 <= v <= 62 for v in a.assigned.values())
 
 
 def test_a_full_range_places_no_more_and_counts() -> None:
