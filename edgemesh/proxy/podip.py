@@ -43,7 +43,10 @@ is steered with one rule per protocol to the same handlers. A Pod VIP leads to (
 IP, its own Pod; a headless-proxy Service VIP leads to the Service, balanced like a ClusterIP
 over its endpoints with its port mapping (TCP; over UDP its first endpoint). A VIP that leads
 nowhere (a Pod deleted or moved here since) is refused like an unknown Pod IP. The plan is
-recomputed at every sync, so a moved or deleted Pod's VIP goes within one sync.
+recomputed at every sync whose inputs changed (store revision, routes, host addresses), so a
+moved or deleted Pod's VIP goes within one sync; connections and UDP sessions already open
+keep their path until they end or idle out. The plan is shared with DNS
+(``meshcidr.shared_plan``), which drops its cached answers when it changes.
 """
 from __future__ import annotations
 
