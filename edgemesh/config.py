@@ -364,11 +364,30 @@ class EdgeGateway:
                                          "modules.edgeProxy.loadBalancer.")
 
 
+def _mesh_cidr(v: str) -> str | None:
+    from edgemesh.proxy.meshcidr import check_mesh_cidr  # no cycle: meshcidr is sans-IO
+
+    return check_mesh_cidr(v)
+
+
 @dataclass
 class EdgeCNI:
     enable: bool = opt(False, "Carry connections to remote Pod IPs that the kernel cannot "
                        "route through the tunnel (TCP and UDP), and let peers dial this node's own "
                        "Pods at any port (edgemesh/proxy/podip.py).")
+    meshCIDR: str = opt("100.127.0.0/16", "IPv4 range the agent takes virtual Pod addresses "
+                        "from (a stable address per Pod, derived from namespace/name; "
+                        "edgemesh/proxy/meshcidr.py). Must not be used by any network a node "
+                        "reaches: the default is the last /16 of the RFC 6598 shared space.",
+                        _mesh_cidr)
+    mode: str = opt("auto", "What DNS answers for a Pod on another node: auto (its virtual "
+                    "address when its IP collides with another Pod's or this node's, or does "
+                    "not reach it from here), podIP (always the real IP), virtual (always "
+                    "the virtual address).", one_of("auto", "podIP", "virtual"))
+    headlessProxy: bool = opt(False, "Default of the annotation edgemesh.kubeedge.io/"
+                              "headless-proxy: a headless Service's name resolves to a "
+                              "virtual address balanced like a ClusterIP, port mapping "
+                              "included (the legacy EdgeMesh behaviour; needs enable).")
 
 
 @dataclass

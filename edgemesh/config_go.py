@@ -122,8 +122,8 @@ GO_KEYS: tuple[GoKey, ...] = (
                                        "remote Pod IPs carried through the tunnel (TCP), "
                                        "not the Go TUN overlay"),
     GoKey("modules.edgeCNI.meshCIDRConfig", C),
-    *(GoKey(f"modules.edgeCNI.meshCIDRConfig.{k}", IGN, "Pod IPs are used as they are; "
-            "no mesh address ranges yet") for k in ("cloudCIDR", "edgeCIDR")),
+    *(GoKey(f"modules.edgeCNI.meshCIDRConfig.{k}", IGN, "one range here: "
+            "modules.edgeCNI.meshCIDR (virtual Pod addresses)") for k in ("cloudCIDR", "edgeCIDR")),
     GoKey(_TUNNEL, S),
     GoKey(f"{_TUNNEL}.enable", S, "default true (Go: false unless the ConfigMap sets it)"),
     GoKey(f"{_TUNNEL}.listenPort", S),

@@ -21,6 +21,8 @@ def show(admin: str, as_json: bool) -> int:
     try:
         available = fetch(admin, "")
         data = {view: fetch(admin, view) for view in VIEWS if view in available}
+        if "proxy" in available:  # the Edge CNI's part only
+            data["edgeCNI"] = (fetch(admin, "proxy") or {}).get("edgeCNI")
     except (OSError, urllib.error.URLError, ValueError) as e:
         click.echo(f"error: cannot reach the agent's admin endpoint at {admin}: {e}", err=True)
         return 1
@@ -66,4 +68,24 @@ def render(data: dict[str, Any]) -> str:
             for a in p.get("attempts", [])[-3:]:
                 reason = f": {a['reason']}" if a.get("reason") else ""
                 lines.append(f"{'':24}   tried {a['path']} {a['result']}{reason}")
+    lines += _edge_cni(data.get("edgeCNI"))
     return "\n".join(lines)
+
+
+def _edge_cni(cni: dict[str, Any] | None) -> list[str]:
+    """The Edge CNI: Pod networks carried, the mesh range and the virtual IPs handed out."""
+    if not cni:
+        return []
+    lines = ["", f"edge CNI: mode {cni.get('mode')}, meshCIDR {cni.get('meshCIDR')}, "
+             f"{cni.get('virtualIPs', 0)} virtual IPs handed out"
+             + (f", {cni['exhausted']} found none (range full)" if cni.get("exhausted") else ""),
+             "pod networks carried: " + (", ".join(cni.get("podNetworks", [])) or "none")]
+    listed = cni.get("virtualIPList", [])
+    if listed:
+        lines.append(f"{'VIRTUAL-IP':16} {'FOR':40} REAL")
+        for v in listed:
+            real = f"{v['ip']}@{v['node']}" if "pod" in v else "balanced like a ClusterIP"
+            lines.append(f"{v['vip']:16} {v.get('pod') or v.get('service', '-'):40} {real}")
+        if len(listed) < cni.get("virtualIPs", 0):
+            lines.append(f"... and {cni['virtualIPs'] - len(listed)} more")
+    return lines

@@ -20,6 +20,7 @@ from edgemesh.dns.records import ZoneIndex
 from edgemesh.dns.server import DNSServer
 from edgemesh.dns.upstream import Forwarder, parse_servers, servers_from_resolv_conf
 from edgemesh.dns.zone import ZoneData
+from edgemesh.proxy.meshcidr import shared_plan
 from edgemesh.runtime import tasks
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class DNSModule:
             if cache_cfg.enable else None
         ns_ips = () if self.host in ("0.0.0.0", "::") else (self.host,)
         self.index = ZoneIndex(self.cfg.zone, self.cfg.ttl, ns_ips)
+        # the Edge CNI's virtual addresses (filled by the proxy's sync): a change drops the
+        # cached answers, the records stay
+        self.index.data.addresses = shared_plan(ctx)
         self.answerer = Answerer(self._zone_data, cache, exact_size=cache_cfg.cacheSize)
         self.policy = ClientPolicy(self.cfg.allowedClients)
         self.forwarder = Forwarder(self._upstreams(), cache_cfg.upstreamTimeout,
@@ -71,6 +75,10 @@ class DNSModule:
         self.answerer.invalidate()
         self._zone_refresher.wake()
 
+    def _addresses_changed(self) -> None:
+        self.serial = max(self.serial + 1, int(time.time()))
+        self.answerer.invalidate()
+
     def _refresh_zone(self) -> None:
         """Bring the zone up to the store now, so no query waits for the rebuild."""
         _ = self.answerer.zone
@@ -80,6 +88,8 @@ class DNSModule:
             netdev.ensure(self.ctx.config)
         self.policy.set_local(netdev.local_addresses())
         self.ctx.store.subscribe(self._store_changed, ZONE_KINDS)
+        if self.index.data.addresses is not None:
+            self.index.data.addresses.listeners.append(self._addresses_changed)
         self._refresh_zone()  # built before the servers answer (and before /readyz says so)
         self._zone_refresher.start()
         self.server.start()

@@ -80,7 +80,7 @@ class ZoneIndex:
         if svc.type == "ExternalName":
             return ServiceRecord(name, namespace, ServiceKind.EXTERNAL_NAME, ports=ports,
                                  external_name=svc.external_name.lower().rstrip("."))
-        endpoints: dict[str, EndpointRecord] = {}
+        endpoints: dict[tuple[str, str], EndpointRecord] = {}
         for sl in store.slices_for(svc):
             sl_ports = self._shared(tuple((p.name.lower(), (p.protocol or "TCP").lower(), p.port)
                                           for p in sl.ports if p.port))
@@ -89,10 +89,12 @@ class ZoneIndex:
                     continue  # D2.2: not-ready endpoints produce no records at all
                 for ip in ep.addresses:
                     ip = canonical(ip)
-                    if ip not in endpoints:
+                    # per (node, IP): plain Docker's Pods share addresses across nodes
+                    if (ep.node_name, ip) not in endpoints:
                         host = _lower(ep.hostname) if ep.hostname else ""
-                        endpoints[ip] = EndpointRecord(host, ip, sl_ports)
-        ordered = tuple(sorted(endpoints.values(), key=lambda e: (e.label, e.ip)))
+                        endpoints[(ep.node_name, ip)] = EndpointRecord(host, ip, sl_ports,
+                                                                       ep.node_name)
+        ordered = tuple(sorted(endpoints.values(), key=lambda e: (e.label, e.ip, e.node)))
         if svc.headless:
             return ServiceRecord(name, namespace, ServiceKind.HEADLESS, ports=ports,
                                  endpoints=ordered)
@@ -108,8 +110,16 @@ class ZoneIndex:
 
 
 def ptr_targets(data: ZoneData, ip: str) -> tuple[str, ...]:
-    """The names an IP has in the zone (D3.3, D4.4), sorted; () if none."""
-    owners = data.reverse.get(ip)
+    """The names an IP has in the zone (D3.3, D4.4), sorted; () if none. With the Edge CNI's
+    plan: a Pod VIP names the endpoints answered by it, a headless-proxy VIP its Service, and
+    a real IP only the endpoints still answered by it."""
+    real, plan = ip, data.addresses
+    target = plan.target(ip) if plan is not None else None
+    if target is not None:
+        if not hasattr(target, "node"):  # a headless-proxy Service's VIP
+            return (f"{target.name}.{target.namespace}.svc.{data.zone}",)
+        real = target.ip
+    owners = data.reverse.get(real)
     if owners is None:
         return ()
     out = set()
@@ -118,7 +128,8 @@ def ptr_targets(data: ZoneData, ip: str) -> tuple[str, ...]:
         if rec.kind is ServiceKind.CLUSTER_IP and ip in rec.ips:
             out.add(fqdn)
         if rec.kind is not ServiceKind.EXTERNAL_NAME:
-            out.update(f"{ep.label}.{fqdn}" for ep in rec.endpoints if ep.ip == ip)
+            out.update(f"{ep.label}.{fqdn}" for ep in rec.endpoints
+                       if ep.ip == real and data.shown(ep) == ip)
     return tuple(sorted(out))
 
 

@@ -9,6 +9,17 @@ does (see /shared/reference/dns-spec.md; rule numbers ``Dx.y`` below refer to it
 - ``<host>.<svc>.<ns>.svc.<zone>``: the ready endpoints with that hostname (D4.2, D9.3).
 - ``_<port>._<proto>.<svc>.<ns>.svc.<zone>``: SRV for named ports (D3.2, D4.3).
 - ``<a-b-c-d>.<ns>.pod.<zone>``: pod records in ``insecure`` mode, as EdgeMesh runs (D7.1).
+- Edge CNI (``ZoneData.addresses``, the agent's ``proxy.meshcidr.AddressPlan`` when
+  ``modules.edgeCNI`` is on): an endpoint of a Pod on another node whose real IP is not usable
+  here (mode ``auto``: shared with another node's Pod or this node's, or in this node's Pod
+  network; ``virtual``: always) is answered by the Pod's virtual address, in headless answers,
+  ``<host>.<svc>`` names, SRV additionals and ``a-b-c-d.<ns>.pod`` names (the Pod of that
+  namespace with that IP; this node's own Pod at that IP wins and keeps its real address); PTR
+  of a virtual address names that Pod's records, PTR of a real address only the records that
+  answer it. A headless Service with a headless-proxy VIP is answered like a ClusterIP of that
+  address (the legacy EdgeMesh behaviour; its endpoints' own names stay as they were). The
+  substitution happens at answer time: the records stay per Service and incremental, and a
+  plan change only drops the cached answers.
 - PTR for cluster IPs and ready endpoint IPs (D3.3, D4.4); reverse names we do not know are
   not ours (``None``): EdgeMesh's Corefile lets them fall through to the upstream (D11.1).
 - ``dns-version.<zone>`` TXT "1.1.0" (D1.2), the apex SOA/NS (D8.6), NXDOMAIN versus NODATA
@@ -25,6 +36,7 @@ the service and zone labels (D2.3), so the 0x20 case randomisation of resolvers 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -62,6 +74,7 @@ class EndpointRecord:
     hostname: str  # the endpoint's own hostname, lower case; "" for none
     ip: str
     ports: tuple[PortRecord, ...]
+    node: str = ""  # the endpoint's nodeName (Edge CNI: Pod IPs are per node)
 
     @property
     def label(self) -> str:
@@ -93,6 +106,14 @@ class ZoneData:
     # ip → the ServiceRecord(s) owning it (edgemesh.dns.records spells the PTR targets)
     reverse: dict[str, Any] = field(default_factory=dict)
     ns_ips: tuple[str, ...] = ()  # glue for the apex NS (our own address)
+    # the Edge CNI's address plan (proxy.meshcidr.AddressPlan), None without it: what an
+    # endpoint is answered by, and where a virtual address leads
+    addresses: Any = None
+
+    def shown(self, ep: EndpointRecord) -> str:
+        """The address an endpoint is answered by: its VIP or its real IP."""
+        plan = self.addresses
+        return ep.ip if plan is None else plan.address(ep.node, ep.ip)
 
     @property
     def zone_labels(self) -> tuple[str, ...]:
@@ -180,6 +201,10 @@ class _Asked:
         svc = d.services.get((rel[-2], rel[-3]))
         if svc is None or len(rel) > 5:
             return self._negative(NXDOMAIN)
+        if svc.kind is ServiceKind.HEADLESS and d.addresses is not None:
+            vip = d.addresses.service_address(svc.namespace, svc.name)
+            if vip is not None:  # headless-proxy: balanced like a ClusterIP of the VIP
+                svc = dataclasses.replace(svc, kind=ServiceKind.CLUSTER_IP, ips=(vip,))
         if len(rel) == 3:
             return self._service(svc)
         if len(rel) == 4:
@@ -205,7 +230,7 @@ class _Asked:
         if svc.kind is ServiceKind.HEADLESS:
             if not svc.endpoints:
                 return self._negative(NXDOMAIN)  # D4.1
-            ips = [ep.ip for ep in svc.endpoints]
+            ips = [self.data.shown(ep) for ep in svc.endpoints]
             if self.qtype == T_SRV:  # D9.2: per endpoint and port, named or not
                 pairs = [(ep, p) for ep in svc.endpoints for p in ep.ports]
                 return self._srv([(f"{ep.label}.{self.qname}", p.port) for ep, p in pairs],
@@ -219,7 +244,7 @@ class _Asked:
         matches = [ep for ep in svc.endpoints if ep.label == label]
         if svc.kind is ServiceKind.EXTERNAL_NAME or not matches:
             return self._negative(NXDOMAIN)  # D4.2, D5.3
-        return self._address_answer([ep.ip for ep in matches])
+        return self._address_answer([self.data.shown(ep) for ep in matches])
 
     def _port(self, svc: ServiceRecord, port_label: str, proto_label: str) -> Reply:
         if svc.kind is ServiceKind.EXTERNAL_NAME:
@@ -242,7 +267,9 @@ class _Asked:
         ip = pod_ip(rel[0])
         if ip is None:
             return self._negative(NXDOMAIN)
-        return self._address_answer([ip])
+        plan = self.data.addresses
+        vips = plan.pod_name_addresses(rel[1], ip) if plan is not None else ()
+        return self._address_answer(list(vips) or [ip])
 
     def _external(self, svc: ServiceRecord) -> Reply:
         target = svc.external_name
@@ -299,7 +326,8 @@ class _Asked:
                              rdata=SRV(0, weight, port, targets[target])))
         for low, target in targets.items():
             host = low.split(".", 1)[0] if svc.kind is ServiceKind.HEADLESS else ""
-            ips = [ep.ip for ep in svc.endpoints if ep.label == host] if host else svc.ips
+            ips = [self.data.shown(ep) for ep in svc.endpoints if ep.label == host] \
+                if host else svc.ips
             additional.extend(self._addresses(target, ips))
         return Reply(answer=answer, additional=additional)
 

@@ -20,6 +20,7 @@ from edgemesh.errors import ManifestError
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROXY_NAME_LABEL = "service.edgemesh.kubeedge.io/service-proxy-name"
+ANNOTATION_PREFIX = "edgemesh.kubeedge.io/"  # the only annotations kept (e.g. headless-proxy)
 
 
 # ---- field readers ----------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class ObjectMeta:
     resource_version: str = ""
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
-    # parse_meta validates annotations but does not keep them (nothing reads them)
+    # parse_meta validates annotations and keeps only EdgeMesh's own (ANNOTATION_PREFIX)
 
 
 def parse_meta(obj: dict[str, Any], namespaced: bool = True) -> ObjectMeta:
@@ -149,13 +150,18 @@ def parse_meta(obj: dict[str, Any], namespaced: bool = True) -> ObjectMeta:
     if not name:
         raise ManifestError("metadata.name: required")
     namespace = _str(m, "namespace", "metadata.", "default" if namespaced else "")
+    annotations = _EMPTY_MAP
     if m.get("annotations") is not None:
-        _strmap(m, "annotations", "metadata.")  # validated; no consumer reads them, and
-        # kubectl's last-applied-configuration would be a second copy of every manifest
+        # validated; only EdgeMesh's own are kept (kubectl's last-applied-configuration
+        # would be a second copy of every manifest)
+        kept = {k: v for k, v in _strmap(m, "annotations", "metadata.").items()
+                if k.startswith(ANNOTATION_PREFIX)}
+        annotations = shared_map(kept) if kept else _EMPTY_MAP
     return ObjectMeta(name=name, namespace=sys.intern(namespace) if namespaced else "",
                       uid=_str(m, "uid", "metadata."),
                       resource_version=_str(m, "resourceVersion", "metadata."),
-                      labels=shared_map(_strmap(m, "labels", "metadata.")))
+                      labels=shared_map(_strmap(m, "labels", "metadata.")),
+                      annotations=annotations)
 
 
 # ---- Service ----------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, Service
 from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import NODE, Portal
+from edgemesh.proxy.meshcidr import shared_plan
 from edgemesh.proxy.podip import PodNetworks
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.steering import Steering
@@ -282,7 +283,10 @@ class ProxyModule:
                 self.pods = PodNetworks(self.ctx.store, self.ctx.node_name, self.tcp,
                                         self.steer, self.unsteer,
                                         udp_idle_timeout=cfg.udpIdleTimeout,
-                                        max_udp_sessions=cfg.maxUDPSessions)
+                                        max_udp_sessions=cfg.maxUDPSessions,
+                                        plan=shared_plan(self.ctx), balancers=self.balancers,
+                                        headless_proxy=self.ctx.config.modules.edgeCNI
+                                        .headlessProxy)
         elif self.ctx.config.modules.edgeCNI.enable:
             log.warning("edgeCNI needs edgeProxy.iptables; remote Pod IPs are not carried")
         self.ctx.admin.add_check("proxy", self._readiness)

@@ -33,10 +33,20 @@ Limits, by design:
   connection is re-originated on the Pod's node.
 - One rule per remote Pod IP outside a podCIDR (an nft/ipset set would make thousands of Pods
   one rule; not done).
-- Pod IPs that collide (plain Docker, every node's Pods ``172.17.0.x``, issue 17 item 2) are not
-  handled yet: the pod map keeps one node per address (the last seen), so such an address
-  reaches at most one of the Pods, and a remote Pod whose IP equals one of this node's Pods is
-  not intercepted at all. Virtual addresses from a ``meshCIDR`` are the planned answer.
+- Pod IPs that collide (plain Docker, every node's Pods ``172.17.0.x``) are keyed by (node, IP)
+  in the pod map and never intercepted by value: this node's own Pod at that address stays
+  local, and remote ones are reached by their virtual address.
+
+Virtual addresses (issue 17 item 2, ``meshcidr.py``): the whole ``modules.edgeCNI.meshCIDR``
+is steered with one rule per protocol to the same handlers. A Pod VIP leads to (node, real IP)
+— the connection or datagram goes through the tunnel to that node, whose agent dials the real
+IP, its own Pod; a headless-proxy Service VIP leads to the Service, balanced like a ClusterIP
+over its endpoints with its port mapping (TCP; over UDP its first endpoint). A VIP that leads
+nowhere (a Pod deleted or moved here since) is refused like an unknown Pod IP. The plan is
+recomputed at every sync whose inputs changed (store revision, routes, host addresses), so a
+moved or deleted Pod's VIP goes within one sync; connections and UDP sessions already open
+keep their path until they end or idle out. The plan is shared with DNS
+(``meshcidr.shared_plan``), which drops its cached answers when it changes.
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ from typing import Any
 
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.dialer import Dialer
+from edgemesh.proxy.meshcidr import AddressPlan, PodTarget, headless_proxied
 from edgemesh.proxy.podmap import PodMap, routed_networks
 from edgemesh.proxy.tcp import REJECTED, TCPPort, TCPProxy
 from edgemesh.proxy.transparent import original_dst
@@ -60,6 +71,8 @@ _once = Once()
 
 POD_CONNECTIONS = metrics.counter("edgemesh_cni_pod_connections_total",
                                   "TCP connections to remote Pod IPs, by node.", ["node"])
+EXHAUSTED = metrics.counter("edgemesh_cni_virtual_ip_exhausted_total",
+                            "Pods or Services that found no free address in meshCIDR.")
 POD_SESSIONS = metrics.counter("edgemesh_cni_pod_udp_sessions_total",
                                "UDP sessions to remote Pod IPs, by node.", ["node"])
 NAME = "pod-ip"
@@ -92,18 +105,15 @@ class PodIPPort(TCPPort):
             ip, port = original_dst(client, client.family)
         except OSError:
             ip, port = "", 0
-        node = self.pods.map.node_of(ip) if port else None
-        if node is None or node == self.pods.node:
+        port_handler = self.pods.tcp_port_for(ip, port) if port else None
+        if port_handler is None:
             REJECTED.labels(NAME, "no pod").inc()
             if _once(("nopod", ip)):
                 log.warning("connection from %s to %s:%d: no remote Pod there; closed",
                             addr[0], ip, port)
             client.close()
             return
-        POD_CONNECTIONS.labels(node).inc()
-        one = TCPPort(self.proxy, NAME, _ONE, [Backend(ip, port, node)])  # type: ignore[arg-type]
-        one._counters = self.counters
-        one.accept(client, addr)
+        port_handler.accept(client, addr)
 
 
 class PodUDPPort(TransparentUDPPort):
@@ -117,7 +127,7 @@ class PodUDPPort(TransparentUDPPort):
         self.pods = pods
 
     def datagram(self, data: bytes, client: tuple[str, int], local: tuple[str, int]) -> None:
-        if (client, local) not in self.sessions and self._remote(local[0]) is None:
+        if (client, local) not in self.sessions and not self.pods.udp_backends(*local):
             DROPPED.labels(NAME).inc()
             if _once(("nopod-udp", local[0])):
                 log.warning("datagram from %s to %s:%d: no remote Pod there; dropped",
@@ -125,16 +135,11 @@ class PodUDPPort(TransparentUDPPort):
             return
         super().datagram(data, client, local)
 
-    def _remote(self, ip: str) -> str | None:
-        node = self.pods.map.node_of(ip)
-        return None if node == self.pods.node else node
-
     def backends_for(self, local: tuple[str, int]) -> list[Backend]:
-        node = self._remote(local[0])
-        if node is None:
-            return []
-        POD_SESSIONS.labels(node).inc()
-        return [Backend(local[0], local[1], node)]
+        backends = self.pods.udp_backends(*local)
+        if backends:
+            POD_SESSIONS.labels(backends[0].node_name).inc()
+        return backends
 
 
 def route_table(family: int = 4) -> list[dict[str, Any]]:
@@ -152,12 +157,21 @@ def route_table(family: int = 4) -> list[dict[str, Any]]:
 
 
 class PodNetworks:
-    """Keeps the pod map and the steered ranges up to date (called from the proxy's sync)."""
+    """Keeps the pod map, the address plan and the steered ranges up to date (called from the
+    proxy's sync)."""
 
     def __init__(self, store: Store, node: str, proxy: TCPProxy, steer: Any, unsteer: Any,
-                 *, udp_idle_timeout: float = 60.0, max_udp_sessions: int = 4096) -> None:
+                 *, udp_idle_timeout: float = 60.0, max_udp_sessions: int = 4096,
+                 plan: AddressPlan | None = None, balancers: Any = None,
+                 headless_proxy: bool = False,
+                 local_addresses: Any = None) -> None:
         self.store, self.node = store, node
         self.map = PodMap()
+        self.proxy = proxy
+        self.plan = plan or AddressPlan(node)
+        self.balancers = balancers
+        self.headless_proxy = headless_proxy
+        self._local_addresses = local_addresses or _local_addresses
         self.ports: dict[str, Any] = {
             "tcp": PodIPPort(proxy, self),
             "udp": PodUDPPort(proxy.dialer, self, idle_timeout=udp_idle_timeout,
@@ -165,17 +179,100 @@ class PodNetworks:
         self._steer, self._unsteer = steer, unsteer
         self.steered: dict[str, set[str]] = {"tcp": set(), "udp": set()}
         self._revision = -1
+        self._proxied: list[tuple[str, str]] = []
+        self._planned: tuple[Any, ...] = ()  # what the plan was last computed from
+
+    # -- what the handlers ask --
+
+    def remote_node(self, ip: str) -> str | None:
+        """The node of the remote Pod at the real address ``ip`` (None: own, shared, none)."""
+        node = self.map.node_of(ip)
+        return None if node == self.node else node
+
+    def tcp_port_for(self, ip: str, port: int) -> TCPPort | None:
+        """A one-connection ``TCPPort`` for a connection to ``ip:port`` (a remote Pod IP, a
+        Pod VIP or a headless-proxy VIP), or None when nothing is there."""
+        target = self.plan.target(ip)
+        if target is None:
+            node = self.remote_node(ip)
+            if node is None:
+                return None
+            backends, balancer, name = [Backend(ip, port, node)], _ONE, NAME
+        elif isinstance(target, PodTarget):
+            backends, balancer, name = [Backend(target.ip, port, target.node)], _ONE, NAME
+        else:
+            found = self._service_port(target.namespace, target.name, port, "TCP")
+            if found is None:
+                return None
+            svc, sp = found
+            backends = self.store.backends(svc, sp)
+            balancer = self.balancers.get(svc, sp) if self.balancers is not None else _ONE
+            name = f"{target.namespace}/{target.name}:{port}"
+        if name == NAME:
+            POD_CONNECTIONS.labels(backends[0].node_name).inc()
+        one = TCPPort(self.proxy, name, balancer, backends)  # type: ignore[arg-type]
+        if name == NAME:
+            one._counters = self.ports["tcp"].counters
+        return one
+
+    def udp_backends(self, ip: str, port: int) -> list[Backend]:
+        target = self.plan.target(ip)
+        if target is None:
+            node = self.remote_node(ip)
+            return [Backend(ip, port, node)] if node is not None else []
+        if isinstance(target, PodTarget):
+            return [Backend(target.ip, port, target.node)]
+        found = self._service_port(target.namespace, target.name, port, "UDP")
+        return self.store.backends(*found)[:1] if found is not None else []
+
+    def _service_port(self, namespace: str, name: str, port: int,
+                      protocol: str) -> tuple[Any, Any] | None:
+        svc = self.store.service(namespace, name)
+        if svc is None:
+            return None
+        for sp in svc.ports:
+            if sp.port == port and sp.protocol == protocol:
+                return svc, sp
+        return None
+
+    # -- the sync --
 
     def sync(self) -> None:
-        """Rebuild the map when the store changed; steer new remote ranges, unsteer gone
-        ones (the routing table is read at every call: routes change under us)."""
+        """Rebuild the map when the store changed; recompute the address plan; steer new
+        remote ranges (and the mesh range), unsteer gone ones (the routing table and the
+        host's addresses are read at every call: they change under us)."""
         started = time.monotonic()
         if self._revision != self.store.revision:
             self._revision = self.store.revision
             self.map = PodMap.build(self.store.list("EndpointSlice"), self.store.pods(),
                                     self.store.list("Node"))
-        want = {r for r in self.map.remote_ranges(self.node, routed_networks(route_table()))
+            self._proxied = [svc.key for svc in self.store.services()
+                             if headless_proxied(svc, self.headless_proxy)]
+        routed = routed_networks(route_table())
+        want = {r for r in self.map.remote_ranges(self.node, routed)
                 if ":" not in r}  # IPv4 only for now
+        version = self.plan.version
+        local = self._local_addresses()
+        inputs = (self._revision, tuple(routed), frozenset(local), frozenset(want))
+        unplaced = []
+        if inputs != self._planned:  # a periodic sync with nothing new costs no replanning
+            self._planned = inputs
+            unplaced = self.plan.update(self.map, headless_proxied=self._proxied,
+                                        routed=routed, local=local, steered=want)
+        if unplaced:
+            EXHAUSTED.inc(len(unplaced))
+            if _once(("exhausted", len(self.plan.allocator.assigned))):
+                log.warning("edge CNI: meshCIDR %s is full; %d Pods or Services keep their "
+                            "real address (first: %s)", self.plan.cidr, len(unplaced),
+                            unplaced[0])
+        mesh = self.plan.allocator.network
+        if any(net.overlaps(mesh) for net in routed if net.version == 4) \
+                and _once(("mesh-overlaps", str(mesh))):
+            log.warning("edge CNI: meshCIDR %s overlaps a route of this node (%s); traffic "
+                        "there is intercepted as virtual Pod addresses: choose another range",
+                        mesh, ", ".join(str(n) for n in routed
+                                        if n.version == 4 and n.overlaps(mesh)))
+        want.add(str(mesh))
         for protocol, steered in self.steered.items():
             added = sorted(want - steered)
             gone = steered - want
@@ -193,8 +290,18 @@ class PodNetworks:
                          "removed (%.0f ms)", len(now), protocol.upper(), len(now & set(added)),
                          len(gone), (time.monotonic() - started) * 1e3)
             self.steered[protocol] = now
+        if self.plan.version != version:
+            self.plan.notify()
 
     def view(self) -> dict[str, Any]:
         return {"pod_ips": len(self.map.ips), "pod_cidrs": [str(n) for n, _ in self.map.cidrs],
-                "steered": {p: sorted(s) for p, s in self.steered.items()}}
+                "steered": {p: sorted(s) for p, s in self.steered.items()},
+                "podNetworks": sorted(set().union(*self.steered.values())
+                                      - {str(self.plan.allocator.network)}),
+                **self.plan.view()}
 
+
+def _local_addresses() -> set[str]:
+    from edgemesh import netdev
+
+    return netdev.local_addresses()

@@ -18,8 +18,13 @@ without a cluster-wide Pod watch is left for later: a kube watch of Pods with a
 ``fieldSelector=spec.nodeName=<this node>`` (this node's own Pods, for the receiving side)
 costs what this node runs, not what the cluster runs.
 
-An address named by two sources on different nodes goes to the exact one (slice or Pod) over a
-range; between two exact ones, the last seen wins (a Pod that moved; the next sync settles).
+Pod IPs are keyed by (node, IP): plain Docker gives every node's Pods ``172.17.0.x``, so one
+address may name a Pod on each of several nodes (``ips[ip]`` maps each node to its Pod). Such
+an address is never intercepted by value (which node would it go to?): this node's own Pod at
+that address stays local and untouched, and remote ones are reached by their virtual address
+(``meshcidr.py``). An address named exactly (slice or Pod) wins over a node's range. Each Pod
+identity (``<namespace>/<name>`` of a ``targetRef`` or Pod) is on one node at one address
+(``pods``, preferring IPv4; a Pod seen on two nodes: the last seen, until the next sync).
 Addresses that are not IP addresses are skipped, and so are Nodes' own addresses
 (``status.addresses``: what a hostNetwork Pod's endpoint shows), which are nodes, not Pods.
 """
@@ -36,8 +41,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass
 class PodMap:
-    """Pod IP → node, and per-node Pod ranges."""
-    ips: dict[str, str] = field(default_factory=dict)  # canonical IP -> node name
+    """Pod IP → node(s), Pod identity → (node, IP), and per-node Pod ranges."""
+    ips: dict[str, dict[str, str]] = field(default_factory=dict)  # IP -> {node: pod or ""}
+    pods: dict[str, tuple[str, str]] = field(default_factory=dict)  # "ns/name" -> (node, IP)
     cidrs: list[tuple[Network, str]] = field(default_factory=list)  # (podCIDR, node name)
 
     @classmethod
@@ -52,14 +58,16 @@ class PodMap:
             for ep in sl.endpoints:
                 ref = ep.target_ref
                 if ep.node_name and ref is not None and ref.kind == "Pod":
+                    ident = f"{ref.namespace or sl.meta.namespace}/{ref.name}" \
+                        if ref.name else ""
                     for ip in ep.addresses:
                         if ip not in hosts:
-                            out._add(ip, ep.node_name)
+                            out._add(ip, ep.node_name, ident)
         for pod in pods:
             if pod.node_name and not pod.host_network:
                 for ip in pod.pod_ips:
                     if ip not in hosts:
-                        out._add(ip, pod.node_name)
+                        out._add(ip, pod.node_name, f"{pod.meta.namespace}/{pod.meta.name}")
         for node in nodes:
             for cidr in node.pod_cidrs:
                 try:
@@ -68,21 +76,43 @@ class PodMap:
                     continue
         return out
 
-    def _add(self, ip: str, node: str) -> None:
+    def _add(self, ip: str, node: str, pod: str) -> None:
         try:
-            self.ips[str(ipaddress.ip_address(ip))] = node
+            addr = ipaddress.ip_address(ip)
         except ValueError:
-            pass
+            return
+        ip = str(addr)
+        owners = self.ips.setdefault(ip, {})
+        owners[node] = pod or owners.get(node, "")
+        if pod:
+            known = self.pods.get(pod)
+            if known is None or known[0] != node or (":" in known[1] and addr.version == 4):
+                self.pods[pod] = (node, ip)
 
     def node_of(self, ip: str) -> str | None:
-        """The node the Pod at ``ip`` runs on, or None when no source names it."""
+        """The node the Pod at ``ip`` runs on, or None when no source names it or Pods on
+        several nodes share the address (``on_node`` asks about one node)."""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return None
-        node = self.ips.get(str(addr))
-        if node is not None:
-            return node
+        owners = self.ips.get(str(addr))
+        if owners is not None:
+            return next(iter(owners)) if len(owners) == 1 else None
+        return self._range_owner(addr)
+
+    def on_node(self, ip: str, node: str) -> bool:
+        """Whether ``node`` has a Pod at ``ip`` (an exact claim, else its podCIDR)."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        owners = self.ips.get(str(addr))
+        if owners is not None:
+            return node in owners
+        return self._range_owner(addr) == node
+
+    def _range_owner(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         for net, owner in self.cidrs:
             if addr in net and addr != net.network_address and (
                     net.version == 6 or addr != net.broadcast_address):
@@ -101,9 +131,9 @@ class PodMap:
             if not any(_within(net, r) for r in routed) \
                     and not any(_overlaps(net, m) for m in mine):
                 out.add(str(net))
-        for ip, owner in self.ips.items():
-            if owner == node:
-                continue
+        for ip, owners in self.ips.items():
+            if node in owners or len(owners) > 1:
+                continue  # own Pod (left alone), or shared by several nodes (by VIP only)
             net = ipaddress.ip_network(ip)
             if any(_within(net, r) for r in [*remote, *routed, *mine]):
                 continue

@@ -5,7 +5,10 @@ The Go EdgeMesh dialled any ip:port a peer named (an open proxy). Here a stream'
 ``(proto, ip, port)`` must be an endpoint (any service, any port, ready or not) whose
 ``nodeName`` is this node, or, with the Edge CNI on, any port of an address the pod map
 (``proxy/podmap.py``) places on this node: an endpoint address or Pod IP whose node is this
-one, or an address within this node's ``spec.podCIDRs``. Never, whatever the map says, an
+one, or an address within this node's ``spec.podCIDRs``. An address that Pods on several nodes
+share (plain Docker's ``172.17.0.x``, reached by virtual address, ``proxy/meshcidr.py``) is
+dialled when one of them is this node's: the peer's agent resolved the virtual address to
+(this node, real IP), and the real IP here is this node's own Pod. Never, whatever the map says, an
 address of this host itself (a bridge gateway such as ``cni0``'s, the node IP a hostNetwork
 Pod reports: those would open every port of the host) nor a loopback, link-local, multicast or
 unspecified address; a hostNetwork Pod stays reachable at its Service endpoints' ports.
@@ -57,7 +60,7 @@ class LocalEndpoints:
 
     def local_pod(self, ip: str) -> bool:
         """Whether ``ip`` is a Pod of this node (see the module docstring)."""
-        if self._map.node_of(ip) != self.node:
+        if not self._map.on_node(ip, self.node):
             return False
         addr = ipaddress.ip_address(ip)
         if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:

@@ -31,6 +31,7 @@ PROTOCOL_CORES = [
     "edgemesh/proxy/tls_sni.py",
     "edgemesh/proxy/steering.py",
     "edgemesh/proxy/podmap.py",
+    "edgemesh/proxy/meshcidr.py",
     "edgemesh/tunnel/policy.py",
     "edgemesh/gateway/routes.py",
     "edgemesh/gateway/compile.py",
