@@ -17,7 +17,6 @@ import gevent.event
 
 from edgemesh import __version__
 from edgemesh.config import Config, split_host_port
-from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.admin import Admin
 from edgemesh.runtime.logs import Once
@@ -26,12 +25,10 @@ from edgemesh.tunnel import control, identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.relay import RelayCore
 from edgemesh.tunnel.session import Session
+from edgemesh.tunnel.sessions import SERVER_LIVENESS
 
 log = logging.getLogger(__name__)
 _once = Once()
-
-SILENT_PROBE = 2.0
-SILENT_DEAD = 6.0
 
 SESSIONS_REFUSED = metrics.counter("edgemesh_server_sessions_refused_total",
                                    "Agent sessions refused: maxSessions were open.")
@@ -76,16 +73,7 @@ class Server:
         session would otherwise hold the agent's 4-tuple and swallow its reconnection."""
         while True:
             gevent.sleep(1.0)
-            now = time.monotonic()
-            for session in list(self.sessions):
-                silent = now - session.last_seen
-                if silent > SILENT_DEAD:
-                    session.close(f"silent for {silent:.1f}s")
-                elif silent > SILENT_PROBE:
-                    try:
-                        session.ping()
-                    except (EdgeMeshError, OSError):
-                        pass
+            SERVER_LIVENESS.check(list(self.sessions), time.monotonic(), Session.close)
 
     def _on_accept(self, acc: Accepted) -> None:
         if acc.result.remote_hello.intent == "circuit":

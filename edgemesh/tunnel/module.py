@@ -80,8 +80,8 @@ class TunnelModule:
                                       self._on_accept)
         log.info("tunnel listening on %s:%d as %s (key %s)", host, port, self.node.name,
                  self.node.public_key.hex()[:16])
-        self.peers.listen_port = port
-        self.peers.hole_punching = self.cfg.holePunching
+        self.peers.servers.listen_port = port
+        self.peers.servers.hole_punching = self.cfg.holePunching
         if self.relay is not None:
             relay = self.relay
             self.peers.is_client = lambda s: getattr(relay.registry.get(s.peer), "session",
@@ -159,7 +159,7 @@ class TunnelModule:
                           on_control=self._on_control, on_close=self._on_close)
         PEER_UP.labels(session.peer, path).inc()
         PEER_STREAMS.labels(session.peer).fn = lambda p=session.peer: sum(
-            s.stream_count for s in self.peers.sessions.get(p, []))
+            s.stream_count for s in self.peers.table.sessions.get(p, []))
         PEER_RTT.labels(session.peer).fn = lambda p=session.peer: (
             (self.peers.best(p) or session).rtt or 0.0)
         return session
@@ -182,7 +182,7 @@ class TunnelModule:
             self.relay.on_session_closed(session)
 
     def _on_control(self, session: Session, msg: control.Message) -> None:
-        if self.peers.on_control(session, msg):
+        if self.peers.servers.on_control(session, msg):
             return
         if self.relay is not None and self.relay.on_control(session, msg):
             return
@@ -211,16 +211,16 @@ class TunnelModule:
         """One item per session (the one new streams use first, ``active``), plus each peer's
         path attempts and next upgrade (``Peers.path_view``); server links that are down."""
         out = []
-        for node in sorted(set(self.peers.sessions) | set(self.peers.paths)):
+        for node in sorted(set(self.peers.table.sessions) | set(self.peers.paths)):
             best = self.peers.best(node)
-            sessions = sorted(self.peers.sessions.get(node, []), key=lambda s: s is not best)
+            sessions = sorted(self.peers.table.sessions.get(node, []), key=lambda s: s is not best)
             for s in sessions:
                 item = {"node": node, "path": s.path, "address": s.address,
                         "rtt_ms": round(s.rtt * 1000, 3) if s.rtt is not None else None,
                         "streams": s.stream_count, "bytes_in": s.bytes_in,
                         "bytes_out": s.bytes_out, "key": s.peer_key.hex()[:16],
                         "active": s is best, **self.peers.path_view(node, s.path)}
-                if self.peers.is_link(s):
+                if self.peers.servers.is_link(s):
                     item["detail"] = "server"
                 elif s is not best:
                     item["detail"] = "draining"

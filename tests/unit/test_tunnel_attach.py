@@ -94,7 +94,7 @@ def pair(tmp_path):
     a = agent(tmp_path, "a", store_with("b", ep.port, 9))
     a.ctx.store.upsert("Node", Node(ObjectMeta("b"), addresses=(("InternalIP", "127.0.0.1"),)),
                        {})
-    a.peers.listen_port = b.node.listen_addr[1]
+    a.peers.servers.listen_port = b.node.listen_addr[1]
     dialer = Dialer("a", connect_timeout=5.0)
     dialer.tunnel = a
     proxy = TCPProxy(dialer, connect_timeout=5.0, idle_timeout=60.0, max_connections=16)
@@ -110,7 +110,7 @@ def listen(proxy: TCPProxy, backends: list[Backend]) -> TCPListener:
 
 
 def streams(mod) -> int:
-    return sum(s.stream_count + len(s.streams) for ss in mod.peers.sessions.values() for s in ss)
+    return sum(s.stream_count + len(s.streams) for ss in mod.peers.table.sessions.values() for s in ss)
 
 
 def settle(a, b, proxy: TCPProxy) -> None:
