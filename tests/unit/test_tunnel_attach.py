@@ -152,6 +152,9 @@ def test_bytes_both_ways_and_half_close_both_ways(pair) -> None:
             c.shutdown(socket.SHUT_WR)
             assert c.recv(1) == b""
         settle(a, b, proxy)
+        with gevent.Timeout(10):  # the endpoint digests what it read once its reader wakes
+            while not ep.digests:
+                gevent.sleep(0.02)
         assert ep.digests == [hashlib.sha256(up).digest()]
         # the sending node used no socketpair: a's streams were attached, not pumped pairs
         assert fds() == before
