@@ -3,6 +3,7 @@ of this node (its public address, the NAT in front of it), lookups of other node
 and the control messages servers send (punch offers, incoming circuits are handed on)."""
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import socket
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import gevent
 import gevent.event
 
-from edgemesh.config import split_host_port
+from edgemesh.config import EdgeTunnel, split_host_port
 from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import control, punch
@@ -223,3 +224,41 @@ def circuit_socket(node: TunnelNode, link: ServerLink, timeout: float) -> socket
     """A fresh connection to ``link``'s server for one relay circuit (not the tunnel port)."""
     host, port = split_host_port(link.address)
     return node.dial(host, port, timeout, shared_port=False)
+
+
+def relay_plan(tunnel: EdgeTunnel, node_name: str, may_relay: bool = True
+               ) -> tuple[bool, list[str], list[str]]:
+    """``(relay, servers, advertiseAddresses)`` for ``node_name`` with ``relayNodes`` applied.
+
+    As in the Go EdgeMesh: a node listed in ``relayNodes`` relays (agents only: ``may_relay``)
+    and advertises its listed addresses; every other listed relay's addresses become tunnel
+    servers, at ``listenPort`` unless an address gives its own port.
+    """
+    relay, servers = tunnel.relay, list(tunnel.servers)
+    advertise = list(tunnel.advertiseAddresses)
+    for node in tunnel.relayNodes:
+        if node.nodeName == node_name and may_relay:
+            relay = True
+            advertise.extend(split_host_port(a)[0] if _has_port(a) else a
+                             for a in node.advertiseAddress)
+        elif node.nodeName != node_name:
+            servers.extend(a if _has_port(a) else _join_host_port(a, tunnel.listenPort)
+                           for a in node.advertiseAddress)
+    return relay, list(dict.fromkeys(servers)), list(dict.fromkeys(advertise))
+
+
+def _has_port(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return False  # a bare IPv6 address has colons but no port
+    except ValueError:
+        pass
+    try:
+        split_host_port(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_host_port(host: str, number: int) -> str:
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 from edgemesh.agent import Context
-from edgemesh.config_go import relay_plan
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
 from edgemesh.tunnel import control, identity
 from edgemesh.tunnel import frames as fr
+from edgemesh.tunnel.links import relay_plan
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.peers import Peers
 from edgemesh.tunnel.policy import REFUSED, LocalEndpoints
