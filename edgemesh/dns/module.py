@@ -23,7 +23,7 @@ from edgemesh.dns.zone import ZoneData
 from edgemesh.runtime import tasks
 
 if TYPE_CHECKING:
-    from edgemesh.agent import Context
+    from edgemesh.context import Context
 
 log = logging.getLogger(__name__)
 

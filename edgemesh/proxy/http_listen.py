@@ -44,10 +44,10 @@ from typing import Any
 from gevent.pool import Pool
 from gevent.socket import socket as GeventSocket
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.models import AppProtocol, Service, ServicePort
 from edgemesh.meta.store import Backend, Store
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import RequestHead

@@ -46,8 +46,8 @@ import subprocess
 import time
 from typing import Any
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.store import Backend, Store
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.podmap import PodMap, routed_networks
 from edgemesh.proxy.tcp import REJECTED, TCPPort, TCPProxy
 from edgemesh.proxy.transparent import original_dst

@@ -1,5 +1,6 @@
-"""The edgeTunnel module: ``ctx.services["tunnel"]`` for the proxy and gateway, the receiving-
-side policy, server links, the optional relay, and the ``peers`` view / ``tunnel`` check.
+"""The edgeTunnel module: the way the dialer reaches other nodes (``Context.tunnel``), the
+receiving-side policy, server links, the optional relay, and the ``peers`` view / ``tunnel``
+check.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from edgemesh.agent import Context
+from edgemesh.context import Context, Role
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
@@ -59,7 +60,7 @@ class TunnelModule:
         self.node = TunnelNode(ctx.node_name, "agent", ctx.state_dir, psk, "peers.json")
         self.policy = LocalEndpoints(ctx.store, ctx.node_name,
                                      pods=ctx.config.modules.edgeCNI.enable)
-        relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role == "agent")
+        relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role is Role.AGENT)
         if cfg.relayNodes:
             log.info("relayNodes: %s; servers %s", "this node relays, advertising "
                      f"{', '.join(advertise) or 'its own addresses'}" if relay
@@ -71,7 +72,6 @@ class TunnelModule:
                            self._make_session)
         self.connect_timeout = ctx.config.modules.edgeProxy.connectTimeout
         self.udp_idle = ctx.config.modules.edgeProxy.udpIdleTimeout
-        ctx.services["tunnel"] = self
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ import struct
 import gevent
 import pytest
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.models import Node, ObjectMeta
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer, LBSpec
 from edgemesh.proxy.tcp import BYTES, TCPListener, TCPProxy
 from edgemesh.tunnel.policy import REFUSED
@@ -110,7 +110,7 @@ def listen(proxy: TCPProxy, backends: list[Backend]) -> TCPListener:
 
 
 def streams(mod) -> int:
-    return sum(s.stream_count + len(s.streams) for ss in mod.peers.table.sessions.values() for s in ss)
+    return sum(s.stream_count + len(s.streams) for s in mod.peers.table.all())
 
 
 def settle(a, b, proxy: TCPProxy) -> None:

@@ -12,8 +12,8 @@ import socket
 import gevent
 import pytest
 
-from edgemesh.agent import Context
 from edgemesh.config import Config
+from edgemesh.context import Context
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.models import (
     Endpoint,
