@@ -9,60 +9,27 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import signal
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import gevent
-import gevent.event
-
 from edgemesh import __version__
-from edgemesh.config import Config
+from edgemesh.config import Config, EdgeGateway, KubeAPIConfig
+from edgemesh.context import Context, Module, Role
 from edgemesh.meta import kinds
 from edgemesh.meta.store import Store
-from edgemesh.runtime import heap, metrics
+from edgemesh.runtime import heap, lifecycle, metrics
 from edgemesh.runtime.admin import Admin, runtime_view
 
 log = logging.getLogger(__name__)
 
-BUILD_INFO = metrics.gauge("edgemesh_build_info", "EdgeMesh version and role.",
-                           ["version", "role"])
-
-
-class Module(Protocol):
-    """A part of the agent: started after the metadata sources, stopped in reverse order."""
-    name: str
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-@dataclass
-class Context:
-    """What every module is given: config, the store, the admin endpoint and shared services."""
-    config: Config
-    store: Store
-    admin: Admin
-    role: str = "agent"
-    services: dict[str, Any] = field(default_factory=dict)  # shared parts: "dialer", "tunnel"
-
-    @property
-    def node_name(self) -> str:
-        return self.config.nodeName
-
-    @property
-    def state_dir(self) -> str:
-        return self.config.commonConfig.stateDir
-
-
 # Enabled-by-config modules, in start order: (config section, "module.path:factory").
-# A factory takes the Context and returns a Module. The tunnel comes before the proxy, DNS and
-# gateway because they dial through it.
+# A factory takes the Context and returns a Module. The tunnel comes first: once built it is
+# attached to the context's dialer, which the proxy, DNS and the gateway dial through.
+TUNNEL = ("edgeTunnel", "edgemesh.tunnel.module:build")
 MODULES: list[tuple[str, str]] = [
-    ("edgeTunnel", "edgemesh.tunnel.module:build"),
+    TUNNEL,
     ("edgeProxy", "edgemesh.proxy.module:build"),
-    ("edgeDNS", "edgemesh.dns.module:build"),  # order: tunnel, proxy, dns, gateway
+    ("edgeDNS", "edgemesh.dns.module:build"),
     ("edgeGateway", "edgemesh.gateway.module:build"),
 ]
 
@@ -85,7 +52,7 @@ def _register_views(ctx: Context) -> None:
     ctx.admin.add_check("metadata", lambda: "" if store.synced else "waiting for first sync")
     ctx.admin.add_view("services", lambda: services_view(store, ctx.node_name))
     ctx.admin.add_view("runtime", runtime_view)
-    ctx.admin.add_view("node", lambda: {"node": ctx.node_name, "role": ctx.role,
+    ctx.admin.add_view("node", lambda: {"node": ctx.node_name, "role": ctx.role.value,
                                         "version": __version__, "pid": os.getpid(),
                                         "stale": store.stale_reason,
                                         "synced": store.synced})
@@ -109,44 +76,91 @@ def services_view(store: Store, node_name: str) -> list[dict[str, Any]]:
     return out
 
 
-def run(config: Config, role: str = "agent") -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
-    from edgemesh.meta import sources  # noqa: PLC0415 (keeps `edgemesh version` light)
+class Source(Protocol):
+    def start(self) -> None: ...
 
-    ctx = Context(config=config, store=Store(), admin=Admin(), role=role)
-    first_load = heap.FirstLoad(ctx.store)
-    first_load.hold()  # no cyclic collection while the first state loads
-    BUILD_INFO.labels(__version__, role).set(1)
-    _register_views(ctx)
-    stop = gevent.event.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(sig, stop.set)
-    if config.commonConfig.adminAddress:
-        host, port = ctx.admin.start(config.commonConfig.adminAddress)
-        log.info("admin endpoint on http://%s:%d", host, port)
-    targets = enabled_modules(config)
-    modules: list[Module] = []
-    # Not ready until every enabled module has started: a probe must never pass in between.
-    ctx.admin.add_check("modules", lambda: "" if len(modules) == len(targets) else
-                        f"starting modules ({len(modules)} of {len(targets)} up)")
-    running_sources = sources.start(ctx)
-    try:
-        for target in targets:
+    def stop(self) -> None: ...
+
+
+def start_sources(api: KubeAPIConfig, store: Store, admin: Admin, state_dir: str,
+                  gateway: EdgeGateway) -> list[Source]:
+    """Choose and start the metadata sources for a node, from its config.
+
+    - ``kubeAPIConfig.manifests`` set → the files source (standalone, no cluster);
+    - else ``kubeConfig`` or ``master`` → list+watch from that API server;
+    - else in a pod (``KUBERNETES_SERVICE_HOST``) → list+watch in-cluster;
+    - else the KubeEdge edge metaServer (``kubeAPIConfig.metaServer.server``).
+
+    A gateway's kube source also watches Secrets, per namespace: only where Gateways that
+    select this gateway (``modules.edgeGateway.labels``) name a ``tls.credentialName``. API
+    sources are paired with the cache in ``state_dir``: the last good state is served while
+    the API is unreachable. (Imported here, not at the top: ``edgemesh version`` stays light.)
+    """
+    if api.manifests:
+        from edgemesh.meta.files import FilesSource
+        source: Source = FilesSource(store, api.manifests)
+        log.info("metadata from manifests in %s", ", ".join(api.manifests))
+    else:
+        from edgemesh.meta.kube import KubeSource, connection_from_config
+        conn = connection_from_config(api, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
+        log.info("metadata by list+watch from %s", conn.base_url)
+        source = KubeSource(store, conn, state_dir=state_dir, admin=admin,
+                            backoff_max=api.resyncBackoffMaxSeconds, secrets=gateway.enable,
+                            secret_namespaces=gateway_secret_namespaces(gateway.labels))
+    source.start()
+    return [source]
+
+
+def gateway_secret_namespaces(labels: dict[str, str]) -> Callable[[Iterable[Any]], set[str]]:
+    """Namespaces of the Gateways that select this gateway and name a TLS Secret."""
+    def namespaces(gateways: Iterable[Any]) -> set[str]:
+        from edgemesh.gateway.tls import secret_namespaces
+        return secret_namespaces(gateways, labels)
+    return namespaces
+
+
+class Node:
+    """One agent or gateway: sources, then the enabled modules (``MODULES`` order)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.targets = enabled_modules(ctx.config)
+        self.modules: list[Module] = []
+        self.sources: list[Source] = []
+        self.first_load = heap.FirstLoad(ctx.store)
+        # Not ready until every enabled module has started: a probe must never pass between.
+        ctx.admin.add_check("modules", lambda: "" if len(self.modules) == len(self.targets)
+                            else f"starting modules ({len(self.modules)} of "
+                                 f"{len(self.targets)} up)")
+
+    def start(self) -> None:
+        ctx = self.ctx
+        self.first_load.hold()  # no cyclic collection while the first state loads
+        self.sources = start_sources(ctx.config.kubeAPIConfig, ctx.store, ctx.admin,
+                                     ctx.state_dir, ctx.config.modules.edgeGateway)
+        for target in self.targets:
             module = load_module(target, ctx)
+            if target == TUNNEL[1]:
+                ctx.attach_tunnel(module)  # type: ignore[arg-type]
             module.start()
-            modules.append(module)
+            self.modules.append(module)
             log.info("module %s started", module.name)
-        log.info("edgemesh %s %s running as node %s", role, __version__, ctx.node_name)
-        stop.wait()
-        log.info("stopping")
-    finally:
-        for module in reversed(modules):
+        log.info("edgemesh %s %s running as node %s", ctx.role.value, __version__,
+                 ctx.node_name)
+
+    def stop(self) -> None:
+        for module in reversed(self.modules):
             try:
                 module.stop()
             except Exception:
                 log.exception("module %s failed to stop cleanly", module.name)
-        for source in running_sources:
+        for source in self.sources:
             source.stop()
-        ctx.admin.stop()
-        first_load.release()
-    return 0
+        self.first_load.release()
+
+
+def run(config: Config, role: str = "agent") -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    ctx = Context(config=config, store=Store(), admin=Admin(), role=Role(role))
+    _register_views(ctx)
+    return lifecycle.serve(role, ctx.admin, config.commonConfig.adminAddress, Node(ctx))

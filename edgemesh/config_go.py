@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import ipaddress
 import typing
 from dataclasses import dataclass
 from typing import Any
-
-from edgemesh.config import EdgeTunnel, split_host_port
 
 
 class Fate(enum.Enum):
@@ -292,41 +289,3 @@ def reference_rows() -> list[tuple[str, str]]:
             fate = "a section: its keys below"
         rows.append((k.path, fate))
     return rows
-
-
-def relay_plan(tunnel: EdgeTunnel, node_name: str, may_relay: bool = True
-               ) -> tuple[bool, list[str], list[str]]:
-    """``(relay, servers, advertiseAddresses)`` for ``node_name`` with ``relayNodes`` applied.
-
-    As in the Go EdgeMesh: a node listed in ``relayNodes`` relays (agents only: ``may_relay``)
-    and advertises its listed addresses; every other listed relay's addresses become tunnel
-    servers, at ``listenPort`` unless an address gives its own port.
-    """
-    relay, servers = tunnel.relay, list(tunnel.servers)
-    advertise = list(tunnel.advertiseAddresses)
-    for node in tunnel.relayNodes:
-        if node.nodeName == node_name and may_relay:
-            relay = True
-            advertise.extend(split_host_port(a)[0] if _has_port(a) else a
-                             for a in node.advertiseAddress)
-        elif node.nodeName != node_name:
-            servers.extend(a if _has_port(a) else _join_host_port(a, tunnel.listenPort)
-                           for a in node.advertiseAddress)
-    return relay, list(dict.fromkeys(servers)), list(dict.fromkeys(advertise))
-
-
-def _has_port(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-        return False  # a bare IPv6 address has colons but no port
-    except ValueError:
-        pass
-    try:
-        split_host_port(address)
-    except ValueError:
-        return False
-    return True
-
-
-def _join_host_port(host: str, number: int) -> str:
-    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"

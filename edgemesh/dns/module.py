@@ -20,11 +20,10 @@ from edgemesh.dns.records import ZoneIndex
 from edgemesh.dns.server import DNSServer
 from edgemesh.dns.upstream import Forwarder, parse_servers, servers_from_resolv_conf
 from edgemesh.dns.zone import ZoneData
-from edgemesh.proxy.meshcidr import shared_plan
 from edgemesh.runtime import tasks
 
 if TYPE_CHECKING:
-    from edgemesh.agent import Context
+    from edgemesh.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class DNSModule:
         self.index = ZoneIndex(self.cfg.zone, self.cfg.ttl, ns_ips)
         # the Edge CNI's virtual addresses (filled by the proxy's sync): a change drops the
         # cached answers, the records stay
-        self.index.data.addresses = shared_plan(ctx)
+        self.index.data.addresses = ctx.mesh_addresses
         self.answerer = Answerer(self._zone_data, cache, exact_size=cache_cfg.cacheSize)
         self.policy = ClientPolicy(self.cfg.allowedClients)
         self.forwarder = Forwarder(self._upstreams(), cache_cfg.upstreamTimeout,

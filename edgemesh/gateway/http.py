@@ -40,7 +40,6 @@ from edgemesh.gateway.routes import (
 from edgemesh.gateway.routes import (
     NotFound,
     PortSpec,
-    Request,
     Route,
     SendDirect,
     SendRedirect,
@@ -54,9 +53,9 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
 from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
-from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason, request_key
 from edgemesh.proxy.http_target import TargetError
-from edgemesh.proxy.lb import Balancer, HashKey
+from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
 
@@ -185,7 +184,6 @@ def _first(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> bytes | Non
 @dataclass(slots=True)
 class _Plan:
     """What a request head is routed to, up to the per-request parts (endpoints, deadline)."""
-    req: Request
     target: Target
     route: Route
     wire: bytes
@@ -234,7 +232,7 @@ class GatewayRouter:
             return Reply(503, page(503, b"no such service port\n", False), False)
         balancer, backends = found
         route = plan.route
-        return Forward(balancer, backends, _hash_key(balancer, plan.req, client_ip), plan.wire,
+        return Forward(balancer, backends, request_key(balancer.spec, head, client_ip), plan.wire,
                        response_timeout=plan.response_timeout,
                        attempts=1 + max(route.attempts, 0), retry_on=plan.retry,
                        edit_response=plan.edit,
@@ -259,7 +257,7 @@ class GatewayRouter:
             return Reply(action.status, page(action.status, action.body, keep), keep), True
         route = action.route
         ops = _ops(action, "response")
-        plan = _Plan(req, action.target, route, _request_head(head, action, client_ip,
+        plan = _Plan(action.target, route, _request_head(head, action, client_ip,
                                                               self.scheme),
                      route.per_try_timeout or route.timeout or self.limits.response_timeout,
                      functools.partial(_edit_response, ops, head.method) if ops else None,
@@ -342,21 +340,6 @@ def _ops(action: RouteForward, which: str) -> list[HeaderOps]:
         if h is not None:
             out.append(getattr(h, which))
     return out
-
-
-def _hash_key(balancer: Balancer, req: Request, client_ip: str) -> str | None:
-    spec = balancer.spec
-    if spec.hash_key is HashKey.HTTP_HEADER:
-        return req.headers.get(spec.hash_name.lower())
-    if spec.hash_key is HashKey.HTTP_QUERY:
-        return req.query_params.get(spec.hash_name)
-    if spec.hash_key is HashKey.HTTP_COOKIE:
-        for part in (req.headers.get("cookie") or "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == spec.hash_name:
-                return value
-        return None
-    return client_ip if spec.wants_client_ip else None
 
 
 def _retriable(route: Route, status: int) -> bool:

@@ -35,7 +35,6 @@ from edgemesh.gateway.compile import build_table
 from edgemesh.gateway.listeners import ListenerSet, check_ip_lists, parse_ip_addr, select_addresses
 from edgemesh.gateway.routes import PortKind, PortSpec, ServerRef, Table, Target, TLSMode
 from edgemesh.gateway.tls import CredentialError, Credentials
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.http_head import HeadLimits
 from edgemesh.proxy.http_router import HttpLimits
 from edgemesh.proxy.policy import Balancers
@@ -44,7 +43,7 @@ from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.logs import Once
 
 if TYPE_CHECKING:
-    from edgemesh.agent import Context
+    from edgemesh.context import Context
 
 log = logging.getLogger(__name__)
 _once = Once()
@@ -70,12 +69,7 @@ class GatewayModule:
             body_timeout=cfg.clientTimeout, response_timeout=cfg.upstreamTimeout,
             connect_timeout=cfg.connectTimeout, max_body=cfg.maxRequestBodyBytes,
             tunnel_idle_timeout=cfg.tcpIdleTimeout)
-        dialer = ctx.services.get("dialer")
-        if dialer is None:
-            dialer = Dialer(ctx.node_name, cfg.connectTimeout)
-            dialer.tunnel = ctx.services.get("tunnel")
-            ctx.services["dialer"] = dialer
-        self.dialer = dialer
+        self.dialer = dialer = ctx.dialer
         self.balancers = Balancers(ctx.store, _balancing(ctx.config), ctx.node_name)
         self.upstreams = http.Upstreams(ctx.store, self.balancers, dialer)
         self.credentials = Credentials(lambda ns, name: ctx.store.get("Secret", ns, name))

@@ -143,11 +143,26 @@ def build_context(data: dict[str, bytes], mode: TLSMode, min_version: str = "",
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
-    """load_cert_chain reads files only: write both to a private file, load, delete it."""
+    """``load_cert_chain`` reads files only (pyOpenSSL would take the PEM from memory, but its
+    connections are not the ``ssl`` sockets gevent serves): hand it an anonymous in-memory
+    file, so the private key never reaches a disk; a private temporary file where the kernel
+    has no ``memfd_create``."""
+    pem = key.rstrip(b"\n") + b"\n" + cert
+    try:
+        fd = os.memfd_create("edgemesh-gw-cert", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
     fd, path = tempfile.mkstemp(prefix="edgemesh-gw-", suffix=".pem")
     try:
         with os.fdopen(fd, "wb") as f:  # mkstemp creates it 0600
-            f.write(key.rstrip(b"\n") + b"\n" + cert)
+            f.write(pem)
         ctx.load_cert_chain(path)
     finally:
         os.unlink(path)

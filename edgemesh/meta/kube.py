@@ -29,7 +29,7 @@ its own resourceVersion (K7):
 The store is marked synced once Service, EndpointSlice (or Endpoints) and Namespace have each
 listed once (Pods are not watched: nothing reads them from an API source). If a first list
 fails and ``state_dir`` holds a metadata cache, the cache fills the store and ``/readyz`` stays
-200 with a check named ``apiserver (serving cached metadata: API unreachable since ...)``: the
+200, its line ``[+] apiserver (serving cached metadata: API unreachable since ...) ok``: the
 agent can serve, so a readiness probe should keep sending traffic, and the note says what it is
 serving. The first full live sync clears it.
 """
@@ -185,7 +185,6 @@ class KubeSource:
         self._cache_tried = False
         self._cache_kinds: set[str] = set()
         self._once = Once()
-        self._check_name = "apiserver"
         self._api_down_since = 0.0
         self._down_warned = 0.0
 
@@ -193,9 +192,8 @@ class KubeSource:
 
     def start(self) -> None:
         if self.admin is not None:
-            self.admin.add_check(self._check_name, self._readiness)
+            self.admin.add_check("apiserver", self._readiness, note=self._stale_note)
             self.admin.add_view("meta", self.view)
-            self.store.subscribe(self._sync_changed, ())
         if self.cache is not None:
             self.cache.start()
         for slot, st in self.states.items():
@@ -240,16 +238,9 @@ class KubeSource:
         waiting = [s for s, st in self.states.items() if st.required and not st.listed]
         return "listing " + ", ".join(waiting)
 
-    def _sync_changed(self, _: frozenset[str]) -> None:
-        """Name the readiness check after the stale state: /readyz stays 200 with the note."""
-        if self.admin is None:
-            return
-        name = f"apiserver ({self.store.stale_reason})" if self.store.stale_reason \
-            else "apiserver"
-        if name != self._check_name:
-            self.admin.checks.pop(self._check_name, None)
-            self.admin.add_check(name, self._readiness)
-            self._check_name = name
+    def _stale_note(self) -> str:
+        """/readyz stays 200 while the cache is served; the check's line says so."""
+        return self.store.stale_reason
 
     # ---- Secrets, per namespace ---------------------------------------------------------------
 

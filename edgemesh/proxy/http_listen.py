@@ -44,15 +44,15 @@ from typing import Any
 from gevent.pool import Pool
 from gevent.socket import socket as GeventSocket
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.models import AppProtocol, Service, ServicePort
 from edgemesh.meta.store import Backend, Store
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.http_pool import UpstreamPool
-from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason
+from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason, request_key
 from edgemesh.proxy.http_target import NormalTarget, TargetError, normalize_request
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, REJECTED, Acceptor, Conn, TCPPort, TCPProxy
@@ -100,47 +100,6 @@ def set_cookie_line(cookie: HttpCookie, value: str) -> bytes:
     parts.append(f"Path={cookie.path or '/'}")
     parts.append("HttpOnly")
     return b"Set-Cookie: " + "; ".join(parts).encode("latin-1") + b"\r\n"
-
-
-def cookie_value(head: RequestHead, name: str) -> str | None:
-    """The value of cookie ``name`` in the request's Cookie fields (quotes removed)."""
-    wanted = name.encode("latin-1")
-    for n, v in head.headers:
-        if n.lower() != b"cookie":
-            continue
-        for pair in v.split(b";"):
-            k, eq, val = pair.strip().partition(b"=")
-            if eq and k == wanted:
-                return val.strip(b'"').decode("latin-1")
-    return None
-
-
-def query_value(target: bytes, name: str) -> str | None:
-    """The raw value of query parameter ``name`` in a request target."""
-    _, q, query = target.partition(b"?")
-    if not q:
-        return None
-    wanted = name.encode("latin-1")
-    for pair in query.split(b"#", 1)[0].split(b"&"):
-        k, _, val = pair.partition(b"=")
-        if k == wanted:
-            return val.decode("latin-1")
-    return None
-
-
-def request_key(spec: LBSpec, head: RequestHead, client_ip: str) -> str | None:
-    """The balancing key of a request under ``spec`` (None: no key, plain policy)."""
-    kind = spec.hash_key
-    if kind is HashKey.HTTP_HEADER:
-        value = head.header(spec.hash_name.lower().encode("latin-1"))
-        return value.decode("latin-1") if value is not None else None
-    if kind is HashKey.HTTP_COOKIE:
-        return cookie_value(head, spec.hash_name)
-    if kind is HashKey.HTTP_QUERY:
-        return query_value(head.target, spec.hash_name)
-    if kind is HashKey.SOURCE_IP or spec.affinity_timeout > 0:
-        return client_ip
-    return None
 
 
 def upstream_head(head: RequestHead, raw: bytes, target: NormalTarget) -> bytes:

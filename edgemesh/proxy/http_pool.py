@@ -26,7 +26,7 @@ CHECK_AFTER = 1.0  # seconds idle after which a pooled connection is checked bef
 
 
 class TcpDialer(Protocol):
-    """What the pool needs of ``edgemesh.proxy.dialer.Dialer``."""
+    """What the pool needs of ``edgemesh.dialer.Dialer``."""
 
     def dial_tcp(self, backend: Backend, timeout: float | None = None) -> socket.socket: ...
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from edgemesh.meta.store import Backend
 from edgemesh.proxy.http_head import HeadLimits, RequestHead
-from edgemesh.proxy.lb import Balancer
+from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,44 @@ def reason(status: int) -> bytes:
     """The reason phrase our own responses carry (the proxy's and the gateway's alike)."""
     return _REASONS.get(status, b"Error")
 
+
+def cookie_value(head: RequestHead, name: str) -> str | None:
+    """The value of cookie ``name`` in the request's Cookie fields (quotes removed)."""
+    wanted = name.encode("latin-1")
+    for n, v in head.headers:
+        if n.lower() != b"cookie":
+            continue
+        for pair in v.split(b";"):
+            k, eq, val = pair.strip().partition(b"=")
+            if eq and k == wanted:
+                return val.strip(b'"').decode("latin-1")
+    return None
+
+
+def query_value(target: bytes, name: str) -> str | None:
+    """The raw value of query parameter ``name`` in a request target."""
+    _, q, query = target.partition(b"?")
+    if not q:
+        return None
+    wanted = name.encode("latin-1")
+    for pair in query.split(b"#", 1)[0].split(b"&"):
+        k, _, val = pair.partition(b"=")
+        if k == wanted:
+            return val.decode("latin-1")
+    return None
+
+
+def request_key(spec: LBSpec, head: RequestHead, client_ip: str) -> str | None:
+    """The balancing key of a request under ``spec`` (None: no key, plain policy): the one
+    rule of the proxy and the gateway. A header: its first value. A cookie: its value in any
+    ``Cookie`` field, quotes removed (Envoy's ``parseCookieValue``). A query parameter: its raw
+    value."""
+    kind = spec.hash_key
+    if kind is HashKey.HTTP_HEADER:
+        value = head.header(spec.hash_name.lower().encode("latin-1"))
+        return value.decode("latin-1") if value is not None else None
+    if kind is HashKey.HTTP_COOKIE:
+        return cookie_value(head, spec.hash_name)
+    if kind is HashKey.HTTP_QUERY:
+        return query_value(head.target, spec.hash_name)
+    return client_ip if spec.wants_client_ip else None

@@ -289,19 +289,6 @@ def _pair(net: Network) -> tuple[int, int] | None:
     return int(net.network_address), int(net.netmask)
 
 
-def shared_plan(ctx: Any) -> AddressPlan | None:
-    """The agent's one ``AddressPlan`` (``ctx.services["meshAddresses"]``): the proxy fills it,
-    DNS reads it; None when ``modules.edgeCNI.enable`` is off."""
-    cni = ctx.config.modules.edgeCNI
-    if not cni.enable:
-        return None
-    plan = ctx.services.get("meshAddresses")
-    if plan is None:
-        plan = ctx.services["meshAddresses"] = AddressPlan(ctx.node_name, cni.meshCIDR,
-                                                           Mode(cni.mode))
-    return plan  # type: ignore[no-any-return]
-
-
 def headless_proxied(service: Any, default: bool) -> bool:
     """Whether a headless Service takes the legacy path (a balanced VIP): its
     ``edgemesh.kubeedge.io/headless-proxy`` annotation ("true"/"false"), else ``default``."""

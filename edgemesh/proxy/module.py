@@ -106,12 +106,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemesh import netdev
-from edgemesh.agent import Context
+from edgemesh.context import Context
+from edgemesh.dialer import Dialer
 from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, ServicePort
 from edgemesh.proxy import http_listen, iptables
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import NODE, Portal
-from edgemesh.proxy.meshcidr import shared_plan
 from edgemesh.proxy.podip import PodNetworks
 from edgemesh.proxy.policy import Balancers
 from edgemesh.proxy.steering import Steering
@@ -235,11 +234,8 @@ class ProxyModule:
         self.ctx = ctx
         self.config = ctx.config.modules.edgeProxy
         cfg = self.config
-        self.dialer: Dialer = ctx.services.get("dialer") or Dialer(ctx.node_name,
-                                                                   cfg.connectTimeout)
-        ctx.services["dialer"] = self.dialer
+        self.dialer: Dialer = ctx.dialer
         self.balancers = Balancers(ctx.store, cfg, ctx.node_name)
-        ctx.services["balancers"] = self.balancers
         self.listen_ip = cfg.listenAddress or (ctx.config.commonConfig.bridgeDeviceIP
                                                if cfg.iptables else "127.0.0.1")
         self.tcp: TCPProxy | None = None
@@ -272,7 +268,6 @@ class ProxyModule:
 
     def start(self) -> None:
         cfg = self.config
-        self.dialer.tunnel = self.ctx.services.get("tunnel")
         if cfg.iptables:
             self._prepare_host()
         self.tcp = TCPProxy(self.dialer, cfg.connectTimeout, cfg.tcpIdleTimeout,
@@ -284,7 +279,7 @@ class ProxyModule:
                                         self.steer, self.unsteer,
                                         udp_idle_timeout=cfg.udpIdleTimeout,
                                         max_udp_sessions=cfg.maxUDPSessions,
-                                        plan=shared_plan(self.ctx), balancers=self.balancers,
+                                        plan=self.ctx.mesh_addresses, balancers=self.balancers,
                                         headless_proxy=self.ctx.config.modules.edgeCNI
                                         .headlessProxy)
         elif self.ctx.config.modules.edgeCNI.enable:

@@ -46,7 +46,7 @@ nowhere (a Pod deleted or moved here since) is refused like an unknown Pod IP. T
 recomputed at every sync whose inputs changed (store revision, routes, host addresses), so a
 moved or deleted Pod's VIP goes within one sync; connections and UDP sessions already open
 keep their path until they end or idle out. The plan is shared with DNS
-(``meshcidr.shared_plan``), which drops its cached answers when it changes.
+(``Context.mesh_addresses``), which drops its cached answers when it changes.
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ import subprocess
 import time
 from typing import Any
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.store import Backend, Store
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.meshcidr import AddressPlan, PodTarget, headless_proxied
 from edgemesh.proxy.podmap import PodMap, routed_networks
 from edgemesh.proxy.tcp import REJECTED, TCPPort, TCPProxy

@@ -46,9 +46,9 @@ from typing import Any
 
 import gevent
 
+from edgemesh.dialer import Dialer
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.backoff import AcceptBackoff, is_resource_error

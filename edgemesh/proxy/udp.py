@@ -41,9 +41,9 @@ from typing import Any
 import gevent
 import gevent.socket
 
+from edgemesh.dialer import DatagramChannel, Dialer, UDPChannel
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import DatagramChannel, Dialer, UDPChannel
 from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.logs import Once

@@ -36,12 +36,32 @@ View = Callable[[], Any]
 
 class Admin:
     def __init__(self) -> None:
-        self.checks: dict[str, Check] = {}
+        self._checks: dict[str, tuple[Check, Check | None]] = {}
         self.views: dict[str, View] = {}
         self._server: StreamServer | None = None
 
-    def add_check(self, name: str, check: Check) -> None:
-        self.checks[name] = check
+    def add_check(self, name: str, check: Check, note: Check | None = None) -> None:
+        """``check()`` returns "" when ready, else why not; ``note()``, when given, says how
+        a passing check passes (``[+] apiserver (serving cached metadata: ...) ok``)."""
+        self._checks[name] = (check, note)
+
+    def remove_check(self, name: str) -> None:
+        self._checks.pop(name, None)
+
+    def ready_lines(self) -> list[str]:
+        """What ``/readyz`` lists when every check passes, one line per check."""
+        lines = []
+        for name in sorted(self._checks):
+            note = self._call(self._checks[name][1]) if self._checks[name][1] else ""
+            lines.append(f"[+] {name} ({note}) ok" if note else f"[+] {name} ok")
+        return lines
+
+    @staticmethod
+    def _call(fn: Check | None) -> str:
+        try:
+            return fn() if fn is not None else ""
+        except Exception as e:  # a broken check reports as not ready, never crashes
+            return f"check failed: {e}"
 
     def add_view(self, name: str, view: View) -> None:
         self.views[name] = view
@@ -49,11 +69,8 @@ class Admin:
     def not_ready(self) -> dict[str, str]:
         """Every check that fails, with its reason."""
         out = {}
-        for name, check in self.checks.items():
-            try:
-                reason = check()
-            except Exception as e:  # a broken check reports as not ready, never crashes
-                reason = f"check failed: {e}"
+        for name, (check, _) in self._checks.items():
+            reason = self._call(check)
             if reason:
                 out[name] = reason
         return out
@@ -69,7 +86,7 @@ class Admin:
             if problems:
                 body = "".join(f"[-] {k}: {v}\n" for k, v in sorted(problems.items()))
                 return _reply(start, "503 Service Unavailable", body.encode())
-            body = "".join(f"[+] {k} ok\n" for k in sorted(self.checks)) + "ok\n"
+            body = "".join(line + "\n" for line in self.ready_lines()) + "ok\n"
             return _reply(start, "200 OK", body.encode())
         if path == "/metrics":
             return _reply(start, "200 OK", metrics.REGISTRY.render().encode(),

@@ -8,7 +8,6 @@ bindings live in ``<stateDir>/bindings.json``; ``edgemesh server release NODE`` 
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import time
 
@@ -17,26 +16,22 @@ import gevent.event
 
 from edgemesh import __version__
 from edgemesh.config import Config, split_host_port
-from edgemesh.errors import EdgeMeshError
-from edgemesh.runtime import metrics
+from edgemesh.runtime import lifecycle, metrics
 from edgemesh.runtime.admin import Admin
+from edgemesh.runtime.lifecycle import StartFailed
 from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import control, identity
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.relay import RelayCore
 from edgemesh.tunnel.session import Session
+from edgemesh.tunnel.sessions import SERVER_LIVENESS
 
 log = logging.getLogger(__name__)
 _once = Once()
 
-SILENT_PROBE = 2.0
-SILENT_DEAD = 6.0
-
 SESSIONS_REFUSED = metrics.counter("edgemesh_server_sessions_refused_total",
                                    "Agent sessions refused: maxSessions were open.")
-BUILD_INFO = metrics.gauge("edgemesh_build_info", "EdgeMesh version and role.",
-                           ["version", "role"])
 
 
 class Server:
@@ -76,16 +71,7 @@ class Server:
         session would otherwise hold the agent's 4-tuple and swallow its reconnection."""
         while True:
             gevent.sleep(1.0)
-            now = time.monotonic()
-            for session in list(self.sessions):
-                silent = now - session.last_seen
-                if silent > SILENT_DEAD:
-                    session.close(f"silent for {silent:.1f}s")
-                elif silent > SILENT_PROBE:
-                    try:
-                        session.ping()
-                    except (EdgeMeshError, OSError):
-                        pass
+            SERVER_LIVENESS.check(list(self.sessions), time.monotonic(), Session.close)
 
     def _on_accept(self, acc: Accepted) -> None:
         if acc.result.remote_hello.intent == "circuit":
@@ -120,35 +106,35 @@ class Server:
         return [{"node": b.node, "key": b.key} for b in self.node.bindings.all()]
 
 
+class _Serving:
+    """The server as ``lifecycle.serve`` runs it."""
+
+    def __init__(self, server: Server, listen: str) -> None:
+        self.server, self.listen = server, listen
+
+    def start(self) -> None:
+        try:
+            host, port = self.server.start()
+        except OSError as e:
+            raise StartFailed(f"cannot listen on {self.listen}: {e}") from e
+        node = self.server.node
+        log.info("edgemesh server %s listening on %s:%d as %s (key %s)", __version__, host,
+                 port, node.name, node.public_key.hex()[:16])
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 def run(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     server = Server(config)
-    BUILD_INFO.labels(__version__, "server").set(1)
     admin = Admin()
     admin.add_view("registrations", server.relay.records)
     admin.add_view("bindings", server.bindings_view)
     admin.add_view("node", lambda: {"node": server.node.name, "role": "server",
                                     "version": __version__, "synced": True, "stale": ""})
-    stop = gevent.event.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(sig, stop.set)
-    if config.commonConfig.adminAddress:
-        host, port = admin.start(config.commonConfig.adminAddress)
-        log.info("admin endpoint on http://%s:%d", host, port)
-    try:
-        host, port = server.start()
-    except OSError as e:
-        log.error("cannot listen on %s: %s", config.server.listen, e)
-        admin.stop()
-        return 1
-    log.info("edgemesh server %s listening on %s:%d as %s (key %s)", __version__, host, port,
-             server.node.name, server.node.public_key.hex()[:16])
-    try:
-        stop.wait()
-    finally:
-        server.stop()
-        admin.stop()
-    return 0
+    return lifecycle.serve("server", admin, config.commonConfig.adminAddress,
+                           _Serving(server, config.server.listen))
 
 
 def release(state_dir: str, node: str) -> int:

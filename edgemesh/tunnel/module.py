@@ -1,5 +1,6 @@
-"""The edgeTunnel module: ``ctx.services["tunnel"]`` for the proxy and gateway, the receiving-
-side policy, server links, the optional relay, and the ``peers`` view / ``tunnel`` check.
+"""The edgeTunnel module: the way the dialer reaches other nodes (``Context.tunnel``), the
+receiving-side policy, server links, the optional relay, and the ``peers`` view / ``tunnel``
+check.
 """
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from edgemesh.agent import Context
-from edgemesh.config_go import relay_plan
+from edgemesh.context import Context, Role
 from edgemesh.errors import LocalProtocolError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.logs import Once
 from edgemesh.tunnel import control, identity
 from edgemesh.tunnel import frames as fr
+from edgemesh.tunnel.links import relay_plan
 from edgemesh.tunnel.node import Accepted, TunnelNode
 from edgemesh.tunnel.peers import Peers
 from edgemesh.tunnel.policy import REFUSED, LocalEndpoints
@@ -59,7 +60,7 @@ class TunnelModule:
         self.node = TunnelNode(ctx.node_name, "agent", ctx.state_dir, psk, "peers.json")
         self.policy = LocalEndpoints(ctx.store, ctx.node_name,
                                      pods=ctx.config.modules.edgeCNI.enable)
-        relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role == "agent")
+        relay, servers, advertise = relay_plan(cfg, ctx.node_name, may_relay=ctx.role is Role.AGENT)
         if cfg.relayNodes:
             log.info("relayNodes: %s; servers %s", "this node relays, advertising "
                      f"{', '.join(advertise) or 'its own addresses'}" if relay
@@ -71,7 +72,6 @@ class TunnelModule:
                            self._make_session)
         self.connect_timeout = ctx.config.modules.edgeProxy.connectTimeout
         self.udp_idle = ctx.config.modules.edgeProxy.udpIdleTimeout
-        ctx.services["tunnel"] = self
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -80,8 +80,8 @@ class TunnelModule:
                                       self._on_accept)
         log.info("tunnel listening on %s:%d as %s (key %s)", host, port, self.node.name,
                  self.node.public_key.hex()[:16])
-        self.peers.listen_port = port
-        self.peers.hole_punching = self.cfg.holePunching
+        self.peers.servers.listen_port = port
+        self.peers.servers.hole_punching = self.cfg.holePunching
         if self.relay is not None:
             relay = self.relay
             self.peers.is_client = lambda s: getattr(relay.registry.get(s.peer), "session",
@@ -159,7 +159,7 @@ class TunnelModule:
                           on_control=self._on_control, on_close=self._on_close)
         PEER_UP.labels(session.peer, path).inc()
         PEER_STREAMS.labels(session.peer).fn = lambda p=session.peer: sum(
-            s.stream_count for s in self.peers.sessions.get(p, []))
+            s.stream_count for s in self.peers.table.sessions.get(p, []))
         PEER_RTT.labels(session.peer).fn = lambda p=session.peer: (
             (self.peers.best(p) or session).rtt or 0.0)
         return session
@@ -182,7 +182,7 @@ class TunnelModule:
             self.relay.on_session_closed(session)
 
     def _on_control(self, session: Session, msg: control.Message) -> None:
-        if self.peers.on_control(session, msg):
+        if self.peers.servers.on_control(session, msg):
             return
         if self.relay is not None and self.relay.on_control(session, msg):
             return
@@ -211,16 +211,16 @@ class TunnelModule:
         """One item per session (the one new streams use first, ``active``), plus each peer's
         path attempts and next upgrade (``Peers.path_view``); server links that are down."""
         out = []
-        for node in sorted(set(self.peers.sessions) | set(self.peers.paths)):
+        for node in sorted(set(self.peers.table.sessions) | set(self.peers.paths)):
             best = self.peers.best(node)
-            sessions = sorted(self.peers.sessions.get(node, []), key=lambda s: s is not best)
+            sessions = sorted(self.peers.table.sessions.get(node, []), key=lambda s: s is not best)
             for s in sessions:
                 item = {"node": node, "path": s.path, "address": s.address,
                         "rtt_ms": round(s.rtt * 1000, 3) if s.rtt is not None else None,
                         "streams": s.stream_count, "bytes_in": s.bytes_in,
                         "bytes_out": s.bytes_out, "key": s.peer_key.hex()[:16],
                         "active": s is best, **self.peers.path_view(node, s.path)}
-                if self.peers.is_link(s):
+                if self.peers.servers.is_link(s):
                     item["detail"] = "server"
                 elif s is not best:
                     item["detail"] = "draining"

@@ -8,28 +8,48 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import gevent
 import gevent.event
 
 from edgemesh.errors import EdgeMeshError, UnavailableError
 from edgemesh.runtime.tasks import spawn
+from edgemesh.tunnel.links import PeerRecord, ServerLink
 from edgemesh.tunnel.node import fmt_addr
+from edgemesh.tunnel.punch import PathState
 from edgemesh.tunnel.session import Session
-
-if TYPE_CHECKING:
-    from edgemesh.tunnel.peers import Peers
 
 DIRECT_STAGGER = 0.25
 DIRECT_BUDGET = 2.5  # then the relay gets its turn (unanswered SYNs to a NAT just hang)
 PUNCH_BUDGET = 4.5  # a punch waits for its offer and crossed SYNs (a round trip or two)
 
 
+class PathContext(Protocol):
+    """What a path strategy needs from the agent's peers (``peers.Peers`` provides it)."""
+
+    @property
+    def links(self) -> list[ServerLink]: ...
+
+    def lookup(self, node: str) -> PeerRecord | None: ...
+
+    def state(self, node: str) -> PathState: ...
+
+    def candidates(self, node: str) -> list[tuple[str, str, int]]: ...
+
+    def punch_link(self, node: str) -> tuple[ServerLink | None, str]: ...
+
+    def dial_direct(self, node: str, host: str, port: int, deadline: float) -> Session: ...
+
+    def punch_tcp(self, link: ServerLink, node: str, deadline: float) -> Session: ...
+
+    def dial_relayed(self, link: ServerLink, node: str, deadline: float) -> Session: ...
+
+
 class PathStrategy(Protocol):
     name: str
 
-    def connect(self, peers: "Peers", node: str, deadline: float) -> Session | None: ...
+    def connect(self, peers: PathContext, node: str, deadline: float) -> Session | None: ...
 
 
 Dialer = Callable[[float], Session]
@@ -39,7 +59,7 @@ class DirectPath:
     """The peer's own addresses, and a hole punch where one can work; first handshake wins."""
     name = "direct"
 
-    def connect(self, peers: "Peers", node: str, deadline: float) -> Session | None:
+    def connect(self, peers: PathContext, node: str, deadline: float) -> Session | None:
         peers.lookup(node)
         plan = self.plan(peers, node)
         if not plan:
@@ -91,7 +111,7 @@ class DirectPath:
         return session  # type: ignore[no-any-return]
 
     @staticmethod
-    def plan(peers: "Peers", node: str) -> list[tuple[str, str, Dialer]]:
+    def plan(peers: PathContext, node: str) -> list[tuple[str, str, Dialer]]:
         """(kind, where, dial) for each direct attempt, in order."""
         state = peers.state(node)
         link, skip = peers.punch_link(node)
@@ -118,7 +138,7 @@ class RelayPath:
     """A circuit through each server link that is up, in order."""
     name = "relay"
 
-    def connect(self, peers: "Peers", node: str, deadline: float) -> Session | None:
+    def connect(self, peers: PathContext, node: str, deadline: float) -> Session | None:
         errors = []
         state = peers.state(node)
         for link in peers.links:

@@ -22,7 +22,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
@@ -31,11 +30,9 @@ from edgemesh.errors import EdgeMeshError, UnavailableError
 from edgemesh.runtime import metrics
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel import control, punch
-from edgemesh.tunnel.node import fmt_addr, reuse_socket
+from edgemesh.tunnel.links import Adopt, ServerLink
+from edgemesh.tunnel.node import TunnelNode, fmt_addr, reuse_socket
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, Session
-
-if TYPE_CHECKING:
-    from edgemesh.tunnel.peers import Peers, ServerLink
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +55,14 @@ class Run:
 class Puncher:
     """Requests offers, answers them, and turns a crossed connect into a ``punched`` session."""
 
-    def __init__(self, peers: "Peers") -> None:
-        self.peers = peers
+    def __init__(self, node: TunnelNode, state_of: Callable[[str], punch.PathState],
+                 adopt: Adopt) -> None:
+        self.node = node
+        self.state_of = state_of  # where each attempt is recorded for ``edgemesh status``
+        self.adopt = adopt  # a punched connection becomes a session of the agent's peers
         self.runs: dict[str, Run] = {}
 
-    def request(self, link: "ServerLink", node: str, rid: int, deadline: float) -> Session:
+    def request(self, link: ServerLink, node: str, rid: int, deadline: float) -> Session:
         """A punched session to ``node``, coordinated by ``link``'s server."""
         run = self.runs.get(node)
         if run is None:
@@ -86,7 +86,7 @@ class Puncher:
         if self.runs.get(node) is run:
             del self.runs[node]
         PUNCHES.labels("failed").inc()
-        self.peers.state(node).tried("punch-tcp", False, reason, time.time())
+        self.state_of(node).tried("punch-tcp", False, reason, time.time())
         if not run.result.ready():
             run.result.set_exception(UnavailableError(reason))
 
@@ -116,7 +116,7 @@ class Puncher:
             return
         PUNCH_SECONDS.observe(time.monotonic() - start)
         PUNCHES.labels("ok").inc()
-        self.peers.state(offer.node).tried("punch-tcp", True, session.address, time.time())
+        self.state_of(offer.node).tried("punch-tcp", True, session.address, time.time())
         if self.runs.get(offer.node) is run:
             del self.runs[offer.node]
         run.result.set(session)
@@ -124,7 +124,7 @@ class Puncher:
     def _connect(self, offer: punch.Offer) -> Session:
         gevent.sleep(offer.delay)
         sock = self._cross(offer.host, offer.port)
-        node = self.peers.node
+        node = self.node
         initiator = punch.is_initiator(node.name, offer.node)
         try:
             result, reader = node.authenticate(sock, node.hello(), offer.node,
@@ -134,12 +134,12 @@ class Puncher:
         except BaseException:
             sock.close()
             raise
-        return self.peers.adopt(sock, result, reader, initiator=initiator, path="punched",
+        return self.adopt(sock, result, reader, initiator=initiator, path="punched",
                                 address=fmt_addr((offer.host, offer.port)))
 
     def _cross(self, host: str, port: int) -> socket.socket:
         """Connect from the tunnel port to host:port; or take the peer's connection instead."""
-        node = self.peers.node
+        node = self.node
         claimed: gevent.event.AsyncResult = gevent.event.AsyncResult()
 
         def take(sock: socket.socket) -> None:
@@ -160,7 +160,7 @@ class Puncher:
 
     def _connect_from_tunnel_port(self, host: str, port: int,
                                   take: Callable[[socket.socket], None]) -> None:
-        node = self.peers.node
+        node = self.node
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = reuse_socket(family)
         try:

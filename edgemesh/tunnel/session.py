@@ -284,7 +284,7 @@ class Session:
         log.info("session to %s (%s %s) closed: %s", self.peer, self.path, self.address, reason)
         error = StreamClosed(f"session to {self.peer} closed: {reason}")
         for stream in list(self.streams.values()):
-            stream._fail(error)
+            stream.on_reset(error)
         self.streams.clear()
         try:
             self.sock.close()
@@ -337,7 +337,7 @@ class Session:
     def _flush_batches(self) -> None:
         touched, self.touched = self.touched, []
         for stream in touched:
-            stream._flush_batch()
+            stream.flush_batch()
 
     def _consume_records(self) -> None:
         while (body := self.reader.next_view()) is not None:
@@ -363,26 +363,25 @@ class Session:
         if isinstance(event, fr.DataReceived):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream._feed(event.data)
+                stream.on_data(event.data)
         elif isinstance(event, fr.WindowOpened):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream._writable.set()
+                stream.on_window()
         elif isinstance(event, fr.StreamEnded):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream._end()
+                stream.on_end()
                 self.forget_if_done(event.stream)
         elif isinstance(event, fr.StreamAccepted):
             stream = self.streams.get(event.stream)
             if stream is not None:
-                stream._accepted.set()
-                stream._writable.set()
+                stream.on_accepted()
         elif isinstance(event, fr.StreamReset):
             stream = self.streams.pop(event.stream, None)
             if stream is not None:
-                stream._fail(StreamClosed(f"refused by {self.peer}: {event.reason or event.code}",
-                                          event.code))
+                why = event.reason or event.code
+                stream.on_reset(StreamClosed(f"refused by {self.peer}: {why}", event.code))
         elif isinstance(event, fr.StreamOpened):
             self._on_opened(event)
         elif isinstance(event, fr.PongReceived):

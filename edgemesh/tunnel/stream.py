@@ -1,26 +1,24 @@
 """One multiplexed stream of a tunnel session: its receive queue, flow-control waits and the
 blocking ``send``/``recv``/pump API that greenlets use.
 
-The session's reader feeds it (``_feed``/``_end``/``_fail``); for a stream pumped to a socket
+The session's reader feeds it through the ``on_*`` methods; for a stream pumped to a socket
 (``drain_to``) the bytes a read brought are sent to that socket by the reader itself with one
-non-blocking ``sendmsg`` (``_flush_batch``), and only what the socket did not take is queued.
-Sending goes through the session, which seals and queues records (``Session.seal_data``).
+non-blocking ``sendmsg`` (``flush_batch``), and only what the socket did not take is queued.
+Sending goes through the session, which seals and queues records (``Session.seal_data``). What
+a stream needs of its session is ``StreamHost``: the contract between the two, in one place.
 """
 from __future__ import annotations
 
 import collections
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import gevent.event
 from gevent.socket import wait_read
 
 from edgemesh.errors import UnavailableError
 from edgemesh.tunnel import frames as fr
-
-if TYPE_CHECKING:
-    from edgemesh.tunnel.session import Session
 
 PING_INTERVAL = 10.0
 DEAD_AFTER = 3 * PING_INTERVAL + 5  # a silent session is closed then: no wait outlives it
@@ -36,10 +34,34 @@ class StreamClosed(UnavailableError):
         self.code = code
 
 
+class StreamHost(Protocol):
+    """What a ``Stream`` uses of its session (``session.Session`` provides it)."""
+    peer: str
+    closed: bool
+    mux: fr.Mux
+    streams: dict[int, "Stream"]
+    touched: list["Stream"]  # streams holding a batch for their sink: flushed after a read
+    buffered: int  # bytes received and not yet taken by any stream's reader (back-pressure)
+
+    def write(self, *frames: fr.Frame) -> None: ...
+
+    def write_data(self, sid: int, data: memoryview, fin: bool = False) -> None: ...
+
+    def seal_data(self, sid: int, record: memoryview, fin: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def wait_writable(self) -> None: ...
+
+    def unbuffer(self, n: int) -> None: ...
+
+    def forget_if_done(self, sid: int) -> None: ...
+
+
 class Stream:
     """One multiplexed stream: blocking ``send``/``recv`` for greenlets, flow-controlled."""
 
-    def __init__(self, session: Session, sid: int, target: fr.Target) -> None:
+    def __init__(self, session: StreamHost, sid: int, target: fr.Target) -> None:
         self.session = session
         self.id = sid
         self.target = target
@@ -57,7 +79,7 @@ class Stream:
         self.error: StreamClosed | None = None
 
     # called by the session's reader --------------------------------------------------------------
-    def _feed(self, data: bytes | memoryview) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         if self.sink is not None and not self._chunks:
             if not self._batch:
                 self.session.touched.append(self)
@@ -72,7 +94,7 @@ class Stream:
         self.session.buffered += len(data)
         self._readable.set()
 
-    def _flush_batch(self) -> None:
+    def flush_batch(self) -> None:
         """Send what this read brought for the sink with one non-blocking sendmsg; queue
         the rest for ``drain_to``."""
         batch, self._batch = self._batch, []
@@ -97,13 +119,23 @@ class Stream:
             self._queue(data[sent:] if sent else data)
             sent = 0
 
-    def _end(self) -> None:
-        self._flush_batch()
+    def on_window(self) -> None:
+        """The peer granted send window."""
+        self._writable.set()
+
+    def on_accepted(self) -> None:
+        self._accepted.set()
+        self._writable.set()
+
+    def on_end(self) -> None:
+        """The peer's FIN."""
+        self.flush_batch()
         self.eof = True
         self._readable.set()
 
-    def _fail(self, error: StreamClosed) -> None:
-        self._flush_batch()
+    def on_reset(self, error: StreamClosed) -> None:
+        """Reset by the peer, or the session ended: every wait ends with ``error``."""
+        self.flush_batch()
         self.error = error
         self.session.unbuffer(self._queued)
         self._queued = 0
@@ -253,5 +285,5 @@ class Stream:
             except OSError:
                 pass
         if self.error is None:
-            self._fail(StreamClosed("reset locally", code))
+            self.on_reset(StreamClosed("reset locally", code))
 

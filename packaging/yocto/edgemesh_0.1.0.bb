@@ -37,8 +37,8 @@ do_install:append() {
 
 RDEPENDS:${PN} += " \
     python3-core python3-json python3-logging python3-netclient python3-ipaddress \
-    python3-gevent python3-requests python3-pyopenssl python3-cryptography \
-    python3-click python3-pyyaml python3-h11 python3-wsproto python3-dnslib \
+    python3-gevent python3-greenlet python3-requests python3-urllib3 python3-cryptography \
+    python3-click python3-pyyaml python3-dnslib \
     iptables iproute2 \
 "
 # kernel: nf_tables or x_tables NAT (DNAT), bridge for edgemesh0

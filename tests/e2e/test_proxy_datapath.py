@@ -16,9 +16,9 @@ import gevent.event
 import gevent.queue
 import pytest
 
+from edgemesh.dialer import Dialer
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer, LBSpec, Policy
 from edgemesh.proxy.tcp import TCPListener, TCPProxy
 from edgemesh.proxy.udp import UDPListener

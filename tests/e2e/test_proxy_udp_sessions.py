@@ -11,8 +11,8 @@ import socket
 
 import gevent
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer, LBSpec
 from edgemesh.proxy.udp import REPLY_BATCH, UDPListener
 from edgemesh.runtime import metrics

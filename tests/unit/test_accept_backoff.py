@@ -14,7 +14,7 @@ CHILD = textwrap.dedent("""
     import json, os, resource, socket, time
     import gevent
     from edgemesh.meta.store import Backend
-    from edgemesh.proxy.dialer import Dialer
+    from edgemesh.dialer import Dialer
     from edgemesh.proxy.lb import Balancer, LBSpec
     from edgemesh.proxy.tcp import ACCEPT_PAUSES, TCPListener, TCPProxy
 

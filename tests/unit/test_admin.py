@@ -9,9 +9,10 @@ import pytest
 
 from edgemesh import __version__, agent
 from edgemesh.config import Config
+from edgemesh.context import Context
 from edgemesh.meta import models
 from edgemesh.meta.store import Store
-from edgemesh.runtime import metrics
+from edgemesh.runtime import lifecycle, metrics
 from edgemesh.runtime.admin import Admin
 from tests.procs import http_get
 
@@ -47,7 +48,7 @@ def test_readyz_lists_what_is_not_ready(admin):
     assert status == 503
     assert body == ("[-] broken: check failed: division by zero\n"
                     "[-] metadata: waiting for first sync\n")
-    del a.checks["broken"]
+    a.remove_check("broken")
     state["metadata"] = ""
     assert http_get(f"http://{addr}/readyz") == (200, "[+] dns ok\n[+] metadata ok\nok\n")
 
@@ -67,8 +68,8 @@ def test_debug_views_are_json(admin):
 def test_metrics_of_a_node(admin):
     a, addr = admin
     store = Store()
-    ctx = agent.Context(config=Config(nodeName="edge-node-1"), store=store, admin=a)
-    agent.BUILD_INFO.labels(__version__, "agent").set(1)
+    ctx = Context(config=Config(nodeName="edge-node-1"), store=store, admin=a)
+    lifecycle.BUILD_INFO.labels(__version__, "agent").set(1)
     agent._register_views(ctx)
     raw = {"metadata": {"name": "web", "namespace": "demo"},
            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}

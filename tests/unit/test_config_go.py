@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from edgemesh import cli, config_go
 from edgemesh import config as cfg
 from edgemesh.errors import ConfigError
+from edgemesh.tunnel.links import relay_plan
 from tests.procs import ROOT
 
 GO_CONFIGS = os.path.join(ROOT, "tests", "data", "go_edgemesh", "configs")
@@ -215,7 +216,7 @@ RELAYS = {"modules": {"edgeTunnel": {"relayNodes": [
 
 def plan(node: str, data: dict = RELAYS, may_relay: bool = True):  # type: ignore[no-untyped-def]
     c, _ = load(data)
-    return config_go.relay_plan(c.modules.edgeTunnel, node, may_relay)
+    return relay_plan(c.modules.edgeTunnel, node, may_relay)
 
 
 def test_a_listed_agent_relays_and_advertises_its_addresses() -> None:

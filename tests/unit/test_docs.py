@@ -42,13 +42,13 @@ def test_migration_guide_examples_are_what_the_code_does() -> None:
     import yaml
 
     from edgemesh import config as cfg
-    from edgemesh import config_go
+    from edgemesh.tunnel.links import relay_plan
     text = _migration()
     [relays] = [b for b in text.split("```yaml\n")[1:] if "relayNodes" in b]
     c = cfg.from_mapping(yaml.safe_load(relays.split("```")[0]))
     tunnel = c.modules.edgeTunnel
-    assert config_go.relay_plan(tunnel, "k8s-master") == (True, [], ["1.1.1.1"])
-    assert config_go.relay_plan(tunnel, "edge-1") == (False, ["1.1.1.1:20006"], [])
+    assert relay_plan(tunnel, "k8s-master") == (True, [], ["1.1.1.1"])
+    assert relay_plan(tunnel, "edge-1") == (False, ["1.1.1.1:20006"], [])
     warnings: list[str] = []
     cfg.from_mapping({"modules": {"edgeTunnel": {"transport": "tcp"}}}, warnings)
     assert f"warning: {warnings[0]}\n" in text

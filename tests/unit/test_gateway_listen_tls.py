@@ -86,6 +86,17 @@ def test_context_minimum_tls12_and_mutual() -> None:
         build_context({"tls.crt": crt, "tls.key": b"garbage"}, TLSMode.SIMPLE)
 
 
+def test_private_key_never_written_to_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+    written: list[str] = []
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: written.append("mkstemp"))
+    crt, key = _cert("a.example.com")
+    ctx = build_context({"tls.crt": crt, "tls.key": key}, TLSMode.SIMPLE)
+    assert ctx.get_ca_certs() == [] and written == []
+    with pytest.raises(CredentialError):  # a bad key is still reported from the memory file
+        build_context({"tls.crt": crt, "tls.key": b"garbage"}, TLSMode.SIMPLE)
+
+
 def test_credentials_reload_when_the_secret_changes() -> None:
     secrets: dict[tuple[str, str], Secret] = {}
 

@@ -15,7 +15,7 @@ import h11
 import pytest
 from gevent.server import StreamServer
 
-from edgemesh.proxy.dialer import Dialer
+from edgemesh.dialer import Dialer
 from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_listen import HttpPort
 from edgemesh.proxy.http_pool import UpstreamPool

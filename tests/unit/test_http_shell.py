@@ -19,9 +19,9 @@ import requests
 from gevent.server import StreamServer
 from websockets.sync.client import connect as ws_connect
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.http import MALFORMED, serve_connection
 from edgemesh.proxy.http_body import BodyTracker
 from edgemesh.proxy.http_head import (

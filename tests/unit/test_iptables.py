@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 
@@ -134,7 +135,7 @@ def test_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
         "for _ in range(3): r.sync(P, ['192.168.0.0/16'])\n"
         "print(r.check(), *(I._save(r.binary, t) for t in I.TABLES))\n"
         "r.remove(); print('---'); print(*(I._save(r.binary, t) for t in I.TABLES))\n")
-    out = ns.run(".venv/bin/python", "-c", code).stdout
+    out = ns.run(sys.executable, "-c", code).stdout
     before, after = out.split("---")
     assert before.startswith("True")  # what the kernel shows is what was applied
     assert before.count("-j TPROXY --on-port 41001 --on-ip 169.254.96.16") == 2
@@ -362,7 +363,7 @@ def test_ipv6_sync_and_remove_in_a_namespace(lab, binary: str) -> None:
         "for _ in range(3): r.sync(P, ['192.168.0.0/16', 'fd00:50::/64'])\n"
         "print(I._save(r.binary), I._save(r.binary, 'filter'))\n"
         "r.remove(); print('---'); print(I._save(r.binary), I._save(r.binary, 'filter'))\n")
-    before, after = ns.run(".venv/bin/python", "-c", code).stdout.split("---")
+    before, after = ns.run(sys.executable, "-c", code).stdout.split("---")
     assert before.count("-A OUTPUT -j EDGEMESH-OUTPUT") == 1
     assert before.count("-A PREROUTING -j EDGEMESH-PREROUTING") == 1
     assert before.count("-A INPUT -j EDGEMESH-INPUT") == 1
@@ -502,7 +503,7 @@ def test_one_change_among_5000_services_in_a_namespace(lab, binary: str) -> None
         "r.remove()\n"
         "print(full, one, none, ok, saved.count('-j DNAT'), '10.200.0.1/32' in saved,\n"
         "      '10.96.4.210/32' in saved, 'EDGEMESH' in I._save(r.binary))\n")
-    out = ns.run(".venv/bin/python", "-c", code).stdout.split()
+    out = ns.run(sys.executable, "-c", code).stdout.split()
     assert out == ["5513", "2", "0", "True", "5500", "True", "False", "False"], out
 
 

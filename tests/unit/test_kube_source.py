@@ -444,11 +444,11 @@ def test_a_namespace_without_a_secret_grant_is_reported_not_fatal(client_factory
 
 
 def test_only_gateways_that_select_this_gateway_count(api, client_factory):
-    from edgemesh.meta.sources import _gateway_secret_namespaces
+    from edgemesh.agent import gateway_secret_namespaces
     _secret_cluster(api)
     api.put("gateways", kubeapi.gateway("other-gw", "third", credential="third-cert",
                                         selector={"app": "another-gateway"}))
-    rule = _gateway_secret_namespaces({"kubeedge": "edgemesh-gateway"})
+    rule = gateway_secret_namespaces({"kubeedge": "edgemesh-gateway"})
     c = client_factory(api.url, secrets=True, secret_namespaces=rule)
     wait_for(lambda: _secrets(c) == {"shop/shop-cert", "blog/blog-cert"}, what="Secrets")
     api.put("gateways", kubeapi.gateway("mine", "plain", credential="plain-cert",

@@ -30,7 +30,7 @@ from edgemesh.proxy.http_head import (
     parse_response_framing,
     parse_response_head,
 )
-from edgemesh.proxy.http_listen import cookie_value
+from edgemesh.proxy.http_router import cookie_value
 
 SLACK = 3.0  # t(k*n) / t(n) may be up to k * SLACK: room for noise, none for n**2
 BIG = HeadLimits(max_size=1 << 22, max_fields=1 << 20)
@@ -198,18 +198,14 @@ def test_cookie_value() -> None:
     assert_linear(find, lambda n: REQ + b"Cookie: " + b"a=b; \t c=\"d\";" * n + b"\r\n\r\n", 64)
 
 
-def test_gateway_cookie_key() -> None:
-    gateway_http = pytest.importorskip("edgemesh.gateway.http")
-    routes = pytest.importorskip("edgemesh.gateway.routes")
-    from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
-    balancer = Balancer(LBSpec(hash_key=HashKey.HTTP_COOKIE, hash_name="wanted"))
+def test_cookie_key_over_many_cookie_lines() -> None:
+    from edgemesh.proxy.http_router import request_key
+    from edgemesh.proxy.lb import HashKey, LBSpec
+    spec = LBSpec(hash_key=HashKey.HTTP_COOKIE, hash_name="wanted")
 
     def key(data: bytes) -> None:
-        head = parse_request_head(data, BIG)
-        req = routes.Request(method="GET", target="/", host="a",
-                             headers=gateway_http._HeaderView(head))
-        gateway_http._hash_key(balancer, req, "10.0.0.1")
-    assert_linear(key, lambda n: REQ + b"Cookie: " + b"a=b;  c==;" * n + b"\r\n\r\n", 64)
+        request_key(spec, parse_request_head(data, BIG), "10.0.0.1")
+    assert_linear(key, lambda n: REQ + b"Cookie: a=b;  c==;\r\n" * n + b"\r\n", 16)
 
 
 # ---- DNS --------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import struct
 import gevent
 import pytest
 
+from edgemesh.dialer import Dialer
 from edgemesh.meta.models import Node, ObjectMeta
 from edgemesh.meta.store import Backend
-from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.lb import Balancer, LBSpec
 from edgemesh.proxy.tcp import BYTES, TCPListener, TCPProxy
 from edgemesh.tunnel.policy import REFUSED
@@ -94,7 +94,7 @@ def pair(tmp_path):
     a = agent(tmp_path, "a", store_with("b", ep.port, 9))
     a.ctx.store.upsert("Node", Node(ObjectMeta("b"), addresses=(("InternalIP", "127.0.0.1"),)),
                        {})
-    a.peers.listen_port = b.node.listen_addr[1]
+    a.peers.servers.listen_port = b.node.listen_addr[1]
     dialer = Dialer("a", connect_timeout=5.0)
     dialer.tunnel = a
     proxy = TCPProxy(dialer, connect_timeout=5.0, idle_timeout=60.0, max_connections=16)
@@ -110,7 +110,7 @@ def listen(proxy: TCPProxy, backends: list[Backend]) -> TCPListener:
 
 
 def streams(mod) -> int:
-    return sum(s.stream_count + len(s.streams) for ss in mod.peers.sessions.values() for s in ss)
+    return sum(s.stream_count + len(s.streams) for s in mod.peers.table.all())
 
 
 def settle(a, b, proxy: TCPProxy) -> None:
@@ -152,6 +152,9 @@ def test_bytes_both_ways_and_half_close_both_ways(pair) -> None:
             c.shutdown(socket.SHUT_WR)
             assert c.recv(1) == b""
         settle(a, b, proxy)
+        with gevent.Timeout(10):  # the endpoint digests what it read once its reader wakes
+            while not ep.digests:
+                gevent.sleep(0.02)
         assert ep.digests == [hashlib.sha256(up).digest()]
         # the sending node used no socketpair: a's streams were attached, not pumped pairs
         assert fds() == before

@@ -148,8 +148,8 @@ def test_a_session_answers_unknown_kinds_and_closes_on_malformed_ones(tmp_path) 
     server, addr = start_server(tmp_path)
     a = agent(tmp_path, "a", Store(), servers=[addr])
     got: list[c.Message] = []
-    handled = a.peers.on_control
-    a.peers.on_control = lambda s, m: got.append(m) or handled(s, m)  # type: ignore[method-assign]
+    handled = a.peers.servers.on_control
+    a.peers.servers.on_control = lambda s, m: got.append(m) or handled(s, m)  # type: ignore[method-assign]
     unknown, broken = UNKNOWN_CONTROL.value, SESSION_ERRORS.labels("RemoteProtocolError").value
     try:
         wait_for(lambda: a.check() == "" and server.sessions, 10, what="the link")

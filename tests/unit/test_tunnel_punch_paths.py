@@ -1,4 +1,5 @@
-"""Path bookkeeping in ``Peers`` with stand-in sessions: draining, dedupe, loss and upgrades."""
+"""Path bookkeeping in ``Peers`` and its ``SessionTable`` with stand-in sessions: draining,
+dedupe, liveness, loss and upgrades."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from edgemesh.meta.store import Store
-from edgemesh.tunnel import peers as peers_mod
+from edgemesh.tunnel import sessions as sessions_mod
 from edgemesh.tunnel.peers import Peers
 
 _clock = itertools.count()
@@ -48,15 +49,15 @@ def test_a_direct_session_drains_the_relayed_one() -> None:
     assert p.best("b1") is relayed and p.state("b1").next_at is not None  # upgrade scheduled
     p.add(punched)  # type: ignore[arg-type]
     assert p.best("b1") is punched and p.state("b1").next_at is None
-    p._tidy("b1")
+    p.table.tidy("b1")
     assert relayed.written == ["upgraded to a direct path"]  # GOAWAY sent
     assert p.best("b1") is punched
-    later = time.monotonic() + peers_mod.RETIRE_GRACE + 1
+    later = time.monotonic() + sessions_mod.RETIRE_GRACE + 1
     relayed.stream_count = 1  # still carrying a stream: not closed yet
-    p._close_retired(later)
+    p.table.close_retired(later)
     assert not relayed.closed
     relayed.stream_count = 0
-    p._close_retired(later)
+    p.table.close_retired(later)
     assert relayed.closed and relayed.close_reason == "retired"
 
 
@@ -67,26 +68,25 @@ def test_only_the_smaller_name_retires_duplicates_keeping_the_one_it_opened() ->
     s_opened_by_b = FakeSession("b1", "direct", initiator=False)
     for s in (s_opened_by_a, s_opened_by_b):
         small.add(s)  # type: ignore[arg-type]
-    small._tidy("b1")
-    assert s_opened_by_b in small._retiring and s_opened_by_a not in small._retiring
+    small.table.tidy("b1")
+    assert s_opened_by_b in small.table.retiring and s_opened_by_a not in small.table.retiring
     l_opened_by_a = FakeSession("a1", "direct", initiator=False)
     l_opened_by_b = FakeSession("a1", "direct", initiator=True)
     for s in (l_opened_by_a, l_opened_by_b):
         large.add(s)  # type: ignore[arg-type]
-    large._tidy("a1")
-    assert not large._retiring  # the larger name waits for the other side's GOAWAY
+    large.table.tidy("a1")
+    assert not large.table.retiring  # the larger name waits for the other side's GOAWAY
 
 
 def test_a_silent_session_is_closed_without_time_wait_and_a_quiet_one_probed() -> None:
-    p = make("a1")
     dead, quiet = FakeSession("b1", "punched", True), FakeSession("c1", "direct", True)
     pinged: list[str] = []
     quiet.ping = lambda: pinged.append("ping")  # type: ignore[attr-defined]
     now = time.monotonic()
-    dead.last_seen = now - peers_mod.SILENT_DEAD - 0.1
-    quiet.last_seen = now - peers_mod.SILENT_PROBE - 0.1
-    p._check_alive(dead, now)  # type: ignore[arg-type]
-    p._check_alive(quiet, now)  # type: ignore[arg-type]
+    rule = sessions_mod.AGENT_LIVENESS
+    dead.last_seen = now - rule.dead_after - 0.1
+    quiet.last_seen = now - rule.probe_after - 0.1
+    rule.check([dead, quiet], now, sessions_mod.close_now)  # type: ignore[list-item]
     assert dead.closed and dead.close_reason.startswith("path silent for")
     assert not quiet.closed and pinged == ["ping"]
 
@@ -102,7 +102,7 @@ def test_losing_the_last_session_schedules_a_quick_reattempt() -> None:
     assert lost == ["b1"]
     retired = FakeSession("b1", "relayed", True)
     p.add(retired)  # type: ignore[arg-type]
-    p.retire(retired, "upgraded")  # type: ignore[arg-type]
+    p.table.retire(retired, "upgraded")  # type: ignore[arg-type]
     p.removed(retired)  # type: ignore[arg-type]
     assert lost == ["b1"]  # a session we retired on purpose is not a loss
 

@@ -12,8 +12,8 @@ import socket
 import gevent
 import pytest
 
-from edgemesh.agent import Context
 from edgemesh.config import Config
+from edgemesh.context import Context
 from edgemesh.errors import UnavailableError
 from edgemesh.meta.models import (
     Endpoint,
@@ -120,7 +120,7 @@ def test_direct_tcp_and_udp_streams_and_half_close(tmp_path, echo):
     # a learns b's address the way it would from the Node object
     a.ctx.store.upsert("Node", Node(ObjectMeta("b"), addresses=(("InternalIP", "127.0.0.1"),)),
                        {})
-    a.peers.listen_port = b.node.listen_addr[1]
+    a.peers.servers.listen_port = b.node.listen_addr[1]
     try:
         sock = a.open_stream("b", "tcp", "127.0.0.1", tport, 5)
         blob = os.urandom(3 * 1024 * 1024)
@@ -153,7 +153,7 @@ def test_streams_to_addresses_that_are_not_local_endpoints_are_refused(tmp_path,
     a = agent(tmp_path, "a", Store())
     a.ctx.store.upsert("Node", Node(ObjectMeta("b"), addresses=(("InternalIP", "127.0.0.1"),)),
                        {})
-    a.peers.listen_port = b.node.listen_addr[1]
+    a.peers.servers.listen_port = b.node.listen_addr[1]
     before = REFUSED.labels("not_local_endpoint").value
     try:
         # the admin port of b's host, a port that exists but is no endpoint
@@ -182,7 +182,7 @@ def test_relay_circuit_carries_streams_and_registration_reports_addresses(tmp_pa
     b = agent(tmp_path, "b", store_with("b", tport, uport), servers=[addr])
     # a cannot reach b directly: b registers no addresses a can use, and a knows no Node
     a = agent(tmp_path, "a", Store(), servers=[addr])
-    b.peers.local_addresses = lambda: []  # type: ignore[method-assign]
+    b.peers.servers.local_addresses = lambda: []  # type: ignore[method-assign]
     try:
         from tests.netlab import wait_for
         wait_for(lambda: a.check() == "" and "b" in server.relay.registry, 10, what="links")

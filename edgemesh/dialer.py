@@ -4,7 +4,7 @@ Contract (other modules rely on it exactly):
 
     class Dialer:
         def __init__(self, node_name: str, connect_timeout: float)
-        tunnel: TunnelDialer | None     # set from ctx.services["tunnel"] when the proxy starts
+        tunnel: TunnelDialer | None     # set by Context.attach_tunnel once the tunnel is built
         def dial_tcp(self, backend, timeout=None) -> socket.socket
         def open_udp(self, backend) -> DatagramChannel
 
@@ -60,7 +60,7 @@ class DatagramChannel(Protocol):
 
 
 class TunnelDialer(Protocol):
-    """What the tunnel module provides (``ctx.services["tunnel"]``)."""
+    """What the tunnel module provides (``Context.tunnel``)."""
 
     def open_stream(self, node: str, protocol: str, ip: str, port: int,
                     timeout: float | None) -> socket.socket: ...
