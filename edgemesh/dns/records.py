@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from edgemesh.dns.zone import EndpointRecord, PortRecord, ServiceKind, ServiceRecord, ZoneData
@@ -109,30 +110,6 @@ class ZoneIndex:
         return found
 
 
-def ptr_targets(data: ZoneData, ip: str) -> tuple[str, ...]:
-    """The names an IP has in the zone (D3.3, D4.4), sorted; () if none. With the Edge CNI's
-    plan: a Pod VIP names the endpoints answered by it, a headless-proxy VIP its Service, and
-    a real IP only the endpoints still answered by it."""
-    real, plan = ip, data.addresses
-    target = plan.target(ip) if plan is not None else None
-    if target is not None:
-        if not hasattr(target, "node"):  # a headless-proxy Service's VIP
-            return (f"{target.name}.{target.namespace}.svc.{data.zone}",)
-        real = target.ip
-    owners = data.reverse.get(real)
-    if owners is None:
-        return ()
-    out = set()
-    for rec in owners if isinstance(owners, tuple) else (owners,):
-        fqdn = f"{rec.name}.{rec.namespace}.svc.{data.zone}"
-        if rec.kind is ServiceKind.CLUSTER_IP and ip in rec.ips:
-            out.add(fqdn)
-        if rec.kind is not ServiceKind.EXTERNAL_NAME:
-            out.update(f"{ep.label}.{fqdn}" for ep in rec.endpoints
-                       if ep.ip == real and data.shown(ep) == ip)
-    return tuple(sorted(out))
-
-
 def canonical(ip: str) -> str:
     """``ip`` in its canonical text form; the same string object when it already is (IPv4)."""
     if ":" not in ip and _dotted_quad(ip):
@@ -186,3 +163,10 @@ def _unlink(reverse: dict[str, Owners], ip: str, rec: ServiceRecord) -> None:
     elif isinstance(owners, tuple):
         rest = tuple(o for o in owners if o is not rec)
         reverse[ip] = rest[0] if len(rest) == 1 else rest
+
+
+def zone_data_from(store: Any, zone: str, ttl: int, serial: int,
+                   ns_ips: Iterable[str] = ()) -> ZoneData:
+    """Index the store's Services, EndpointSlices/Endpoints and Namespaces for answering (a
+    full build; the DNS module keeps a ``ZoneIndex`` up to date)."""
+    return ZoneIndex(zone, ttl, tuple(ns_ips)).refresh(store, serial)

@@ -139,15 +139,6 @@ def dashed_ip(ip: str) -> str:
     return text + "0" if text.endswith("-") else text
 
 
-def zone_data_from(store: Any, zone: str, ttl: int, serial: int,
-                   ns_ips: Iterable[str] = ()) -> ZoneData:
-    """Index the store's Services, EndpointSlices/Endpoints and Namespaces for answering (a
-    full build; the DNS module keeps an ``edgemesh.dns.records.ZoneIndex`` up to date)."""
-    from edgemesh.dns.records import ZoneIndex
-
-    return ZoneIndex(zone, ttl, tuple(ns_ips)).refresh(store, serial)
-
-
 # ---- answering -------------------------------------------------------------------------------
 
 def resolve(data: ZoneData, labels: Sequence[str], qtype: int, depth: int = 0) -> Reply | None:
@@ -370,11 +361,33 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def ptr_targets(data: ZoneData, ip: str) -> tuple[str, ...]:
+    """The names an IP has in the zone (D3.3, D4.4), sorted; () if none. With the Edge CNI's
+    plan: a Pod VIP names the endpoints answered by it, a headless-proxy VIP its Service, and
+    a real IP only the endpoints still answered by it."""
+    real, plan = ip, data.addresses
+    target = plan.target(ip) if plan is not None else None
+    if target is not None:
+        if not hasattr(target, "node"):  # a headless-proxy Service's VIP
+            return (f"{target.name}.{target.namespace}.svc.{data.zone}",)
+        real = target.ip
+    owners = data.reverse.get(real)
+    if owners is None:
+        return ()
+    out = set()
+    for rec in owners if isinstance(owners, tuple) else (owners,):
+        fqdn = f"{rec.name}.{rec.namespace}.svc.{data.zone}"
+        if rec.kind is ServiceKind.CLUSTER_IP and ip in rec.ips:
+            out.add(fqdn)
+        if rec.kind is not ServiceKind.EXTERNAL_NAME:
+            out.update(f"{ep.label}.{fqdn}" for ep in rec.endpoints
+                       if ep.ip == real and data.shown(ep) == ip)
+    return tuple(sorted(out))
+
+
 def _reverse(data: ZoneData, owner: DNSLabel, qtype: int, lower: list[str]) -> Reply | None:
     if not data.synced:
         return None
-    from edgemesh.dns.records import ptr_targets
-
     ip = ip_from_reverse(lower)
     targets = ptr_targets(data, ip) if ip else ()
     if not targets:

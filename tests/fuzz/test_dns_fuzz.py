@@ -7,13 +7,13 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgemesh.dns import wire, zone
+from edgemesh.dns import records, wire
 from edgemesh.dns.answers import Answerer, Forward
 from edgemesh.dns.cache import AnswerCache
 from tests.unit.test_dns_zone import store_from_yaml
 
 STORE = store_from_yaml()
-ANSWERER = Answerer(lambda: zone.zone_data_from(STORE, "cluster.local", 30, 1), AnswerCache(50),
+ANSWERER = Answerer(lambda: records.zone_data_from(STORE, "cluster.local", 30, 1), AnswerCache(50),
                     exact_size=50)
 
 labels = st.sampled_from([b"web", b"db", b"db-0", b"testns", b"svc", b"pod", b"cluster",

@@ -12,7 +12,7 @@ import socket
 import pytest
 from dnslib import RCODE, DNSRecord
 
-from edgemesh.dns import mmsg, zone
+from edgemesh.dns import mmsg, records
 from edgemesh.dns.answers import CACHE_HITS, REQUESTS, Answerer
 from edgemesh.dns.cache import AnswerCache
 from edgemesh.dns.clients import ClientPolicy
@@ -35,7 +35,7 @@ def upstream():
 def serve(batched: bool, upstream_port: int, host: str = "127.0.0.1",
           policy: ClientPolicy | None = None) -> DNSServer:
     store = store_from_yaml()
-    answerer = Answerer(lambda: zone.zone_data_from(store, "cluster.local", 30, 1),
+    answerer = Answerer(lambda: records.zone_data_from(store, "cluster.local", 30, 1),
                         AnswerCache(100))
     srv = DNSServer(host, 0, answerer, Forwarder([("127.0.0.1", upstream_port)], 2.0),
                     policy or ClientPolicy(), batched=batched)

@@ -8,7 +8,7 @@ import gevent
 import pytest
 from dnslib import RCODE, RR, DNSRecord
 
-from edgemesh.dns import zone
+from edgemesh.dns import records
 from edgemesh.dns.answers import Answerer
 from edgemesh.dns.cache import STALE_TTL, AnswerCache
 from edgemesh.dns.clients import ClientPolicy
@@ -155,7 +155,7 @@ class Clock:
 
 def make_server(port: int, clock: Clock | None = None, timeout: float = 1.0) -> DNSServer:
     store = store_from_yaml()
-    answerer = Answerer(lambda: zone.zone_data_from(store, "cluster.local", 30, 1),
+    answerer = Answerer(lambda: records.zone_data_from(store, "cluster.local", 30, 1),
                         AnswerCache(100), clock=clock)
     srv = DNSServer("127.0.0.1", 0, answerer, Forwarder([("127.0.0.1", port)], timeout),
                     ClientPolicy())
@@ -224,7 +224,7 @@ def test_server_survives_garbage_and_answers_formerr(upstream: FakeUpstream) -> 
 
 def test_server_refuses_other_clients(upstream: FakeUpstream) -> None:
     store = store_from_yaml()
-    answerer = Answerer(lambda: zone.zone_data_from(store, "cluster.local", 30, 1), None)
+    answerer = Answerer(lambda: records.zone_data_from(store, "cluster.local", 30, 1), None)
     policy = ClientPolicy()
     policy.memo["127.0.0.1"] = False  # as if loopback were another node
     srv = DNSServer("127.0.0.1", 0, answerer, Forwarder([]), policy)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from edgemesh.dns import wire, zone
+from edgemesh.dns import records, wire, zone
 from edgemesh.dns.answers import Answerer, Forward
 from edgemesh.dns.clients import ClientPolicy
 from edgemesh.dns.server import DNSServer
@@ -296,7 +296,7 @@ def _query(case: Case, ident: int = 4242) -> bytes:
 
 
 def _answerer(store: Store) -> Answerer:
-    return Answerer(lambda: zone.zone_data_from(store, Z, 30, 1), None)
+    return Answerer(lambda: records.zone_data_from(store, Z, 30, 1), None)
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +374,7 @@ def test_stale_store_answers_normally() -> None:
 
 
 def test_ttl_and_version_ttl() -> None:
-    data = zone.zone_data_from(store_from_yaml(), Z, 7, 1)
+    data = records.zone_data_from(store_from_yaml(), Z, 7, 1)
     reply = zone.resolve(data, f"web.{S}".split("."), QTYPE.A)
     assert reply is not None and reply.answer[0].ttl == 7
     reply = zone.resolve(data, f"dns-version.{Z}".split("."), QTYPE.TXT)
