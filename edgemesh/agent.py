@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from edgemesh import __version__
 from edgemesh.config import Config, EdgeGateway, KubeAPIConfig
 from edgemesh.context import Context, Module, Role
-from edgemesh.meta import kinds
+from edgemesh.meta import kinds, models
 from edgemesh.meta.store import Store
 from edgemesh.runtime import heap, lifecycle, metrics
 from edgemesh.runtime.admin import Admin, runtime_view
@@ -127,7 +127,7 @@ class Node:
         self.targets = enabled_modules(ctx.config)
         self.modules: list[Module] = []
         self.sources: list[Source] = []
-        self.first_load = heap.FirstLoad(ctx.store)
+        self.first_load = heap.FirstLoad(ctx.store, on_release=models.forget_shared)
         # Not ready until every enabled module has started: a probe must never pass between.
         ctx.admin.add_check("modules", lambda: "" if len(self.modules) == len(self.targets)
                             else f"starting modules ({len(self.modules)} of "

@@ -14,7 +14,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import socket
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -364,10 +363,25 @@ class EdgeGateway:
                                          "modules.edgeProxy.loadBalancer.")
 
 
-def _mesh_cidr(v: str) -> str | None:
-    from edgemesh.proxy.meshcidr import check_mesh_cidr  # no cycle: meshcidr is sans-IO
+DEFAULT_MESH_CIDR = "100.127.0.0/16"  # the last /16 of 100.64.0.0/10 (shared address space)
 
-    return check_mesh_cidr(v)
+
+def check_mesh_cidr(value: str) -> str | None:
+    """Why ``value`` is not a usable mesh range (None when it is): an IPv4 network of at least
+    4 addresses and at most a /8, in private, shared or reserved space."""
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"expected an IPv4 network (CIDR), got {value!r}"
+    if net.version != 4:
+        return f"expected an IPv4 network, got {value!r} (IPv6 is not carried yet)"
+    if not 8 <= net.prefixlen <= 30:
+        return f"expected a prefix length between /8 and /30, got {value!r}"
+    if net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified \
+            or net.is_global:
+        return (f"expected a private or shared range (e.g. {DEFAULT_MESH_CIDR}), got {value!r}: "
+                "a public, loopback, link-local or multicast range would shadow real hosts")
+    return None
 
 
 @dataclass
@@ -375,11 +389,11 @@ class EdgeCNI:
     enable: bool = opt(False, "Carry connections to remote Pod IPs that the kernel cannot "
                        "route through the tunnel (TCP and UDP), and let peers dial this node's own "
                        "Pods at any port (edgemesh/proxy/podip.py).")
-    meshCIDR: str = opt("100.127.0.0/16", "IPv4 range the agent takes virtual Pod addresses "
+    meshCIDR: str = opt(DEFAULT_MESH_CIDR, "IPv4 range the agent takes virtual Pod addresses "
                         "from (a stable address per Pod, derived from namespace/name; "
                         "edgemesh/proxy/meshcidr.py). Must not be used by any network a node "
                         "reaches: the default is the last /16 of the RFC 6598 shared space.",
-                        _mesh_cidr)
+                        check_mesh_cidr)
     mode: str = opt("auto", "What DNS answers for a Pod on another node: auto (its virtual "
                     "address when its IP collides with another Pod's or this node's, or does "
                     "not reach it from here), podIP (always the real IP), virtual (always "
@@ -612,6 +626,8 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     if problems:
         raise ConfigError(problems)
     if not config.nodeName:
+        import socket  # here, not at the top: config is imported by the sans-IO cores
+
         config.nodeName = socket.gethostname()
     return config
 

@@ -16,7 +16,6 @@ lists into the OpenSSL cipher string to set and what it cannot honour:
 from __future__ import annotations
 
 import functools
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,7 +60,10 @@ class CipherChoice:
 
 @functools.cache
 def available() -> frozenset[str]:
-    """The TLS 1.2 suites this OpenSSL build has, by OpenSSL name."""
+    """The TLS 1.2 suites this OpenSSL build has, by OpenSSL name (``ssl`` is imported here,
+    when a Gateway first names cipher suites: a gateway without TLS never loads it)."""
+    import ssl
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     return frozenset(c["name"] for c in ctx.get_ciphers())

@@ -47,9 +47,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemesh.config import DEFAULT_MESH_CIDR
 from edgemesh.proxy.podmap import Network, PodMap
 
-DEFAULT_MESH_CIDR = "100.127.0.0/16"
 HEADLESS_PROXY_ANNOTATION = "edgemesh.kubeedge.io/headless-proxy"
 
 
@@ -57,24 +57,6 @@ class Mode(enum.Enum):
     AUTO = "auto"
     POD_IP = "podIP"
     VIRTUAL = "virtual"
-
-
-def check_mesh_cidr(value: str) -> str | None:
-    """Why ``value`` is not a usable mesh range (None when it is): an IPv4 network of at least
-    4 addresses and at most a /8, in private, shared or reserved space."""
-    try:
-        net = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        return f"expected an IPv4 network (CIDR), got {value!r}"
-    if net.version != 4:
-        return f"expected an IPv4 network, got {value!r} (IPv6 is not carried yet)"
-    if not 8 <= net.prefixlen <= 30:
-        return f"expected a prefix length between /8 and /30, got {value!r}"
-    if net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified \
-            or net.is_global:
-        return (f"expected a private or shared range (e.g. {DEFAULT_MESH_CIDR}), got {value!r}: "
-                "a public, loopback, link-local or multicast range would shadow real hosts")
-    return None
 
 
 def _offset(identity: str, size: int) -> int:

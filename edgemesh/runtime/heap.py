@@ -13,11 +13,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import gevent
-
-from edgemesh.meta import models
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,10 @@ LIMIT = 60.0
 class FirstLoad:
     """Collector off from ``hold()`` until the store syncs (or ``limit`` passes)."""
 
-    def __init__(self, store: Any, limit: float = LIMIT) -> None:
+    def __init__(self, store: Any, limit: float = LIMIT,
+                 on_release: Callable[[], None] = lambda: None) -> None:
         self.store = store
+        self.on_release = on_release  # e.g. drop the parsers' sharing tables
         self.limit = limit
         self.held = False
         self._timer: gevent.Greenlet | None = None
@@ -53,7 +54,7 @@ class FirstLoad:
         self.store.unsubscribe(self._changed)
         if self._timer is not None and self._timer is not gevent.getcurrent():
             self._timer.kill(block=False)
-        models.forget_shared()
+        self.on_release()
         gc.collect(1)  # the young generations only: cheap, and frees startup's short cycles
         gc.freeze()
         gc.enable()

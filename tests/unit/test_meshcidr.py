@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemesh import config
+from edgemesh.config import check_mesh_cidr
 from edgemesh.dns.records import ZoneIndex
 from edgemesh.dns.zone import NXDOMAIN, T_A, T_PTR, T_SRV, resolve
 from edgemesh.errors import ConfigError
@@ -23,7 +24,6 @@ from edgemesh.proxy.meshcidr import (
     Mode,
     PodTarget,
     ServiceTarget,
-    check_mesh_cidr,
     headless_proxied,
 )
 from edgemesh.proxy.podmap import PodMap, routed_networks
