@@ -13,7 +13,6 @@ before live on (they belong to the shared pool), so a route change never drops a
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import socket
 from collections.abc import Callable, Iterable
@@ -38,15 +37,10 @@ class InterfaceAddress:
     ip: str
 
 
-def parse_ip_addr(text: str) -> list[InterfaceAddress]:
-    """Addresses from ``ip -j addr`` output."""
-    out = []
-    for link in json.loads(text or "[]"):
-        for info in link.get("addr_info", []):
-            ip = info.get("local")
-            if info.get("family") in ("inet", "inet6") and ip:
-                out.append(InterfaceAddress(link.get("ifname", ""), ip))
-    return out
+def interface_addresses(by_device: dict[str, set[str]]) -> list[InterfaceAddress]:
+    """``netdev.addresses_by_device()`` as (interface, address) pairs, in interface order."""
+    return [InterfaceAddress(name, ip) for name, ips in by_device.items()
+            for ip in sorted(ips, key=lambda s: (":" in s, s))]
 
 
 def _networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None:

@@ -28,11 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
+from edgemesh import netdev
 from edgemesh.config import Config, EdgeProxy, LoadBalancer
 from edgemesh.errors import UnavailableError
 from edgemesh.gateway import http, tcp
 from edgemesh.gateway.compile import build_table
-from edgemesh.gateway.listeners import ListenerSet, check_ip_lists, parse_ip_addr, select_addresses
+from edgemesh.gateway.listeners import (
+    ListenerSet,
+    check_ip_lists,
+    interface_addresses,
+    select_addresses,
+)
 from edgemesh.gateway.routes import PortKind, PortSpec, ServerRef, Table, Target, TLSMode
 from edgemesh.gateway.tls import CredentialError, Credentials
 from edgemesh.proxy.http_head import HeadLimits
@@ -139,11 +145,8 @@ class GatewayModule:
         return errors
 
     def _addresses(self) -> list[str]:
-        result = tasks.run(["ip", "-j", "addr"], check=False, timeout=10)
-        if result.returncode != 0:
-            raise UnavailableError(f"ip -j addr failed: {result.stderr!r}")
-        return select_addresses(parse_ip_addr(result.stdout.decode()), self.cfg.nic,
-                                self.cfg.includeIP, self.cfg.excludeIP)
+        found = interface_addresses(netdev.addresses_by_device())
+        return select_addresses(found, self.cfg.nic, self.cfg.includeIP, self.cfg.excludeIP)
 
     def view(self) -> dict[str, Any]:
         """``/debug/gateway``: ports, servers, hosts and routes, listeners and problems."""

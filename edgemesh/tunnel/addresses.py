@@ -1,14 +1,10 @@
-"""This node's IPv4 addresses worth registering as LAN addresses (``ip -j -4 addr``)."""
+"""This node's IPv4 addresses worth registering as LAN addresses (from the one address reader,
+``netdev.addresses_by_device``: a netlink dump)."""
 from __future__ import annotations
 
 import ipaddress
-import json
-import logging
-import subprocess
 
-from edgemesh.runtime import tasks
-
-log = logging.getLogger(__name__)
+from edgemesh import netdev
 
 SKIPPED_PREFIXES = ("lo", "docker", "edgemesh", "tunl", "flannel", "cni", "kube-ipvs", "veth",
                     "virbr")
@@ -21,17 +17,7 @@ def usable(ifname: str, address: str) -> bool:
 
 def local_ipv4() -> list[str]:
     """Global-scope IPv4 addresses of real interfaces, in interface order."""
-    try:
-        out = tasks.run(["ip", "-j", "-4", "addr", "show"], timeout=5,
-                        need="the tunnel's list of this node's LAN addresses").stdout
-        links = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-        log.warning("cannot list local addresses: %s", e)
-        return []
     found = []
-    for link in links:
-        for info in link.get("addr_info", []):
-            address = info.get("local")
-            if address and usable(link.get("ifname", ""), address):
-                found.append(address)
+    for ifname, ips in netdev.addresses_by_device().items():
+        found += sorted(ip for ip in ips if ":" not in ip and usable(ifname, ip))
     return found

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import ssl
 
 import pytest
@@ -13,7 +12,7 @@ from edgemesh.gateway.compile import build_table
 from edgemesh.gateway.listeners import (
     InterfaceAddress,
     check_ip_lists,
-    parse_ip_addr,
+    interface_addresses,
     select_addresses,
 )
 from edgemesh.gateway.routes import PortKind, ServerRef, TLSMode
@@ -27,13 +26,10 @@ ADDRS = [InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("lo", "::1"),
          InterfaceAddress("eth1", "10.0.1.5")]
 
 
-def test_parse_ip_addr_json() -> None:
-    text = json.dumps([{"ifname": "eth0", "addr_info": [
-        {"family": "inet", "local": "10.1.2.3", "prefixlen": 24},
-        {"family": "inet6", "local": "fd00::1", "prefixlen": 64}]},
-        {"ifname": "can0", "addr_info": []}])
-    assert parse_ip_addr(text) == [InterfaceAddress("eth0", "10.1.2.3"),
-                                   InterfaceAddress("eth0", "fd00::1")]
+def test_interface_addresses_from_the_one_reader() -> None:
+    found = {"eth0": {"fd00::1", "10.1.2.3"}, "can0": set()}
+    assert interface_addresses(found) == [InterfaceAddress("eth0", "10.1.2.3"),
+                                          InterfaceAddress("eth0", "fd00::1")]
 
 
 def test_select_all_skips_ipv6_link_local() -> None:
