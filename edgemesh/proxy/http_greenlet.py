@@ -55,7 +55,7 @@ from edgemesh.proxy.http_head import (
 )
 from edgemesh.proxy.http_pool import UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, Router
-from edgemesh.runtime import tasks
+from edgemesh.runtime import pump, tasks
 from edgemesh.runtime.logs import Once
 
 log = logging.getLogger(__name__)
@@ -548,24 +548,5 @@ class Connection(ConnState):
         if self.buf:
             upstream.sendall(self.buf)
             self.buf = b""
-        timeout = self.limits.tunnel_idle_timeout
-        back = tasks.spawn("http-upgraded", _pump, upstream, self.client, timeout)
-        try:
-            _pump(self.client, upstream, timeout)
-            back.join(timeout)
-        finally:
-            back.kill()
+        pump.both_ways(self.client, upstream, idle_timeout=self.limits.tunnel_idle_timeout)
 
-
-def _pump(src: socket.socket, dst: socket.socket, timeout: float) -> None:
-    src.settimeout(timeout)
-    try:
-        while True:
-            data = src.recv(RECV_SIZE)
-            if not data:
-                break
-            dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        for s in (src, dst):
-            shutdown(s)

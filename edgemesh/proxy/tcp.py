@@ -40,7 +40,6 @@ import _socket
 import fcntl
 import logging
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -53,21 +52,19 @@ from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.backoff import AcceptBackoff, is_resource_error
 from edgemesh.runtime.logs import Once
+from edgemesh.runtime.pump import F_SETPIPE_SZ, LINGER_RST, PIPE_SIZE
 
 log = logging.getLogger(__name__)
 
 READ, WRITE = 1, 2
 ACCEPT_BATCH = 64
 MAX_ATTEMPTS = 3
-PIPE_SIZE = 1 << 20
 CHUNK = PIPE_SIZE  # one splice moves what the socket holds, up to a full pipe
 READ_ROUNDS = 4  # splices per wake-up while reads come back full
-F_SETPIPE_SZ = 1031
 POOL_KEEP = 32
 WATCHERS_KEEP = 1024  # stopped io watchers kept for reuse: creating one costs an fcntl(F_GETFD)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 SPLICE_EOF_FLAGS = SPLICE_FLAGS | os.SPLICE_F_MORE  # the last bytes before our FIN
-_LINGER_RST = struct.pack("ii", 1, 0)
 _SHUT_WR = _socket.SHUT_WR
 _SOL_SOCKET, _SO_ERROR = _socket.SOL_SOCKET, _socket.SO_ERROR
 _STREAM, _TCP, _NODELAY = _socket.SOCK_STREAM, _socket.IPPROTO_TCP, _socket.TCP_NODELAY
@@ -426,7 +423,7 @@ class Conn:
         for sock in (self.client, self.server):
             if sock is not None:
                 try:
-                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RST)
+                    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RST)
                 except OSError:
                     pass
         self.close()

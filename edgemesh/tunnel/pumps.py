@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 
 import gevent
 
 from edgemesh.errors import UnavailableError
+from edgemesh.runtime.pump import LINGER_RST
 from edgemesh.runtime.tasks import spawn
 from edgemesh.tunnel.frames import MAX_PAYLOAD, ResetCode
 from edgemesh.tunnel.stream import Stream, StreamClosed
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 UDP_MAX = 65535
 PAIR_BUFFER = 1024 * 1024
-_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def _socket_to_stream(sock: socket.socket, stream: Stream) -> None:
@@ -114,7 +113,7 @@ class AttachedStream:
                 up.kill(block=False)
             if stream.error is not None:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
                 except OSError:
                     pass
             sock.close()
@@ -131,7 +130,7 @@ class AttachedStream:
         self.stream.reset(ResetCode.CANCEL)
         self.pump.kill(block=False)  # its finally closes the socket, with RST
         if not self.running:  # killed before it ran: no finally will run
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
             self.sock.close()
 
     def setsockopt(self, level: int, option: int, value: bytes | int) -> None:

@@ -26,10 +26,10 @@ import gevent
 import gevent.event
 
 from edgemesh.errors import EdgeMeshError
-from edgemesh.runtime import metrics
+from edgemesh.runtime import metrics, pump
 from edgemesh.runtime.logs import Once
 from edgemesh.runtime.tasks import spawn, spawn_forever
-from edgemesh.tunnel import control, punch, splice
+from edgemesh.tunnel import control, punch
 from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.node import Accepted
 from edgemesh.tunnel.records import SecureChannel
@@ -349,7 +349,7 @@ class RelayCore:
             return wait
 
         try:
-            splice.copy_stream(src, dst, first, pace)  # in the kernel: no copy into Python
+            pump.copy_stream(src, dst, first, pace)  # in the kernel: no copy into Python
         except OSError:
             for s in (src, dst):
                 try:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edgemesh.errors import EdgeMeshError
+from edgemesh.runtime.pump import LINGER_RST
 from edgemesh.tunnel import punch
 from edgemesh.tunnel.session import Session
 
@@ -27,7 +27,7 @@ def close_now(session: Session, reason: str) -> None:
     """Close with RST, leaving no TIME_WAIT: the same 4-tuple (tunnel port to a server, or
     to a peer's public address) must be usable again at once, to re-register or re-punch."""
     try:
-        session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
     except OSError:
         pass
     session.close(reason)
