@@ -62,6 +62,11 @@ POD_CONNECTIONS = metrics.counter("edgemesh_cni_pod_connections_total",
                                   "TCP connections to remote Pod IPs, by node.", ["node"])
 POD_SESSIONS = metrics.counter("edgemesh_cni_pod_udp_sessions_total",
                                "UDP sessions to remote Pod IPs, by node.", ["node"])
+POD_DATAGRAMS = metrics.counter("edgemesh_cni_pod_datagrams_total",
+                                "Datagrams sent to remote Pod IPs, by node.", ["node"])
+POD_DATAGRAM_BYTES = metrics.counter("edgemesh_cni_pod_datagram_bytes_total",
+                                     "Bytes of the datagrams sent to remote Pod IPs, by node.",
+                                     ["node"])
 NAME = "pod-ip"
 WATCHED = ("EndpointSlice", "Endpoints", "Pod", "Node")
 
@@ -115,15 +120,38 @@ class PodUDPPort(TransparentUDPPort):
         super().__init__(dialer, NAME, _ONE, [],  # type: ignore[arg-type]
                          idle_timeout=idle_timeout, max_sessions=max_sessions)
         self.pods = pods
+        # Pod IP -> its node's (datagrams, bytes) counters, for the pod map of ``_counted_map``
+        self._counted: dict[str, tuple[Any, Any]] = {}
+        self._counted_map: PodMap | None = None
 
     def datagram(self, data: bytes, client: tuple[str, int], local: tuple[str, int]) -> None:
-        if (client, local) not in self.sessions and self._remote(local[0]) is None:
-            DROPPED.labels(NAME).inc()
-            if _once(("nopod-udp", local[0])):
-                log.warning("datagram from %s to %s:%d: no remote Pod there; dropped",
-                            client[0], *local)
-            return
+        counters = self._counters_for(local[0])
+        if counters is None:
+            if (client, local) not in self.sessions:
+                DROPPED.labels(NAME).inc()
+                if _once(("nopod-udp", local[0])):
+                    log.warning("datagram from %s to %s:%d: no remote Pod there; dropped",
+                                client[0], *local)
+                return
+        else:
+            counters[0].inc()
+            counters[1].inc(len(data))
         super().datagram(data, client, local)
+
+    def _counters_for(self, ip: str) -> tuple[Any, Any] | None:
+        """The per-node counters of a remote Pod IP (None: not a remote Pod), looked up in the
+        pod map once per address and map."""
+        if self._counted_map is not self.pods.map or len(self._counted) >= 4096:
+            self._counted.clear()
+            self._counted_map = self.pods.map
+        counters = self._counted.get(ip)
+        if counters is None:
+            node = self._remote(ip)
+            if node is None:
+                return None
+            counters = self._counted[ip] = (POD_DATAGRAMS.labels(node),
+                                            POD_DATAGRAM_BYTES.labels(node))
+        return counters
 
     def _remote(self, ip: str) -> str | None:
         node = self.pods.map.node_of(ip)
