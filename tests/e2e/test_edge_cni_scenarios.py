@@ -25,6 +25,7 @@ source derives from the Pods, one steered /32 each (tests/e2e/test_edge_cni.py c
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -277,6 +278,14 @@ def test_a_statefulset_peer_on_another_site_by_name_tcp_and_udp(env: Env) -> Non
     assert metric(text, "edgemesh_cni_pod_udp_sessions_total", node="b1") >= 1
     assert metric(text, "edgemesh_cni_pod_datagrams_total", node="b1") >= 1
     assert metric(text, "edgemesh_cni_pod_connections_total", node="a1") == 0
+    # edgemesh status: the Pod networks a1 carries, and what went to each peer
+    status = env.run("a1", "env", f"PYTHONPATH={ROOT}", *edgemesh_argv(), "status",
+                     "--json", timeout=60)
+    cni = json.loads(status.stdout)["edgeCNI"]
+    assert f"{db1}/32" in cni["steered"]["tcp"] and f"{db0}/32" not in cni["steered"]["tcp"]
+    assert cni["peers"]["b1"]["tcp_connections"] >= 3 and cni["peers"]["b1"]["datagrams"] >= 1
+    text = env.run("a1", "env", f"PYTHONPATH={ROOT}", *edgemesh_argv(), "status").stdout
+    assert any(line.split() == [f"{db1}/32", "TCP/UDP"] for line in text.splitlines()), text
 
 
 # ---- Prometheus in the cloud ----------------------------------------------------------------
