@@ -269,8 +269,11 @@ def test_a_statefulset_peer_on_another_site_by_name_tcp_and_udp(env: Env) -> Non
     # UDP: one datagram in, one out, boundaries kept (socat -T: idle timeout)
     got = env.run("a1", "sh", "-c", "printf hello-udp | socat -t 3 - UDP:db-1.db:7001").stdout
     assert got == "db-1 got hello-udp"
-    # db-0 is local: answered by the kernel's route, never steered
+    # db-0 is local: answered by the kernel's route, never steered, from the node and from
+    # db-0's own namespace
     assert env.curl("a1", "http://db-0.db:8080/") == "db-0 saw 10.244.1.1"
+    assert env.pods["a1"].run("curl", "-sS", "--max-time", "10", f"http://{db0}:8080/",
+                              check=False).stdout == f"db-0 saw {db0}"
     rules = env.rules("a1")
     assert steered(rules, db1) and not steered(rules, db0)
     text = env.metrics("a1")
@@ -364,3 +367,5 @@ def test_cleanup_after_kill9_removes_the_edge_cni_rules(env: Env) -> None:
     rules = env.rules("a1")
     assert "EDGEMESH" not in rules and "10.244.2." not in rules  # ...until edgemesh cleanup
     assert "10.244.1.1" in env.run("a1", "ip", "-4", "addr").stdout  # the node's own: kept
+    for name, proc in env.procs.items():  # nothing alarming all along
+        assert "Traceback" not in proc.log(), f"{name}:\n{proc.log()}"
