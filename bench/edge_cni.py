@@ -12,8 +12,9 @@ From a1, in the same run, interleaved for ``--rounds`` rounds:
   median per connection, to each of the same three.
 
 Printed: the medians and the median of per-round ratios Pod-IP/service (both go through the
-same tunnel, so the Pod-IP path's own cost shows). Targets: Pod-IP throughput >= 0.9x the
-service path, Pod-IP connection setup <= 1.2x the service path.
+same tunnel, so the Pod-IP path's own cost shows), and the two agents' CPU seconds per GB and
+per connection on each path, which the machine's load disturbs less than rates do. Targets:
+Pod-IP throughput >= 0.9x the service path, Pod-IP connection setup <= 1.2x the service path.
 
     .venv/bin/python -m bench.edge_cni [--seconds 4] [--rounds 5] [--conns 200] [--json]
 
@@ -31,7 +32,7 @@ from statistics import median
 
 import yaml
 
-from bench.tunnel import iperf
+from bench.tunnel import cpu_seconds, iperf
 from tests import netlab
 from tests.procs import Proc, wait_ready
 
@@ -141,14 +142,26 @@ def measure(args: argparse.Namespace) -> dict:
             targets = {"pod": POD, "service": SERVICE, "raw": RELAY}
             netlab.wait_for(lambda: all(connect_us(a1, ip, 3) for ip in targets.values()),
                             timeout=60, interval=1, what="every path answers")
+            agents = procs[1:]
             gbps: dict[str, list[float]] = {k: [] for k in targets}
             conn: dict[str, list[float]] = {k: [] for k in targets}
+            cpu_gb: dict[str, list[float]] = {"pod": [], "service": []}  # both agents, s/GB
+            cpu_conn: dict[str, list[float]] = {"pod": [], "service": []}  # us/connection
             for i in range(args.rounds):  # interleaved, the order alternating: drift hits both
                 order = list(targets) if i % 2 == 0 else list(reversed(targets))
                 for k in order:
-                    gbps[k].append(iperf(a1, targets[k], args.seconds)[0])
+                    before = sum(cpu_seconds(p) for p in agents)
+                    rate, nbytes = iperf(a1, targets[k], args.seconds)
+                    gbps[k].append(rate)
+                    if k in cpu_gb:
+                        cpu_gb[k].append((sum(cpu_seconds(p) for p in agents) - before)
+                                         / (nbytes / 1e9))
                 for k in order:
+                    before = sum(cpu_seconds(p) for p in agents)
                     conn[k].append(connect_us(a1, targets[k], args.conns))
+                    if k in cpu_conn:
+                        cpu_conn[k].append((sum(cpu_seconds(p) for p in agents) - before)
+                                           / args.conns * 1e6)
             status = json.loads(a1.run(sys.executable, "-m", "edgemesh", "status", "--json",
                                        "--admin", ADMIN).stdout)
         finally:
@@ -162,8 +175,14 @@ def measure(args: argparse.Namespace) -> dict:
                                                        strict=True)),
         "pod_vs_raw_throughput": median(p / r for p, r in zip(gbps["pod"], gbps["raw"],
                                                                strict=True)),
+        "cpu_per_gb_ratio": median(p / s for p, s in zip(cpu_gb["pod"], cpu_gb["service"],
+                                                          strict=True)),
+        "cpu_per_connection_ratio": median(p / s for p, s in zip(
+            cpu_conn["pod"], cpu_conn["service"], strict=True)),
         "gbps": {k: median(v) for k, v in gbps.items()},
         "connect_us": {k: median(v) for k, v in conn.items()},
+        "agents_cpu_s_per_gb": {k: median(v) for k, v in cpu_gb.items()},
+        "agents_cpu_us_per_connection": {k: median(v) for k, v in cpu_conn.items()},
         "rounds": args.rounds, "tunnel_path": path,
         "targets_met": None}
 
@@ -187,12 +206,19 @@ def main() -> int:
         return 0
     print(f"a1 -> b1's Pod across two NATs (tunnel path: {r['tunnel_path']}), "
           f"{args.rounds} rounds")
-    print(f"{'path':10} {'Gbit/s':>8} {'conn us':>9}")
+    print(f"{'path':10} {'Gbit/s':>8} {'conn us':>9} {'agents CPU s/GB':>16} "
+          f"{'agents CPU us/conn':>19}")
     for k, label in (("pod", "Pod IP"), ("service", "ClusterIP"), ("raw", "raw TCP")):
-        print(f"{label:10} {r['gbps'][k]:8.2f} {r['connect_us'][k]:9.0f}")
+        per_gb = r["agents_cpu_s_per_gb"].get(k)
+        per_conn = r["agents_cpu_us_per_connection"].get(k)
+        print(f"{label:10} {r['gbps'][k]:8.2f} {r['connect_us'][k]:9.0f} "
+              f"{'-' if per_gb is None else f'{per_gb:.3f}':>16} "
+              f"{'-' if per_conn is None else f'{per_conn:.0f}':>19}")
     print(f"Pod IP / ClusterIP throughput {r['throughput_ratio']:.2f}x (target >= 0.9), "
           f"connection setup {r['connect_ratio']:.2f}x (target <= 1.2); "
           f"Pod IP / raw throughput {r['pod_vs_raw_throughput']:.2f}x")
+    print(f"agents' CPU, Pod IP / ClusterIP: per GB {r['cpu_per_gb_ratio']:.2f}x, "
+          f"per connection {r['cpu_per_connection_ratio']:.2f}x")
     print("targets met" if r["targets_met"] else "targets NOT met")
     return 0
 
