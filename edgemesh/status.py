@@ -114,7 +114,9 @@ def render_edge_cni(cni: dict[str, Any] | None) -> list[str]:
     if cni is None:
         return []
     steered = cni.get("steered", {})
-    ranges = sorted(set(steered.get("tcp", [])) | set(steered.get("udp", [])))
+    # "podNetworks" (with virtual addresses): the ranges without the mesh range
+    ranges = sorted(cni.get("podNetworks") or
+                    set(steered.get("tcp", [])) | set(steered.get("udp", [])))
     lines = ["", f"EDGE CNI: {cni.get('pod_ips', 0)} Pod IPs known, "
              f"{len(ranges)} remote Pod networks carried"]
     if cni.get("pod_cidrs"):

@@ -63,10 +63,10 @@ POD_CONNECTIONS = metrics.counter("edgemesh_cni_pod_connections_total",
 POD_SESSIONS = metrics.counter("edgemesh_cni_pod_udp_sessions_total",
                                "UDP sessions to remote Pod IPs, by node.", ["node"])
 POD_DATAGRAMS = metrics.counter("edgemesh_cni_pod_datagrams_total",
-                                "Datagrams sent to remote Pod IPs, by node.", ["node"])
+                                "Datagrams from clients to remote Pods, by node.", ["node"])
 POD_DATAGRAM_BYTES = metrics.counter("edgemesh_cni_pod_datagram_bytes_total",
-                                     "Bytes of the datagrams sent to remote Pod IPs, by node.",
-                                     ["node"])
+                                     "Bytes of the datagrams from clients to remote Pods, by "
+                                     "node.", ["node"])
 NAME = "pod-ip"
 WATCHED = ("EndpointSlice", "Endpoints", "Pod", "Node")
 
@@ -120,38 +120,27 @@ class PodUDPPort(TransparentUDPPort):
         super().__init__(dialer, NAME, _ONE, [],  # type: ignore[arg-type]
                          idle_timeout=idle_timeout, max_sessions=max_sessions)
         self.pods = pods
-        # Pod IP -> its node's (datagrams, bytes) counters, for the pod map of ``_counted_map``
-        self._counted: dict[str, tuple[Any, Any]] = {}
-        self._counted_map: PodMap | None = None
+        self._per_node: dict[str, tuple[Any, Any]] = {}  # node -> (datagrams, bytes) counters
+
+    def forward(self, session: Any, data: bytes) -> None:
+        """Count the datagram under its Pod's node (a session goes to one Pod), then send it."""
+        node = session.backend.node_name
+        counters = self._per_node.get(node)
+        if counters is None:
+            counters = self._per_node[node] = (POD_DATAGRAMS.labels(node),
+                                               POD_DATAGRAM_BYTES.labels(node))
+        counters[0].inc()
+        counters[1].inc(len(data))
+        super().forward(session, data)
 
     def datagram(self, data: bytes, client: tuple[str, int], local: tuple[str, int]) -> None:
-        counters = self._counters_for(local[0])
-        if counters is None:
-            if (client, local) not in self.sessions:
-                DROPPED.labels(NAME).inc()
-                if _once(("nopod-udp", local[0])):
-                    log.warning("datagram from %s to %s:%d: no remote Pod there; dropped",
-                                client[0], *local)
-                return
-        else:
-            counters[0].inc()
-            counters[1].inc(len(data))
+        if (client, local) not in self.sessions and self._remote(local[0]) is None:
+            DROPPED.labels(NAME).inc()
+            if _once(("nopod-udp", local[0])):
+                log.warning("datagram from %s to %s:%d: no remote Pod there; dropped",
+                            client[0], *local)
+            return
         super().datagram(data, client, local)
-
-    def _counters_for(self, ip: str) -> tuple[Any, Any] | None:
-        """The per-node counters of a remote Pod IP (None: not a remote Pod), looked up in the
-        pod map once per address and map."""
-        if self._counted_map is not self.pods.map or len(self._counted) >= 4096:
-            self._counted.clear()
-            self._counted_map = self.pods.map
-        counters = self._counted.get(ip)
-        if counters is None:
-            node = self._remote(ip)
-            if node is None:
-                return None
-            counters = self._counted[ip] = (POD_DATAGRAMS.labels(node),
-                                            POD_DATAGRAM_BYTES.labels(node))
-        return counters
 
     def _remote(self, ip: str) -> str | None:
         node = self.pods.map.node_of(ip)
