@@ -114,7 +114,7 @@ def render_edge_cni(cni: dict[str, Any] | None) -> list[str]:
     if cni is None:
         return []
     steered = cni.get("steered", {})
-    # "podNetworks" (with virtual addresses): the ranges without the mesh range
+    # "podNetworks": the ranges without the mesh range of virtual addresses
     ranges = sorted(cni.get("podNetworks") or
                     set(steered.get("tcp", [])) | set(steered.get("udp", [])))
     lines = ["", f"EDGE CNI: {cni.get('pod_ips', 0)} Pod IPs known, "
