@@ -22,7 +22,7 @@ def show(admin: str, as_json: bool) -> int:
         available = fetch(admin, "")
         data = {view: fetch(admin, view) for view in VIEWS if view in available}
         if "proxy" in available:  # the Edge CNI's part only
-            data["edgeCNI"] = (fetch(admin, "proxy") or {}).get("edgeCNI")
+            data["edgeCNI"] = edge_cni(admin)
     except (OSError, urllib.error.URLError, ValueError) as e:
         click.echo(f"error: cannot reach the agent's admin endpoint at {admin}: {e}", err=True)
         return 1
@@ -68,18 +68,72 @@ def render(data: dict[str, Any]) -> str:
             for a in p.get("attempts", [])[-3:]:
                 reason = f": {a['reason']}" if a.get("reason") else ""
                 lines.append(f"{'':24}   tried {a['path']} {a['result']}{reason}")
-    lines += _edge_cni(data.get("edgeCNI"))
+    lines += render_edge_cni(data.get("edgeCNI"))
     return "\n".join(lines)
 
 
-def _edge_cni(cni: dict[str, Any] | None) -> list[str]:
-    """The Edge CNI: Pod networks carried, the mesh range and the virtual IPs handed out."""
-    if not cni:
+# ---- the Edge CNI -----------------------------------------------------------------------------
+
+# metric -> the column of ``edgemesh status`` (per peer node, from /metrics)
+CNI_COUNTERS = {"edgemesh_cni_pod_connections_total": "tcp_connections",
+                "edgemesh_cni_pod_udp_sessions_total": "udp_sessions",
+                "edgemesh_cni_pod_datagrams_total": "datagrams",
+                "edgemesh_cni_pod_datagram_bytes_total": "datagram_bytes"}
+
+
+def edge_cni(admin: str, timeout: float = 3.0) -> dict[str, Any] | None:
+    """The Edge CNI's view (``/debug/proxy``'s ``edgeCNI``: the Pod networks this agent
+    carries) and its per-peer counts from ``/metrics``; None when the Edge CNI is off."""
+    view = fetch(admin, "proxy", timeout).get("edgeCNI")
+    if view is None:
+        return None
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=timeout) as r:
+        text = r.read().decode(errors="replace")
+    return {**view, "peers": cni_peer_counts(text)}
+
+
+def cni_peer_counts(text: str) -> dict[str, dict[str, float]]:
+    """node -> {column: value} of the ``CNI_COUNTERS`` in Prometheus text."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        column = CNI_COUNTERS.get(name)
+        if column is None or 'node="' not in rest:
+            continue
+        node = rest.split('node="', 1)[1].split('"', 1)[0]
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        out.setdefault(node, dict.fromkeys(CNI_COUNTERS.values(), 0.0))[column] = value
+    return out
+
+
+def render_edge_cni(cni: dict[str, Any] | None) -> list[str]:
+    """The Edge CNI's lines of ``edgemesh status`` (none when it is off)."""
+    if cni is None:
         return []
-    lines = ["", f"edge CNI: mode {cni.get('mode')}, meshCIDR {cni.get('meshCIDR')}, "
-             f"{cni.get('virtualIPs', 0)} virtual IPs handed out"
-             + (f", {cni['exhausted']} found none (range full)" if cni.get("exhausted") else ""),
-             "pod networks carried: " + (", ".join(cni.get("podNetworks", [])) or "none")]
+    steered = cni.get("steered", {})
+    # "podNetworks": the ranges without the mesh range of virtual addresses
+    ranges = sorted(cni.get("podNetworks") or
+                    set(steered.get("tcp", [])) | set(steered.get("udp", [])))
+    lines = ["", f"EDGE CNI: {cni.get('pod_ips', 0)} Pod IPs known, "
+             f"{len(ranges)} remote Pod networks carried; mode {cni.get('mode')}, meshCIDR "
+             f"{cni.get('meshCIDR')}, {cni.get('virtualIPs', 0)} virtual IPs handed out"
+             + (f", {cni['exhausted']} found none (range full)" if cni.get("exhausted") else "")]
+    if cni.get("pod_cidrs"):
+        lines.append(f"  node podCIDRs: {', '.join(cni['pod_cidrs'])}")
+    lines.append(f"{'POD NETWORK':24} PROTOCOLS")
+    for r in ranges:
+        protocols = "/".join(p.upper() for p in ("tcp", "udp") if r in steered.get(p, []))
+        lines.append(f"{r:24} {protocols}")
+    peers = cni.get("peers") or {}
+    if peers:
+        lines.append(f"{'POD PEER':24} {'TCP CONNS':>10} {'UDP SESSIONS':>13} "
+                     f"{'DATAGRAMS':>10} {'DGRAM BYTES':>12}")
+        for node, c in sorted(peers.items()):
+            lines.append(f"{node:24} {c['tcp_connections']:>10.0f} {c['udp_sessions']:>13.0f} "
+                         f"{c['datagrams']:>10.0f} {c['datagram_bytes']:>12.0f}")
     listed = cni.get("virtualIPList", [])
     if listed:
         lines.append(f"{'VIRTUAL-IP':16} {'FOR':40} REAL")

@@ -75,6 +75,11 @@ EXHAUSTED = metrics.counter("edgemesh_cni_virtual_ip_exhausted_total",
                             "Pods or Services that found no free address in meshCIDR.")
 POD_SESSIONS = metrics.counter("edgemesh_cni_pod_udp_sessions_total",
                                "UDP sessions to remote Pod IPs, by node.", ["node"])
+POD_DATAGRAMS = metrics.counter("edgemesh_cni_pod_datagrams_total",
+                                "Datagrams from clients to remote Pods, by node.", ["node"])
+POD_DATAGRAM_BYTES = metrics.counter("edgemesh_cni_pod_datagram_bytes_total",
+                                     "Bytes of the datagrams from clients to remote Pods, by "
+                                     "node.", ["node"])
 NAME = "pod-ip"
 WATCHED = ("EndpointSlice", "Endpoints", "Pod", "Node")
 
@@ -125,6 +130,18 @@ class PodUDPPort(TransparentUDPPort):
         super().__init__(dialer, NAME, _ONE, [],  # type: ignore[arg-type]
                          idle_timeout=idle_timeout, max_sessions=max_sessions)
         self.pods = pods
+        self._per_node: dict[str, tuple[Any, Any]] = {}  # node -> (datagrams, bytes) counters
+
+    def forward(self, session: Any, data: bytes) -> None:
+        """Count the datagram under its Pod's node (a session goes to one Pod), then send it."""
+        node = session.backend.node_name
+        counters = self._per_node.get(node)
+        if counters is None:
+            counters = self._per_node[node] = (POD_DATAGRAMS.labels(node),
+                                               POD_DATAGRAM_BYTES.labels(node))
+        counters[0].inc()
+        counters[1].inc(len(data))
+        super().forward(session, data)
 
     def datagram(self, data: bytes, client: tuple[str, int], local: tuple[str, int]) -> None:
         if (client, local) not in self.sessions and not self.pods.udp_backends(*local):

@@ -14,6 +14,9 @@ Every namespace is named ``emdemo-*``; logs, keys and the PSK live in /tmp/edgem
     site A router 198.18.0.1 ─┤ NAT ├─ LAN 192.168.10.0/24: a1 .2 (client), a2 .3 (web-a2)
     site B router 198.18.0.2 ─┤ NAT ├─ LAN 192.168.20.0/24: b1 .2 (web-b1, echo-b1)
 
+    Edge CNI Pods, each in a namespace of its own behind its node (a veth, node side .1/24):
+    db-0 10.244.2.10 on b1, db-1 10.244.3.10 in the cloud (the StatefulSet-like `db`)
+
 The routers masquerade their LAN and drop unsolicited inbound traffic, as home routers do.
 """
 from __future__ import annotations
@@ -66,6 +69,12 @@ PODS: dict[str, list[Pod]] = {
     "cloud": [_py_pod("http", "web-cloud", "172.17.31.10", 8080),
               _py_pod("ws", "ws-cloud", "172.17.31.11", 8765)],
 }
+# Edge CNI Pods: a namespace each, behind a veth of their node (node side ``NET.1/24``)
+NET_PODS: dict[str, list[Pod]] = {
+    "b1": [_py_pod("http", "db-0", "10.244.2.10", 8080)],
+    "cloud": [_py_pod("http", "db-1", "10.244.3.10", 8080)],
+}
+AGENT_CONFIG = "modules:\n  edgeCNI: {enable: true}\n"  # remote Pod IPs through the tunnel
 RESOLV_CONF = (f"nameserver {DNS_IP}\nsearch demo.svc.cluster.local svc.cluster.local "
                "cluster.local\noptions ndots:5\n")
 
@@ -98,6 +107,25 @@ class World:
             os.makedirs(etc, exist_ok=True)
             with open(os.path.join(etc, "resolv.conf"), "w", encoding="utf-8") as f:
                 f.write(RESOLV_CONF)
+        for node, pods in NET_PODS.items():
+            for pod in pods:
+                self.ns[pod.name] = self.pod_netns(node, pod)
+
+    def pod_netns(self, node: str, pod: Pod) -> Netns:
+        """A namespace for ``pod`` behind a veth of ``node``: its own Pod IP, which only its
+        node routes (the node's side of the veth is the .1 of the Pod's /24)."""
+        ns = self.lab.netns(pod.name)
+        host = self.ns[node]
+        gateway = pod.ip.rsplit(".", 1)[0] + ".1"
+        sh("ip", "link", "add", "name", "eth0", "netns", ns.name, "type", "veth", "peer",
+           "name", f"veth-{pod.name}", "netns", host.name)
+        if f"{gateway}/" not in host.run("ip", "-4", "addr").stdout:
+            host.run("ip", "addr", "add", f"{gateway}/24", "dev", f"veth-{pod.name}")
+        host.run("ip", "link", "set", f"veth-{pod.name}", "up")
+        ns.run("ip", "link", "set", "eth0", "up")
+        ns.run("ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+        ns.run("ip", "route", "add", "default", "via", gateway)
+        return ns
 
     def spawn(self, where: str, label: str, argv: list[str], env: dict[str, str] | None = None
               ) -> None:
@@ -117,11 +145,18 @@ class World:
                                        "--listen", "0.0.0.0:20004",
                                        "--psk-file", self.psk, "--admin", "127.0.0.1:10558",
                                        "--state-dir", os.path.join(STATE, "relay")])
+        config = os.path.join(STATE, "agent.yaml")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(AGENT_CONFIG)
+        for node, pods in NET_PODS.items():
+            for pod in pods:
+                self.spawn(pod.name, f"pod-{pod.name}", list(pod.argv), env={"NODE_NAME": node})
         for node, pods in PODS.items():
             for pod in pods:
                 self.spawn(node, f"pod-{pod.name}", list(pod.argv), env={"NODE_NAME": node})
             self.spawn(node, f"agent-{node}", [
-                *edgemesh, "agent", "--node-name", node, "--manifests", MANIFESTS,
+                *edgemesh, "agent", "--config", config, "--node-name", node,
+                "--manifests", MANIFESTS,
                 "--server", SERVER, "--psk-file", self.psk, "--admin", ADMIN,
                 "--state-dir", os.path.join(STATE, node)])
         self.spawn("gateway", "gateway", [
@@ -132,6 +167,11 @@ class World:
     def wait_ready(self, timeout: float = 90.0) -> None:
         waiting = [*PODS, "gateway"]
         deadline = time.monotonic() + timeout
+        for pod in (p for pods in NET_PODS.values() for p in pods):  # python starts slowly
+            want = f"{pod.ip}:{pod.argv[-2]}"
+            while time.monotonic() < deadline and want not in self.ns[pod.name].run(
+                    "ss", "-Hltn", check=False).stdout:
+                time.sleep(0.2)
         while waiting and time.monotonic() < deadline:
             waiting = [n for n in waiting if self.ns[n].run(
                 "curl", "-sf", "--max-time", "3", f"http://{ADMIN}/readyz",
@@ -158,7 +198,7 @@ def up() -> int:
     try:
         world.build_network()
         world.start()
-        print("starting the relay, 4 agents, the gateway and 6 pods ...", flush=True)
+        print("starting the relay, 4 agents, the gateway and 8 pods ...", flush=True)
         world.wait_ready()
     except BaseException:
         down(quiet=True)
@@ -219,6 +259,10 @@ def tour() -> None:
     print("\n== TCP and UDP echo on b1, behind site B's NAT ==")
     show("a1", 'echo "hello over TCP" | socat -t 10 - TCP:echo.demo:7000', retries=2)
     show("a1", 'echo "hello over UDP" | socat -T 3 - UDP:udp-echo.demo:7001', retries=2)
+    print("\n== Edge CNI: a StatefulSet's Pods by their own name and IP, across the NATs ==")
+    show("a1", f"dig +short @{DNS_IP} db-0.db.demo.svc.cluster.local")
+    show("a1", "curl -sS --max-time 30 http://db-0.db:8080/", retries=2)
+    show("a1", "curl -sS --max-time 30 http://10.244.3.10:8080/", retries=2)
     print("\n== WebSocket to the cloud ==")
     show("a1", f"{py} -m examples.demo.wsclient ws://ws.demo/ hi there", retries=2)
     print("\n== The gateway: a client outside the mesh ==")
@@ -234,6 +278,8 @@ The world keeps running. Explore it (every node's agent admin is on {ADMIN} in i
   sudo ip netns exec {PREFIX}-a1 curl http://web.demo/
   sudo ip netns exec {PREFIX}-a1 dig @{DNS_IP} echo.demo.svc.cluster.local
   sudo ip netns exec {PREFIX}-b1 curl http://web.demo/
+  sudo ip netns exec {PREFIX}-a1 curl http://db-1.db:8080/       # a Pod by name (Edge CNI)
+  sudo ip netns exec {PREFIX}-a1 curl http://10.244.2.10:8080/   # a Pod IP behind site B's NAT
   sudo ip netns exec {PREFIX}-outside curl http://{GATEWAY}/
   sudo ip netns exec {PREFIX}-a1 .venv/bin/edgemesh status --json
   sudo ip netns exec {PREFIX}-a1 curl -s {ADMIN}/metrics | grep edgemesh_tunnel

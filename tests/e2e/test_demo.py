@@ -61,6 +61,10 @@ def test_demo_world_up_explore_down(tmp_path) -> None:
                 if line.startswith("hello from pod ")} >= WEB_PODS
         assert "\nhello over TCP\n" in out and "\nhello over UDP\n" in out
         assert "< ws-cloud echoes: there" in out
+        # the Edge CNI: a StatefulSet Pod by name, and a Pod IP, across the NATs
+        assert "db-0.db.demo.svc.cluster.local\n10.244.2.10\n" in out
+        assert "\nhello from pod db-0 on node b1 (path /)\n" in out
+        assert "\nhello from pod db-1 on node cloud (path /)\n" in out
         assert "make demo-down" in out
 
         # checked independently, after `up` has exited: the world keeps running
@@ -72,6 +76,10 @@ def test_demo_world_up_explore_down(tmp_path) -> None:
         assert through_gateway == WEB_PODS  # round robin over the three Pods, across sites
         assert pod_of(inside("b1", "curl", "-sS", "--max-time", "30", "http://web.demo/")) \
             in WEB_PODS
+        assert inside("a1", "dig", "+short", "@169.254.96.16",
+                      "db-1.db.demo.svc.cluster.local").split() == ["10.244.3.10"]
+        assert pod_of(inside("a1", "curl", "-sS", "--max-time", "30",
+                             "http://10.244.2.10:8080/")) == "db-0"  # behind site B's NAT
         status = json.loads(inside("a1", "env", f"PYTHONPATH={ROOT}", *edgemesh_argv(),
                                    "status", "--json"))
         assert status["node"]["node"] == "a1" and status["node"]["synced"] is True
@@ -82,13 +90,13 @@ def test_demo_world_up_explore_down(tmp_path) -> None:
 
         with open(os.path.join(state, "pids"), encoding="utf-8") as f:
             pids = [int(line.split()[0]) for line in f if line.strip()]
-        assert len(pids) == 12  # relay, 4 agents, gateway, 6 pods
+        assert len(pids) == 14  # relay, 4 agents, gateway, 8 pods
         listed = world("status", state)
-        assert listed.returncode == 0 and listed.stdout.count(f"({PREFIX}-") == 12, listed.stdout
+        assert listed.returncode == 0 and listed.stdout.count(f"({PREFIX}-") == 14, listed.stdout
     finally:
         down = world("down", state)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert "removed 12 namespaces" in down.stdout
+    assert "removed 14 namespaces" in down.stdout
     assert demo_namespaces() == []
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
     assert not [d for d in os.listdir("/etc/netns") if d.startswith(f"{PREFIX}-")] \

@@ -379,4 +379,4 @@ def test_status_shows_the_edge_cni() -> None:
     text = render({"node": {"node": "a1", "synced": True},
                    "edgeCNI": {**plan.view(limit=1), "podNetworks": ["10.244.2.0/24"]}})
     assert "mode auto, meshCIDR 100.127.0.0/16" in text
-    assert "pod networks carried: 10.244.2.0/24" in text and "... and" in text
+    assert "\n10.244.2.0/24 " in text and "... and" in text
