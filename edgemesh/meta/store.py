@@ -311,13 +311,9 @@ class Store:
     def pods(self) -> builtins.list[Pod]:
         return list(self._objects["Pod"].values())
 
-    def namespace_exists(self, namespace: str) -> bool:
-        """A namespace object exists, or (clusters we cannot list namespaces from) a service."""
-        return namespace in self._ns_services or \
-            isinstance(self._objects["Namespace"].get(("", namespace)), Namespace)
-
     def namespaces(self) -> set[str]:
-        """Every namespace that exists (see ``namespace_exists``)."""
+        """Every namespace that exists: a Namespace object, or (clusters we cannot list
+        namespaces from) the namespace of a Service."""
         return {*(ns.meta.name for ns in self._objects["Namespace"].values()
                   if isinstance(ns, Namespace)), *self._ns_services}
 

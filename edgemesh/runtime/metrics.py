@@ -60,9 +60,6 @@ class _Metric:
     def _copy_config(self, parent: "_Metric") -> None:
         pass
 
-    def _samples(self, label_values: Sequence[str]) -> Iterable[str]:
-        raise NotImplementedError
-
     def render(self) -> list[str]:
         doc = self.doc.replace("\\", "\\\\").replace("\n", "\\n")
         lines = [f"# HELP {self.name} {doc}", f"# TYPE {self.name} {self.kind}"]

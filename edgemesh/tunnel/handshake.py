@@ -146,10 +146,6 @@ class CipherState:
         self.aead = aead
         self.n = 0
 
-    @property
-    def has_key(self) -> bool:
-        return self._aead is not None
-
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._aead is None:
             return plaintext

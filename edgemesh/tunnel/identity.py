@@ -19,17 +19,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-from edgemesh.errors import ConfigError, EdgeMeshError
+from edgemesh.errors import ConfigError
 from edgemesh.tunnel.x25519 import StaticKey
 
 log = logging.getLogger(__name__)
 
 PSK_LABEL = b"edgemesh cluster psk v1\x00"
 NO_PSK = b"\x00" * 32  # psk.enable=false: the handshake still runs, membership is not proved
-
-
-class BindingConflict(EdgeMeshError):
-    """A node name is bound to another key than the one just proved."""
 
 
 def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> StaticKey:
@@ -110,10 +106,6 @@ class Bindings:
         self._keys[node] = hexkey
         self._save()
         return True
-
-    def require(self, node: str, key: bytes) -> None:
-        if not self.check(node, key):
-            raise BindingConflict(f"node name {node!r} is bound to another key")
 
     def key_of(self, node: str) -> str | None:
         self._reload()

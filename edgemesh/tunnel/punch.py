@@ -197,9 +197,6 @@ class PathState:
     def next_in(self, now: float) -> float | None:
         return None if self.next_at is None else round(max(0.0, self.next_at - now), 1)
 
-    def last_failure(self) -> Attempt | None:
-        return next((a for a in reversed(self.attempts) if not a.ok), None)
-
     def detail(self, path: str) -> str:
         """A sentence a user can act on, for the path currently in use."""
         if path in ("direct", "punched"):
