@@ -2,7 +2,7 @@
 
 The relay moves ciphertext it never looks at, so it needs no copy into Python: each chunk goes
 socket → pipe → socket (``os.splice``), which costs a fraction of the CPU of ``recv`` +
-``sendall`` (shared performance.md). The pipe is enlarged to ``PIPE_SIZE`` so one splice moves
+``sendall`` (docs/performance.md). The pipe is enlarged to ``PIPE_SIZE`` so one splice moves
 what the socket holds. Where splice is refused (not a socket the kernel can splice), the copy
 falls back to ``recv``/``sendall``.
 """
