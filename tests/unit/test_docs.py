@@ -128,3 +128,12 @@ def test_docs_that_code_points_to_exist() -> None:
     cited.discard("docs/guide/edge-gateway.md")  # the Go EdgeMesh's page (test_go_examples.py)
     missing = sorted(p for p in cited if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, missing
+
+
+def test_links_in_the_specs_and_performance_docs_resolve() -> None:
+    import re
+    pages = [*_files("docs/specs", ext=".md"), os.path.join(ROOT, "docs", "performance.md")]
+    broken = [f"{os.path.relpath(page, ROOT)} → {target}" for page in pages
+              for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", _read(page))
+              if not os.path.exists(os.path.join(os.path.dirname(page), target))]
+    assert not broken, broken
