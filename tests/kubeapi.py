@@ -1,5 +1,5 @@
 """A Kubernetes API test server: list and watch over real HTTP on 127.0.0.1, with the semantics of
-shared/reference/k8s-watch.md, and a Python API for tests to change objects and misbehave.
+docs/specs/watch.md, and a Python API for tests to change objects and misbehave.
 
 What it does like kube-apiserver:
 - one etcd-like counter gives every write a new, larger resourceVersion (sent as a string);

@@ -1,4 +1,4 @@
-"""Build edge networks out of network namespaces, veth pairs and bridges (see shared netlab.md).
+"""Build edge networks out of network namespaces, veth pairs and bridges (see docs/specs/lab.md).
 
 A ``Lab`` owns every namespace it makes (names carry a per-lab prefix, so parallel test runs
 never collide) and deletes them on ``close()``; deleting a namespace removes its links too.

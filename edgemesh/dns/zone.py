@@ -1,7 +1,7 @@
 """The cluster zone, sans-IO: (question, zone data) → answer records and rcode.
 
 Implements the Kubernetes DNS spec (schema 1.1.0) the way CoreDNS's ``kubernetes`` plugin
-does (see /shared/reference/dns-spec.md; rule numbers ``Dx.y`` below refer to it):
+does (see docs/specs/dns.md; rule numbers ``Dx.y`` below refer to it):
 
 - ``<svc>.<ns>.svc.<zone>``: A/AAAA of the cluster IPs (D3.1), headless: of the ready endpoints
   (D4.1, NXDOMAIN without any), ExternalName: CNAME (D5); SRV at the bare name for every port

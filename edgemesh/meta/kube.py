@@ -1,7 +1,7 @@
 """The ``kube`` metadata source: list+watch of every kind EdgeMesh reads, from kube-apiserver or
 the KubeEdge metaServer, written into the store.
 
-Follows shared/reference/k8s-watch.md (rule numbers ``Kx``). One greenlet per kind, each with
+Follows docs/specs/watch.md (rule numbers ``Kx``). One greenlet per kind, each with
 its own resourceVersion (K7):
 
 - list (paginated, K2.5; ``resourceVersion=0`` first, ``""`` after a 410, K2.6) and

@@ -1,4 +1,4 @@
-"""The wire format of list and watch responses, without I/O (shared/reference/k8s-watch.md).
+"""The wire format of list and watch responses, without I/O (docs/specs/watch.md).
 
 ``LineSplitter`` turns the bytes of a chunked watch body into newline-delimited JSON documents
 whatever the chunk boundaries (K4.1); ``decode_event`` checks one document is a watch event

@@ -36,10 +36,7 @@ out closed is retried once on a fresh one for requests without a body, and check
 when the request has one. Deadlines are enforced by one watchdog (``http_conn.Watchdog``) instead of
 per-call socket timeouts, which arm a timer on every blocking read.
 
-Cost, measured (``bench/http.py``, ``bench/gateway.py``; haproxy ``mode http``, one thread, as
-the peer): a greenlet per request cost ~40 µs of CPU per small keep-alive request against
-haproxy's ~15 µs; on callbacks, with heads parsed once per distinct head (``httpflow._Memo``),
-~20 µs, the same four syscalls per request as haproxy.
+Measured costs against haproxy (``bench/http.py``, ``bench/gateway.py``): docs/performance.md.
 """
 from __future__ import annotations
 

@@ -600,7 +600,7 @@ class ProxyModule:
         # each family to its own endpoints (as kube-proxy), all of them when it has none
         backends = [b for b in backends if (":" in b.ip) == (key.family == 6)] or backends
         listener = self.listeners.get(key)
-        kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # issue 5
+        kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # HTTP mode
         if listener is not None and getattr(listener, "kind", None) != kind:  # mode changed
             self.listeners.pop(key).close()
             listener = None
@@ -610,7 +610,7 @@ class ProxyModule:
         cfg = self.config
         # TCP ports share the transparent listener where there is one: no socket of their own
         own_ip = None if key.protocol == "tcp" and self.transparent else listen_ip
-        if kind is not None:  # issue 5: http per request, https with SNI (proxy/http_listen.py)
+        if kind is not None:  # http per request, https with its SNI read (proxy/http_listen.py)
             listener = http_listen.make(kind, self, str(key), svc, port, balancer, backends,
                                         own_ip)
         elif key.protocol == "udp" and key.family in self.transparent_udp:

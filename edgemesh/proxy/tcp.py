@@ -1,7 +1,7 @@
 """TCP forwarding on libev watcher callbacks: accept, connect and pump without greenlets.
 
 Why callbacks: a greenlet pair per connection reached about half of haproxy's new connections
-per second here, callbacks on the hub's own watchers nearly all of it (shared performance.md),
+per second here, callbacks on the hub's own watchers nearly all of it (docs/performance.md),
 and an idle connection then costs two sockets and a few small objects, no stack and no buffer.
 
 Per connection:
@@ -29,10 +29,8 @@ Invariants: a pipe goes back to the pool only when empty (``Flow.pending`` count
 it before any write is tried, so a failed write drops the pipe instead of lending another
 connection its bytes); closing a connection breaks its conn/flow/watcher cycles, so its memory
 is reused at once; io watchers of closed connections are reused (creating one costs an
-``fcntl``), and accepted sockets inherit ``TCP_NODELAY`` from the listener. Measured
-(bench/proxy.py): ~0.2 s CPU per GB against haproxy's ~0.4, about 1.2 KiB per idle connection,
-~62 µs CPU per new connection against haproxy's ~60 µs with as many syscalls (19) — most of
-it is the kernel's loopback TCP work; the difference is Python (~9 µs user against ~5).
+``fcntl``), and accepted sockets inherit ``TCP_NODELAY`` from the listener.
+Measured costs against haproxy (``bench/proxy.py``): docs/performance.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The cluster zone against dns-spec.md, rule by rule: one table, asked over real UDP and TCP.
+"""The cluster zone against docs/specs/dns.md, rule by rule: one table, asked over real UDP and TCP.
 
 Each case names the spec rule it checks (``Dx.y``). The table runs three ways: through the
 sans-IO zone (``zone.resolve`` + packing), and as packets over real UDP and TCP sockets to a

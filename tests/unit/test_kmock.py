@@ -1,6 +1,6 @@
 """The kube source against kmock 0.8 (PyPI, nolar/kmock): an independent second peer.
 
-kmock is a scriptable Kubernetes mock on aiohttp, not an apiserver emulator (k8s-watch.md K11):
+kmock is a scriptable Kubernetes mock on aiohttp, no apiserver emulator (docs/specs/watch.md K11):
 it needs ``watch=true``, replays ADDED on every watch, gives objects no resourceVersion and
 answers lists with the RV ``"..."``. So it checks what it can: parsing of real list and event
 bodies from someone else's server, the replay handling, and — with scripted responses — the
