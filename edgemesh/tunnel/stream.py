@@ -10,7 +10,10 @@ a stream needs of its session is ``StreamHost``: the contract between the two, i
 from __future__ import annotations
 
 import collections
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,6 +27,17 @@ PING_INTERVAL = 10.0
 DEAD_AFTER = 3 * PING_INTERVAL + 5  # a silent session is closed then: no wait outlives it
 PUMP_RECORDS = 16             # records a pump reads from its socket with one recvmsg_into
 RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
+
+
+_FIONREAD_ARG = bytes(4)
+
+
+def _waiting(fd: int) -> int:
+    """Bytes ready to read on socket ``fd`` (0 at EOF, or when the kernel will not say)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_ARG))[0])
+    except OSError:
+        return fr.MAX_PAYLOAD * PUMP_RECORDS
 
 
 class StreamClosed(UnavailableError):
@@ -192,17 +206,20 @@ class Stream:
     def send_from(self, sock: socket.socket) -> None:
         """Pump ``sock`` into the stream until EOF (then FIN): the bulk path. Each read lands
         in the payload room of up to PUMP_RECORDS records, which are then sealed in place;
-        they are allocated once ``sock`` is readable and live until the writer sent them."""
-        session, size = self.session, fr.MAX_PAYLOAD + RECORD_OVERHEAD
+        they are allocated once ``sock`` is readable, sized to what it holds (``FIONREAD``: a
+        small message costs a small buffer, not PUMP_RECORDS full records), and live until
+        the writer sent them."""
+        session, fd = self.session, sock.fileno()
         while True:
             room = self._room()
             session.wait_writable()
-            wait_read(sock.fileno())  # an idle stream holds no buffers
+            wait_read(fd)  # an idle stream holds no buffers
+            room = min(room, max(1, _waiting(fd)))
             records: list[memoryview] = []
             views: list[memoryview] = []
             while room > 0 and len(records) < PUMP_RECORDS:
-                record = memoryview(bytearray(size))
                 k = min(room, fr.MAX_PAYLOAD)
+                record = memoryview(bytearray(k + RECORD_OVERHEAD))
                 records.append(record)
                 views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
                 room -= k
