@@ -22,6 +22,9 @@ def frame_record(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+SMALL_BUFFER = 16 * 1024  # the least a reader borrows for a small read
+
+
 class RecordReader:
     """Feed bytes with ``feed`` (or receive straight into ``space()`` and ``commit``); take
     whole record bodies with ``next_record`` / ``next_view`` (None: need more).
@@ -61,15 +64,26 @@ class RecordReader:
             self.commit(k)
             n -= k
 
-    def space(self) -> memoryview:
-        """Free room at the end of the buffer for a ``recv_into`` (compacts first if needed)."""
+    def space(self, hint: int = 0) -> memoryview:
+        """Free room at the end of the buffer for a ``recv_into`` (compacts first if needed).
+
+        ``hint`` (bytes known to be waiting, e.g. ``FIONREAD``) sizes a buffer taken afresh:
+        a small message borrows a small buffer instead of the whole ``capacity`` (zeroing it
+        cost more than the rest of a small request); it grows to full size as soon as a
+        record needs more room than it has."""
         if not self._buf:
-            self._buf = bytearray(self._size)
+            size = min(self._size, max(hint, SMALL_BUFFER)) if hint else self._size
+            self._buf = bytearray(size)
             self._view = memoryview(self._buf)
         if self._start and (self._start == self._end or len(self._buf) - self._end < MAX_RECORD):
             k = self._end - self._start
             self._buf[:k] = self._view[self._start:self._end]
             self._start, self._end = 0, k
+        if len(self._buf) < self._size and len(self._buf) - self._end < self.wanted():
+            grown = bytearray(self._size)
+            grown[:self._end - self._start] = self._view[self._start:self._end]
+            self._buf, self._view = grown, memoryview(grown)
+            self._start, self._end = 0, self._end - self._start
         return self._view[self._end:]
 
     def commit(self, n: int) -> None:

@@ -35,7 +35,14 @@ from edgemesh.tunnel import frames as fr
 from edgemesh.tunnel.handshake import Handshake, Hello, Result
 from edgemesh.tunnel.policy import REFUSED
 from edgemesh.tunnel.records import RecordReader, SecureChannel, frame_record
-from edgemesh.tunnel.stream import DEAD_AFTER, PING_INTERVAL, RECORD_OVERHEAD, Stream, StreamClosed
+from edgemesh.tunnel.stream import (
+    DEAD_AFTER,
+    PING_INTERVAL,
+    RECORD_OVERHEAD,
+    Stream,
+    StreamClosed,
+    waiting,
+)
 from edgemesh.tunnel.x25519 import StaticKey
 
 log = logging.getLogger(__name__)
@@ -307,9 +314,11 @@ class Session:
                 while self.buffered > BUFFER_CAP and not self.closed:
                     self._unbuffered.clear()  # consumers lag: stop reading (back-pressure)
                     self._unbuffered.wait(timeout=1.0)
+                hint = 0
                 if not self.reader.holding:
                     wait_read(self.sock.fileno())  # borrow the buffer only once readable
-                space = self.reader.space()
+                    hint = waiting(self.sock.fileno())  # and no more of it than needed
+                space = self.reader.space(hint)
                 n = self.sock.recv_into(space)
                 if not n:
                     break

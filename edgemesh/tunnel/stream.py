@@ -32,7 +32,7 @@ RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD ta
 _FIONREAD_ARG = bytes(4)
 
 
-def _waiting(fd: int) -> int:
+def waiting(fd: int) -> int:
     """Bytes ready to read on socket ``fd`` (0 at EOF, or when the kernel will not say)."""
     try:
         return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_ARG))[0])
@@ -214,7 +214,7 @@ class Stream:
             room = self._room()
             session.wait_writable()
             wait_read(fd)  # an idle stream holds no buffers
-            room = min(room, max(1, _waiting(fd)))
+            room = min(room, max(1, waiting(fd)))
             records: list[memoryview] = []
             views: list[memoryview] = []
             while room > 0 and len(records) < PUMP_RECORDS:

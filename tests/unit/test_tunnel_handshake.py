@@ -164,3 +164,27 @@ def test_the_transport_aead_is_aesgcm_only_when_both_hellos_offer_it(offers, cho
     reader.feed(bytes(record) + a.seal(b"world"))
     assert b.open(reader.next_view()) == b"hello"
     assert b.open(reader.next_record()) == b"world"
+
+
+def test_a_reader_taken_for_a_small_read_grows_when_a_record_needs_it() -> None:
+    from edgemesh.tunnel.records import SMALL_BUFFER
+    big, small = b"x" * 60000, b"hi"
+    wire = frame_record(small) + frame_record(big) + frame_record(small)
+    reader = RecordReader()
+    got: list[bytes] = []
+    at, hint = 0, 10  # the first read: 10 bytes were waiting
+    while at < len(wire):
+        space = reader.space(hint)
+        hint = 0
+        assert len(space) >= 1
+        if at == 0:
+            assert len(space) == SMALL_BUFFER  # a small buffer for a small read
+        k = min(len(space), len(wire) - at, 7000)
+        space[:k] = wire[at:at + k]
+        reader.commit(k)
+        at += k
+        while (rec := reader.next_record()) is not None:
+            got.append(rec)
+    assert got == [small, big, small]
+    reader.release()
+    assert not reader.holding
