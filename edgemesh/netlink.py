@@ -1,10 +1,13 @@
-"""Interface addresses over rtnetlink: a dump, and a socket that says when they change.
+"""Interface addresses and routes over rtnetlink: dumps, and a socket that says when
+addresses change.
 
 ``dump_addresses()`` asks the kernel for every address (``RTM_GETADDR`` with ``NLM_F_DUMP``)
 and returns ``(interface index, address)`` pairs — what ``ip -j addr`` prints, without a helper
-process. ``AddressEvents`` joins the IPv4/IPv6 address multicast groups: its descriptor becomes
-readable when an address is added or removed, so a consumer re-reads only then, never on a
-timer. ``parse_addresses`` is the sans-IO part (bytes in, pairs out).
+process; ``dump_routes()`` does the same for the main routing table (``RTM_GETROUTE``: what
+``ip -j route show table main`` prints, as the same dicts). ``AddressEvents`` joins the
+IPv4/IPv6 address multicast groups: its descriptor becomes readable when an address is added
+or removed, so a consumer re-reads only then, never on a timer. ``parse_addresses`` and
+``parse_routes`` are the sans-IO parts (bytes in, values out).
 """
 from __future__ import annotations
 
@@ -14,6 +17,12 @@ import socket
 import struct
 
 RTM_NEWADDR, RTM_GETADDR = 20, 22
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTA_DST, RTA_TABLE = 1, 15
+RT_TABLE_MAIN = 254
+# rtm_type values, named as ``ip -j route`` names them (unicast routes carry no "type" there)
+ROUTE_TYPES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+               7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -21,6 +30,8 @@ RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
 _HDR = struct.Struct("=LHHLL")  # nlmsghdr: len, type, flags, seq, pid
 _IFA = struct.Struct("=BBBBL")  # ifaddrmsg: family, prefixlen, flags, scope, index
 _RTA = struct.Struct("=HH")  # rtattr: len, type
+_RTM = struct.Struct("=BBBBBBBBL")  # rtmsg: family, dst_len, src_len, tos, table, protocol,
+#                                     scope, type, flags
 
 
 def _align(n: int) -> int:
@@ -33,6 +44,53 @@ def parse_addresses(data: bytes, seq: int | None = None) -> tuple[list[tuple[int
     Raises OSError for an NLMSG_ERROR answer; messages of other sequence numbers are skipped.
     """
     out: list[tuple[int, str]] = []
+    done = False
+    for mtype, body in _messages(data, seq):
+        if mtype == NLMSG_DONE:
+            done = True
+            break
+        if mtype != RTM_NEWADDR or len(body) < _IFA.size:
+            continue
+        family, _plen, _f, _scope, index = _IFA.unpack_from(body)
+        attrs = _attributes(body[_IFA.size:])
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        if raw is not None and family in (socket.AF_INET, socket.AF_INET6):
+            out.append((index, str(ipaddress.ip_address(raw))))
+    return out, done
+
+
+def parse_routes(data: bytes, seq: int | None = None) -> tuple[list[dict[str, str]], bool]:
+    """The main table's routes in ``data`` as ``ip -j route`` shows them (``dst``: a network
+    or ``default``; ``type`` unless unicast), and whether the dump is done."""
+    out: list[dict[str, str]] = []
+    done = False
+    for mtype, body in _messages(data, seq):
+        if mtype == NLMSG_DONE:
+            done = True
+            break
+        if mtype != RTM_NEWROUTE or len(body) < _RTM.size:
+            continue
+        family, dst_len, _src, _tos, table, _proto, _scope, rtype, _flags = _RTM.unpack_from(body)
+        attrs = _attributes(body[_RTM.size:])
+        if RTA_TABLE in attrs and len(attrs[RTA_TABLE]) >= 4:
+            table = struct.unpack_from("=L", attrs[RTA_TABLE])[0]
+        if table != RT_TABLE_MAIN or family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        raw = attrs.get(RTA_DST)
+        if raw is None or not dst_len:
+            route = {"dst": "default"}
+        else:
+            route = {"dst": f"{ipaddress.ip_address(raw)}/{dst_len}"}
+        if rtype in ROUTE_TYPES:
+            route["type"] = ROUTE_TYPES[rtype]
+        out.append(route)
+    return out, done
+
+
+def _messages(data: bytes, seq: int | None) -> list[tuple[int, bytes]]:
+    """``(type, body)`` of each whole netlink message of sequence ``seq`` in ``data``, up to
+    and including NLMSG_DONE; OSError for an NLMSG_ERROR answer."""
+    out: list[tuple[int, bytes]] = []
     pos = 0
     while pos + _HDR.size <= len(data):
         length, mtype, _flags, mseq, _pid = _HDR.unpack_from(data, pos)
@@ -42,21 +100,15 @@ def parse_addresses(data: bytes, seq: int | None = None) -> tuple[list[tuple[int
         pos += _align(length)
         if seq is not None and mseq != seq:
             continue
-        if mtype == NLMSG_DONE:
-            return out, True
         if mtype == NLMSG_ERROR:
             code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
             if code:
                 raise OSError(code, os.strerror(code))
             continue
-        if mtype != RTM_NEWADDR or len(body) < _IFA.size:
-            continue
-        family, _plen, _f, _scope, index = _IFA.unpack_from(body)
-        attrs = _attributes(body[_IFA.size:])
-        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-        if raw is not None and family in (socket.AF_INET, socket.AF_INET6):
-            out.append((index, str(ipaddress.ip_address(raw))))
-    return out, False
+        out.append((mtype, body))
+        if mtype == NLMSG_DONE:
+            break
+    return out
 
 
 def _attributes(data: bytes) -> dict[int, bytes]:
@@ -83,6 +135,22 @@ def dump_addresses() -> list[tuple[int, str]]:
         while True:
             pairs, done = parse_addresses(s.recv(1 << 16), seq)
             found += pairs
+            if done:
+                return found
+
+
+def dump_routes(family: int = socket.AF_INET) -> list[dict[str, str]]:
+    """The main routing table of this network namespace (one family), from one dump."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.bind((0, 0))
+        seq = 1
+        request = _HDR.pack(_HDR.size + _RTM.size, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP,
+                            seq, 0) + _RTM.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        s.sendto(request, (0, 0))
+        found: list[dict[str, str]] = []
+        while True:
+            routes, done = parse_routes(s.recv(1 << 16), seq)
+            found += routes
             if done:
                 return found
 

@@ -22,9 +22,10 @@ anything else.
 
 Left alone: this node's own Pods, and every address within a route of the main table other
 than the default route (``podmap.routed_networks``: on-link LANs, a real CNI's per-node routes),
-read again at every sync: where the kernel already routes, nothing is intercepted. An address
-in a remote range that belongs to no Pod known by IP is still carried (a range is steered
-whole); the remote agent refuses it unless it is in its own podCIDR.
+read again at every sync (one netlink dump, no helper process): where the kernel already
+routes, nothing is intercepted. An address in a remote range that belongs to no Pod known by
+IP is still carried (a range is steered whole); the remote agent refuses it unless it is in
+its own podCIDR.
 
 Limits, by design:
 - ICMP (ping, path MTU errors) is never carried: the tunnel carries streams and datagrams,
@@ -52,10 +53,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import time
 from typing import Any
 
+from edgemesh import netlink
 from edgemesh.dialer import Dialer
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.meshcidr import AddressPlan, PodTarget, headless_proxied
@@ -160,7 +163,12 @@ class PodUDPPort(TransparentUDPPort):
 
 
 def route_table(family: int = 4) -> list[dict[str, Any]]:
-    """The main routing table as ``ip -j route show`` gives it ([] when ``ip`` fails)."""
+    """The main routing table as ``ip -j route show`` gives it, read with one netlink dump
+    (``ip`` only where netlink is refused; [] when that fails too)."""
+    try:
+        return netlink.dump_routes(socket.AF_INET if family == 4 else socket.AF_INET6)
+    except OSError as e:
+        log.debug("netlink route dump failed (%s); asking ip", e)
     try:
         out = subprocess.run(["ip", "-j", f"-{family}", "route", "show", "table", "main"],
                              capture_output=True, timeout=10, check=True).stdout

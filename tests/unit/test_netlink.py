@@ -5,6 +5,7 @@ import json
 import socket
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +49,38 @@ def test_dump_matches_ip_addr():
     expected = {link["ifname"]: {a["local"] for a in link.get("addr_info", [])}
                 for link in json.loads(out.stdout)}
     assert netdev.addresses_by_device() == expected
+
+
+def _ip_routes(ns: str, family: str) -> list[dict[str, str]]:
+    out = subprocess.run(["ip", "-n", ns, "-j", family, "route", "show", "table", "main"],
+                         capture_output=True, check=True).stdout
+    return [{"dst": r["dst"], **({"type": r["type"]} if "type" in r else {})}
+            for r in json.loads(out)]
+
+
+@pytest.mark.netns
+def test_route_dump_matches_ip_route_in_a_namespace() -> None:
+    """Unicast, default, unreachable and blackhole routes of the main table, both families;
+    another table's routes are not in it."""
+    from tests import netlab
+    if netlab.can_run():
+        pytest.skip(netlab.can_run())
+    with netlab.Lab() as lab:
+        ns = lab.netns("routes")
+        ns.run("ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        ns.run("ip", "link", "set", "d1", "up")
+        ns.run("ip", "link", "set", "d0", "up")
+        ns.run("ip", "addr", "add", "10.9.0.2/24", "dev", "d0")
+        ns.run("ip", "addr", "add", "fd09::2/64", "dev", "d0", "nodad")
+        ns.run("ip", "route", "add", "default", "via", "10.9.0.1")
+        ns.run("ip", "route", "add", "10.244.7.0/24", "via", "10.9.0.7")
+        ns.run("ip", "route", "add", "unreachable", "10.250.0.0/16")
+        ns.run("ip", "route", "add", "blackhole", "10.251.0.0/16")
+        ns.run("ip", "route", "add", "10.252.0.0/16", "via", "10.9.0.8", "table", "100")
+        code = ("import json, socket; from edgemesh import netlink; "
+                "print(json.dumps([netlink.dump_routes(), "
+                "netlink.dump_routes(socket.AF_INET6)]))")
+        v4, v6 = json.loads(ns.run(sys.executable, "-c", code).stdout)
+        assert v4 == _ip_routes(ns.name, "-4") and v6 == _ip_routes(ns.name, "-6")
+        assert {"dst": "10.250.0.0/16", "type": "unreachable"} in v4
+        assert not any(r["dst"] == "10.252.0.0/16" for r in v4)
