@@ -9,12 +9,8 @@ metaServers, the EndpointSlice → Endpoints fallback, optional kinds "feature o
 is the loop around it: ask the machine, do the HTTP, apply the store ops it returns, log, count
 and sleep as long as it says.
 
-Secrets (the gateway's TLS credentials) are never listed cluster-wide: one list+watch per
-namespace that ``secret_namespaces(gateways)`` names (by default the namespaces of Gateways
-with a ``tls.credentialName``), reconciled whenever Gateways change: a namespace that appears
-gets its own loop, one that goes away has its loop stopped and its Secrets dropped from the
-store. The gateway's RBAC grants Secrets per namespace (build/gateway/), so a 403 there is
-"not granted in that namespace" (feature off, retried), never a cluster-wide request.
+Secrets (the gateway's TLS credentials) are watched per namespace, only where Gateways need
+them: ``edgemesh.meta.secrets.SecretWatches`` starts and stops those loops.
 
 The store is marked synced once Service, EndpointSlice (or Endpoints) and Namespace have each
 listed once (Pods are not watched: nothing reads them from an API source). If a first list
@@ -29,7 +25,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +49,13 @@ from edgemesh.meta.kubewire import (
     object_key,
     retry_after_seconds,
     status_error,
+)
+from edgemesh.meta.secrets import (
+    SECRET,
+    SecretNamespaces,
+    SecretWatches,
+    credential_namespaces,
+    replace_in_namespace,
 )
 from edgemesh.meta.store import Store, raw_json
 from edgemesh.meta.watch import (
@@ -95,7 +98,6 @@ BAD_OBJECTS = metrics.counter("edgemesh_meta_bad_objects_total",
 # several times over in list time and memory.
 REQUIRED = ("Service", "EndpointSlice", "Namespace")
 OPTIONAL = ("Node", "DestinationRule", "Gateway", "VirtualService")
-SECRET = "Secret"
 CONNECT_TIMEOUT = 5.0
 LIST_READ_TIMEOUT = 60.0
 DOWN_REMINDER_SECONDS = 60.0
@@ -107,15 +109,6 @@ RETRYABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ApiError, Remo
 LOOP_ERRORS: tuple[type[BaseException], ...] = (Expired, Refused, *RETRYABLE)  # _run handles
 STREAM_BROKEN: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError)
-
-
-SecretNamespaces = Callable[[Iterable[Any]], set[str]]  # Gateways -> namespaces to watch
-
-
-def credential_namespaces(gateways: Iterable[Any]) -> set[str]:
-    """Namespaces of Gateways with a server naming a TLS Secret (``tls.credentialName``)."""
-    return {g.meta.namespace for g in gateways
-            if any(s.tls is not None and s.tls.credential_name for s in g.servers)}
 
 
 KindState = KindMachine  # one kind's list+watch bookkeeping, as tests and views name it
@@ -152,14 +145,10 @@ class KubeSource:
         self.states = {s: self._machine(s, kinds.BY_NAME[s], s in REQUIRED) for s in slots}
         self._sessions = {s: conn.session() for s in slots}
         self._greenlets: list[gevent.Greenlet] = []
-        watch_secrets = secrets and (not only or SECRET in only)
-        self.secret_namespaces = (secret_namespaces or credential_namespaces) \
-            if watch_secrets else None
-        self.secret_states: dict[str, KindState] = {}  # namespace -> its Secret loop
-        self._secret_loops: dict[str, gevent.Greenlet] = {}
-        self._secret_sessions: dict[str, requests.Session] = {}
-        self._secrets = tasks.Reconciler("kube-secret-namespaces", self.reconcile_secrets,
-                                         delay=0.05)
+        self.secrets = SecretWatches(
+            store, secret_namespaces or credential_namespaces, conn.session,
+            lambda ns: self._machine(SECRET, kinds.SECRET, False, ns), self._run) \
+            if secrets and (not only or SECRET in only) else None
         self._cache_tried = False
         self._cache_kinds: set[str] = set()
         self._once = Once()
@@ -178,18 +167,16 @@ class KubeSource:
             self._greenlets.append(tasks.spawn_forever(f"kube-{slot}",
                                                        functools.partial(self._run, st),
                                                        backoff=5.0))
-        if self.secret_namespaces is not None:
-            self.store.subscribe(self._secrets.wake, ("Gateway", SECRET))
-            self._secrets.start()
+        if self.secrets is not None:
+            self.secrets.start()
 
     def stop(self) -> None:
-        if self.secret_namespaces is not None:
-            self.store.unsubscribe(self._secrets.wake)
-            self._secrets.stop()
+        if self.secrets is not None:
+            self.secrets.stop_reconciling()
         gevent.killall(self._greenlets, timeout=2)
         self._greenlets.clear()
-        for ns in list(self._secret_loops):
-            self._stop_secret_loop(ns)
+        if self.secrets is not None:
+            self.secrets.stop_loops()
         if self.cache is not None:
             self.cache.stop()
         for s in self._sessions.values():
@@ -220,50 +207,16 @@ class KubeSource:
         """/readyz stays 200 while the cache is served; the check's line says so."""
         return self.store.stale_reason
 
-    # ---- Secrets, per namespace ---------------------------------------------------------------
+    @property
+    def secret_states(self) -> dict[str, KindState]:
+        """The Secret loops' machines, by namespace."""
+        return self.secrets.states if self.secrets is not None else {}
 
-    def reconcile_secrets(self) -> None:
-        """Watch Secrets in exactly the namespaces the Gateways need; drop the others' Secrets.
-
-        Level-triggered: runs on every Gateway (or Secret) change, so Secrets that came from
-        the cache, or from a loop that was stopped, never outlive their namespace's need.
-        """
-        assert self.secret_namespaces is not None
-        wanted = {ns for ns in self.secret_namespaces(self.store.list("Gateway")) if ns}
-        for ns in sorted(wanted - set(self._secret_loops)):
-            self._start_secret_loop(ns)
-        for ns in sorted(set(self._secret_loops) - wanted):
-            self._stop_secret_loop(ns)
-        stray = {o.meta.namespace for o in self.store.list(SECRET)} - wanted
-        for ns in sorted(stray):
-            self._replace_in_namespace(SECRET, ns, [])
-
-    def _start_secret_loop(self, ns: str) -> None:
-        log.info("Secrets: watching namespace %s (a Gateway there names a TLS credential)", ns)
-        st = self._machine(SECRET, kinds.SECRET, False, ns)
-        self.secret_states[ns] = st
-        self._secret_sessions[ns] = self.conn.session()
-        self._secret_loops[ns] = tasks.spawn_forever(f"kube-Secret-{ns}",
-                                                     functools.partial(self._run, st),
-                                                     backoff=5.0)
-
-    def _stop_secret_loop(self, ns: str) -> None:
-        log.info("Secrets: no Gateway in namespace %s needs them any more; watch stopped", ns)
-        self._secret_loops.pop(ns).kill(timeout=2)
-        self._secret_sessions.pop(ns).close()
-        self.secret_states.pop(ns, None)
-        self._replace_in_namespace(SECRET, ns, [])
-
-    def _replace_in_namespace(self, kind: str, ns: str,
-                              pairs: Sequence[tuple[Any, Any]]) -> None:
-        """Make ``kind`` in namespace ``ns`` hold exactly ``pairs``; other namespaces kept."""
-        keep = [(o, self.store.raw(kind, o.meta.namespace, o.meta.name))
-                for o in self.store.list(kind) if o.meta.namespace != ns]
-        self.store.replace(kind, [*keep, *pairs])
+    # ---- the store ----------------------------------------------------------------------------
 
     def _replace(self, st: KindState, pairs: Sequence[tuple[Any, Any]]) -> None:
         if st.namespace:
-            self._replace_in_namespace(st.kind.name, st.namespace, pairs)
+            replace_in_namespace(self.store, st.kind.name, st.namespace, pairs)
         else:
             self.store.replace(st.kind.name, pairs)
 
@@ -338,7 +291,7 @@ class KubeSource:
                 self.store.delete(op.kind, op.namespace, op.name)
             elif isinstance(op, Clear):
                 if op.namespace:
-                    self._replace_in_namespace(op.kind, op.namespace, [])
+                    replace_in_namespace(self.store, op.kind, op.namespace, [])
                 else:
                     self.store.replace(op.kind, [])
             elif isinstance(op, Recovered):
@@ -450,7 +403,7 @@ class KubeSource:
 
     def _get(self, st: KindState, params: dict[str, str], timeout: tuple[float, float],
              stream: bool) -> requests.Response:
-        session = self._secret_sessions[st.namespace] if st.namespace else \
+        session = self.secrets.session(st.namespace) if self.secrets and st.namespace else \
             self._sessions[st.slot]
         r = session.get(self.conn.url(st.path), params=params, headers=self.conn.headers(),
                         timeout=timeout, stream=stream, allow_redirects=False)
@@ -476,7 +429,7 @@ class KubeSource:
         if self.store.stale_reason:
             log.warning("API server %s answers again: serving live metadata", self.conn.base_url)
             watched = {st.kind.name for st in self.states.values()} | \
-                ({SECRET} if self.secret_namespaces is not None else set())
+                ({SECRET} if self.secrets is not None else set())
             self.store.replace_many({k: [] for k in self._cache_kinds - watched})
         first = not self.store.synced
         self.store.mark_synced("")
