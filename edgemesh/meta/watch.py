@@ -255,7 +255,8 @@ class KindMachine:
     # ---- requests ----------------------------------------------------------------------------
 
     def next_request(self) -> ListRequest | WatchRequest:
-        """A list page while a list is needed, else a watch from the last RV (K7)."""
+        """A list page while a list is needed, else a watch from the last RV (K7). Each call
+        starts a request: the answers fed next (``on_page``, ``on_event``...) are its."""
         if self.need_list:
             if self._token:
                 return ListRequest(self.path, self.page_size, continue_token=self._token)

@@ -167,6 +167,20 @@ def test_k2_5_a_page_that_fails_restarts_the_list_from_its_first_page():
     ])
 
 
+def test_k2_6_lists_ask_rv_0_first_and_none_after_a_410():
+    m = machine()
+    play(m, [
+        LIST0, (Failure("refused"), Retry(0.8, "failed")),
+        LIST0,  # a failure is not a 410: the cheap read again
+        (refused(410), Retry(0.0, "expired")),
+        LIST_FRESH, (Failure("refused"), Retry(1.6, "failed")),
+        LIST_FRESH,  # still fresh until a list succeeds
+        (listed(rv="10"), done(failures=2, error="refused")),
+        watch_from("10"),
+    ])
+    assert m.list_rv == ""  # only a kind coming back from "feature off" lists at 0 again
+
+
 def test_k10_3_an_empty_list_without_rv_watches_without_rv():
     play(machine(), [LIST0, (listed(rv=""), done()), watch_from("")])
 
