@@ -2,29 +2,15 @@
 the KubeEdge metaServer, written into the store.
 
 Follows docs/specs/watch.md (rule numbers ``Kx``). One greenlet per kind, each with
-its own resourceVersion (K7):
+its own resourceVersion (K7). What to ask and what an answer means is decided without I/O by
+``edgemesh.meta.watch.KindMachine`` (paged lists from ``resourceVersion=0``, watches from the
+last RV, bookmarks, 410 → relist, backoff, three failures or a 504 → relist, replaying
+metaServers, the EndpointSlice → Endpoints fallback, optional kinds "feature off"); this module
+is the loop around it: ask the machine, do the HTTP, apply the store ops it returns, log, count
+and sleep as long as it says.
 
-- list (paginated, K2.5; ``resourceVersion=0`` first, ``""`` after a 410, K2.6) and
-  ``store.replace`` the kind; then watch from the list's RV with ``watch=true``,
-  ``allowWatchBookmarks=true`` and ``timeoutSeconds`` 300-600 (K3);
-- events upsert/delete; ``ADDED`` of a known object is an update (K4.4); BOOKMARK only moves the
-  RV (K4.3); an ERROR with code 410, or HTTP 410, relists (K5.1/K5.2); other errors back off
-  (0.8 s doubling to ``backoff_max``, with jitter) and re-watch from the last RV; after three
-  failures in a row the kind is relisted; a 504 relists at once (K5.3);
-- a clean end of the stream re-watches at once from the last RV seen (K6);
-- a server that replays ``ADDED`` for objects we already hold at the same RV ignores the
-  requested RV (the metaServer, K10.4): it can never tell us about deletions made while no
-  watch was open, so for such a server every reconnect relists first;
-- EndpointSlices are preferred; when their list says 404 or 403 (the Go EdgeMesh's RBAC does
-  not grant them) core/v1 Endpoints are watched instead;
-- Istio kinds (and Node) are optional: 404/403 means "feature off", the kind is emptied and
-  retried every ``optional_retry`` seconds; they never block readiness;
-- Secrets (the gateway's TLS credentials) are never listed cluster-wide: one list+watch per
-  namespace that ``secret_namespaces(gateways)`` names (by default the namespaces of Gateways
-  with a ``tls.credentialName``), reconciled whenever Gateways change: a namespace that appears
-  gets its own loop, one that goes away has its loop stopped and its Secrets dropped from the
-  store. The gateway's RBAC grants Secrets per namespace (build/gateway/), so a 403 there is
-  "not granted in that namespace" (feature off, retried), never a cluster-wide request.
+Secrets (the gateway's TLS credentials) are watched per namespace, only where Gateways need
+them: ``edgemesh.meta.secrets.SecretWatches`` starts and stops those loops.
 
 The store is marked synced once Service, EndpointSlice (or Endpoints) and Namespace have each
 listed once (Pods are not watched: nothing reads them from an API source). If a first list
@@ -35,20 +21,19 @@ serving. The first full live sync clears it.
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
 import requests
 import urllib3
 
-from edgemesh.errors import EdgeMeshError, ManifestError, RemoteProtocolError
+from edgemesh.errors import ManifestError, RemoteProtocolError
 from edgemesh.meta import kinds
 from edgemesh.meta.cache import MetadataCache
 from edgemesh.meta.kinds import Kind
@@ -57,6 +42,7 @@ from edgemesh.meta.kubewire import (
     ApiError,
     Expired,
     LineSplitter,
+    ListPage,
     WatchEvent,
     decode_event,
     list_page,
@@ -64,7 +50,33 @@ from edgemesh.meta.kubewire import (
     retry_after_seconds,
     status_error,
 )
+from edgemesh.meta.secrets import (
+    SECRET,
+    SecretNamespaces,
+    SecretWatches,
+    credential_namespaces,
+    replace_in_namespace,
+)
 from edgemesh.meta.store import Store, raw_json
+from edgemesh.meta.watch import (
+    BACKOFF_BASE,
+    PAGE_SIZE,
+    Clear,
+    Commit,
+    Delete,
+    Failure,
+    KindMachine,
+    ListRequest,
+    Recovered,
+    Refused,
+    ReplayDetected,
+    Stage,
+    StoreOp,
+    Upsert,
+    WatchRequest,
+    backoff,
+    iso,
+)
 from edgemesh.runtime import metrics, tasks
 from edgemesh.runtime.admin import Admin
 from edgemesh.runtime.logs import Once
@@ -86,68 +98,27 @@ BAD_OBJECTS = metrics.counter("edgemesh_meta_bad_objects_total",
 # several times over in list time and memory.
 REQUIRED = ("Service", "EndpointSlice", "Namespace")
 OPTIONAL = ("Node", "DestinationRule", "Gateway", "VirtualService")
-SECRET = "Secret"
-RELIST_AFTER_FAILURES = 3
-PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
 LIST_READ_TIMEOUT = 60.0
-BACKOFF_BASE = 0.8
 DOWN_REMINDER_SECONDS = 60.0
-QUICK_EOF_SECONDS = 1.0  # an empty stream that ends sooner than this counts as a failure
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 RETRYABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, ApiError, RemoteProtocolError)
+LOOP_ERRORS: tuple[type[BaseException], ...] = (Expired, Refused, *RETRYABLE)  # _run handles
 STREAM_BROKEN: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError)
 
 
-SecretNamespaces = Callable[[Iterable[Any]], set[str]]  # Gateways -> namespaces to watch
-
-
-class FeatureOff(EdgeMeshError):
-    """The API does not serve this kind (404) or we may not read it (403)."""
-
-
-def credential_namespaces(gateways: Iterable[Any]) -> set[str]:
-    """Namespaces of Gateways with a server naming a TLS Secret (``tls.credentialName``)."""
-    return {g.meta.namespace for g in gateways
-            if any(s.tls is not None and s.tls.credential_name for s in g.servers)}
+KindState = KindMachine  # one kind's list+watch bookkeeping, as tests and views name it
 
 
 @dataclass
-class KindState:
-    """One kind's list+watch bookkeeping (``/debug/meta`` shows it)."""
-    slot: str  # the kind this loop was started for ("EndpointSlice" even after falling back)
-    kind: Kind  # what it lists and watches now
-    required: bool
-    rv: str = ""
-    list_rv: str = "0"  # resourceVersion for the next list: "0" first, "" after a 410
-    need_list: bool = True
-    listed: bool = False
-    failures: int = 0
-    expired_in_row: int = 0
-    last_error: str = ""
-    error_since: float = 0.0
-    feature_off: str = ""
-    replays: bool = False  # the server ignores the watch RV and replays ADDED (metaServer)
-    namespace: str = ""  # list+watch in this namespace only ("": cluster-wide)
-
-    @property
-    def what(self) -> str:
-        """The kind, and its namespace when the loop watches one namespace only (for logs)."""
-        return f"{self.kind.name} in {self.namespace}" if self.namespace else self.kind.name
-
-    @property
-    def path(self) -> str:
-        return self.kind.path(self.namespace)
-
-    def view(self) -> dict[str, Any]:
-        return {"kind": self.kind.name, "resourceVersion": self.rv, "synced": self.listed,
-                "required": self.required, "lastError": self.last_error,
-                "failingSince": _iso(self.error_since) if self.error_since else "",
-                "featureOff": self.feature_off, "replayingServer": self.replays}
+class _Staged:
+    """A list's parsed pages until its ``Commit``; malformed items by key (keep last good)."""
+    pairs: list[tuple[Any, Any]] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
 
 
 class KubeSource:
@@ -171,17 +142,13 @@ class KubeSource:
         self.cache = MetadataCache(store, state_dir, source=conn.base_url) if state_dir else None
         slots = [*REQUIRED, *OPTIONAL]
         slots = [s for s in slots if s in only] if only else slots
-        self.states = {s: KindState(s, kinds.BY_NAME[s], s in REQUIRED) for s in slots}
+        self.states = {s: self._machine(s, kinds.BY_NAME[s], s in REQUIRED) for s in slots}
         self._sessions = {s: conn.session() for s in slots}
         self._greenlets: list[gevent.Greenlet] = []
-        watch_secrets = secrets and (not only or SECRET in only)
-        self.secret_namespaces = (secret_namespaces or credential_namespaces) \
-            if watch_secrets else None
-        self.secret_states: dict[str, KindState] = {}  # namespace -> its Secret loop
-        self._secret_loops: dict[str, gevent.Greenlet] = {}
-        self._secret_sessions: dict[str, requests.Session] = {}
-        self._secrets = tasks.Reconciler("kube-secret-namespaces", self.reconcile_secrets,
-                                         delay=0.05)
+        self.secrets = SecretWatches(
+            store, secret_namespaces or credential_namespaces, conn.session,
+            lambda ns: self._machine(SECRET, kinds.SECRET, False, ns), self._run) \
+            if secrets and (not only or SECRET in only) else None
         self._cache_tried = False
         self._cache_kinds: set[str] = set()
         self._once = Once()
@@ -200,18 +167,16 @@ class KubeSource:
             self._greenlets.append(tasks.spawn_forever(f"kube-{slot}",
                                                        functools.partial(self._run, st),
                                                        backoff=5.0))
-        if self.secret_namespaces is not None:
-            self.store.subscribe(self._secrets.wake, ("Gateway", SECRET))
-            self._secrets.start()
+        if self.secrets is not None:
+            self.secrets.start()
 
     def stop(self) -> None:
-        if self.secret_namespaces is not None:
-            self.store.unsubscribe(self._secrets.wake)
-            self._secrets.stop()
+        if self.secrets is not None:
+            self.secrets.stop_reconciling()
         gevent.killall(self._greenlets, timeout=2)
         self._greenlets.clear()
-        for ns in list(self._secret_loops):
-            self._stop_secret_loop(ns)
+        if self.secrets is not None:
+            self.secrets.stop_loops()
         if self.cache is not None:
             self.cache.stop()
         for s in self._sessions.values():
@@ -233,7 +198,7 @@ class KubeSource:
         failing = [st for st in self.states.values() if st.required and st.last_error]
         if failing:
             st = failing[0]
-            return (f"{self.conn.base_url} failing since {_iso(st.error_since)}: "
+            return (f"{self.conn.base_url} failing since {iso(st.error_since)}: "
                     f"{st.last_error}; retrying")
         waiting = [s for s, st in self.states.items() if st.required and not st.listed]
         return "listing " + ", ".join(waiting)
@@ -242,112 +207,98 @@ class KubeSource:
         """/readyz stays 200 while the cache is served; the check's line says so."""
         return self.store.stale_reason
 
-    # ---- Secrets, per namespace ---------------------------------------------------------------
+    @property
+    def secret_states(self) -> dict[str, KindState]:
+        """The Secret loops' machines, by namespace."""
+        return self.secrets.states if self.secrets is not None else {}
 
-    def reconcile_secrets(self) -> None:
-        """Watch Secrets in exactly the namespaces the Gateways need; drop the others' Secrets.
-
-        Level-triggered: runs on every Gateway (or Secret) change, so Secrets that came from
-        the cache, or from a loop that was stopped, never outlive their namespace's need.
-        """
-        assert self.secret_namespaces is not None
-        wanted = {ns for ns in self.secret_namespaces(self.store.list("Gateway")) if ns}
-        for ns in sorted(wanted - set(self._secret_loops)):
-            self._start_secret_loop(ns)
-        for ns in sorted(set(self._secret_loops) - wanted):
-            self._stop_secret_loop(ns)
-        stray = {o.meta.namespace for o in self.store.list(SECRET)} - wanted
-        for ns in sorted(stray):
-            self._replace_in_namespace(SECRET, ns, [])
-
-    def _start_secret_loop(self, ns: str) -> None:
-        log.info("Secrets: watching namespace %s (a Gateway there names a TLS credential)", ns)
-        st = KindState(SECRET, kinds.SECRET, False, namespace=ns)
-        self.secret_states[ns] = st
-        self._secret_sessions[ns] = self.conn.session()
-        self._secret_loops[ns] = tasks.spawn_forever(f"kube-Secret-{ns}",
-                                                     functools.partial(self._run, st),
-                                                     backoff=5.0)
-
-    def _stop_secret_loop(self, ns: str) -> None:
-        log.info("Secrets: no Gateway in namespace %s needs them any more; watch stopped", ns)
-        self._secret_loops.pop(ns).kill(timeout=2)
-        self._secret_sessions.pop(ns).close()
-        self.secret_states.pop(ns, None)
-        self._replace_in_namespace(SECRET, ns, [])
-
-    def _replace_in_namespace(self, kind: str, ns: str,
-                              pairs: Sequence[tuple[Any, Any]]) -> None:
-        """Make ``kind`` in namespace ``ns`` hold exactly ``pairs``; other namespaces kept."""
-        keep = [(o, self.store.raw(kind, o.meta.namespace, o.meta.name))
-                for o in self.store.list(kind) if o.meta.namespace != ns]
-        self.store.replace(kind, [*keep, *pairs])
+    # ---- the store ----------------------------------------------------------------------------
 
     def _replace(self, st: KindState, pairs: Sequence[tuple[Any, Any]]) -> None:
         if st.namespace:
-            self._replace_in_namespace(st.kind.name, st.namespace, pairs)
+            replace_in_namespace(self.store, st.kind.name, st.namespace, pairs)
         else:
             self.store.replace(st.kind.name, pairs)
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- the loop: ask the machine, do the I/O, apply its ops, sleep -------------------------
+
+    def _machine(self, slot: str, kind: Kind, required: bool, namespace: str = "") -> KindState:
+        return KindMachine(slot, kind, required, namespace, backoff_max=self.backoff_max,
+                           optional_retry=self.optional_retry, page_size=PAGE_SIZE,
+                           held=self._held)
+
+    def _held(self, kind: str, ns: str, name: str) -> tuple[str, str] | None:
+        old = self.store.get(kind, ns, name)
+        return None if old is None else (old.meta.uid, old.meta.resource_version)
 
     def _run(self, st: KindState) -> None:
+        staged = _Staged()
         while True:
+            req = st.next_request()
             try:
-                if st.need_list:
-                    self._relist(st)
-                self._watch(st)
-            except Expired as e:
-                self._expired(st, e)
-            except FeatureOff as e:
-                self._feature_off(st, e)
-            except RETRYABLE as e:
-                self._failed(st, e)
+                if isinstance(req, ListRequest):
+                    if not req.continue_token:
+                        staged = _Staged()
+                    self._apply(st, st.on_page(self._list_page(st, req)), staged)
+                else:
+                    self._watch(st, req, staged)
+            except LOOP_ERRORS as e:
+                self._failed(st, e, staged)
 
-    def _expired(self, st: KindState, e: Expired) -> None:
-        RESTARTS.labels(st.kind.name, "expired").inc()
-        log.info("%s: resourceVersion expired (%s); relisting", st.what, e)
-        st.list_rv, st.need_list = "", True
-        st.expired_in_row += 1
-        if st.expired_in_row > 1:  # a server that keeps saying 410 must not be hammered
-            gevent.sleep(self._backoff(st.expired_in_row - 1))
-
-    def _feature_off(self, st: KindState, e: FeatureOff) -> None:
-        if st.slot == "EndpointSlice" and st.kind is kinds.ENDPOINT_SLICE:
+    def _failed(self, st: KindState, e: BaseException, staged: _Staged) -> None:
+        text = _describe(e)
+        retry = st.on_failure(Failure.of(e, text), time.time())
+        inner = e.error if isinstance(e, Refused) else e
+        if retry.why == "expired":
+            RESTARTS.labels(st.kind.name, "expired").inc()
+            log.info("%s: resourceVersion expired (%s); relisting", st.what, e)
+        elif retry.why == "fallback":
             log.warning("EndpointSlices not served or not allowed (%s); using core/v1 Endpoints",
-                        e)
-            st.kind, st.need_list, st.list_rv, st.rv = kinds.ENDPOINTS, True, "0", ""
-            self.store.replace(kinds.ENDPOINT_SLICE.name, [])
-            return
-        if st.feature_off != str(e):
+                        retry.reason)
+        elif retry.why == "feature_off" and retry.report:
             if st.namespace:
                 log.warning("%s: not readable (%s): grant the gateway Secret access in "
                             "namespace %s (a RoleBinding, see build/gateway/README.md); "
-                            "retrying every %.0fs", st.what, e, st.namespace,
+                            "retrying every %.0fs", st.what, retry.reason, st.namespace,
                             self.optional_retry)
             else:
-                log.info("%s: feature off (%s); retrying every %.0fs", st.what, e,
+                log.info("%s: feature off (%s); retrying every %.0fs", st.what, retry.reason,
                          self.optional_retry)
-        st.feature_off, st.need_list, st.list_rv = str(e), True, "0"
-        self._replace(st, [])
-        gevent.sleep(self.optional_retry * random.uniform(0.9, 1.1))
+        elif retry.why == "failed":
+            RESTARTS.labels(st.kind.name, _reason(inner)).inc()
+            self._log_failure(st, inner, text)
+            if not st.listed and st.required:
+                self._first_list_failed(inner)
+        self._apply(st, retry.ops, staged)
+        if retry.after:
+            gevent.sleep(retry.after)
 
-    def _failed(self, st: KindState, e: BaseException) -> None:
-        st.failures += 1
-        RESTARTS.labels(st.kind.name, _reason(e)).inc()
-        text = _describe(e)
-        if not st.last_error:
-            st.error_since = time.time()
-        st.last_error = text
-        self._log_failure(st, e, text)
-        if not st.listed and st.required:
-            self._first_list_failed(e)
-        if st.failures >= RELIST_AFTER_FAILURES or (isinstance(e, ApiError) and e.code == 504):
-            st.need_list, st.list_rv = True, ""
-        delay = self._backoff(st.failures)
-        if isinstance(e, ApiError) and e.retry_after:
-            delay = max(delay, min(e.retry_after, self.backoff_max))
-        gevent.sleep(delay)
+    def _apply(self, st: KindState, ops: Sequence[StoreOp], staged: _Staged) -> None:
+        for op in ops:
+            if isinstance(op, Stage):
+                self._parse_items(st, op.items, staged.pairs, staged.bad)
+            elif isinstance(op, Commit):
+                RELISTS.labels(op.kind).inc()
+                self._apply_parsed(st, staged.pairs, staged.bad)
+                staged.pairs, staged.bad = [], []
+                log.debug("%s: listed %d objects at rv %r", st.what, op.count, st.rv)
+                self._check_synced()
+            elif isinstance(op, Upsert):
+                obj = self._parse(st.kind, op.raw)
+                if obj is not None:
+                    self.store.upsert(op.kind, obj, op.raw)
+            elif isinstance(op, Delete):
+                self.store.delete(op.kind, op.namespace, op.name)
+            elif isinstance(op, Clear):
+                if op.namespace:
+                    replace_in_namespace(self.store, op.kind, op.namespace, [])
+                else:
+                    self.store.replace(op.kind, [])
+            elif isinstance(op, Recovered):
+                self._recovered(st, op)
+            elif isinstance(op, ReplayDetected):
+                log.info("%s: the server replays objects on every watch (metaServer-like); "
+                         "relisting on each reconnect", st.what)
 
     def _log_failure(self, st: KindState, e: BaseException, text: str) -> None:
         """One warning when the API becomes unreachable (not one per kind), a reminder each
@@ -369,57 +320,24 @@ class KubeSource:
         else:
             log.debug("%s: still failing (%d): %s", st.what, st.failures, text)
 
-    def _recovered(self, st: KindState) -> None:
+    def _recovered(self, st: KindState, op: Recovered) -> None:
         if self._api_down_since:
             log.warning("API server %s reachable again after %.0fs", self.conn.base_url,
                         time.monotonic() - self._api_down_since)
             self._api_down_since = 0.0
-        elif st.last_error:
-            log.info("%s: list+watch works again (after %d failures)", st.what,
-                     st.failures)
-        st.failures, st.last_error, st.error_since, st.feature_off = 0, "", 0.0, ""
+        elif op.last_error:
+            log.info("%s: list+watch works again (after %d failures)", st.what, op.failures)
 
     def _backoff(self, failures: int) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, failures - 1))
-        return delay * random.uniform(0.5, 1.0)
+        return backoff(failures, self.backoff_base, self.backoff_max, random)
 
     # ---- list ---------------------------------------------------------------------------------
 
-    def _relist(self, st: KindState) -> None:
+    def _list_page(self, st: KindState, req: ListRequest) -> ListPage:
         # Each page is parsed as it arrives and its documents dropped (kept as compact JSON
         # only for the cache): a 10,000-object list never holds every raw mapping at once.
-        pairs: list[tuple[Any, Any]] = []
-        bad: list[tuple[str, str]] = []
-        count = 0
-        token, list_rv = "", ""
-        while True:
-            params: dict[str, str] = {"limit": str(PAGE_SIZE)}
-            if token:
-                params["continue"] = token
-            elif st.list_rv:
-                params["resourceVersion"] = st.list_rv
-            with self._get(st, params, (CONNECT_TIMEOUT, LIST_READ_TIMEOUT), stream=False) as r:
-                page = list_page(r.content)
-            self._parse_items(st, page.items, pairs, bad)
-            count += len(page.items)
-            list_rv = list_rv or page.resource_version
-            token = page.continue_token
-            if not token:
-                break
-        RELISTS.labels(st.kind.name).inc()
-        self._apply_parsed(st, pairs, bad)
-        # An empty offline metaServer list has no RV (K10.3): watch with "" and expect a replay.
-        st.rv, st.need_list, st.listed, st.expired_in_row = list_rv, False, True, 0
-        self._recovered(st)
-        log.debug("%s: listed %d objects at rv %r", st.what, count, list_rv)
-        self._check_synced()
-
-    def apply_list(self, st: KindState, items: list[Any]) -> None:
-        """Make the store hold exactly these objects; a bad one keeps its last good state."""
-        pairs: list[tuple[Any, Any]] = []
-        bad: list[tuple[str, str]] = []
-        self._parse_items(st, items, pairs, bad)
-        self._apply_parsed(st, pairs, bad)
+        with self._get(st, req.params, (CONNECT_TIMEOUT, LIST_READ_TIMEOUT), stream=False) as r:
+            return list_page(r.content)
 
     def _parse_items(self, st: KindState, items: list[Any], pairs: list[tuple[Any, Any]],
                      bad: list[tuple[str, str]]) -> None:
@@ -457,71 +375,35 @@ class KubeSource:
 
     # ---- watch --------------------------------------------------------------------------------
 
-    def _watch(self, st: KindState) -> None:
-        timeout = random.randint(300, 600)
-        params = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout)}
-        if st.rv:
-            params["resourceVersion"] = st.rv
-        started, events, since = time.monotonic(), 0, st.rv
+    def _watch(self, st: KindState, req: WatchRequest, staged: _Staged) -> None:
+        started, events = time.monotonic(), 0
         dropped = False
-        with self._get(st, params, (CONNECT_TIMEOUT, timeout + 30), stream=True) as r:
+        with self._get(st, req.params, (CONNECT_TIMEOUT, req.timeout + 30), stream=True) as r:
             splitter = LineSplitter()
             try:
                 while data := r.raw.read1(65536):
                     for line in splitter.feed(data):
-                        self.apply_event(st, decode_event(line), since)
+                        self._event(st, decode_event(line), staged)
                         events += 1
-                        if st.failures:
-                            self._recovered(st)
             except STREAM_BROKEN:
                 dropped = True  # K6.3: the connection closed under us; an unfinished event
                 # in the splitter is discarded, and the re-watch from the last RV resends it
         dropped = dropped or splitter.pending > 0
-        if not events and time.monotonic() - started < QUICK_EOF_SECONDS:
-            raise RemoteProtocolError("watch stream " + ("dropped" if dropped else "ended") +
-                                      " at once without events")
+        st.on_watch_end(events, time.monotonic() - started, dropped)
         RESTARTS.labels(st.kind.name, "dropped" if dropped else "eof").inc()
         log.debug("%s: watch %s after %d events; re-watching from rv %r", st.what,
                   "dropped" if dropped else "ended", events, st.rv)
-        if st.replays:
-            st.need_list = True  # a replaying server never reports deletions made meanwhile
 
-    def apply_event(self, st: KindState, ev: WatchEvent, since: str = "") -> None:
-        """Apply one watch event; ``since`` is the RV the watch was opened at."""
-        name = st.kind.name
-        EVENTS.labels(name, ev.type).inc()
-        if ev.type == "ERROR":
-            raise status_error(ev.object)
-        if log.isEnabledFor(logging.DEBUG):  # per-object lines at -v 3 and up
+    def _event(self, st: KindState, ev: WatchEvent, staged: _Staged) -> None:
+        EVENTS.labels(st.kind.name, ev.type).inc()
+        if ev.type != "ERROR" and log.isEnabledFor(logging.DEBUG):  # per-object at -v 3 and up
             log.debug("%s: %s %s", st.what, ev.type, "/".join(
                 k for k in (object_key(ev.object, st.kind.namespaced) or ()) if k))
-        if ev.type in ("ADDED", "MODIFIED"):
-            obj = self._parse(st.kind, ev.object)
-            if obj is not None:
-                self._note_replay(st, ev.type, obj, since)
-                self.store.upsert(name, obj, ev.object)
-        elif ev.type == "DELETED":
-            key = object_key(ev.object, st.kind.namespaced)
-            if key:
-                self.store.delete(name, *key)
-        if ev.resource_version:
-            st.rv = ev.resource_version
-
-    def _note_replay(self, st: KindState, etype: str, obj: Any, since: str) -> None:
-        old = self.store.get(st.kind.name, obj.meta.namespace, obj.meta.name)
-        if etype != "ADDED" or old is None or not since:
-            return
-        if old.meta.uid != obj.meta.uid:
-            log.debug("%s %s/%s was deleted and recreated", st.kind.name, obj.meta.namespace,
-                      obj.meta.name)
-        elif old.meta.resource_version == obj.meta.resource_version and not st.replays:
-            st.replays = True
-            log.info("%s: the server replays objects on every watch (metaServer-like); "
-                     "relisting on each reconnect", st.what)
+        self._apply(st, st.on_event(ev), staged)
 
     def _get(self, st: KindState, params: dict[str, str], timeout: tuple[float, float],
              stream: bool) -> requests.Response:
-        session = self._secret_sessions[st.namespace] if st.namespace else \
+        session = self.secrets.session(st.namespace) if self.secrets and st.namespace else \
             self._sessions[st.slot]
         r = session.get(self.conn.url(st.path), params=params, headers=self.conn.headers(),
                         timeout=timeout, stream=stream, allow_redirects=False)
@@ -535,10 +417,7 @@ class KubeSource:
         status = body if isinstance(body, dict) else {}
         error = status_error(status, r.status_code, retry_after_seconds(
             r.headers.get("Retry-After")))
-        if r.status_code in (403, 404) and (st.kind.optional or st.slot not in REQUIRED
-                                            or st.kind is kinds.ENDPOINT_SLICE):
-            raise FeatureOff(f"HTTP {r.status_code} for {st.path}")
-        raise error
+        raise Refused(r.status_code, error)
 
     # ---- sync and the cache -------------------------------------------------------------------
 
@@ -550,7 +429,7 @@ class KubeSource:
         if self.store.stale_reason:
             log.warning("API server %s answers again: serving live metadata", self.conn.base_url)
             watched = {st.kind.name for st in self.states.values()} | \
-                ({SECRET} if self.secret_namespaces is not None else set())
+                ({SECRET} if self.secrets is not None else set())
             self.store.replace_many({k: [] for k in self._cache_kinds - watched})
         first = not self.store.synced
         self.store.mark_synced("")
@@ -565,7 +444,7 @@ class KubeSource:
         if self._cache_tried or self.store.synced:
             return
         self._cache_tried = True
-        since = _iso(time.time())
+        since = iso(time.time())
         if self.cache is None:
             log.warning("API server %s unreachable (%s) and no state dir for a metadata cache; "
                         "not ready until it answers", self.conn.base_url, _describe(error))
@@ -585,11 +464,6 @@ class KubeSource:
         self.cache.loaded(True)
         log.warning("%s (%d objects from %s, written %s)", reason,
                     sum(len(v) for v in state.values()), self.cache.path, self.cache.written_at)
-
-
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
 
 
 def _reason(e: BaseException) -> str:

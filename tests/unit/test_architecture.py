@@ -56,7 +56,8 @@ CORES = ["edgemesh.dns.wire", "edgemesh.dns.zone", "edgemesh.dns.cache", "edgeme
          "edgemesh.proxy.http_body", "edgemesh.proxy.http_target", "edgemesh.proxy.http_exchange",
          "edgemesh.proxy.tls_sni", "edgemesh.proxy.meshcidr", "edgemesh.proxy.podmap",
          "edgemesh.gateway.routes", "edgemesh.gateway.compile", "edgemesh.gateway.linear_re",
-         "edgemesh.meta.models", "edgemesh.meta.kubewire", "edgemesh.meta.istio"]
+         "edgemesh.meta.models", "edgemesh.meta.kubewire", "edgemesh.meta.istio",
+         "edgemesh.meta.watch"]
 IO = {"socket", "_socket", "gevent", "requests", "subprocess", "select", "selectors"}
 
 
