@@ -1,7 +1,7 @@
-"""The .deb and the OpenWrt .ipk (packaging/foreign/mkpkg.py), built from a small stand-in install
-tree, installed as dpkg and opkg would, the init script's UCI → flags mapping run from the
-installed files; the Yocto recipe's paths against the repository. tests/devices/ does the same
-with the real builds."""
+"""The .deb and the OpenWrt .ipk and .apk (packaging/foreign/mkpkg.py), built from a stand-in
+install tree, installed as dpkg, opkg and apk would, the init script's UCI → flags mapping run
+from the installed files. tests/devices/ does the same with the real builds; the Yocto recipe
+is checked in tests/unit/test_yocto.py."""
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +26,6 @@ from tests.packages import (
     uci_sections,
     with_busybox,
 )
-from tests.procs import ROOT
 from tests.unit.test_manifests import parse_args
 
 mkpkg = load_script("mkpkg")
@@ -219,28 +218,6 @@ def test_apk_installs_as_apk_would_and_maps_uci_to_flags(apk: str, tmp_path) -> 
     assert os.readlink(os.path.join(root, "usr/bin/edgemesh")) == "../lib/edgemesh/edgemesh"
     check_uci_mapping(root)
     run_apk_script(root, pkg, "pre-deinstall")  # no /lib/functions.sh here: a no-op, exit 0
-
-
-# ---- Yocto: the recipe installs Python sources; its paths and names must exist ---------------
-
-RECIPE = os.path.join(ROOT, "packaging", "yocto", "edgemesh_0.1.0.bb")
-
-
-def test_yocto_recipe_paths_and_version_match_the_repository() -> None:
-    text = open(RECIPE, encoding="utf-8").read()
-    from edgemesh import __version__
-    assert os.path.basename(RECIPE) == f"edgemesh_{__version__}.bb"
-    for rel in re.findall(r"\$\{S\}/(\S+)", text):
-        assert os.path.isfile(os.path.join(ROOT, rel)), rel
-    (services,) = re.findall(r'SYSTEMD_SERVICE:\$\{PN\} = "([^"]+)"', text)
-    for unit in services.split():
-        assert os.path.isfile(os.path.join(ROOT, "packaging", "systemd", unit)), unit
-    setup = open(os.path.join(ROOT, "setup.cfg"), encoding="utf-8").read()
-    assert "edgemesh = edgemesh.cli:entry" in setup  # the units' /usr/bin/edgemesh
-    requires = setup.split("install_requires =")[1].split("\n\n")[0].split()
-    rdepends = text.split("RDEPENDS:${PN} +=")[1].split('"')[1].split()
-    for req in requires:
-        assert f"python3-{req.lower()}" in rdepends, req
 
 
 # ---- portable.py: what it reads from readelf ---------------------------------------------------
