@@ -11,7 +11,9 @@ are immediate, longer ones and blobs (u8/u16/u32 length + bytes) and objects/arr
 + slots, slot 0 being the count) live at an aligned offset. Arrays that apk keeps sorted
 (directories, files, dependencies) are written sorted. The package's unique id (``hashes``)
 is the first 20 bytes of the SHA-256 of the ADB block written with that field zeroed, as
-``apk mkpkg`` does.
+``apk mkpkg`` does. Values are written in ``apk mkpkg``'s order and repeated ones shared as
+it shares them, so a package is byte for byte what apk-tools 3.0.6 writes from the same tree
+(checked once with the real tool: packaging/README.md).
 
 :func:`write_package` builds the bytes; :func:`read_package` parses them back (used by the
 tests, which install a package as apk would) and raises :class:`ApkFormatError` naming what is
@@ -87,67 +89,77 @@ class Package:
 # ---- writing ---------------------------------------------------------------------------------
 
 class _Writer:
-    """The ADB block being built: values appended at aligned offsets after the 8-byte header."""
+    """The ADB block being built: values appended at aligned offsets after the 8-byte header.
+    A value whose bytes were written before, at an offset fit for its alignment, is shared,
+    as apk-tools' writer does."""
 
     def __init__(self) -> None:
         self.buf = bytearray(8)
+        self.written: dict[bytes, int] = {}
 
-    def _put(self, data: bytes, align: int) -> int:
+    def put(self, data: bytes, align: int, share: bool = True) -> int:
+        seen = self.written.get(data) if share else None
+        if seen is not None and seen % align == 0:
+            return seen
         self.buf += bytes(-len(self.buf) % align)
         offset = len(self.buf)
         if offset > 0x0FFFFFFF:
             raise ApkFormatError("ADB block over 256 MiB")
         self.buf += data
+        if share:
+            self.written[data] = offset
         return offset
 
     def int(self, n: int) -> int:
         if n < 0x10000000:
             return (T_INT << 28) | n
         if n < 1 << 32:
-            return (T_INT32 << 28) | self._put(struct.pack("<I", n), 4)
-        return (T_INT64 << 28) | self._put(struct.pack("<Q", n), 4)
+            return (T_INT32 << 28) | self.put(struct.pack("<I", n), 4)
+        return (T_INT64 << 28) | self.put(struct.pack("<Q", n), 4)
 
-    def blob(self, data: bytes | str) -> int:
+    def blob(self, data: bytes | str, share: bool = True) -> int:
         raw = data.encode() if isinstance(data, str) else data
         if not raw:
             return NULL
         if len(raw) <= 0xFF:
-            return (T_BLOB8 << 28) | self._put(struct.pack("<B", len(raw)) + raw, 1)
+            return (T_BLOB8 << 28) | self.put(struct.pack("<B", len(raw)) + raw, 1, share)
         if len(raw) <= 0xFFFF:
-            return (T_BLOB16 << 28) | self._put(struct.pack("<H", len(raw)) + raw, 2)
-        return (T_BLOB32 << 28) | self._put(struct.pack("<I", len(raw)) + raw, 4)
+            return (T_BLOB16 << 28) | self.put(struct.pack("<H", len(raw)) + raw, 2, share)
+        return (T_BLOB32 << 28) | self.put(struct.pack("<I", len(raw)) + raw, 4, share)
 
-    def _slots(self, kind: int, slots: list[int]) -> int:
+    def obj(self, fields: dict[int, int], kind: int = T_OBJECT) -> int:
+        """An object from {slot: value}; trailing empty slots are left out, as apk does."""
+        slots = [fields.get(i, NULL) for i in range(1, max(fields, default=0) + 1)]
         while slots and slots[-1] == NULL:
             slots.pop()
         if not slots:
             return NULL
         data = struct.pack(f"<{len(slots) + 1}I", len(slots) + 1, *slots)
-        return (kind << 28) | self._put(data, 4)
+        return (kind << 28) | self.put(data, 4)
 
-    def obj(self, fields: dict[int, int]) -> int:
-        """An object from {slot: value}; trailing empty slots are left out, as apk does."""
-        size = max(fields, default=0)
-        return self._slots(T_OBJECT, [fields.get(i, NULL) for i in range(1, size + 1)])
-
-    def arr(self, items: list[int]) -> int:
-        return self._slots(T_ARRAY, [v for v in items if v != NULL])
+    def arr(self, items: list[int], kind: int = T_ARRAY) -> int:
+        """An array (``apk mkpkg`` tags the arrays it stores as object fields T_OBJECT;
+        readers take either)."""
+        return self.obj(dict(enumerate((v for v in items if v != NULL), 1)), kind)
 
 
 def _acl(w: _Writer, mode: int, user: str, group: str) -> int:
-    return w.obj({ACL_MODE: w.int(mode & 0o7777), ACL_USER: w.blob(user),
-                  ACL_GROUP: w.blob(group)})
+    mode_v = w.int(mode & 0o7777)
+    user_v = w.blob(user)
+    return w.obj({ACL_MODE: mode_v, ACL_USER: user_v, ACL_GROUP: w.blob(group)})
 
 
 def _file(w: _Writer, f: File) -> int:
-    fields = {FILE_NAME: w.blob(f.name), FILE_ACL: _acl(w, f.mode, "root", "root"),
-              FILE_MTIME: w.int(f.mtime)}
+    """A file's object, its values written in ``apk mkpkg``'s order."""
+    fields = {FILE_NAME: w.blob(f.name)}
+    raw = f.link.encode() if f.link else f.data
     if f.link:
-        fields[FILE_SIZE] = w.int(len(f.link.encode()))
-        fields[FILE_TARGET] = w.blob(struct.pack("<H", S_IFLNK) + f.link.encode())
+        fields[FILE_TARGET] = w.blob(struct.pack("<H", S_IFLNK) + raw)
     else:
-        fields[FILE_SIZE] = w.int(len(f.data))
-        fields[FILE_HASH] = w.blob(hashlib.sha256(f.data).digest())
+        fields[FILE_HASH] = w.blob(hashlib.sha256(raw).digest())
+    fields[FILE_MTIME] = w.int(f.mtime)
+    fields[FILE_SIZE] = w.int(len(raw))
+    fields[FILE_ACL] = _acl(w, f.mode, "root", "root")
     return w.obj(fields)
 
 
@@ -159,21 +171,30 @@ def sorted_dirs(dirs: list[Dir] | tuple[Dir, ...]) -> list[Dir]:
 
 def adb_block(pkg: Package) -> tuple[bytes, list[Dir]]:
     """The ADB block's payload for ``pkg`` (unique id filled in), and the directories in the
-    order its DATA blocks follow."""
+    order its DATA blocks follow. Values are written in the order ``apk mkpkg`` (apk-tools
+    3.0.6) writes them, so the same package comes out byte for byte the same."""
     dirs = sorted_dirs(pkg.dirs)
     w = _Writer()
-    info = {PI_FIELDS[k]: w.blob(v) for k, v in pkg.info.items() if k in PI_FIELDS}
-    uid_at = w._put(struct.pack("<B", UID_LEN) + bytes(UID_LEN), 1)
-    info[PI_FIELDS["hashes"]] = (T_BLOB8 << 28) | uid_at
+    info = {slot: w.blob(pkg.info[name]) for name, slot in sorted(PI_FIELDS.items(),
+                                                                  key=lambda kv: kv[1])
+            if pkg.info.get(name)}
+    deps = {w.obj({DEP_NAME: w.blob(d)}): d.encode() for d in pkg.depends}
+    info[PI_FIELDS["depends"]] = w.arr(sorted(deps, key=deps.__getitem__), T_OBJECT)
+    paths = []
+    for d in dirs:
+        files = [_file(w, f) for f in d.files]
+        name = w.blob(d.path)
+        acl = _acl(w, d.mode, d.user, d.group)
+        paths.append(w.obj({DIR_NAME: name, DIR_ACL: acl, DIR_FILES: w.arr(files, T_OBJECT)}))
     size = sum(len(f.data) for d in dirs for f in d.files if not f.link)
     info[PI_FIELDS["installed-size"]] = w.int(size or 1)
-    deps = sorted(set(pkg.depends), key=str.encode)
-    info[PI_FIELDS["depends"]] = w.arr([w.obj({DEP_NAME: w.blob(d)}) for d in deps])
-    paths = w.arr([w.obj({DIR_NAME: w.blob(d.path), DIR_ACL: _acl(w, d.mode, d.user, d.group),
-                          DIR_FILES: w.arr([_file(w, f) for f in d.files])}) for d in dirs])
-    scripts = w.obj({SCRIPTS.index(k) + 1: w.blob(v) for k, v in pkg.scripts.items()})
-    root = w.obj({PKG_INFO: w.obj(info), PKG_PATHS: paths, PKG_SCRIPTS: scripts})
-    struct.pack_into("<BBHI", w.buf, 0, 0, 0, 0, root)
+    uid_at = w.put(struct.pack("<B", UID_LEN) + bytes(UID_LEN), 1, share=False)
+    info[PI_FIELDS["hashes"]] = (T_BLOB8 << 28) | uid_at
+    root = {PKG_INFO: w.obj(info), PKG_PATHS: w.arr(paths, T_OBJECT)}
+    scripts = {i: w.blob(pkg.scripts[name]) for i, name in enumerate(SCRIPTS, 1)
+               if name in pkg.scripts}
+    root[PKG_SCRIPTS] = w.obj(scripts)
+    struct.pack_into("<BBHI", w.buf, 0, 0, 0, 0, w.obj(root))
     uid = hashlib.sha256(w.buf).digest()[:UID_LEN]
     w.buf[uid_at + 1:uid_at + 1 + UID_LEN] = uid
     return bytes(w.buf), dirs
