@@ -172,7 +172,10 @@ def apk_installed_entry(pkg, size: int) -> str:
              f"A:{info['arch']}", f"S:{size}", f"I:{pkg.installed_size}",
              f"T:{info.get('description', '')}", f"U:{info.get('url', '')}",
              f"L:{info.get('license', '')}", f"o:{info['origin']}", f"m:{info['maintainer']}",
-             "D:" + " ".join(pkg.depends), "f:S"]
+             "D:" + " ".join(pkg.depends)]
+    if pkg.provides:
+        lines.append("p:" + " ".join(pkg.provides))
+    lines.append("f:S")
     for d in pkg.dirs:
         if d.path:
             lines.append(f"F:{d.path}")

@@ -38,7 +38,8 @@ NULL = 0
 
 # field slots of the schemas (apk-tools src/apk_adb.h)
 PI_FIELDS = {"name": 1, "version": 2, "hashes": 3, "description": 4, "arch": 5, "license": 6,
-             "origin": 7, "maintainer": 8, "url": 9, "installed-size": 12, "depends": 15}
+             "origin": 7, "maintainer": 8, "url": 9, "installed-size": 12, "depends": 15,
+             "provides": 16}
 SCRIPTS = ("trigger", "pre-install", "post-install", "pre-deinstall", "post-deinstall",
            "pre-upgrade", "post-upgrade")
 PKG_INFO, PKG_PATHS, PKG_SCRIPTS = 1, 2, 3
@@ -76,12 +77,13 @@ class Dir:
 
 @dataclasses.dataclass(frozen=True)
 class Package:
-    """What an .apk holds. ``info`` keys are :data:`PI_FIELDS` names but ``depends``."""
+    """What an .apk holds. ``info`` keys are :data:`PI_FIELDS`' text fields."""
 
     info: dict[str, str]
     depends: tuple[str, ...]
     dirs: tuple[Dir, ...]
     scripts: dict[str, str]
+    provides: tuple[str, ...] = ()
     uid: bytes = b""
     installed_size: int = 0
 
@@ -163,6 +165,12 @@ def _file(w: _Writer, f: File) -> int:
     return w.obj(fields)
 
 
+def _names(w: _Writer, names: tuple[str, ...]) -> int:
+    """A dependency array of bare names, sorted and unique as apk keeps it."""
+    deps = {w.obj({DEP_NAME: w.blob(d)}): d.encode() for d in names}
+    return w.arr(sorted(deps, key=deps.__getitem__), T_OBJECT)
+
+
 def sorted_dirs(dirs: list[Dir] | tuple[Dir, ...]) -> list[Dir]:
     """Directories and their files in apk's order (byte order of the names)."""
     return [dataclasses.replace(d, files=tuple(sorted(d.files, key=lambda f: f.name.encode())))
@@ -178,8 +186,8 @@ def adb_block(pkg: Package) -> tuple[bytes, list[Dir]]:
     info = {slot: w.blob(pkg.info[name]) for name, slot in sorted(PI_FIELDS.items(),
                                                                   key=lambda kv: kv[1])
             if pkg.info.get(name)}
-    deps = {w.obj({DEP_NAME: w.blob(d)}): d.encode() for d in pkg.depends}
-    info[PI_FIELDS["depends"]] = w.arr(sorted(deps, key=deps.__getitem__), T_OBJECT)
+    info[PI_FIELDS["depends"]] = _names(w, pkg.depends)
+    info[PI_FIELDS["provides"]] = _names(w, pkg.provides)
     paths = []
     for d in dirs:
         files = [_file(w, f) for f in d.files]
@@ -344,13 +352,14 @@ def read_package(blob: bytes) -> Package:
     r = _Reader(adb)
     pkg = r.field(root, PKG_INFO)
     info = {name: r.text(r.field(pkg, slot)) for name, slot in PI_FIELDS.items()
-            if name not in ("hashes", "installed-size", "depends")}
+            if name not in ("hashes", "installed-size", "depends", "provides")}
     info = {k: v for k, v in info.items() if v}
     for required in ("name", "version"):
         if required not in info:
             raise ApkFormatError(f"the package has no {required}")
-    depends = tuple(r.text(r.field(d, DEP_NAME))
-                    for d in r.items(r.field(pkg, PI_FIELDS["depends"])))
+    depends, provides = (tuple(r.text(r.field(d, DEP_NAME))
+                               for d in r.items(r.field(pkg, PI_FIELDS[field])))
+                         for field in ("depends", "provides"))
     scripts_v = r.field(root, PKG_SCRIPTS)
     scripts = {name: r.text(r.field(scripts_v, i + 1)) for i, name in enumerate(SCRIPTS)}
     data = {(i, j): payload for i, j, payload in _data_blocks(found)}
@@ -358,7 +367,7 @@ def read_package(blob: bytes) -> Package:
                  for i, v in enumerate(r.items(r.field(root, PKG_PATHS)), 1))
     if data:
         raise ApkFormatError(f"data blocks for no file: {sorted(data)}")
-    return Package(info, depends, dirs, {k: v for k, v in scripts.items() if v},
+    return Package(info, depends, dirs, {k: v for k, v in scripts.items() if v}, provides,
                    r.blob(r.field(pkg, PI_FIELDS["hashes"])),
                    r.int(r.field(pkg, PI_FIELDS["installed-size"])))
 

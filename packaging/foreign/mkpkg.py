@@ -351,7 +351,9 @@ def build_apk(tree: str, cpu: str, outdir: str, arch: str = "") -> str:
             "arch": arch, "license": fields["PKG_LICENSE"], "origin": APK_ORIGIN,
             "url": fields["URL"], "maintainer": fields["PKG_MAINTAINER"]}
     depends = tuple(d.lstrip("+") for d in fields["DEPENDS"].split())
-    pkg = apk.Package(info, depends, tuple(apk_dirs(entries, apk)), apk_scripts(fields))
+    # every OpenWrt package provides the virtual NAME-any (include/package.mk)
+    pkg = apk.Package(info, depends, tuple(apk_dirs(entries, apk)), apk_scripts(fields),
+                      provides=(f"{name}-any",))
     path = os.path.join(outdir, f"{name}-{version}_{arch}.apk")
     _write(path, apk.write_package(pkg))
     return path

@@ -180,6 +180,7 @@ def test_apk_carries_the_ipks_files_and_what_openwrts_buildroot_adds(ipk: str, a
     assert pkg.info["description"].startswith("One agent per node of a KubeEdge cluster")
     assert pkg.depends == ("ip-full", "iptables-nft", "kmod-br-netfilter", "kmod-ipt-nat",
                            "kmod-nft-compat", "kmod-nft-nat")
+    assert pkg.provides == ("edgemesh-any",)
     files = {(f"{d.path}/{f.name}", f.mode, f.data, f.link) for d in pkg.dirs for f in d.files}
     with tarfile.open(ipk, "r:gz") as outer:
         data = outer.extractfile("./data.tar.gz")
