@@ -20,7 +20,7 @@ APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base hapr
 
 .PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
 	binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 packages-amd64 \
-	packages-arm64 packages-armv7 deb ipk release test-devices device-deps
+	packages-arm64 packages-armv7 deb ipk apk release test-devices device-deps
 
 setup: system-deps $(STAMP)
 
@@ -135,8 +135,10 @@ portable-amd64 portable-arm64 portable-armv7: portable-%:
 packages-amd64 packages-arm64 packages-armv7: packages-%: portable-%
 	$(PY) packaging/foreign/mkpkg.py deb dist/edgemesh-linux-$*-portable $* dist
 	$(PY) packaging/foreign/mkpkg.py ipk dist/edgemesh-linux-$*-portable $* dist
+	$(PY) packaging/foreign/mkpkg.py apk dist/edgemesh-linux-$*-portable $* dist
 
-deb ipk: portable-amd64
+# .apk: APK v3, what OpenWrt 25.12+ installs (`apk add --allow-untrusted`: unsigned)
+deb ipk apk: portable-amd64
 	$(PY) packaging/foreign/mkpkg.py $@ dist/edgemesh-linux-amd64-portable amd64 dist
 
 # RELEASE_CPUS=amd64 arm64 leaves armv7 out (its cold build is the long one)
@@ -145,7 +147,7 @@ release: binary $(addprefix packages-,$(RELEASE_CPUS))
 	cp dist/edgemesh dist/edgemesh-linux-amd64
 	cd dist && sha256sum $(addprefix edgemesh-linux-,$(RELEASE_CPUS)) \
 		$(addsuffix -portable.tar.gz,$(addprefix edgemesh-linux-,$(RELEASE_CPUS))) \
-		edgemesh_*.deb edgemesh_*.ipk > SHA256SUMS
+		edgemesh_*.deb edgemesh_*.ipk edgemesh-*.apk > SHA256SUMS
 	cat dist/SHA256SUMS
 
 # The device tests against what `release` built (they skip what is missing, saying which

@@ -1,11 +1,15 @@
 """Packages as their package managers install them, into a fake root: ``dpkg --root`` for the
 .deb; for the OpenWrt .ipk (no opkg outside OpenWrt) what ``opkg install -o ROOT`` does, step
-by step. Then the installed init script's UCI → flags mapping, with stand-ins for OpenWrt's
+by step; for the OpenWrt .apk (no apk-tools 3 in Debian or PyPI) what ``apk add --root ROOT
+--allow-untrusted`` does, step by step, the package parsed by ``packaging/foreign/apk.py``'s
+reader. Then the installed init script's UCI → flags mapping, with stand-ins for OpenWrt's
 ``config_*``/``procd_*`` functions. The builders are ``packaging/foreign/mkpkg.py``."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
+import hashlib
 import importlib.util
 import io
 import os
@@ -90,6 +94,100 @@ def install_ipk(ipk: str, root: str) -> dict[str, str]:
                        env={**os.environ, "IPKG_INSTROOT": root}, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     return meta
+
+
+def install_apk(path: str, root: str) -> ModuleType:
+    """What ``apk add --root ROOT --initdb --allow-untrusted ./PKG.apk`` does (apk-tools 3.0.6,
+    dependency resolution aside): directories and files with the package's modes, symlinks;
+    the package in ``lib/apk/db/installed`` (its v2 text form, as apk writes it: files'
+    ``Z:`` is SHA-256 truncated to 160 bits, flagged ``f:S``), its scripts in
+    ``lib/apk/db/scripts.tar.gz``, ``NAME><Q1ID`` in ``etc/apk/world``; then ``post-install
+    VERSION`` run inside the root (chroot; it needs the root's ``/bin/sh``) from
+    ``lib/apk/exec/``, with APK_SCRIPT/APK_PACKAGE set. Returns the parsed package."""
+    apk = load_script("apk")
+    with open(path, "rb") as f:
+        blob = f.read()
+    pkg = apk.read_package(blob)
+    for d in pkg.dirs:
+        target = os.path.join(root, d.path)
+        os.makedirs(target, exist_ok=True)
+        os.chmod(target, d.mode)
+        for f in d.files:
+            dest = os.path.join(target, f.name)
+            if f.link:
+                os.symlink(f.link, dest)
+                continue
+            with open(dest, "wb") as out:
+                out.write(f.data)
+            os.chmod(dest, f.mode)
+            os.utime(dest, (f.mtime, f.mtime))
+    db = os.path.join(root, "lib/apk/db")
+    os.makedirs(db, exist_ok=True)
+    with open(os.path.join(db, "installed"), "a") as out:
+        out.write(apk_installed_entry(pkg, len(blob)))
+    name, version = pkg.info["name"], pkg.info["version"]
+    scripts = io.BytesIO()
+    with tarfile.open(fileobj=scripts, mode="w") as tar:
+        for action, text in pkg.scripts.items():
+            info = tarfile.TarInfo(f"{name}-{version}.X1{pkg.uid.hex()}.{action}")
+            info.size, info.mode = len(text.encode()), 0o755
+            info.uname = info.gname = "root"
+            tar.addfile(info, io.BytesIO(text.encode()))
+    with open(os.path.join(db, "scripts.tar.gz"), "wb") as out:
+        out.write(gzip.compress(scripts.getvalue(), mtime=0))
+    open(os.path.join(db, "triggers"), "a").close()
+    os.makedirs(os.path.join(root, "etc/apk"), exist_ok=True)
+    with open(os.path.join(root, "etc/apk/world"), "a") as out:
+        out.write(f"{name}><{_q1(pkg.uid)}\n")
+    run_apk_script(root, pkg, "post-install", version)
+    return pkg
+
+
+def run_apk_script(root: str, pkg, action: str, *args: str) -> None:
+    """``action``'s script as apk runs it: from ``lib/apk/exec/`` in the root, chrooted."""
+    if action not in pkg.scripts:
+        return
+    rel = f"lib/apk/exec/{pkg.info['name']}-{pkg.info['version']}.{action}"
+    os.makedirs(os.path.join(root, "lib/apk/exec"), mode=0o700, exist_ok=True)
+    with open(os.path.join(root, rel), "w") as f:
+        f.write(pkg.scripts[action])
+    os.chmod(os.path.join(root, rel), 0o755)
+    r = subprocess.run(["chroot", root, "/" + rel, *args], capture_output=True, text=True,
+                       timeout=30, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                        "APK_SCRIPT": action, "APK_PACKAGE": pkg.info["name"]})
+    os.unlink(os.path.join(root, rel))
+    os.rmdir(os.path.join(root, "lib/apk/exec"))  # apk runs them from a memfd where it can
+    assert r.returncode == 0, f"{action}: {r.stderr}"
+
+
+def _q1(digest: bytes) -> str:
+    return "Q1" + base64.b64encode(digest[:20]).decode()
+
+
+def apk_installed_entry(pkg, size: int) -> str:
+    """The package's entry in ``lib/apk/db/installed``, field for field as apk-tools 3.0.6
+    wrote it for this package in the check described in packaging/README.md."""
+    info = pkg.info
+    lines = [f"C:{_q1(pkg.uid)}", f"P:{info['name']}", f"V:{info['version']}",
+             f"A:{info['arch']}", f"S:{size}", f"I:{pkg.installed_size}",
+             f"T:{info.get('description', '')}", f"U:{info.get('url', '')}",
+             f"L:{info.get('license', '')}", f"o:{info['origin']}", f"m:{info['maintainer']}",
+             "D:" + " ".join(pkg.depends)]
+    if pkg.provides:
+        lines.append("p:" + " ".join(pkg.provides))
+    lines.append("f:S")
+    for d in pkg.dirs:
+        if d.path:
+            lines.append(f"F:{d.path}")
+            if d.mode != 0o755:
+                lines.append(f"M:0:0:{d.mode:o}")
+        for f in d.files:
+            lines.append(f"R:{f.name}")
+            if f.mode != 0o644:
+                lines.append(f"a:0:0:{f.mode:o}")
+            digest = hashlib.sha256(f.link.encode() if f.link else f.data).digest()
+            lines.append(f"Z:{_q1(digest)}")
+    return "\n".join(lines) + "\n\n"
 
 
 def control_fields(text: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""Build the .deb and the OpenWrt .ipk from an install tree, with the standard library only.
+"""Build the .deb and the OpenWrt .ipk and .apk from an install tree, with the standard
+library only.
 
-    python3 packaging/foreign/mkpkg.py deb|ipk TREE CPU OUTDIR [PACKAGE_ARCH]
+    python3 packaging/foreign/mkpkg.py deb|ipk|apk TREE CPU OUTDIR [PACKAGE_ARCH]
 
 TREE is what ``portable.py`` writes (``usr/lib/edgemesh/`` + ``usr/bin/edgemesh``); CPU is
 ``amd64``, ``arm64`` or ``armv7``; PACKAGE_ARCH overrides the architecture
@@ -12,19 +13,23 @@ its ``Package/edgemesh/install`` does and described from its Makefile's fields.
 Formats, written byte for byte reproducibly (mtime ``SOURCE_DATE_EPOCH`` or 0, root:root):
 - .deb: an ``ar`` archive of ``debian-binary`` ("2.0\\n"), ``control.tar.gz``, ``data.tar.gz``.
 - .ipk: what OpenWrt's ``ipkg-build`` writes for opkg: a gzip'd tar of ``./debian-binary``,
-  ``./data.tar.gz``, ``./control.tar.gz``. OpenWrt 25.12 and later install ``.apk`` (APK v3)
-  packages only; building those needs apk-tools 3 (``apk mkpkg``, as the OpenWrt SDK does
-  with ``packaging/openwrt/edgemesh/``), which this script does not replace.
+  ``./data.tar.gz``, ``./control.tar.gz``.
+- .apk (APK v3, OpenWrt 25.12 and later): what the OpenWrt buildroot's ``apk mkpkg`` call
+  (``include/package-pack.mk``) writes, by ``apk.py``: the same files plus
+  ``lib/apk/packages/edgemesh.{list,conffiles,conffiles_static}``, its post-install,
+  post-upgrade and pre-deinstall scripts; unsigned (``apk add --allow-untrusted``).
 """
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import sys
 import tarfile
+from types import ModuleType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGING = os.path.dirname(HERE)
@@ -125,15 +130,22 @@ def read(*parts: str) -> bytes:
 
 
 def makefile_fields(text: str) -> dict[str, str]:
-    """``NAME:=value`` lines of the OpenWrt Makefile (PKG_*, TITLE, DEPENDS), and the prerm."""
+    """``NAME:=value`` lines of the OpenWrt Makefile (PKG_*, TITLE, DEPENDS), the prerm and
+    the description (whitespace collapsed, as make's ``strip`` does for ``apk mkpkg``)."""
     fields = {}
     for line in text.splitlines():
         name, sep, value = line.strip().partition(":=")
         if sep and name.replace("_", "").isalnum():
             fields[name] = value.strip()
-    start = text.index("define Package/edgemesh/prerm\n") + len("define Package/edgemesh/prerm\n")
-    fields["prerm"] = text[start:text.index("endef", start)].replace("$${", "${")
+    fields["prerm"] = _define(text, "prerm").replace("$${", "${")
+    fields["description"] = " ".join(_define(text, "description").split())
     return fields
+
+
+def _define(text: str, name: str) -> str:
+    head = f"define Package/edgemesh/{name}\n"
+    start = text.index(head) + len(head)
+    return text[start:text.index("endef", start)]
 
 
 def installed_size(entries: list[Entry]) -> int:
@@ -250,6 +262,103 @@ def build_ipk(tree: str, cpu: str, outdir: str, arch: str = "") -> str:
     return path
 
 
+# ---- .apk (APK v3) ---------------------------------------------------------------------------
+
+# The scripts OpenWrt's include/package-pack.mk writes for `apk mkpkg` (CONFIG_USE_APK): its
+# post-install and pre-deinstall wrap default_postinst/default_prerm of /lib/functions.sh (which
+# enable/stop the init scripts) around the package's own postinst/prerm, shebangs dropped;
+# post-upgrade is post-install with PKG_UPGRADE=1. No preinst/postrm here, so no pre-upgrade or
+# post-deinstall.
+APK_POST_INSTALL = """#!/bin/sh
+[ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0
+[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
+. ${IPKG_INSTROOT}/lib/functions.sh
+export root="${IPKG_INSTROOT}"
+export pkgname="edgemesh"
+add_group_and_user
+default_postinst
+"""
+APK_PRE_DEINSTALL = """#!/bin/sh
+[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
+. ${IPKG_INSTROOT}/lib/functions.sh
+export root="${IPKG_INSTROOT}"
+export pkgname="edgemesh"
+default_prerm
+"""
+APK_ORIGIN = "package/net/edgemesh"  # where packaging/openwrt/edgemesh/ goes in a buildroot
+
+
+def _no_shebang(script: str) -> str:
+    return "".join(line for line in script.splitlines(keepends=True)
+                   if not line.lstrip().startswith("#!"))
+
+
+def apk_scripts(fields: dict[str, str]) -> dict[str, str]:
+    return {"post-install": APK_POST_INSTALL,
+            "post-upgrade": "#!/bin/sh\nexport PKG_UPGRADE=1\n" + _no_shebang(APK_POST_INSTALL),
+            "pre-deinstall": APK_PRE_DEINSTALL + _no_shebang(fields["prerm"])}
+
+
+def apk_files(tree: str, name: str, conffiles: list[str]) -> list[Entry]:
+    """The .ipk's files plus the ones package-pack.mk adds under ``lib/apk/packages/``: the
+    file list (files and symlinks, sorted), the conffiles and their SHA-256 sums."""
+    data = ipk_data(tree)
+    listed = sorted("/" + e.path for e in data if e.data is not None or e.link)
+    by_path = {"/" + e.path: e for e in data}
+    static = "".join(f"{c} {hashlib.sha256(by_path[c].data or b'').hexdigest()}\n"
+                     for c in conffiles if c in by_path)
+    meta = "lib/apk/packages/" + name
+    return with_parents(data + [
+        Entry(meta + ".list", 0o644, "".join(p + "\n" for p in listed).encode()),
+        Entry(meta + ".conffiles", 0o644, "".join(c + "\n" for c in conffiles).encode()),
+        Entry(meta + ".conffiles_static", 0o644, static.encode()),
+    ])
+
+
+def apk_dirs(entries: list[Entry], apk: ModuleType) -> list:
+    """``entries`` as apk's directories (the root included, as ``apk mkpkg`` writes it)."""
+    dirs = {"": (0o755, [])}
+    for e in entries:
+        if e.data is None and not e.link:
+            dirs.setdefault(e.path, (e.mode, []))
+    for e in entries:
+        if e.data is not None or e.link:
+            parent, _, name = e.path.rpartition("/")
+            dirs[parent][1].append(apk.File(name, e.mode, e.data or b"", e.link, mtime()))
+    return [apk.Dir(path, mode, tuple(files)) for path, (mode, files) in dirs.items()]
+
+
+def load_apk() -> ModuleType:
+    """``apk.py`` beside this script (``packaging`` is no Python package)."""
+    spec = importlib.util.spec_from_file_location("edgemesh_apk", os.path.join(HERE, "apk.py"))
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module
+
+
+def build_apk(tree: str, cpu: str, outdir: str, arch: str = "") -> str:
+    """OpenWrt's ``edgemesh-VERSION.apk``, named ``edgemesh-VERSION_ARCH.apk`` here so the
+    three CPUs' packages can share ``dist/``."""
+    apk = load_apk()
+    fields = makefile_fields(read(OPENWRT, "Makefile").decode())
+    name, version = fields["PKG_NAME"], f"{fields['PKG_VERSION']}-r{fields['PKG_RELEASE']}"
+    arch = arch or IPK_ARCH[cpu]
+    entries = apk_files(tree, name, ["/etc/config/edgemesh"])
+    info = {"name": name, "version": version, "description": fields["description"],
+            "arch": arch, "license": fields["PKG_LICENSE"], "origin": APK_ORIGIN,
+            "url": fields["URL"], "maintainer": fields["PKG_MAINTAINER"]}
+    depends = tuple(d.lstrip("+") for d in fields["DEPENDS"].split())
+    # every OpenWrt package provides the virtual NAME-any (include/package.mk)
+    pkg = apk.Package(info, depends, tuple(apk_dirs(entries, apk)), apk_scripts(fields),
+                      provides=(f"{name}-any",))
+    path = os.path.join(outdir, f"{name}-{version}_{arch}.apk")
+    _write(path, apk.write_package(pkg))
+    return path
+
+
 def _write(path: str, blob: bytes) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -261,5 +370,5 @@ if __name__ == "__main__":
     if len(sys.argv) not in (5, 6):
         raise SystemExit(__doc__)
     kind, tree, cpu, outdir = sys.argv[1:5]
-    builder = {"deb": build_deb, "ipk": build_ipk}[kind]
+    builder = {"deb": build_deb, "ipk": build_ipk, "apk": build_apk}[kind]
     print(builder(tree, cpu, outdir, *(sys.argv[5:6])))

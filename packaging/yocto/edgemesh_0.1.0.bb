@@ -12,7 +12,8 @@ DESCRIPTION = "One agent per node answers cluster DNS names and proxies service 
 to endpoints on this node or, through an encrypted tunnel, on other nodes behind NATs."
 HOMEPAGE = "https://github.com/kubeedge/edgemesh"
 LICENSE = "Apache-2.0"
-LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
+# the source's own license text (the repository's LICENSE, the Apache License 2.0 verbatim)
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # Placeholder: set EDGEMESH_SRC_URI (local.conf or a bbappend) to where your EdgeMesh source
 # lives, and pin SRCREV to a commit for reproducible images.

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from tests.netlab import wait_for
+from tests.packages import mounted, procd_commands, uci_sections
 from tests.procs import ROOT, free_port, http_get
 
 CPUS = ["amd64", "arm64", "armv7"]
@@ -121,4 +122,24 @@ def run_agent(root: str, argv: list[str], dns: int, admin: int) -> dict[str, obj
     with open(log_path) as f:
         seen["log"] = f.read()
     os.unlink(log_path)
+    return seen
+
+
+def agent_from_init_script(root: str) -> dict[str, object]:
+    """An OpenWrt package installed in ``root`` (with busybox), started as procd would: the
+    user's part done (PSK, manifests), the agent enabled in ``/etc/config/edgemesh``, the
+    installed init script run in the root to get the command, that command run there. Returns
+    :func:`run_agent`'s answer; the command line and the state directory's mode are checked."""
+    prepare(root)
+    dns, admin = free_port(), free_port()
+    cfg = uci_sections(os.path.join(root, "etc/config/edgemesh"))
+    cfg["agent"].update(enabled="1", no_iptables="1", node_name="edge-node-1",
+                        manifests=["/etc/edgemesh/manifests"], dns_listen=f"127.0.0.1:{dns}",
+                        admin=f"127.0.0.1:{admin}", tunnel_listen=f"127.0.0.1:{free_port()}")
+    with mounted(root):
+        argv = procd_commands(root, cfg)["agent"]  # the init script, run in the root
+        assert argv[:2] == ["/usr/bin/edgemesh", "agent"] and "--no-iptables" in argv
+        assert argv[argv.index("--psk-file") + 1] == "/etc/edgemesh/psk"
+        seen = run_agent(root, argv, dns, admin)  # what procd would start
+    assert os.stat(os.path.join(root, "etc/edgemesh/state")).st_mode & 0o777 == 0o700
     return seen

@@ -1,6 +1,7 @@
 """The real packages of each CPU (``make packages-CPU``), installed as their package managers
 would into a fake root, then run from there: the .deb's binary through its systemd unit's
-path; the .ipk's agent as its init script starts it from ``/etc/config/edgemesh``."""
+path; the .ipk's and the .apk's agent as their init script starts it from
+``/etc/config/edgemesh``."""
 from __future__ import annotations
 
 import glob
@@ -13,23 +14,20 @@ from tests.devices.artifacts import (
     CPUS,
     DIST,
     HELLO_IP,
-    prepare,
+    agent_from_init_script,
     require_cpu,
-    run_agent,
     smoke,
 )
 from tests.packages import (
     control_fields,
+    install_apk,
     install_deb,
     install_ipk,
     load_script,
     mounted,
-    procd_commands,
     tmpfs,
-    uci_sections,
     with_busybox,
 )
-from tests.procs import free_port
 
 pytestmark = [pytest.mark.devices, pytest.mark.slow]
 mkpkg = load_script("mkpkg")
@@ -64,18 +62,17 @@ def test_ipk_installs_and_its_init_script_starts_a_working_agent(cpu: str, tmp_p
         meta = install_ipk(ipk, root)
         assert control_fields(meta["control"])["Architecture"] == mkpkg.IPK_ARCH[cpu]
         with_busybox(root)
-        prepare(root)  # the user's part: /etc/edgemesh/psk, and manifests to serve
-        dns, admin = free_port(), free_port()
-        cfg = uci_sections(os.path.join(root, "etc/config/edgemesh"))
-        cfg["agent"].update(enabled="1", no_iptables="1", node_name="edge-node-1",
-                            manifests=["/etc/edgemesh/manifests"],
-                            dns_listen=f"127.0.0.1:{dns}", admin=f"127.0.0.1:{admin}",
-                            tunnel_listen=f"127.0.0.1:{free_port()}")
-        with mounted(root):
-            argv = procd_commands(root, cfg)["agent"]  # the init script, run in the root
-            assert argv[:2] == ["/usr/bin/edgemesh", "agent"] and "--no-iptables" in argv
-            assert argv[argv.index("--psk-file") + 1] == "/etc/edgemesh/psk"
-            seen = run_agent(root, argv, dns, admin)  # what procd would start
-        mode = os.stat(os.path.join(root, "etc/edgemesh/state")).st_mode & 0o777
+        seen = agent_from_init_script(root)
     assert seen["dig"] == HELLO_IP and seen["exit"] == 0, seen["log"]
-    assert mode == 0o700
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_apk_installs_and_its_init_script_starts_a_working_agent(cpu: str, tmp_path) -> None:
+    path = package(f"edgemesh-*_{mkpkg.IPK_ARCH[cpu]}.apk", cpu)
+    require_cpu(cpu)
+    with tmpfs(str(tmp_path / "root")) as root:
+        with_busybox(root)  # apk runs post-install chrooted, with OpenWrt's /bin/sh
+        pkg = install_apk(path, root)
+        assert pkg.info["arch"] == mkpkg.IPK_ARCH[cpu]
+        seen = agent_from_init_script(root)
+    assert seen["dig"] == HELLO_IP and seen["exit"] == 0, seen["log"]

@@ -1,9 +1,10 @@
-"""The .deb and the OpenWrt .ipk (packaging/foreign/mkpkg.py), built from a small stand-in install
-tree, installed as dpkg and opkg would, the init script's UCI → flags mapping run from the
-installed files; the Yocto recipe's paths against the repository. tests/devices/ does the same
-with the real builds."""
+"""The .deb and the OpenWrt .ipk and .apk (packaging/foreign/mkpkg.py), built from a stand-in
+install tree, installed as dpkg, opkg and apk would, the init script's UCI → flags mapping run
+from the installed files. tests/devices/ does the same with the real builds; the Yocto recipe
+is checked in tests/unit/test_yocto.py."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -16,14 +17,15 @@ from tests.packages import (
     BUSYBOX,
     control_fields,
     dpkg,
+    install_apk,
     install_deb,
     install_ipk,
     load_script,
     procd_commands,
+    run_apk_script,
     uci_sections,
     with_busybox,
 )
-from tests.procs import ROOT
 from tests.unit.test_manifests import parse_args
 
 mkpkg = load_script("mkpkg")
@@ -57,12 +59,24 @@ def ipk(tree: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     return mkpkg.build_ipk(tree, "arm64", str(tmp_path_factory.mktemp("ipk")))
 
 
-def test_packages_are_reproducible(tree: str, deb: str, ipk: str, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def apk(tree: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return mkpkg.build_apk(tree, "arm64", str(tmp_path_factory.mktemp("apk")))
+
+
+def test_packages_are_reproducible(tree: str, deb: str, ipk: str, apk: str, tmp_path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.path.basename(deb) == "edgemesh_0.1.0-1_arm64.deb"
     assert os.path.basename(ipk) == "edgemesh_0.1.0-r1_aarch64_generic.ipk"
+    assert os.path.basename(apk) == "edgemesh-0.1.0-r1_aarch64_generic.apk"
     again = [mkpkg.build_deb(tree, "arm64", str(tmp_path)),
-             mkpkg.build_ipk(tree, "arm64", str(tmp_path))]
-    for first, second in zip([deb, ipk], again, strict=True):
+             mkpkg.build_ipk(tree, "arm64", str(tmp_path)),
+             mkpkg.build_apk(tree, "arm64", str(tmp_path))]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    with open(mkpkg.build_apk(tree, "arm64", str(tmp_path / "dated")), "rb") as f:
+        dated = mkpkg.load_apk().read_package(f.read())
+    assert {f.mtime for d in dated.dirs for f in d.files} == {1700000000}
+    for first, second in zip([deb, ipk, apk], again, strict=True):
         with open(first, "rb") as a, open(second, "rb") as b:
             assert a.read() == b.read()
 
@@ -122,6 +136,12 @@ def test_ipk_installs_as_opkg_would_and_maps_uci_to_flags(ipk: str, tmp_path) ->
     assert os.access(os.path.join(root, "etc/init.d/edgemesh"), os.X_OK)
     listed = open(os.path.join(root, "usr/lib/opkg/info/edgemesh.list")).read().split()
     assert "/usr/bin/edgemesh" in listed and "/etc/config/edgemesh" in listed
+    check_uci_mapping(root)
+
+
+def check_uci_mapping(root: str) -> None:
+    """The installed init script, run in ``root``: nothing starts as shipped; the agent's
+    command line follows the UCI options; no PSK, no agent."""
     shipped = uci_sections(os.path.join(root, "etc/config/edgemesh"))
     assert procd_commands(root, shipped) == {}  # disabled by default: nothing starts
     psk = os.path.join(root, "etc/edgemesh/psk")
@@ -150,26 +170,55 @@ def test_ipk_prerm_is_the_makefiles(ipk: str, tmp_path) -> None:
     assert r.returncode == 0  # an image build (IPKG_INSTROOT set) stops nothing
 
 
-# ---- Yocto: the recipe installs Python sources; its paths and names must exist ---------------
+def test_apk_carries_the_ipks_files_and_what_openwrts_buildroot_adds(ipk: str, apk: str,
+                                                                      tmp_path) -> None:
+    pkg = mkpkg.load_apk().read_package(open(apk, "rb").read())
+    assert pkg.info | {"description": ""} == {
+        "name": "edgemesh", "version": "0.1.0-r1", "arch": "aarch64_generic",
+        "license": "Apache-2.0", "origin": "package/net/edgemesh", "description": "",
+        "url": "https://github.com/kubeedge/edgemesh", "maintainer": "EdgeMesh maintainers"}
+    assert pkg.info["description"].startswith("One agent per node of a KubeEdge cluster")
+    assert pkg.depends == ("ip-full", "iptables-nft", "kmod-br-netfilter", "kmod-ipt-nat",
+                           "kmod-nft-compat", "kmod-nft-nat")
+    assert pkg.provides == ("edgemesh-any",)
+    files = {(f"{d.path}/{f.name}", f.mode, f.data, f.link) for d in pkg.dirs for f in d.files}
+    with tarfile.open(ipk, "r:gz") as outer:
+        data = outer.extractfile("./data.tar.gz")
+        assert data is not None
+        with tarfile.open(fileobj=data, mode="r:gz") as tar:
+            ipk_files = {(m.name[2:], m.mode, tar.extractfile(m).read() if m.isfile() else b"",
+                          m.linkname) for m in tar if not m.isdir()}
+            ipk_dirs = {(m.name[2:], m.mode) for m in tar if m.isdir() and m.name != "./"}
+    meta = {p for p, *_ in files - ipk_files}
+    assert meta == {"lib/apk/packages/edgemesh.list", "lib/apk/packages/edgemesh.conffiles",
+                    "lib/apk/packages/edgemesh.conffiles_static"}
+    assert ipk_dirs <= {(d.path, d.mode) for d in pkg.dirs}
+    by_path = {p: data for p, _, data, _ in files}
+    listed = by_path["lib/apk/packages/edgemesh.list"].decode().split()
+    assert listed == sorted("/" + p for p, *_ in ipk_files)
+    config = by_path["etc/config/edgemesh"]
+    assert by_path["lib/apk/packages/edgemesh.conffiles_static"].decode() == (
+        f"/etc/config/edgemesh {hashlib.sha256(config).hexdigest()}\n")
+    assert set(pkg.scripts) == {"post-install", "post-upgrade", "pre-deinstall"}
+    assert "default_postinst" in pkg.scripts["post-install"]
+    assert pkg.scripts["post-upgrade"].startswith("#!/bin/sh\nexport PKG_UPGRADE=1\n[ ")
+    prerm = pkg.scripts["pre-deinstall"]
+    assert prerm.count("#!") == 1 and prerm.index("default_prerm") < prerm.index("cleanup")
 
-RECIPE = os.path.join(ROOT, "packaging", "yocto", "edgemesh_0.1.0.bb")
 
-
-def test_yocto_recipe_paths_and_version_match_the_repository() -> None:
-    text = open(RECIPE, encoding="utf-8").read()
-    from edgemesh import __version__
-    assert os.path.basename(RECIPE) == f"edgemesh_{__version__}.bb"
-    for rel in re.findall(r"\$\{S\}/(\S+)", text):
-        assert os.path.isfile(os.path.join(ROOT, rel)), rel
-    (services,) = re.findall(r'SYSTEMD_SERVICE:\$\{PN\} = "([^"]+)"', text)
-    for unit in services.split():
-        assert os.path.isfile(os.path.join(ROOT, "packaging", "systemd", unit)), unit
-    setup = open(os.path.join(ROOT, "setup.cfg"), encoding="utf-8").read()
-    assert "edgemesh = edgemesh.cli:entry" in setup  # the units' /usr/bin/edgemesh
-    requires = setup.split("install_requires =")[1].split("\n\n")[0].split()
-    rdepends = text.split("RDEPENDS:${PN} +=")[1].split('"')[1].split()
-    for req in requires:
-        assert f"python3-{req.lower()}" in rdepends, req
+@pytest.mark.skipif(not os.path.exists(BUSYBOX) or os.geteuid() != 0,
+                    reason="needs busybox-static (the fake root's shell) and root (chroot)")
+def test_apk_installs_as_apk_would_and_maps_uci_to_flags(apk: str, tmp_path) -> None:
+    root = str(tmp_path / "root")
+    with_busybox(root)  # apk runs the scripts chrooted: OpenWrt's /bin/sh
+    pkg = install_apk(apk, root)
+    installed = open(os.path.join(root, "lib/apk/db/installed")).read()
+    assert "P:edgemesh\nV:0.1.0-r1\nA:aarch64_generic\n" in installed
+    assert "F:etc/edgemesh\nM:0:0:700\n" in installed
+    assert "F:etc/config\nR:edgemesh\na:0:0:600\n" in installed
+    assert os.readlink(os.path.join(root, "usr/bin/edgemesh")) == "../lib/edgemesh/edgemesh"
+    check_uci_mapping(root)
+    run_apk_script(root, pkg, "pre-deinstall")  # no /lib/functions.sh here: a no-op, exit 0
 
 
 # ---- portable.py: what it reads from readelf ---------------------------------------------------
