@@ -16,7 +16,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
-	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
+	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod \
+	patchelf busybox-static
 
 .PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
 	binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 packages-amd64 \
