@@ -7,7 +7,10 @@ accepted connection's original destination is read back from conntrack with
 an https/http port of ``http_listen``) takes the connection over. A connection whose
 destination is in no table (someone connected to the listener's own address, or a rule
 outlived its service) is closed at once and counted in
-``edgemesh_proxy_unknown_destination_total``.
+``edgemesh_proxy_unknown_destination_total``. Where the kernel interface refuses that
+``getsockopt`` (ENOPROTOOPT: seen under qemu-user, which does not translate it, when an
+aarch64 build is tried on an x86-64 host), the destination is read from the same conntrack
+entry in ``/proc/net/nf_conntrack`` instead (logged once: it costs a read of the table).
 
 UDP: the rules send every service (IP, port) of UDP to one socket with TPROXY (no address
 rewritten); ``TransparentUDP`` reads each datagram's original destination from its
@@ -19,6 +22,8 @@ service address, and the client's next datagrams reach that socket directly.
 from __future__ import annotations
 
 import _socket
+import errno
+import ipaddress
 import logging
 import socket
 import struct
@@ -41,6 +46,60 @@ UNKNOWN = metrics.counter("edgemesh_proxy_unknown_destination_total",
 
 def original_dst(sock: Any, family: int) -> tuple[str, int]:
     """The destination a DNATed TCP connection was sent to, from conntrack."""
+    try:
+        return _getsockopt_original_dst(sock, family)
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT:
+            raise
+    if _once("proc-conntrack"):
+        log.warning("getsockopt(SO_ORIGINAL_DST) is not available here (%s); reading "
+                    "original destinations from %s", errno.errorcode[errno.ENOPROTOOPT],
+                    PROC_CONNTRACK)
+    local, peer = sock.getsockname(), sock.getpeername()
+    try:
+        with open(PROC_CONNTRACK, encoding="ascii", errors="replace") as f:
+            found = original_from_conntrack(f, "tcp", local[0], local[1], peer[0], peer[1])
+    except OSError as e:
+        raise OSError(errno.ENOENT, f"no {PROC_CONNTRACK}: {e.strerror}") from None
+    if found is None:
+        raise OSError(errno.ENOENT, "no conntrack entry")
+    return found
+
+
+PROC_CONNTRACK = "/proc/net/nf_conntrack"
+
+
+def original_from_conntrack(lines: Any, proto: str, local_ip: str, local_port: int,
+                            peer_ip: str, peer_port: int) -> tuple[str, int] | None:
+    """The original destination of the conntrack entry whose reply tuple runs from
+    ``local`` to ``peer`` (what a DNATed connection's accepted socket sees), from the text
+    of ``/proc/net/nf_conntrack``; None when there is no such entry."""
+    local_ip, peer_ip = _canonical(local_ip), _canonical(peer_ip)
+    reply = (local_ip, peer_ip, str(local_port), str(peer_port))
+    for line in lines:
+        words = line.split()
+        if len(words) < 4 or words[2] != proto:
+            continue
+        fields = [w.split("=", 1) for w in words if "=" in w]
+        src = [v for k, v in fields if k == "src"]
+        dst = [v for k, v in fields if k == "dst"]
+        sport = [v for k, v in fields if k == "sport"]
+        dport = [v for k, v in fields if k == "dport"]
+        if len(src) < 2 or len(dst) < 2 or len(sport) < 2 or len(dport) < 2:
+            continue
+        if (_canonical(src[1]), _canonical(dst[1]), sport[1], dport[1]) == reply:
+            return _canonical(dst[0]), int(dport[0])
+    return None
+
+
+def _canonical(ip: str) -> str:
+    try:
+        return str(ipaddress.ip_address(ip.split("%", 1)[0]))
+    except ValueError:
+        return ip
+
+
+def _getsockopt_original_dst(sock: Any, family: int) -> tuple[str, int]:
     if family == _socket.AF_INET6:
         raw = sock.getsockopt(_socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
