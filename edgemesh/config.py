@@ -636,7 +636,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
 
 def _yaml_scalar(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
-    return text.removesuffix("\n...").removesuffix("...").strip()
+    return str(text).removesuffix("\n...").removesuffix("...").strip()
 
 
 def render(config: Any, indent: int = 0) -> str:

@@ -71,8 +71,8 @@ def cache_ttl(packet: bytes) -> int:
                None)
     if soa is None:
         return 0
-    minimum = struct.unpack("!I", soa.rdata[-4:])[0]
-    return min(MAX_NEGATIVE_TTL, soa.ttl, minimum)
+    minimum: int = struct.unpack("!I", soa.rdata[-4:])[0]
+    return min(MAX_NEGATIVE_TTL, int(soa.ttl), minimum)
 
 
 class AnswerCache:

@@ -95,7 +95,7 @@ class Batches:
         """Datagrams now in the slots (0: none waiting); OSError other than EAGAIN raised."""
         n = self._recvmmsg(self.fd, self._rhdr_at, self.vlen, MSG_DONTWAIT, None)
         if n >= 0:
-            return n
+            return int(n)
         err = ctypes.get_errno()
         if err in (errno.EAGAIN, errno.EWOULDBLOCK):
             return 0

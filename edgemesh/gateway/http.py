@@ -284,12 +284,12 @@ class GatewayRouter:
     def count(self, status: int, started: float) -> None:
         counter = self._counters.get(status)
         if counter is None:
-            counter = self._counters[status] = REQUESTS.labels(  # type: ignore[assignment]
+            counter = self._counters[status] = REQUESTS.labels(
                 str(self.port), f"{status // 100}xx")
         counter.inc()
         if self._duration is None:
-            self._duration = DURATION.labels(str(self.port))  # type: ignore[assignment]
-        self._duration.observe(time.monotonic() - started)  # type: ignore[union-attr]
+            self._duration = DURATION.labels(str(self.port))
+        self._duration.observe(time.monotonic() - started)
 
 
 def _host_field(head: RequestHead) -> bytes | None:

@@ -166,11 +166,11 @@ class HttpPort:
     def count(self, code: int, started: float) -> None:
         child = self._codes.get(code)
         if child is None:
-            child = self._codes[code] = REQUESTS.labels(self.name, str(code))  # type: ignore[assignment]
+            child = self._codes[code] = REQUESTS.labels(self.name, str(code))
         child.inc()
         if self._duration is None:
-            self._duration = DURATION.labels(self.name)  # type: ignore[assignment]
-        self._duration.observe(time.monotonic() - started)  # type: ignore[union-attr]
+            self._duration = DURATION.labels(self.name)
+        self._duration.observe(time.monotonic() - started)
 
 
 def kind_for(port: ServicePort, spec: LBSpec, per_request_http: bool) -> str | None:
@@ -238,7 +238,7 @@ class HTTPListener:
             return
         self._accepted.inc()
         sock = GeventSocket(client.family, client.type, 0, fileno=client.detach())
-        self._clients.spawn(serve_connection, sock, addr, self.port, self.pool,  # type: ignore[arg-type]
+        self._clients.spawn(serve_connection, sock, addr, self.port, self.pool,
                             self.limits)
 
     def update(self, balancer: Balancer, backends: list[Backend]) -> None:

@@ -395,7 +395,7 @@ class ProxyModule:
 
     def _close_transparent(self, family: int) -> None:
         for table in (self.transparent, self.transparent_udp):
-            listener = table.pop(family, None)  # type: ignore[attr-defined]
+            listener = table.pop(family, None)
             if listener is not None:
                 listener.close()
 
@@ -520,7 +520,7 @@ class ProxyModule:
         The rules follow at the next sync."""
         network = ipaddress.ip_network(cidr, strict=False)
         shared = self.transparent if protocol == "tcp" else self.transparent_udp
-        listener = shared.get(network.version)  # type: ignore[attr-defined]
+        listener = shared.get(network.version)
         if listener is None:
             return False
         self.unsteer(protocol, cidr)
@@ -534,7 +534,7 @@ class ProxyModule:
         network = ipaddress.ip_network(cidr, strict=False)
         entry = self._steered.pop((protocol, str(network)), None)
         shared = self.transparent if protocol == "tcp" else self.transparent_udp
-        listener = shared.get(network.version)  # type: ignore[attr-defined]
+        listener = shared.get(network.version)
         if entry is not None and listener is not None:
             listener.steering.unregister_range(str(network), entry[1])
             self._wake()
@@ -543,7 +543,7 @@ class ProxyModule:
         out = []
         for (protocol, cidr), ((first, last), _) in self._steered.items():
             shared = self.transparent if protocol == "tcp" else self.transparent_udp
-            listener = shared.get(family)  # type: ignore[attr-defined]
+            listener = shared.get(family)
             if listener is not None and (":" in cidr) == (family == 6):
                 to_ip, to_port = listener.address[:2]
                 out.append(Portal(cidr, first, protocol, to_ip, to_port, f"steered {cidr}",
@@ -553,7 +553,7 @@ class ProxyModule:
     def _steering(self, key: PortKey) -> Steering[Any] | None:
         """The table of the transparent listener the port's traffic goes to, if any."""
         shared = self.transparent if key.protocol == "tcp" else self.transparent_udp
-        listener = shared.get(key.family)  # type: ignore[attr-defined]
+        listener = shared.get(key.family)
         return listener.steering if listener is not None else None
 
     def _unsteer(self, key: PortKey, handler: Any) -> None:
@@ -590,7 +590,7 @@ class ProxyModule:
         own = getattr(handler, "address", None)
         if own is None:
             shared = self.transparent if key.protocol == "tcp" else self.transparent_udp
-            own = shared[key.family].address  # type: ignore[attr-defined]
+            own = shared[key.family].address
         return own[0], own[1]
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
@@ -648,7 +648,7 @@ class ProxyModule:
                 "transparent": {f"{protocol}/IPv{family}": _where(listener)
                                 for protocol, table in (("tcp", self.transparent),
                                                         ("udp", self.transparent_udp))
-                                for family, listener in table.items()},  # type: ignore[attr-defined]
+                                for family, listener in table.items()},
                 "ip6tables": self.rules6.binary if self.rules6 else None,
                 "ipv6Error": self.ipv6_error,
                 "edgeCNI": self.pods.view() if self.pods is not None else None,

@@ -146,7 +146,7 @@ def _within(a: Network, b: Network) -> bool:
 
 
 def _overlaps(a: Network, b: Network) -> bool:
-    return a.version == b.version and a.overlaps(b)  # type: ignore[arg-type]
+    return a.version == b.version and a.overlaps(b)
 
 
 def routed_networks(routes: Iterable[dict[str, object]]) -> list[Network]:

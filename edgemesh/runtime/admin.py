@@ -106,7 +106,8 @@ class Admin:
         host, port = split_host_port(address)
         self._server = StreamServer((host, port), self._serve, spawn=Pool(CONNECTIONS))
         self._server.start()
-        return self._server.address[:2]
+        host, port = self._server.address[:2]
+        return str(host), int(port)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -68,7 +68,7 @@ class _PatchOnImport:
         spec = find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        spec.loader = _PatchingLoader(spec.loader, patch)
+        spec.loader = _PatchingLoader(spec.loader, patch)  # type: ignore[assignment]
         return spec
 
 

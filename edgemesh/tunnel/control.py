@@ -184,7 +184,8 @@ def decode(payload: bytes) -> Message:
     if parse is None:
         rid = obj.get("id")
         raise UnknownKind(op[:64], rid if _is_id(rid) else None)
-    return parse(_Fields(op, obj))
+    message: Message = parse(_Fields(op, obj))
+    return message
 
 
 class _Fields:

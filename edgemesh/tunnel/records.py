@@ -112,7 +112,7 @@ class RecordReader:
         avail = self._end - self._start
         if avail < 2:
             return 2 - avail
-        (n,) = _LEN.unpack_from(self._buf, self._start)
+        n: int = _LEN.unpack_from(self._buf, self._start)[0]
         return max(1, 2 + n - avail)
 
     def leftover(self) -> bytes:
