@@ -9,7 +9,10 @@ Sending goes through the session, which seals and queues records (``Session.seal
 from __future__ import annotations
 
 import collections
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +29,14 @@ PING_INTERVAL = 10.0
 DEAD_AFTER = 3 * PING_INTERVAL + 5  # a silent session is closed then: no wait outlives it
 PUMP_RECORDS = 16             # records a pump reads from its socket with one recvmsg_into
 RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
+
+
+def _readable_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (0 when unknown)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 class StreamClosed(UnavailableError):
@@ -160,33 +171,40 @@ class Stream:
     def send_from(self, sock: socket.socket) -> None:
         """Pump ``sock`` into the stream until EOF (then FIN): the bulk path. Each read lands
         in the payload room of up to PUMP_RECORDS records, which are then sealed in place;
-        they are allocated once ``sock`` is readable and live until the writer sent them."""
-        session, size = self.session, fr.MAX_PAYLOAD + RECORD_OVERHEAD
+        they are allocated once ``sock`` is readable, sized to what it holds (FIONREAD: an
+        18-byte message must not cost 16 x 64 KiB), and live until the writer sent them."""
+        session, fd = self.session, sock.fileno()
         while True:
             room = self._room()
             session.wait_writable()
-            wait_read(sock.fileno())  # an idle stream holds no buffers
-            records: list[memoryview] = []
-            views: list[memoryview] = []
-            while room > 0 and len(records) < PUMP_RECORDS:
-                record = memoryview(bytearray(size))
-                k = min(room, fr.MAX_PAYLOAD)
-                records.append(record)
-                views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
-                room -= k
-            n = sock.recvmsg_into(views)[0]
-            if not n:
+            wait_read(fd)  # an idle stream holds no buffers: they are _read_once's locals
+            if not self._read_once(sock, min(room, max(1, _readable_bytes(fd)))):
                 self.shutdown_write()
                 return
-            if self.on_bytes is not None:
-                self.on_bytes(n, 0)
-            for record, view in zip(records, views, strict=True):
-                k = min(n, len(view))
-                if not k:
-                    break
-                session.seal_data(self.id, record[:k + RECORD_OVERHEAD])
-                n -= k
             session.flush()
+
+    def _read_once(self, sock: socket.socket, room: int) -> int:
+        """One read of at most ``room`` bytes from ``sock``, sealed as records; 0 at EOF."""
+        records: list[memoryview] = []
+        views: list[memoryview] = []
+        while room > 0 and len(records) < PUMP_RECORDS:
+            k = min(room, fr.MAX_PAYLOAD)
+            record = memoryview(bytearray(k + RECORD_OVERHEAD))
+            records.append(record)
+            views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
+            room -= k
+        got = n = sock.recvmsg_into(views)[0]
+        if not n:
+            return 0
+        if self.on_bytes is not None:
+            self.on_bytes(n, 0)
+        for record, view in zip(records, views, strict=True):
+            k = min(n, len(view))
+            if not k:
+                break
+            self.session.seal_data(self.id, record[:k + RECORD_OVERHEAD])
+            n -= k
+        return got
 
     def drain_to(self, sock: socket.socket) -> None:
         """Pump the stream into ``sock`` until the peer's FIN (then SHUT_WR); raises
