@@ -37,6 +37,7 @@ from edgemesh.tunnel.paths import DIRECT, PATHS, PUNCH_BUDGET, RELAY, PathStrate
 from edgemesh.tunnel.punching import Puncher
 from edgemesh.tunnel.records import SecureChannel
 from edgemesh.tunnel.session import HANDSHAKE_TIMEOUT, Session, read_record
+from edgemesh.tunnel.stream import readable_bytes
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,11 @@ class Peers:
         if session.closed:
             return
         silent = now - session.last_seen
+        if silent > SILENT_PROBE and readable_bytes(session.sock.fileno()) > 0:
+            # the peer spoke and its bytes wait unread: this agent is the slow one (a loop
+            # busy with 10,000 connections closing, or back-pressure), not the path
+            session.last_seen = now
+            return
         if silent > SILENT_DEAD:
             close_now(session, f"path silent for {silent:.1f}s")
         elif silent > SILENT_PROBE:

@@ -31,11 +31,11 @@ PUMP_RECORDS = 16             # records a pump reads from its socket with one re
 RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
 
 
-def _readable_bytes(fd: int) -> int:
+def readable_bytes(fd: int) -> int:
     """Bytes waiting in a socket's receive queue (0 when unknown)."""
     try:
         return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
+    except (OSError, ValueError):  # closed (-1) or not a socket
         return 0
 
 
@@ -178,7 +178,7 @@ class Stream:
             room = self._room()
             session.wait_writable()
             wait_read(fd)  # an idle stream holds no buffers: they are _read_once's locals
-            if not self._read_once(sock, min(room, max(1, _readable_bytes(fd)))):
+            if not self._read_once(sock, min(room, max(1, readable_bytes(fd)))):
                 self.shutdown_write()
                 return
             session.flush()
@@ -260,6 +260,12 @@ class Stream:
             self.session.forget_if_done(self.id)
 
     def accept(self) -> None:
+        """Tell the opener the target is connected; StreamClosed when the opener gave up
+        (reset: its connect timeout passed) or the session ended meanwhile."""
+        if self.error is not None:
+            raise self.error
+        if self.id not in self.session.mux.streams:
+            raise StreamClosed("gone before it was accepted")
         self.session.write(self.session.mux.accept(self.id))
 
     def reset(self, code: int = fr.ResetCode.CANCEL, reason: str = "") -> None:
