@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from edgemesh.proxy.http_router import HttpLimits
 from tests import netlab
 from tests.e2e import test_gateway as gwt
 from tests.e2e import test_http_proxy as hpt
@@ -25,15 +26,17 @@ pytestmark = pytest.mark.netns
 
 SLOW_CLIENTS = 200
 HEAD_TIMEOUT = 2.0
+BODY_GRACE = HttpLimits().body_rate_grace  # then at least body_min_rate bytes/s
 
-# argv: host port host-header slow-clients good-requests. Prints JSON: the good client's median
+# argv: host port host-header slow-clients good-requests head|body (a head byte a second, or a
+# complete head then a body byte a second). Prints JSON: the good client's median
 # latency calm and under attack, and each slow client's (seconds until cut, how it was cut).
 SLOWLORIS = textwrap.dedent("""
     from gevent import monkey; monkey.patch_all()
     import json, socket, statistics, sys, time
     import gevent
     host, port, vhost = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
-    n, k = int(sys.argv[4]), int(sys.argv[5])
+    n, k, mode = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
     def good():
         lat = []
         for _ in range(k):
@@ -49,10 +52,15 @@ SLOWLORIS = textwrap.dedent("""
             lat.append(time.perf_counter() - t)
         return statistics.median(lat) * 1e3
     cut = []
-    def slow():
+    def slow(i):
+        gevent.sleep(i * 0.01)  # a 2 s ramp: the test backends' accept queues are short
         t = time.monotonic()
         s = socket.create_connection((host, port), timeout=10)
-        s.sendall(b"GET / HTTP/1.1\\r\\nHost: " + vhost + b"\\r\\nX-Slow: ")
+        if mode == "head":
+            s.sendall(b"GET / HTTP/1.1\\r\\nHost: " + vhost + b"\\r\\nX-Slow: ")
+        else:
+            s.sendall(b"POST / HTTP/1.1\\r\\nHost: " + vhost
+                      + b"\\r\\nContent-Length: 100000\\r\\n\\r\\n")
         s.settimeout(1.0)
         how = "never cut"
         try:
@@ -69,21 +77,21 @@ SLOWLORIS = textwrap.dedent("""
         cut.append((time.monotonic() - t, how))
         s.close()
     calm = good()
-    slows = [gevent.spawn(slow) for _ in range(n)]
-    gevent.sleep(0.5)
+    slows = [gevent.spawn(slow, i) for i in range(n)]
+    gevent.sleep(n * 0.01)
     busy = good()
     gevent.joinall(slows, timeout=90)
     print(json.dumps({"calm_ms": calm, "busy_ms": busy, "cut": cut}))
 """)
 
 
-def _attack(ns: netlab.Netns, host: str, port: int, vhost: str) -> dict:
+def _attack(ns: netlab.Netns, host: str, port: int, vhost: str, mode: str = "head") -> dict:
     out = ns.run(sys.executable, "-c", SLOWLORIS, host, str(port), vhost, str(SLOW_CLIENTS),
-                 "100", timeout=150).stdout
+                 "100", mode, timeout=150).stdout
     return json.loads(out)
 
 
-def _check(result: dict, cut_as: set[str], counted: float) -> str:
+def _check(result: dict, cut_as: set[str], counted: float, within: float = HEAD_TIMEOUT) -> str:
     cuts = result["cut"]
     worst = max(t for t, _ in cuts)
     hows = sorted({how for _, how in cuts})
@@ -95,7 +103,7 @@ def _check(result: dict, cut_as: set[str], counted: float) -> str:
     print(summary)
     assert len(cuts) == SLOW_CLIENTS, summary
     assert set(hows) <= cut_as, summary
-    assert worst < HEAD_TIMEOUT + 4, summary  # the timeout counts from the first byte
+    assert worst < within + 4, summary  # the timeout counts from the first byte
     assert counted >= SLOW_CLIENTS, summary
     assert ratio < 3, summary
     return summary
@@ -139,3 +147,24 @@ def test_slowloris_on_the_per_request_proxy_is_cut_and_counted(proxy_env) -> Non
     before = counted()
     result = _attack(env.client, "10.96.1.10", 80, "web")
     _check(result, {"closed", "ConnectionResetError"}, counted() - before)
+
+
+def test_a_body_trickle_on_the_gateway_is_cut_with_408_and_counted(gateway_env) -> None:
+    env = gateway_env
+    before = metric(env.gw.run("curl", "-s", f"http://{gwt.ADMIN}/metrics").stdout,
+                    "edgemesh_gateway_bad_requests_total", reason="408")
+    result = _attack(env.outside, gwt.GW, 80, "shop.example.com", "body")
+    after = metric(env.gw.run("curl", "-s", f"http://{gwt.ADMIN}/metrics").stdout,
+                   "edgemesh_gateway_bad_requests_total", reason="408")
+    _check(result, {"HTTP/1.1 408 Request Timeout"}, after - before, BODY_GRACE)
+
+
+def test_a_body_trickle_on_the_per_request_proxy_is_cut_and_counted(proxy_env) -> None:
+    env = proxy_env
+
+    def counted() -> float:
+        return metric(env.node.run("curl", "-s", f"http://{hpt.ADMIN}/metrics").stdout,
+                      "edgemesh_http_malformed_total", sender="client", cause="head_timeout")
+    before = counted()
+    result = _attack(env.client, "10.96.1.10", 80, "web", "body")
+    _check(result, {"closed", "ConnectionResetError"}, counted() - before, BODY_GRACE)
