@@ -93,6 +93,50 @@ def relay_env(module_lab):
         p.stop()
 
 
+# argv: root name psk state server. A member that registers and accepts every circuit offered
+# to it, then sends nothing on it; prints one line per accepted circuit, and "closed" (with
+# the seconds it was held) when the relay ends it.
+PARKER = textwrap.dedent("""
+    import sys; sys.path.insert(0, sys.argv[1])
+    from gevent import monkey; monkey.patch_all()
+    import time
+    import gevent
+    from edgemesh.tunnel import control, identity
+    from edgemesh.tunnel import frames as fr
+    from edgemesh.tunnel.node import TunnelNode
+    from edgemesh.tunnel.records import SecureChannel
+    from edgemesh.tunnel.session import Session, read_record
+    name, psk, state, server = sys.argv[2:6]
+    node = TunnelNode(name, "agent", state, identity.load_psk(psk), "bindings.json")
+    host, port = server.rsplit(":", 1)
+    def park(token):
+        sock = node.dial(host, int(port), 10, shared_port=False)
+        result, reader = node.authenticate(sock, node.hello("circuit", accept=token), None, 10)
+        body = read_record(sock, reader, time.monotonic() + 10)
+        channel = SecureChannel(result.send, result.recv)
+        ok = control.decode(fr.decode_frame(channel.open(body)).payload).ok
+        print("accepted" if ok else "refused", flush=True)
+        t = time.monotonic()
+        sock.settimeout(None)
+        while sock.recv(65536):
+            pass
+        print("closed %.1f" % (time.monotonic() - t), flush=True)
+    def on_control(session, msg):
+        if isinstance(msg, control.Incoming):
+            gevent.spawn(park, msg.circuit)
+            return True
+        return isinstance(msg, control.Registered)
+    sock = node.dial(host, int(port), 10, shared_port=False)
+    result, reader = node.authenticate(sock, node.hello(), None, 10)
+    session = Session(sock, result, reader, initiator=True, local_hello=node.hello(),
+                      path="direct", address=server, on_control=on_control)
+    session.start()
+    session.send_control(control.Register((), 0))
+    print("registered", flush=True)
+    gevent.sleep(120)
+""")
+
+
 def _server_metric(env, name: str, **labels: str) -> float:
     return metric(env.metrics(env.srv, tt.SERVER_ADMIN), name, **labels)
 
@@ -151,3 +195,42 @@ def test_one_member_streaming_flat_out_does_not_starve_another(relay_env) -> Non
     assert [int(n) for n in out.split()] == [tt.BIG] * 3
     assert still  # the round trips were measured while the bulk transfer ran
     assert busy / calm < 5, (calm, busy)
+
+
+def test_idle_circuits_parked_by_two_members_are_closed_after_the_idle_timeout(
+        relay_env) -> None:
+    """Two colluding members park circuits between them that carry nothing: a relay (its own
+    server here, relayIdleTimeout 2 s) closes them and counts them."""
+    env = relay_env
+    srv2 = env.flooders["evil"]  # a second relay, on the flooders' host, idle timeout 2 s
+    config = meshlab.write(env.tmp, "server-idle.yaml", yaml.safe_dump(
+        {"kind": "EdgeMeshServer", "server": {"relayIdleTimeout": 2.0}}))
+    own = os.path.join(env.tmp, "idle-relay")  # its own state (key, bindings)
+    os.makedirs(own, exist_ok=True)
+    idle_server = meshlab.server(srv2, own, env.psk, "127.0.0.1:10590", config, port=20014)
+    try:
+        srv2.wait_listening("0.0.0.0:20014")
+        state = os.path.join(env.tmp, "state-parker")
+        os.makedirs(state, exist_ok=True)
+        parker = env.flooders["evil2"].popen(
+            [sys.executable, "-c", PARKER, ROOT, "parker", env.psk, state, "198.18.0.20:20014"],
+            stdout=subprocess.PIPE)
+        assert parker.stdout is not None and parker.stdout.readline().strip() == b"registered"
+        flood_state = os.path.join(env.tmp, "state-idler")
+        os.makedirs(flood_state, exist_ok=True)
+        idler = srv2.popen([sys.executable, "-c", FLOOD, ROOT, "idler", env.psk, flood_state,
+                            "198.18.0.20:20014", "parker", "3", "30"], stdout=subprocess.PIPE)
+        assert idler.stdout is not None
+        got = json.loads(idler.stdout.readline())
+        assert got == {"ok": 3, "refused": {}}, got
+        lines = [parker.stdout.readline().decode().split() for _ in range(6)]
+        closed = sorted(float(words[1]) for words in lines if words[0] == "closed")
+        idler.kill()
+        parker.kill()
+        text = srv2.run("curl", "-s", "http://127.0.0.1:10590/metrics").stdout
+        print(f"parked circuits closed after {closed} s (relayIdleTimeout 2 s)")
+        assert len(closed) == 3 and all(2.0 <= t < 6.0 for t in closed), lines
+        assert metric(text, "edgemesh_relay_idle_circuits_closed_total") == 3
+        assert metric(text, "edgemesh_relay_circuits", peer="idler") == 0
+    finally:
+        idle_server.stop()
