@@ -94,6 +94,12 @@ onedir: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# 10,000 proxied connections held 10 minutes through a ClusterIP, then through the tunnel
+# (root; ~25 min); tests/e2e/test_soak.py runs 30 s per path in `make test`
+.PHONY: soak
+soak: setup
+	$(BIN)/python -m bench.soak --conns 10000 --seconds 600 --interval 10
+
 clean:
 	rm -rf dist build-pyinstaller .state
 

@@ -208,6 +208,14 @@ class KubeAPI:
             w.queue.put(("drop", mid_event))
         return len(found)
 
+    def send_raw(self, resource: str, data: bytes, chunk: int = 1 << 20) -> int:
+        """Write ``data`` as is (in chunks of ``chunk`` bytes) into the live watches of
+        ``resource``: a hostile or broken server's bytes; returns how many watches got it."""
+        found = self._watching(resource)
+        for w in found:
+            w.queue.put(("raw", (data, chunk)))
+        return len(found)
+
     def end_watches(self, resource: str | None = None) -> int:
         found = self._watching(resource)
         for w in found:
@@ -427,6 +435,14 @@ class KubeAPI:
             elif what == "end":
                 sock.sendall(b"0\r\n\r\n")
                 return
+            elif what == "raw":
+                data, size = arg
+                try:
+                    for at in range(0, len(data), size):
+                        part = data[at:at + size]
+                        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+                except OSError:
+                    return  # the client hung up on it
             elif what == "drop":
                 if arg:
                     _, kind, api_version, _ = RESOURCES[w.resource]

@@ -32,11 +32,14 @@ CACHE_HITS = metrics.counter("edgemesh_dns_cache_hits_total", "Answers served fr
                              ["cache"])
 CACHE_MISSES = metrics.counter("edgemesh_dns_cache_misses_total", "Questions no cache could "
                                "answer.", ["cache"])
+ANY_MINIMAL = metrics.counter("edgemesh_dns_any_minimal_total", "ANY queries for names outside "
+                             "the zone answered with one HINFO record (RFC 8482), not "
+                             "forwarded.")
 ZONE_HITS = CACHE_HITS.labels("zone")
 UPSTREAM_HITS = CACHE_HITS.labels("upstream")
 _once = Once()
 
-T_AXFR, T_IXFR, CLASS_IN, CLASS_ANY = 252, 251, 1, 255
+T_AXFR, T_IXFR, T_ANY, CLASS_IN, CLASS_ANY = 252, 251, 255, 1, 255
 
 
 @dataclass
@@ -104,6 +107,9 @@ class Answerer:
                 return Forward(query, udp, cname=reply, target=reply.chase)
             CACHE_MISSES.labels("zone").inc()
             return self._finish(query, wire.pack_reply(query, reply), udp, cache=True)
+        if query.qtype == T_ANY:  # RFC 8482 (CoreDNS's "any"): not forwarded, one small HINFO
+            ANY_MINIMAL.inc()
+            return self._finish(query, wire.any_minimal(query), udp, cache=True)
         return self._from_cache(query, udp)
 
     def _from_cache(self, query: wire.Query, udp: bool) -> bytes | Forward:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from dnslib import EDNS0
 
 OUR_UDP_SIZE = 1232  # what we advertise in our OPT record (DNS flag day 2020)
-MAX_UDP = 4096
+MAX_UDP = OUR_UDP_SIZE  # larger answers go TC over UDP, whatever the client offers (BIND's
+# max-udp-size since 9.16): bounds what a spoofed query can reflect, and avoids fragments
 T_OPT = 41
 FLAG_QR, FLAG_AA, FLAG_TC, FLAG_RD, FLAG_RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 FLAG_CD = 0x0010
@@ -145,7 +146,7 @@ def _read_opt(data: bytes, pos: int, q: Query) -> None:
     if rtype != T_OPT or pos + 11 + rdlen != len(data):
         raise FormatError("additional record is not a well-formed OPT", FORMERR)
     q.edns, q.has_options = True, rdlen > 0
-    q.udp_size = min(max(size, 512), MAX_UDP)
+    q.udp_size = min(max(size, 512), MAX_UDP)  # MAX_UDP: what an answer may amplify to
     q.do = bool(opt_flags & 0x8000)
     if version != 0:
         raise FormatError(f"EDNS version {version}", BADVERS)
@@ -170,6 +171,18 @@ def pack_reply(query: Query, reply: Reply) -> bytes:
                        rr=list(reply.answer), auth=list(reply.authority),
                        ar=list(reply.additional) + _opt(query))
     return bytes(record.pack())
+
+
+ANY_TTL = 8482
+_ANY_RDATA = b"\x0dANY obsoleted\x0cSee RFC 8482"
+
+
+def any_minimal(query: Query) -> bytes:
+    """RFC 8482 section 4.2: one synthesized HINFO record for an ANY question."""
+    flags = FLAG_QR | FLAG_RA | (query.flags & (FLAG_RD | FLAG_CD))
+    header = struct.pack("!6H", query.id, flags, 1, 1, 0, 1 if query.edns else 0)
+    answer = struct.pack("!HHHIH", 0xC00C, 13, 1, ANY_TTL, len(_ANY_RDATA)) + _ANY_RDATA
+    return header + query.question + answer + (_opt_bytes() if query.edns else b"")
 
 
 def rcode_reply(query: Query, rcode: int) -> bytes:

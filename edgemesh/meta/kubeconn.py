@@ -31,12 +31,14 @@ from typing import Any
 import requests
 import yaml
 
+from edgemesh import doc_limits
 from edgemesh.config import KubeAPIConfig
 from edgemesh.errors import ConfigError
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_REREAD_SECONDS = 60.0
 KEY = "kubeAPIConfig.kubeConfig"
+MAX_KUBECONFIG_BYTES = 16 * 1024 * 1024  # kubeconfigs with embedded certificates: ~10-100 KB
 
 
 @dataclass
@@ -170,11 +172,22 @@ def from_kubeconfig(path: str) -> Connection:
 def _read_kubeconfig(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            text = f.read(MAX_KUBECONFIG_BYTES + 1)  # never more: a huge file is refused
+        if len(text) > MAX_KUBECONFIG_BYTES:
+            raise ConfigError([f"{KEY}: {path}: refused: larger than "
+                               f"{MAX_KUBECONFIG_BYTES} bytes"])
+        doc = yaml.safe_load(text)
+        why = doc_limits.problem(doc, len(text))
     except OSError as e:
         raise ConfigError([f"{KEY}: cannot read {path}: {e.strerror}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{KEY}: {path} is not UTF-8 text: {e.reason}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{KEY}: {path} is not valid YAML: {e}"]) from e
+    except RecursionError:
+        raise ConfigError([f"{KEY}: {path}: refused: nested too deeply"]) from None
+    if why:
+        raise ConfigError([f"{KEY}: {path}: refused: the document {why}"])
     if not isinstance(doc, dict):
         raise ConfigError([f"{KEY}: {path}: expected a kubeconfig mapping"])
     return doc

@@ -70,6 +70,8 @@ def decode_event(line: bytes) -> WatchEvent:
         doc = json.loads(line)
     except ValueError as e:
         raise RemoteProtocolError(f"watch event is not JSON: {e}") from None
+    except RecursionError:
+        raise RemoteProtocolError("watch event nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("type") not in EVENT_TYPES or \
             not isinstance(doc.get("object"), dict):
         raise RemoteProtocolError(f"not a watch event: {line[:200]!r}")
@@ -99,6 +101,8 @@ def list_page(body: bytes) -> ListPage:
         doc = json.loads(body)
     except ValueError as e:
         raise RemoteProtocolError(f"list response is not JSON: {e}") from None
+    except RecursionError:
+        raise RemoteProtocolError("list response nested too deeply") from None
     if not isinstance(doc, dict):
         raise RemoteProtocolError("list response is not an object")
     items = doc.get("items") or []

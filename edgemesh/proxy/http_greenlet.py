@@ -434,6 +434,9 @@ class Connection(ConnState):
         response head; returns only when the request may be retried on a fresh connection."""
         upload = self.upload
         if upload is not None:
+            running = upload.greenlet
+            if running is not None and self.expired:
+                running.join(timeout=1.0)  # expiry shut the client's reading: the upload ends
             if upload.bad is not None:
                 raise _Failed(Failure.BAD_REQUEST, upload.bad.status,
                               f"malformed request body: {upload.bad}")
@@ -451,9 +454,13 @@ class Connection(ConnState):
 
     def _pump_body(self, body: BodyTracker, upstream: socket.socket) -> None:
         """Forward the rest of the request body from the client."""
-        max_body, sent = self.limits.max_body, 0
+        limits = self.limits
+        max_body, sent = limits.max_body, 0
+        slowest = time.monotonic() + limits.body_rate_grace  # when 0 bytes is too slow
         while not body.done:
-            data = self._recv_client(self.limits.body_timeout)
+            # the next read may wait body_timeout, but not past the body's minimum rate
+            rate_due = slowest + sent / limits.body_min_rate - time.monotonic()
+            data = self._recv_client(max(0.0, min(limits.body_timeout, rate_due)))
             if not data:
                 raise _ClientGone("closed inside a request body")
             n = body.feed(data)

@@ -49,7 +49,7 @@ from edgemesh.meta.istio import HttpCookie
 from edgemesh.meta.models import AppProtocol, Service, ServicePort
 from edgemesh.meta.store import Backend, Store
 from edgemesh.proxy.http import serve_connection
-from edgemesh.proxy.http_conn import malformed
+from edgemesh.proxy.http_conn import MALFORMED, malformed
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.http_pool import UpstreamPool
 from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason, request_key
@@ -153,7 +153,8 @@ class HttpPort:
         return Reply(400, error_response(400, f"bad request: {error}"), False)
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
-        if failure is Failure.HEAD_TIMEOUT:
+        if failure is Failure.HEAD_TIMEOUT:  # slowloris, or a stalled client: closed, counted
+            MALFORMED.labels("client", "head_timeout").inc()
             return None
         if failure is Failure.BAD_REQUEST:
             text = f"bad request: {detail}"

@@ -23,6 +23,10 @@ class HttpLimits:
     head_timeout: float = 30.0  # first byte of a request head → its end (slow clients)
     idle_timeout: float = 120.0  # a keep-alive connection waiting for its next request
     body_timeout: float = 60.0  # longest pause inside a body, either direction
+    # a request body trickled in: after body_rate_grace s it must have averaged body_min_rate
+    # bytes/s (Apache's mod_reqtimeout body=20,MinRate=500 in spirit), else 408
+    body_min_rate: float = 500.0
+    body_rate_grace: float = 10.0
     response_timeout: float = 60.0  # request sent → response head read, else 504
     connect_timeout: float = 5.0
     connect_attempts: int = 3  # endpoints tried before answering 502

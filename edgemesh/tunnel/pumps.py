@@ -154,7 +154,11 @@ def serve_tcp(stream: Stream, timeout: float) -> None:
         return
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream.accept()
+    try:
+        stream.accept()
+    except StreamClosed:  # the opener stopped waiting while we connected: nothing to carry
+        sock.close()
+        return
     pump(sock, stream)
 
 

@@ -8,7 +8,8 @@ Relay: node A opens a *circuit* connection (handshake intent ``circuit``, ``conn
 relay tells B (``incoming``), B opens a circuit connection with ``accept: <token>``; the relay
 answers both with one encrypted ``circuit`` record and from then on splices raw bytes. A and B
 run their own end-to-end handshake through it, so the relay only ever sees their ciphertext.
-Per-peer limits: circuits at once, and bytes/s (a token bucket per node, over all its circuits).
+Per-peer limits: circuits at once, and bytes/s over all its circuits, shared fairly among
+those active (``FairShare``: a flat-out circuit cannot starve the member's other circuits).
 Relay-wide: circuits at once over all peers, and an idle timeout (a circuit that carried no
 byte either way for that long is closed, so parked circuits cannot hold the relay's slots).
 Refusals are counted by reason (``edgemesh_relay_circuits_total``) and logged once per reason.
@@ -80,6 +81,36 @@ class TokenBucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+ACTIVE_WINDOW = 1.0  # a circuit direction that moved a byte this recently shares the rate
+
+
+class FairShare:
+    """Sans-IO per-member rate limit, shared fairly: each of a sender's circuit directions
+    (flows) that was active in the last ``ACTIVE_WINDOW`` s gets an equal part of ``rate``
+    (its own token bucket), so one flow streaming flat out cannot make another flow of the
+    same member wait behind its debt; alone, a flow gets the whole rate."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.flows: dict[object, tuple[TokenBucket, list[float]]] = {}
+
+    def take(self, flow: object, n: int, now: float) -> float:
+        entry = self.flows.get(flow)
+        if entry is None:
+            entry = self.flows[flow] = (TokenBucket(self.rate), [now])
+        bucket, seen = entry
+        seen[0] = now
+        active = sum(1 for _, (t,) in self.flows.values() if now - t <= ACTIVE_WINDOW)
+        share = self.rate / max(1, active)
+        if bucket.rate != share:
+            bucket.rate = bucket.burst = share
+            bucket.tokens = min(bucket.tokens, share)
+        return bucket.take(n, now)
+
+    def remove(self, flow: object) -> None:
+        self.flows.pop(flow, None)
+
+
 @dataclass
 class Registration:
     node: str
@@ -132,7 +163,7 @@ class RelayCore:
         self.total = 0  # circuits held or being set up, over every requester
         self.live: set[_Circuit] = set()
         self._sweeper: gevent.Greenlet | None = None
-        self.buckets: dict[str, TokenBucket] = {}
+        self.buckets: dict[str, FairShare] = {}
         self._pending: dict[str, _Pending] = {}
         self._cooldown = punch.PairCooldown()
         REGISTERED.fn = lambda: len(self.registry)
@@ -337,13 +368,14 @@ class RelayCore:
 
     def _copy(self, src: socket.socket, dst: socket.socket, first: bytes, sender: str,
               circuit: _Circuit) -> None:
-        bucket = self.buckets.setdefault(sender, TokenBucket(self.rate))
+        share = self.buckets.setdefault(sender, FairShare(self.rate))
         counter, throttled = RELAY_BYTES.labels(sender), THROTTLED.labels(sender)
+        flow = object()
 
         def pace(n: int) -> float:
             counter.inc(n)
             circuit.last = now = time.monotonic()
-            wait = bucket.take(n, now)
+            wait = share.take(flow, n, now)
             if wait > 0:
                 throttled.inc(wait)
             return wait
@@ -356,6 +388,8 @@ class RelayCore:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+        finally:
+            share.remove(flow)
 
 
 def detect_dead_peer(sock: socket.socket) -> None:

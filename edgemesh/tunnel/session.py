@@ -41,7 +41,7 @@ from edgemesh.tunnel.stream import (
     RECORD_OVERHEAD,
     Stream,
     StreamClosed,
-    waiting,
+    readable_bytes,
 )
 from edgemesh.tunnel.x25519 import StaticKey
 
@@ -317,7 +317,7 @@ class Session:
                 hint = 0
                 if not self.reader.holding:
                     wait_read(self.sock.fileno())  # borrow the buffer only once readable
-                    hint = waiting(self.sock.fileno())  # and no more of it than needed
+                    hint = readable_bytes(self.sock.fileno())  # and no more of it than needed
                 space = self.reader.space(hint)
                 n = self.sock.recv_into(space)
                 if not n:

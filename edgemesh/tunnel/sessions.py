@@ -17,6 +17,7 @@ from edgemesh.errors import EdgeMeshError
 from edgemesh.runtime.pump import LINGER_RST
 from edgemesh.tunnel import punch
 from edgemesh.tunnel.session import Session
+from edgemesh.tunnel.stream import readable_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class Liveness:
             if session.closed:
                 continue
             silent = now - session.last_seen
+            if silent > self.probe_after and readable_bytes(session.sock.fileno()) > 0:
+                # the peer spoke and its bytes wait unread: this process is the slow one (a
+                # loop busy closing 10,000 connections, or back-pressure), not the path
+                session.last_seen = now
+                continue
             if silent > self.dead_after:
                 close(session, f"path silent for {silent:.1f}s")
             elif silent > self.probe_after:

@@ -29,15 +29,13 @@ PUMP_RECORDS = 16             # records a pump reads from its socket with one re
 RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
 
 
-_FIONREAD_ARG = bytes(4)
-
-
-def waiting(fd: int) -> int:
-    """Bytes ready to read on socket ``fd`` (0 at EOF, or when the kernel will not say)."""
+def readable_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (0 at EOF, or when unknown: closed, not a
+    socket)."""
     try:
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_ARG))[0])
-    except OSError:
-        return fr.MAX_PAYLOAD * PUMP_RECORDS
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
 
 
 class StreamClosed(UnavailableError):
@@ -214,7 +212,7 @@ class Stream:
             room = self._room()
             session.wait_writable()
             wait_read(fd)  # an idle stream holds no buffers
-            room = min(room, max(1, waiting(fd)))
+            room = min(room, readable_bytes(fd) or fr.MAX_PAYLOAD)  # EOF: one record
             records: list[memoryview] = []
             views: list[memoryview] = []
             while room > 0 and len(records) < PUMP_RECORDS:
@@ -291,6 +289,12 @@ class Stream:
             self.session.forget_if_done(self.id)
 
     def accept(self) -> None:
+        """Tell the opener the target is connected; StreamClosed when the opener gave up
+        (reset: its connect timeout passed) or the session ended meanwhile."""
+        if self.error is not None:
+            raise self.error
+        if self.id not in self.session.mux.streams:
+            raise StreamClosed("gone before it was accepted")
         self.session.write(self.session.mux.accept(self.id))
 
     def reset(self, code: int = fr.ResetCode.CANCEL, reason: str = "") -> None:

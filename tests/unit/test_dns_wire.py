@@ -29,9 +29,11 @@ def test_parse_plain_query() -> None:
 
 
 def test_parse_edns() -> None:
-    q = wire.parse_query(query(edns=EDNS0(udp_len=1400, flags="do")))
-    assert q.edns and q.udp_size == 1400 and q.do and not q.has_options
-    assert wire.udp_limit(q) == 1400
+    q = wire.parse_query(query(edns=EDNS0(udp_len=1200, flags="do")))
+    assert q.edns and q.udp_size == 1200 and q.do and not q.has_options
+    assert wire.udp_limit(q) == 1200
+    big = wire.parse_query(query(edns=EDNS0(udp_len=4096)))
+    assert big.udp_size == 1232  # a client's offer above 1232 is not taken (amplification)
     small = wire.parse_query(query(edns=EDNS0(udp_len=100)))
     assert small.udp_size == 512  # RFC 6891: values below 512 mean 512
 

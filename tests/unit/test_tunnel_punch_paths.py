@@ -3,6 +3,7 @@ dedupe, liveness, loss and upgrades."""
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +26,7 @@ class FakeSession:
         self.mux = SimpleNamespace(goaway_received=False, goaway=lambda code, reason: reason)
         self.peer_hello = SimpleNamespace(role="agent", extra={"port": 20007})
         self.written: list[Any] = []
-        self.sock = SimpleNamespace(setsockopt=lambda *a: None)
+        self.sock = SimpleNamespace(setsockopt=lambda *a: None, fileno=lambda: -1)
 
     def write(self, *frames: Any) -> None:
         self.written += frames
@@ -89,6 +90,25 @@ def test_a_silent_session_is_closed_without_time_wait_and_a_quiet_one_probed() -
     rule.check([dead, quiet], now, sessions_mod.close_now)  # type: ignore[list-item]
     assert dead.closed and dead.close_reason.startswith("path silent for")
     assert not quiet.closed and pinged == ["ping"]
+
+
+def test_a_session_whose_bytes_wait_unread_is_not_silent() -> None:
+    """A busy loop (or back-pressure) leaves the peer's bytes in the socket: not a dead path."""
+    rule = sessions_mod.AGENT_LIVENESS
+    behind = FakeSession("b1", "direct", True)
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"pong")
+    behind.sock = SimpleNamespace(setsockopt=lambda *a: None, fileno=ours.fileno)
+    now = time.monotonic()
+    behind.last_seen = now - rule.dead_after - 5
+    rule.check([behind], now, sessions_mod.close_now)  # type: ignore[list-item]
+    assert not behind.closed and behind.last_seen == now
+    ours.recv(4)
+    behind.last_seen = now - rule.dead_after - 5
+    rule.check([behind], now, sessions_mod.close_now)  # type: ignore[list-item]
+    assert behind.closed
+    ours.close()
+    theirs.close()
 
 
 def test_losing_the_last_session_schedules_a_quick_reattempt() -> None:

@@ -7,11 +7,12 @@ import socket
 from types import SimpleNamespace
 
 import gevent
+import pytest
 
 from edgemesh.runtime import metrics
 from edgemesh.server.main import Server
 from edgemesh.tunnel import frames as fr
-from edgemesh.tunnel.relay import RelayCore, _Pending
+from edgemesh.tunnel.relay import FairShare, RelayCore, _Pending
 
 
 class PlainChannel:
@@ -120,3 +121,16 @@ def test_sessions_beyond_max_sessions_are_refused_and_counted() -> None:
     assert mine.fileno() == -1 and len(server.sessions) == 1
     assert counter("edgemesh_server_sessions_refused_total") == before + 1
     peer.close()
+
+
+def test_fair_share_keeps_a_small_flow_out_of_a_bulk_flow_s_debt() -> None:
+    share = FairShare(1000.0)
+    bulk, small = object(), object()
+    assert share.take(bulk, 1000, 0.0) == 0.0  # alone: the whole rate and burst
+    assert share.take(bulk, 1000, 0.0) == pytest.approx(1.0)  # 1000 bytes of debt: 1 s
+    assert share.take(small, 10, 0.1) == 0.0  # not behind the bulk flow's debt
+    # two active flows: each gets half, so the member's total stays within the rate
+    assert share.take(bulk, 500, 0.2) == pytest.approx(2.8)  # (1000 - 100 + 500) / 500
+    share.remove(small)
+    share.remove(bulk)
+    assert not share.flows
