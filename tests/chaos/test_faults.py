@@ -105,13 +105,27 @@ def test_a_link_with_delay_and_loss(chaos: ChaosLab) -> None:
 
 def test_the_clock_of_a_node_stepped_by_an_hour(chaos: ChaosLab) -> None:
     r = row(f"a1 clock +1 h for {HOLD:g} s, then back", 10)
-    r.note = "realtime stepped with libfaketime (monotonic untouched);"
+    r.note = ("a1's CLOCK_REALTIME stepped with libfaketime (a time namespace cannot offset "
+              "it), monotonic untouched; a Service added and removed across the steps;")
     for _ in range(REPEAT):
-        with Trial(chaos, r, ()) as t:
-            meta_write(chaos.clock_file, "+3600\n")
-            time.sleep(HOLD)
+        try:
+            with Trial(chaos, r, ()) as t:
+                meta_write(chaos.clock_file, "+3600\n")
+                start = time.monotonic()
+                time.sleep(2)  # libfaketime rereads the file once a second
+                add_late(chaos)  # a change handled on the stepped clock; its cache says when
+                wait_late(chaos, 30, "a1 serving a Service added while its clock is stepped")
+                ahead = cache_written(chaos) - time.time()
+                assert ahead > 3000, f"a1's clock was not stepped ({ahead:.0f} s ahead)"
+                time.sleep(max(0.0, HOLD - (time.monotonic() - start)))
+                meta_write(chaos.clock_file, "+0\n")
+                remove_late(chaos)  # and back on the true clock
+                netlab.wait_for(lambda: curl(chaos, "10.96.3.8") != "hello from a2", 30, 0.25,
+                                what="the Service deleted again")
+                t.restored()
+        finally:
             meta_write(chaos.clock_file, "+0\n")
-            t.restored()
+            remove_late(chaos)
     check(r, ())
 
 
@@ -186,6 +200,20 @@ def curl(chaos: ChaosLab, ip: str) -> str:
 def cached_services(chaos: ChaosLab) -> set[str]:
     with open(os.path.join(chaos.state_dir("a1"), "metadata-cache.json")) as f:
         return {d["metadata"]["name"] for d in json.load(f)["kinds"]["Service"]}
+
+
+def cache_written(chaos: ChaosLab) -> float:
+    """When a1 last wrote its metadata cache, by its own clock (epoch seconds)."""
+    import calendar
+
+    path = os.path.join(chaos.state_dir("a1"), "metadata-cache.json")
+
+    def written() -> float:
+        with open(path) as f:
+            stamp = json.load(f)["written"]
+        return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    return netlab.wait_for(lambda: written() > time.time() + 60 and written(), 10, 0.2,
+                           what="a1's cache written by the stepped clock") or 0.0
 
 
 def meta_write(path: str, text: str) -> None:
