@@ -20,6 +20,8 @@ class Row:
     lost: int = 0  # long-lived connections that broke
     lost_avoidable: int = 0  # ... on flows whose path the fault did not touch
     failed_flows: dict[str, int] = field(default_factory=dict)
+    worst_run: dict[str, int] = field(default_factory=dict)  # flow -> most failures in one run
+    errors: dict[str, str] = field(default_factory=dict)  # flow -> its first error
     fd_delta: int = 0  # max over agents, after minus before
     rss_delta_mb: float = 0.0  # max over agents
     leaked_rules: int = 0

@@ -153,7 +153,7 @@ def test_api_server_down_agents_serve_the_cache_then_catch_up(chaos: ChaosLab) -
 
 
 def test_agent_kill_9_and_restart_under_traffic(chaos: ChaosLab) -> None:
-    r = row(f"agent a1 kill -9 + restart x{KILLS}", 20)
+    r = row(f"agent a1 kill -9 + restart x{KILLS}", 30)
     before_rules = chaos.snapshot("a1").rules
     with Trial(chaos, r, FLOWS) as t:
         for i in range(KILLS):
