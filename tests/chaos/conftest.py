@@ -1,4 +1,4 @@
-"""The chaos lab, built once for the session's fault tests, and the table printed at the end."""
+"""The chaos lab, built once for the fault tests, and the table printed at the session's end."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,10 @@ from tests.chaos.lab import ChaosLab
 from tests.procs import ROOT
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chaos() -> Iterator[ChaosLab]:
+    """The lab and its traffic, torn down after the module (5 agents and a traffic process
+    must not keep running through the rest of ``make test``)."""
     reason = netlab.can_run()
     for tool in ("socat", "conntrack", "curl", "dig"):
         if not reason and not _which(tool):
