@@ -9,7 +9,7 @@ from tests import netlab
 from tests.chaos.lab import FLOWS, ChaosLab, Snapshot
 from tests.chaos.report import Row
 
-STEADY = 2.5  # seconds every flow must have succeeded, and none failed, to count as flowing
+STEADY = 1.5  # seconds every flow must have succeeded, and none failed, to count as flowing
 FD_MARGIN = 16  # descriptors an agent may hold above its count before the fault
 # failures one run of a fault may cause on a flow it should leave alone: one 2 s client timeout
 # was seen a few times in 100-kill runs on a loaded 2-core machine (DNS once after a NAT flush,
@@ -64,7 +64,7 @@ class Trial:
             done = time.monotonic()
             self.row.note = (self.row.note or "") + " did not recover in bound+30 s;"
         self.account(self.lab.events.between(self.t_fault, done))
-        time.sleep(1.0)  # connections being closed finish closing
+        time.sleep(0.5)  # connections being closed finish closing
         self.compare(self.lab.snapshots())
 
     def account(self, rows: list[dict]) -> None:
