@@ -3,6 +3,7 @@
 #   make demo-down   tear the demo world down
 #   make agent    set up, then run one agent on examples/ here (no cluster, no iptables, no root)
 #   make test     set up, then run the whole test suite
+#   make chaos    the fault-injection suite's long version (tests/chaos/)
 #   make binary   the PyInstaller onefile binary in dist/edgemesh
 #   make onedir   the PyInstaller onedir build in dist/edgemesh-onedir/
 #   make binary-arm64 / binary-armv7   the same for another CPU, built under qemu (root)
@@ -17,11 +18,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
 	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod \
-	patchelf busybox-static
+	patchelf busybox-static faketime
 
 .PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
-	binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 packages-amd64 \
-	packages-arm64 packages-armv7 deb ipk apk release test-devices device-deps
+	chaos soak binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 \
+	packages-amd64 packages-arm64 packages-armv7 deb ipk apk release test-devices device-deps
 
 setup: system-deps $(STAMP)
 
@@ -76,6 +77,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not netns and not binary and not slow" tests
+
+# Fault injection under traffic, long version (tests/chaos/): each fault 3 times, the agent
+# killed -9 100 times, the API down 60 s; prints the table and writes .state/chaos-report.json.
+# `make test` runs the short version (each fault once, 5 kills, ~3 min).
+chaos: setup
+	EDGEMESH_CHAOS=long $(BIN)/python -m pytest -q -m chaos tests/chaos
 
 lint: setup
 	$(BIN)/ruff check edgemesh tests bench examples

@@ -23,13 +23,16 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import requests.adapters
 import yaml
+from urllib3.connection import HTTPConnection
 
 from edgemesh import doc_limits
 from edgemesh.config import KubeAPIConfig
@@ -77,7 +80,26 @@ class Connection:
         s.verify = self.verify
         s.cert = self.cert
         s.trust_env = False  # a proxy from the environment must not sit between us and the API
+        adapter = _KeepaliveAdapter()
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
         return s
+
+
+# A watch only reads. Without keepalive, a connection whose NAT mapping vanished (a router
+# restarted, `conntrack -F`) stays open and silent until the watch's timeoutSeconds (5-10 min)
+# and no change arrives meanwhile (tests/chaos). Probes after 15 s of silence end it within
+# ~30 s, at once where the far end answers with a reset; client-go keeps alive at 30 s.
+KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 15),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
+
+
+class _KeepaliveAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = HTTPConnection.default_socket_options + KEEPALIVE
+        super().init_poolmanager(*args, **kwargs)
 
 
 def connection_from_config(api: KubeAPIConfig, in_cluster: bool) -> Connection:

@@ -330,9 +330,10 @@ class Store:
         """Endpoints of one service port: ready ones (all with ``include_not_ready``).
 
         When none is ready, endpoints that are serving while terminating are returned, the
-        graceful-termination fallback kube-proxy uses. Duplicates across slices are merged.
+        graceful-termination fallback kube-proxy uses. Duplicates across slices are merged;
+        the same Pod IP on two nodes is two endpoints (edge sites reuse Pod ranges).
         """
-        seen: dict[tuple[str, int], Backend] = {}
+        seen: dict[tuple[str, int, str], Backend] = {}
         for sl in self.slices_for(service):
             slice_number = _port_number(sl.ports, port)
             for ep in sl.endpoints:
@@ -342,9 +343,10 @@ class Store:
                 ready = ep.ready or service.publish_not_ready
                 for ip in ep.addresses:
                     b = _backend(ep, ip, number, ready)
-                    if (ip, number) not in seen or (ready and not seen[(ip, number)].ready):
-                        seen[(ip, number)] = b
-        found = sorted(seen.values(), key=lambda b: (b.ip, b.port))
+                    key = (ip, number, b.node_name)
+                    if key not in seen or (ready and not seen[key].ready):
+                        seen[key] = b
+        found = sorted(seen.values(), key=lambda b: (b.ip, b.port, b.node_name))
         if include_not_ready:
             return found
         usable = [b for b in found if b.ready]

@@ -544,3 +544,19 @@ def test_backoff_grows_to_the_maximum_with_jitter(api):
     delays = [source._backoff(n) for n in range(1, 10)]
     assert 0.4 <= delays[0] <= 0.8 and all(d <= 30.0 for d in delays)
     assert delays[-1] >= 15.0
+
+
+def test_api_connections_keep_alive_so_a_silently_dead_watch_ends() -> None:
+    # a watch only reads: with its NAT mapping gone it would wait 5-10 min (tests/chaos)
+    import socket
+
+    with KubeAPI() as api:
+        kubeapi.cluster(api)
+        session = Connection(base_url=api.url).session()
+        with session.get(api.url + "/api/v1/services?watch=true&timeoutSeconds=5",
+                         stream=True, timeout=10) as r:
+            r.raw.read1(1)
+            sock = r.raw._fp.fp.raw._sock  # http.client response → socket.SocketIO
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3

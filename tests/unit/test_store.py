@@ -122,6 +122,17 @@ def test_backends_merge_and_dedupe_across_slices():
         ["web-a", "web-b", "web-c"]
 
 
+def test_the_same_pod_ip_on_two_nodes_is_two_backends():
+    # edge sites reuse Pod ranges (every Docker host has 172.17.0.0/16): merging these by
+    # address hid one node's endpoint, and a retry after the other failed had nowhere to go
+    store = Store()
+    store.replace("Service", [svc()])
+    store.replace("EndpointSlice", [
+        eps("web-a", endpoints=[ep("172.17.0.2", "b1"), ep("172.17.0.2", "b2")]),
+        eps("web-b", endpoints=[ep("172.17.0.2", "b2")])])  # the same endpoint twice: merged
+    assert backends(store) == [("172.17.0.2", 8080, "b1", True), ("172.17.0.2", 8080, "b2", True)]
+
+
 def test_backends_match_ports_by_name_and_protocol():
     store = Store()
     store.replace("Service", [svc(ports=[
