@@ -69,7 +69,8 @@ class Merged:
         self._applied: dict[KindKey, Any] = {}  # what the store was given (winners only)
         self._dirty: set[KindKey] = set()
         self._services: dict[str, dict[str, Service]] = {}  # namespace -> name -> Service
-        self._selectors: dict[tuple[str, str, str], set[str]] = {}  # (ns, label) -> Services
+        # (ns, label, value) -> the Service selecting by it, or a set when several do
+        self._selectors: dict[tuple[str, str, str], str | set[str]] = {}
         self._pods: dict[str, dict[str, Pod]] = {}  # namespace -> name -> Pod
         self._covered: collections.Counter[Key] = collections.Counter()  # user slices
         self._derived: dict[Key, list[Parsed]] = {}
@@ -173,11 +174,7 @@ class Merged:
         elif kind == "Service":
             _put_or_drop(self._services, ns, name, obj, sign)
             if obj.selector:  # indexed by one of its labels: a Pod finds its Services
-                item = (ns, *min(obj.selector.items()))
-                names = self._selectors.setdefault(item, set())
-                (names.add if sign > 0 else names.discard)(name)
-                if not names:
-                    del self._selectors[item]
+                _select(self._selectors, (ns, *min(obj.selector.items())), name, sign)
             touched.add(key)
         elif kind == "EndpointSlice" and obj.service_name:
             self._covered[(ns, obj.service_name)] += sign
@@ -189,7 +186,8 @@ class Merged:
             _put_or_drop(self._pods, ns, name, obj, sign)
             services = self._services.get(ns, {})
             for label in obj.meta.labels.items():
-                for svc_name in self._selectors.get((ns, *label), ()):
+                names = self._selectors.get((ns, *label), ())
+                for svc_name in (names,) if isinstance(names, str) else names:
                     svc = services.get(svc_name)
                     if svc is not None and svc.selector and selects(svc.selector, obj):
                         touched.add(svc.key)
@@ -248,6 +246,24 @@ class Merged:
 
 def selects(selector: dict[str, str], pod: Pod) -> bool:
     return all(pod.meta.labels.get(k) == v for k, v in selector.items())
+
+
+def _select(index: dict[tuple[str, str, str], str | set[str]], item: tuple[str, str, str],
+            name: str, sign: int) -> None:
+    names = index.get(item)
+    if sign > 0:
+        if names is None or names == name:
+            index[item] = name
+        elif isinstance(names, str):
+            index[item] = {names, name}
+        else:
+            names.add(name)
+    elif names == name:
+        del index[item]
+    elif isinstance(names, set):
+        names.discard(name)
+        if len(names) == 1:
+            index[item] = names.pop()
 
 
 def _put_or_drop(index: dict[str, dict[str, Any]], ns: str, name: str, obj: Any,
