@@ -13,8 +13,8 @@ import enum
 import ipaddress
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
 
 from edgemesh.errors import ManifestError
 
@@ -148,8 +148,39 @@ def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+# ---- quick construction ------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_FACTORY = object()  # "call the field's default_factory"
+
+
+def quick_init(cls: type[_T]) -> type[_T]:
+    """Give a frozen, slotted dataclass an ``__init__`` that stores through the slots'
+    descriptors: the same parameters and instances (still frozen, hashable), built ~2x faster
+    than dataclasses' ``object.__setattr__`` per field (a 10k-Service load builds ~300,000)."""
+    params, body = [], []
+    env: dict[str, Any] = {"_FACTORY": _FACTORY}
+    for f in fields(cls):  # type: ignore[arg-type]
+        env[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default is not MISSING:
+            env[f"_dflt_{f.name}"] = f.default
+            params.append(f"{f.name}=_dflt_{f.name}")
+        elif f.default_factory is not MISSING:
+            env[f"_make_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_FACTORY")
+            body.append(f"    if {f.name} is _FACTORY:\n        {f.name} = _make_{f.name}()")
+        else:
+            params.append(f.name)
+        body.append(f"    _set_{f.name}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body), env)  # noqa: S102
+    env["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = env["__init__"]  # type: ignore[method-assign]
+    return cls
+
+
 # ---- metadata ---------------------------------------------------------------------------------
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     name: str
@@ -216,6 +247,7 @@ def app_protocol_of(app_protocol: str, name: str, protocol: str) -> AppProtocol:
     return AppProtocol.TCP
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
@@ -239,6 +271,7 @@ class LoadBalancerIngress:
     ip_mode: str = ""  # "" (VIP before Kubernetes 1.29) | "VIP" | "Proxy"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Service:
     meta: ObjectMeta
@@ -335,6 +368,7 @@ def parse_service(obj: dict[str, Any]) -> Service:
 
 # ---- EndpointSlice / Endpoints ----------------------------------------------------------------
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TargetRef:
     kind: str
@@ -342,6 +376,7 @@ class TargetRef:
     name: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
@@ -350,6 +385,7 @@ class EndpointPort:
     app_protocol: str = ""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[str, ...]
@@ -365,6 +401,7 @@ class Endpoint:
     ports: tuple[EndpointPort, ...] | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class EndpointSlice:
     """An EndpointSlice, or a core/v1 Endpoints object converted to the same shape."""
@@ -450,6 +487,7 @@ def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
 
 # ---- Pod, Node, Namespace, Secret -------------------------------------------------------------
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Pod:
     meta: ObjectMeta
