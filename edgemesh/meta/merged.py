@@ -49,6 +49,8 @@ class Writes:
     removed: int = 0
 
 
+_NONE: dict[str, Any] = {}  # an empty index to look into (never written)
+
 DeriveSlices = Callable[[Service, list[Pod]], list[Parsed]]
 ImplyNamespace = Callable[[str], Parsed]
 
@@ -139,7 +141,7 @@ class Merged:
             owners = owners[-1]
         new = self._files[owners][ck] if owners is not None else None
         pod = ck[0] == "Pod"  # Pods stay here (endpoints are derived from them), not the store
-        old = self._pods.get(ck[1], {}).get(ck[2]) if pod else self._applied.get(ck)
+        old = self._pods.get(ck[1], _NONE).get(ck[2]) if pod else self._applied.get(ck)
         if new is old or (new is not None and old is not None and new == old):
             return
         kind, key = ck[0], (ck[1], ck[2])
@@ -169,7 +171,18 @@ class Merged:
         ns, name = key
         if ns:
             self._ns_use[ns] += sign
-        if kind == "Namespace":
+        if kind == "Pod":  # first: most objects are Pods
+            _put_or_drop(self._pods, ns, name, obj, sign)
+            services = self._services.get(ns, _NONE)
+            for label, value in obj.meta.labels.items():
+                names = self._selectors.get((ns, label, value))
+                if names is None:
+                    continue
+                for svc_name in (names,) if isinstance(names, str) else names:
+                    svc = services.get(svc_name)
+                    if svc is not None and svc.selector and selects(svc.selector, obj):
+                        touched.add((ns, svc_name))
+        elif kind == "Namespace":
             (self._declared.add if sign > 0 else self._declared.discard)(name)
         elif kind == "Service":
             _put_or_drop(self._services, ns, name, obj, sign)
@@ -182,20 +195,11 @@ class Merged:
         elif kind == "Endpoints":
             self._covered[key] += sign
             touched.add(key)
-        elif kind == "Pod":
-            _put_or_drop(self._pods, ns, name, obj, sign)
-            services = self._services.get(ns, {})
-            for label in obj.meta.labels.items():
-                names = self._selectors.get((ns, *label), ())
-                for svc_name in (names,) if isinstance(names, str) else names:
-                    svc = services.get(svc_name)
-                    if svc is not None and svc.selector and selects(svc.selector, obj):
-                        touched.add(svc.key)
 
     # ---- derived endpoints and implied namespaces -------------------------------------------
 
     def _rederive(self, key: Key, out: Writes) -> None:
-        svc = self._services.get(key[0], {}).get(key[1])
+        svc = self._services.get(key[0], _NONE).get(key[1])
         new: list[Parsed] = []
         if svc is not None and svc.selector and svc.type != "ExternalName" and \
                 self._covered[key] <= 0:
@@ -245,7 +249,11 @@ class Merged:
 
 
 def selects(selector: dict[str, str], pod: Pod) -> bool:
-    return all(pod.meta.labels.get(k) == v for k, v in selector.items())
+    labels = pod.meta.labels
+    for k, v in selector.items():
+        if labels.get(k) != v:
+            return False
+    return True
 
 
 def _select(index: dict[tuple[str, str, str], str | set[str]], item: tuple[str, str, str],
