@@ -14,13 +14,15 @@ the agent installs its iptables rules there and a change is "carried" once a TCP
 service address from the namespace reaches the endpoint; ``--no-iptables`` (the default when not
 root) runs the agent unprivileged, where "carried" is not measured.
 
-Figures per run: time to ready (``/readyz`` 200, from the agent's start), INFO log lines
-written until then; for one added Service, one changed Service (new cluster IP) and one deleted
-Service: time from the write (file renamed into place / object stored in the API) until the
-agent's DNS answers it (a UDP query every 5 ms) and until the proxy carries it; RSS and open
-descriptors once settled; idle CPU over ``--idle`` seconds (default 60); iptables apply time
-(``edgemesh_proxy_iptables_sync_seconds``: the first sync, and the mean of the later ones);
-time to exit on SIGTERM. The 10k/1k ratio of each figure is printed (linear growth = 10).
+Figures per run: time to ready (``/readyz`` 200, from the agent's start), the agent's CPU
+seconds until then (the figure to compare on a busy machine, where waiting for a core inflates
+the first), INFO log lines written until then; for one added Service, one changed Service
+(new cluster IP) and one deleted Service: time from the write (file renamed into place /
+object stored in the API) until the agent's DNS answers it (a UDP query every 5 ms) and until
+the proxy carries it; RSS and open descriptors once settled; idle CPU over ``--idle`` seconds
+(default 60); iptables apply time (``edgemesh_proxy_iptables_sync_seconds``: the first sync,
+and the mean of the later ones); time to exit on SIGTERM. The 10k/1k ratio of each figure is
+printed (linear growth = 10).
 
     .venv/bin/python -m bench.scale [--sizes 100,1000,10000] [--endpoints 5]
         [--sources files,kube] [--idle 60] [--no-iptables] [--no-proxy] [--format json|yaml]
@@ -299,6 +301,7 @@ class Figures:
     iptables: bool
     proxy: bool = True
     ready_s: float = float("nan")
+    ready_cpu_s: float = float("nan")
     log_lines: int = 0
     add_dns_ms: float = float("nan")
     add_carried_ms: float = float("nan")
@@ -383,6 +386,7 @@ def run_one(args: argparse.Namespace, source: str, n: int, tmp: str) -> Figures:
         if agent.poll() is not None:
             raise SystemExit(f"agent exited ({agent.returncode}); log: {log_path}")
         fig.ready_s = time.monotonic() - started
+        fig.ready_cpu_s = proc_figures(agent.pid)[2]
         with open(log_path, "rb") as f:
             fig.log_lines = sum(1 for line in f if line[:1] == b"I" and line[1:5].isdigit())
         time.sleep(1.0)  # the burst after ready (cache write, first resyncs) is not "a change"
@@ -461,7 +465,9 @@ def changes(args: argparse.Namespace, side: KubeSide | FilesSide, fig: Figures,
 
 # ---- report -------------------------------------------------------------------------------------
 
-ROWS = [("ready_s", "time to ready (s)", "{:.2f}"), ("log_lines", "INFO lines until ready", "{}"),
+ROWS = [("ready_s", "time to ready (s)", "{:.2f}"),
+        ("ready_cpu_s", "CPU seconds until ready", "{:.2f}"),
+        ("log_lines", "INFO lines until ready", "{}"),
         ("add_dns_ms", "added Service in DNS (ms)", "{:.0f}"),
         ("add_carried_ms", "added Service carried (ms)", "{:.0f}"),
         ("change_dns_ms", "changed Service in DNS (ms)", "{:.0f}"),

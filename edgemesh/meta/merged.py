@@ -49,6 +49,8 @@ class Writes:
     removed: int = 0
 
 
+_NONE: dict[str, Any] = {}  # an empty index to look into (never written)
+
 DeriveSlices = Callable[[Service, list[Pod]], list[Parsed]]
 ImplyNamespace = Callable[[str], Parsed]
 
@@ -69,7 +71,8 @@ class Merged:
         self._applied: dict[KindKey, Any] = {}  # what the store was given (winners only)
         self._dirty: set[KindKey] = set()
         self._services: dict[str, dict[str, Service]] = {}  # namespace -> name -> Service
-        self._selectors: dict[tuple[str, str, str], set[str]] = {}  # (ns, label) -> Services
+        # (ns, label, value) -> the Service selecting by it, or a set when several do
+        self._selectors: dict[tuple[str, str, str], str | set[str]] = {}
         self._pods: dict[str, dict[str, Pod]] = {}  # namespace -> name -> Pod
         self._covered: collections.Counter[Key] = collections.Counter()  # user slices
         self._derived: dict[Key, list[Parsed]] = {}
@@ -138,7 +141,7 @@ class Merged:
             owners = owners[-1]
         new = self._files[owners][ck] if owners is not None else None
         pod = ck[0] == "Pod"  # Pods stay here (endpoints are derived from them), not the store
-        old = self._pods.get(ck[1], {}).get(ck[2]) if pod else self._applied.get(ck)
+        old = self._pods.get(ck[1], _NONE).get(ck[2]) if pod else self._applied.get(ck)
         if new is old or (new is not None and old is not None and new == old):
             return
         kind, key = ck[0], (ck[1], ck[2])
@@ -168,16 +171,23 @@ class Merged:
         ns, name = key
         if ns:
             self._ns_use[ns] += sign
-        if kind == "Namespace":
+        if kind == "Pod":  # first: most objects are Pods
+            _put_or_drop(self._pods, ns, name, obj, sign)
+            services = self._services.get(ns, _NONE)
+            for label, value in obj.meta.labels.items():
+                names = self._selectors.get((ns, label, value))
+                if names is None:
+                    continue
+                for svc_name in (names,) if isinstance(names, str) else names:
+                    svc = services.get(svc_name)
+                    if svc is not None and svc.selector and selects(svc.selector, obj):
+                        touched.add((ns, svc_name))
+        elif kind == "Namespace":
             (self._declared.add if sign > 0 else self._declared.discard)(name)
         elif kind == "Service":
             _put_or_drop(self._services, ns, name, obj, sign)
             if obj.selector:  # indexed by one of its labels: a Pod finds its Services
-                item = (ns, *min(obj.selector.items()))
-                names = self._selectors.setdefault(item, set())
-                (names.add if sign > 0 else names.discard)(name)
-                if not names:
-                    del self._selectors[item]
+                _select(self._selectors, (ns, *min(obj.selector.items())), name, sign)
             touched.add(key)
         elif kind == "EndpointSlice" and obj.service_name:
             self._covered[(ns, obj.service_name)] += sign
@@ -185,19 +195,11 @@ class Merged:
         elif kind == "Endpoints":
             self._covered[key] += sign
             touched.add(key)
-        elif kind == "Pod":
-            _put_or_drop(self._pods, ns, name, obj, sign)
-            services = self._services.get(ns, {})
-            for label in obj.meta.labels.items():
-                for svc_name in self._selectors.get((ns, *label), ()):
-                    svc = services.get(svc_name)
-                    if svc is not None and svc.selector and selects(svc.selector, obj):
-                        touched.add(svc.key)
 
     # ---- derived endpoints and implied namespaces -------------------------------------------
 
     def _rederive(self, key: Key, out: Writes) -> None:
-        svc = self._services.get(key[0], {}).get(key[1])
+        svc = self._services.get(key[0], _NONE).get(key[1])
         new: list[Parsed] = []
         if svc is not None and svc.selector and svc.type != "ExternalName" and \
                 self._covered[key] <= 0:
@@ -247,7 +249,29 @@ class Merged:
 
 
 def selects(selector: dict[str, str], pod: Pod) -> bool:
-    return all(pod.meta.labels.get(k) == v for k, v in selector.items())
+    labels = pod.meta.labels
+    for k, v in selector.items():
+        if labels.get(k) != v:
+            return False
+    return True
+
+
+def _select(index: dict[tuple[str, str, str], str | set[str]], item: tuple[str, str, str],
+            name: str, sign: int) -> None:
+    names = index.get(item)
+    if sign > 0:
+        if names is None or names == name:
+            index[item] = name
+        elif isinstance(names, str):
+            index[item] = {names, name}
+        else:
+            names.add(name)
+    elif names == name:
+        del index[item]
+    elif isinstance(names, set):
+        names.discard(name)
+        if len(names) == 1:
+            index[item] = names.pop()
 
 
 def _put_or_drop(index: dict[str, dict[str, Any]], ns: str, name: str, obj: Any,

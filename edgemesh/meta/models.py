@@ -13,8 +13,8 @@ import enum
 import ipaddress
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
 
 from edgemesh.errors import ManifestError
 
@@ -92,6 +92,10 @@ _shared_tuples: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _EMPTY_MAP: dict[str, str] = {}  # shared by every object without labels; never mutated
 
 
+def _empty_map() -> dict[str, str]:
+    return _EMPTY_MAP
+
+
 def shared_map(value: dict[str, str]) -> dict[str, str]:
     """One dict object for equal small maps (labels, selectors); callers never mutate it."""
     if not value:
@@ -110,6 +114,22 @@ def forget_shared() -> None:
     first load is in, so the tables' own keys do not stay for the agent's lifetime."""
     _shared_maps.clear()
     _shared_tuples.clear()
+    _shared_strs.clear()
+
+
+# A Pod's name is also its endpoint's targetRef name: one string for both (~60 bytes each of
+# 50,000 at 10k Services x 5). Unlike sys.intern, the table is dropped after the first load.
+_shared_strs: dict[str, str] = {}
+
+
+def shared_str(value: str) -> str:
+    """One string object for equal names read from different documents."""
+    found = _shared_strs.get(value)
+    if found is None:
+        if len(_shared_strs) >= SHARED_LIMIT:
+            _shared_strs.clear()
+        found = _shared_strs[value] = value
+    return found
 
 
 def shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -129,16 +149,48 @@ def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+# ---- quick construction ------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_FACTORY = object()  # "call the field's default_factory"
+
+
+def quick_init(cls: type[_T]) -> type[_T]:
+    """Give a frozen, slotted dataclass an ``__init__`` that stores through the slots'
+    descriptors: the same parameters and instances (still frozen, hashable), built ~2x faster
+    than dataclasses' ``object.__setattr__`` per field (a 10k-Service load builds ~300,000)."""
+    params, body = [], []
+    env: dict[str, Any] = {"_FACTORY": _FACTORY}
+    for f in fields(cls):  # type: ignore[arg-type]
+        env[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default is not MISSING:
+            env[f"_dflt_{f.name}"] = f.default
+            params.append(f"{f.name}=_dflt_{f.name}")
+        elif f.default_factory is not MISSING:
+            env[f"_make_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_FACTORY")
+            body.append(f"    if {f.name} is _FACTORY:\n        {f.name} = _make_{f.name}()")
+        else:
+            params.append(f.name)
+        body.append(f"    _set_{f.name}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body), env)  # noqa: S102
+    env["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = env["__init__"]  # type: ignore[method-assign]
+    return cls
+
+
 # ---- metadata ---------------------------------------------------------------------------------
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     name: str
     namespace: str = ""
     uid: str = ""
     resource_version: str = ""
-    labels: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
-    annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    # one shared empty map by default (never mutated): 64 bytes per object otherwise
+    labels: dict[str, str] = field(default_factory=_empty_map, hash=False, compare=True)
+    annotations: dict[str, str] = field(default_factory=_empty_map, hash=False, compare=True)
     # parse_meta validates annotations and keeps only EdgeMesh's own (ANNOTATION_PREFIX)
 
 
@@ -157,7 +209,7 @@ def parse_meta(obj: dict[str, Any], namespaced: bool = True) -> ObjectMeta:
         kept = {k: v for k, v in _strmap(m, "annotations", "metadata.").items()
                 if k.startswith(ANNOTATION_PREFIX)}
         annotations = shared_map(kept) if kept else _EMPTY_MAP
-    return ObjectMeta(name=name, namespace=sys.intern(namespace) if namespaced else "",
+    return ObjectMeta(name=shared_str(name), namespace=sys.intern(namespace) if namespaced else "",
                       uid=_str(m, "uid", "metadata."),
                       resource_version=_str(m, "resourceVersion", "metadata."),
                       labels=shared_map(_strmap(m, "labels", "metadata.")),
@@ -201,6 +253,7 @@ def app_protocol_of(app_protocol: str, name: str, protocol: str) -> AppProtocol:
     return AppProtocol.TCP
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
@@ -224,6 +277,7 @@ class LoadBalancerIngress:
     ip_mode: str = ""  # "" (VIP before Kubernetes 1.29) | "VIP" | "Proxy"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Service:
     meta: ObjectMeta
@@ -320,6 +374,7 @@ def parse_service(obj: dict[str, Any]) -> Service:
 
 # ---- EndpointSlice / Endpoints ----------------------------------------------------------------
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TargetRef:
     kind: str
@@ -327,6 +382,7 @@ class TargetRef:
     name: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
@@ -335,6 +391,7 @@ class EndpointPort:
     app_protocol: str = ""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[str, ...]
@@ -350,6 +407,7 @@ class Endpoint:
     ports: tuple[EndpointPort, ...] | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class EndpointSlice:
     """An EndpointSlice, or a core/v1 Endpoints object converted to the same shape."""
@@ -366,7 +424,7 @@ def _target_ref(obj: dict[str, Any], where: str) -> TargetRef | None:
         return None
     return TargetRef(kind=sys.intern(_str(ref, "kind", where)),
                      namespace=sys.intern(_str(ref, "namespace", where)),
-                     name=_str(ref, "name", where))
+                     name=shared_str(_str(ref, "name", where)))
 
 
 def _endpoint_port(p: Any, where: str) -> EndpointPort:
@@ -390,7 +448,7 @@ def parse_endpoint_slice(obj: dict[str, Any]) -> EndpointSlice:
         serving = _bool(cond, "serving", at, True)
         terminating = _bool(cond, "terminating", at, False)
         endpoints.append(Endpoint(
-            addresses=_strs(e, "addresses", where),
+            addresses=shared_tuple(_strs(e, "addresses", where)),  # the Pod's pod_ips
             ready=_bool(cond, "ready", at, True),
             serving=serving, terminating=terminating,
             hostname=_str(e, "hostname", where),
@@ -435,6 +493,7 @@ def parse_endpoints(obj: dict[str, Any]) -> EndpointSlice:
 
 # ---- Pod, Node, Namespace, Secret -------------------------------------------------------------
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Pod:
     meta: ObjectMeta
@@ -464,6 +523,7 @@ def parse_pod(obj: dict[str, Any]) -> Pod:
                 if isinstance(ip, dict) and ip.get("ip"))
     if not ips and status.get("podIP"):
         ips = (_str(status, "podIP", "status."),)
+    ips = shared_tuple(ips)  # also its endpoint's addresses
     ready = any(isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
                 for c in _list(status, "conditions", "status."))
     cports = []

@@ -91,7 +91,9 @@ class Store:
             collections.deque()
         self._journal_floor = 0  # changes_since(r) needs r >= this
         self._by_ip: dict[str, Service] = {}
-        self._slices: dict[Key, dict[str, EndpointSlice]] = {}  # service key -> name -> slice
+        # service key -> its slice, or name -> slice when it has several (most have one: a
+        # dict each would cost ~230 bytes per Service)
+        self._slices: dict[Key, EndpointSlice | dict[str, EndpointSlice]] = {}
         self._ns_services: collections.Counter[str] = collections.Counter()
         self._rules: dict[str, _RuleIndex] = {}  # zone -> index; dropped on any rule change
         self._wildcard_names: dict[tuple[Key, str], bool] = {}  # dropped on Service changes
@@ -203,7 +205,15 @@ class Store:
             self._ns_services[key[0]] += 1
             self._wildcard_names.clear()
         elif kind == "EndpointSlice" and obj.service_name:
-            self._slices.setdefault((key[0], obj.service_name), {})[key[1]] = obj
+            skey = (key[0], obj.service_name)
+            known = self._slices.get(skey)
+            if known is None or (isinstance(known, EndpointSlice) and
+                                 known.meta.name == key[1]):
+                self._slices[skey] = obj
+            elif isinstance(known, EndpointSlice):
+                self._slices[skey] = {known.meta.name: known, key[1]: obj}
+            else:
+                known[key[1]] = obj
         elif kind == "DestinationRule":
             self._rules.clear()
 
@@ -219,10 +229,13 @@ class Store:
         elif kind == "EndpointSlice" and old.service_name:
             skey = (key[0], old.service_name)
             slices = self._slices.get(skey)
-            if slices is not None:
-                slices.pop(key[1], None)
-                if not slices:
+            if isinstance(slices, EndpointSlice):
+                if slices.meta.name == key[1]:
                     del self._slices[skey]
+            elif slices is not None:
+                slices.pop(key[1], None)
+                if len(slices) == 1:
+                    self._slices[skey] = next(iter(slices.values()))
         elif kind == "DestinationRule":
             self._rules.clear()
 
@@ -320,6 +333,8 @@ class Store:
     def slices_for(self, service: Service) -> builtins.list[EndpointSlice]:
         """EndpointSlices of a service; its core/v1 Endpoints only when it has no slices."""
         slices = self._slices.get(service.key)
+        if isinstance(slices, EndpointSlice):
+            return [slices]
         if slices:
             return [slices[name] for name in sorted(slices)]
         legacy = self._objects["Endpoints"].get(service.key)

@@ -67,3 +67,16 @@ def test_bounds_count_what_a_walk_would_see() -> None:
     assert "nested" in doc_limits.problem(
         {"a": {"b": {"c": 1}}}, 0, max_depth=2)
     assert doc_limits.problem(Store, 0) == ""  # scalars of any type are leaves
+
+
+def test_a_deep_json_manifest_is_refused_without_a_walk(tmp_path) -> None:
+    """JSON is not walked (no aliases: it cannot expand); the decoder's depth bound refuses."""
+    (tmp_path / "good.yaml").write_text(service("web"))
+    (tmp_path / "bomb.json").write_text(
+        '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": '
+        + "[" * 20000 + "]" * 20000 + "}")
+    before = bad_count()
+    store, source = loaded(tmp_path)
+    assert store.service("demo", "web") is not None
+    assert bad_count() == before + 1
+    assert "nested too deeply" in " ".join(source.errors[str(tmp_path / "bomb.json")])

@@ -427,7 +427,7 @@ def test_namespaces_of_objects_exist_without_namespace_documents(tmp_path):
     store, _ = loaded(tmp_path)
     names = {n.meta.name: n.phase for n in store.list("Namespace")}
     assert names == {"shop": "Active", "lb": "Terminating", "default": "Active"}
-    assert store.namespace_exists("shop") and not store.namespace_exists("nowhere")
+    assert "shop" in store.namespaces() and "nowhere" not in store.namespaces()
 
 
 @pytest.mark.parametrize("name", ["x.yaml", "x.yml", "x.json"])
@@ -477,3 +477,19 @@ def test_a_directory_that_cannot_be_listed_keeps_its_services(tmp_path, monkeypa
     os.remove(tmp_path / "web.yaml")
     source.poll()  # a listing that works and lacks the file: removed
     assert store.service("demo", "web") is None
+
+
+def test_services_sharing_a_selector_label_each_follow_their_pods(tmp_path):
+    """The selector index holds one Service name per label, or a set once several share it:
+    both forms, and the way back to one, find the Services a Pod change touches."""
+    write(tmp_path / "svcs.yaml", docs(service("web", selector="web", ip="10.96.0.10"),
+                                       service("www", selector="web", ip="10.96.0.11")))
+    write(tmp_path / "pods.yaml", pod("web-1", "172.17.0.5"))
+    store, source = loaded(tmp_path)
+    assert endpoints(store, "demo", "web") == endpoints(store, "demo", "www") == \
+        [("172.17.0.5", 8080, "edge-node-1")]
+    write(tmp_path / "svcs.yaml", service("web", selector="web", ip="10.96.0.10"))
+    write(tmp_path / "pods.yaml", docs(pod("web-1", "172.17.0.5"), pod("web-2", "172.17.0.6")))
+    source.poll()
+    assert store.service("demo", "www") is None
+    assert [ip for ip, _, _ in endpoints(store, "demo", "web")] == ["172.17.0.5", "172.17.0.6"]

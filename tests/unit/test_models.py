@@ -628,3 +628,19 @@ def test_every_go_edgemesh_example_document_parses():
     assert (server.protocol, server.tls.credential_name, server.tls.mode,
             server.tls.go_compat) == ("HTTP", "gw-secret", "MUTUAL", False)
     assert len(server.tls.cipher_suites) == 10
+
+
+def test_quick_init_builds_the_same_frozen_objects_as_dataclasses() -> None:
+    import dataclasses
+
+    from edgemesh.meta import models as m
+    meta = m.ObjectMeta("web", namespace="demo")
+    assert meta.labels == {} and meta.annotations == {} and meta.uid == ""
+    pod = m.Pod(meta, pod_ips=("10.0.0.1",))
+    assert pod == m.Pod(meta=m.ObjectMeta(name="web", namespace="demo"), pod_ips=("10.0.0.1",))
+    assert hash(pod) == hash(dataclasses.replace(pod, phase=""))
+    assert dataclasses.replace(pod, phase="Running").phase == "Running"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pod.phase = "Running"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        m.Pod()  # type: ignore[call-arg]

@@ -354,3 +354,20 @@ def test_nodes_and_pods():
     store.replace("Pod", [(models.parse_pod({"metadata": {"name": "p"}}), {})])
     assert store.node("edge-1").addresses == (("InternalIP", "192.168.1.2"),)
     assert store.node("edge-2") is None and [p.meta.name for p in store.pods()] == ["p"]
+
+
+def test_slices_of_a_service_from_one_to_several_and_back():
+    """The slice index holds a Service's only slice, or a map once it has several."""
+    store = Store()
+    store.replace("Service", [svc()])
+    web = store.service("demo", "web")
+    names = lambda: [s.meta.name for s in store.slices_for(web)]  # noqa: E731
+    store.upsert("EndpointSlice", *eps("web-b", endpoints=[ep("172.17.1.2")]))
+    store.upsert("EndpointSlice", *eps("web-b", endpoints=[ep("172.17.1.3")]))  # replaced
+    assert names() == ["web-b"] and [b[0] for b in backends(store)] == ["172.17.1.3"]
+    store.upsert("EndpointSlice", *eps("web-a", endpoints=[ep("172.17.1.1")]))
+    assert names() == ["web-a", "web-b"]
+    store.delete("EndpointSlice", "demo", "web-b")
+    assert names() == ["web-a"]
+    store.delete("EndpointSlice", "demo", "web-a")
+    assert names() == [] and backends(store) == []
