@@ -78,6 +78,10 @@ class Balancers:
             current = self._by_port[key] = Balancer(spec, self.node_name)
         return current
 
+    def discard(self, key: PortKey) -> None:
+        """Forget the balancer of one port that no longer exists."""
+        self._by_port.pop(key, None)
+
     def retain(self, keys: set[PortKey]) -> None:
         """Forget balancers of ports that no longer exist."""
         for key in list(self._by_port):
