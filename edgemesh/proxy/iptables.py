@@ -114,7 +114,7 @@ RULE_OPERATIONS = metrics.counter("edgemesh_proxy_iptables_rule_operations_total
                                   "syncs: a change writes only the rules it changes.")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Portal:
     """Traffic to ``ip:port/protocol`` goes to the listener at ``to_ip:to_port``.
 

@@ -103,12 +103,14 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from edgemesh import netdev
 from edgemesh.agent import Context
 from edgemesh.meta.models import PROXY_NAME_LABEL, AppProtocol, Service, ServicePort
+from edgemesh.meta.store import Backend
 from edgemesh.proxy import http_listen, iptables
 from edgemesh.proxy.dialer import Dialer
 from edgemesh.proxy.iptables import NODE, Portal
@@ -137,7 +139,7 @@ IPV6_FAILURES = metrics.counter("edgemesh_proxy_ipv6_failures_total",
 WATCHED = ("Service", "EndpointSlice", "Endpoints", "DestinationRule")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PortKey:
     namespace: str
     name: str
@@ -255,7 +257,6 @@ class ProxyModule:
         self.listeners: dict[PortKey, Any] = {}  # the handler of each port (see the docstring)
         self.transparent: dict[int, TransparentTCP] = {}  # by family, with iptables only
         self.transparent_udp: dict[int, TransparentUDP] = {}  # where TPROXY works
-        self.addresses: dict[PortKey, list[str]] = {}  # where each port is intercepted
         self.rules: iptables.Rules | None = None
         ipv6 = ctx.config.commonConfig.bridgeDeviceIPv6
         self.listen_ip6 = str(ipaddress.IPv6Address(ipv6)) if ipv6 and cfg.iptables else ""
@@ -469,8 +470,11 @@ class ProxyModule:
     def _touched_services(self) -> set[tuple[str, str]] | None:
         """The Services written since the last good sync, when a sync of only their ports is
         enough; None when everything must be looked at (the first sync, a DestinationRule
-        changed, the store's journal outrun, a steered range or IPv6 to retry)."""
+        changed, the store's journal outrun, a steered range, IPv6 to retry, rules that
+        drifted or failed to apply)."""
         if not self.synced or self._revision < 0 or self._steered_dirty or self.ipv6_error:
+            return None
+        if any(r is not None and r.applied is None for r in (self.rules, self.rules6)):
             return None
         changes = self.ctx.store.changes_since(self._revision)
         if changes is None or "DestinationRule" in changes.keys:
@@ -526,7 +530,6 @@ class ProxyModule:
         """Stop carrying one port; its portals (whose rules must go)."""
         self._unsteer(key, self.listeners[key])
         self.listeners.pop(key).close()
-        self.addresses.pop(key, None)
         self.balancers.discard((key.namespace, key.name, key.port))
         log.debug("no longer carrying %s", key)
         last = self._seen.pop(key, None)
@@ -542,7 +545,6 @@ class ProxyModule:
             if key.family == 4:
                 raise
             self._ipv6_failed("listener", f"cannot listen on {self.listen_ip6}: {e}")
-            self.addresses.pop(key, None)
             self._seen.pop(key, None)
             return None
         if old is not None:
@@ -585,7 +587,6 @@ class ProxyModule:
             portals[key.family] += mine
         self._seen = seen
         if removed:
-            self.addresses = {k: v for k, v in self.addresses.items() if k in want}
             self.balancers.retain({(k.namespace, k.name, k.port) for k in want})
         self._rules_intact()
         if self.pods is not None:
@@ -676,14 +677,12 @@ class ProxyModule:
         tproxy = key.protocol == "udp" and getattr(handler, "address", None) is None
         to_ip, to_port = self._listen_address(key, handler)
         ips = service_ips6(svc) if key.family == 6 else service_ips(svc)
-        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, str(key), tproxy)
+        name = getattr(handler, "name", None) or str(key)  # one string for both
+        mine = [Portal(ip, port.port, key.protocol, to_ip, to_port, name, tproxy)
                 for ip in ips]
         node_port = node_port_of(svc, port)
         if node_port and iptables.node_ports_enabled(self.config.nodePortAddresses, key.family):
-            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, str(key), tproxy))
-        self.addresses[key] = [f"node:{p.port}" if p.ip == NODE else
-                               f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}"
-                               for p in mine]
+            mine.append(Portal(NODE, node_port, key.protocol, to_ip, to_port, name, tproxy))
         return mine
 
     def _listen_address(self, key: PortKey, handler: Any) -> tuple[str, int]:
@@ -696,10 +695,8 @@ class ProxyModule:
 
     def _listener_for(self, key: PortKey, svc: Service, port: ServicePort) -> Any:
         balancer = self.balancers.get(svc, port)
-        backends = self.ctx.store.backends(svc, port)
+        backends = Endpoints(self.ctx.store, svc, port, key.family)
         listen_ip = self.listen_ip6 if key.family == 6 else self.listen_ip
-        # each family to its own endpoints (as kube-proxy), all of them when it has none
-        backends = [b for b in backends if (":" in b.ip) == (key.family == 6)] or backends
         listener = self.listeners.get(key)
         kind = http_listen.kind_for(port, balancer.spec, self.config.perRequestHTTP)  # issue 5
         if listener is not None and getattr(listener, "kind", None) != kind:  # mode changed
@@ -740,7 +737,7 @@ class ProxyModule:
             out.append({"service": f"{key.namespace}/{key.name}", "port": key.port,
                         "protocol": key.protocol, "family": f"IPv{key.family}",
                         "listen": f"[{host}]:{port}" if key.family == 6 else f"{host}:{port}",
-                        "addresses": self.addresses.get(key, []),
+                        "addresses": self._addresses(key),
                         "policy": spec.policy.value, "hashKey": spec.hash_key.value,
                         "affinitySeconds": spec.affinity_timeout,
                         **self._rule_view(key.namespace, key.name),
@@ -755,6 +752,12 @@ class ProxyModule:
                 "edgeCNI": self.pods.view() if self.pods is not None else None,
                 "activeConnections": len(self.tcp.conns) if self.tcp else 0}
 
+    def _addresses(self, key: PortKey) -> list[str]:
+        """Where a port is intercepted, as ``/debug/proxy`` lists it."""
+        portals = self._seen[key][1] if key in self._seen else []
+        return [f"node:{p.port}" if p.ip == NODE else
+                f"[{p.ip}]:{p.port}" if key.family == 6 else f"{p.ip}:{p.port}" for p in portals]
+
     def _rule_view(self, namespace: str, name: str) -> dict[str, str | None]:
         """The DestinationRule a service follows and how it matched: ``host`` (Istio) or
         ``name`` (the Go EdgeMesh's way, see ``Store.destination_rule_match``)."""
@@ -765,6 +768,44 @@ class ProxyModule:
         meta = match.rule.meta
         return {"destinationRule": f"{meta.namespace}/{meta.name}",
                 "destinationRuleMatchedBy": match.by}
+
+
+class Endpoints(Sequence[Backend]):
+    """A port's endpoints, read from the store at their first use: most of 10,000 ports never
+    see a connection, so their first sync builds no endpoint objects for them (a tenth of
+    its time and of the proxy's memory). Each family gets its own endpoints (as kube-proxy
+    does), all of them when it has none. A port is handed a new one whenever its Service
+    or endpoints change."""
+    __slots__ = ("_args", "_list")
+
+    def __init__(self, store: Any, svc: Service, port: ServicePort, family: int) -> None:
+        self._args: tuple[Any, Service, ServicePort, int] | None = (store, svc, port, family)
+        self._list: list[Backend] = []
+
+    def _read(self) -> list[Backend]:
+        if self._args is not None:
+            store, svc, port, family = self._args
+            found = store.backends(svc, port)
+            self._list = [b for b in found if (":" in b.ip) == (family == 6)] or found
+            self._args = None
+        return self._list
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._read()[index]
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self._read())
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._read())
 
 
 def _register(table: Steering[Any] | None, portals: list[Portal], handler: Any) -> None:
