@@ -3,12 +3,18 @@
 Reconciled from the store (level-triggered): every change to Services, endpoints or
 DestinationRules, and every ``iptablesSyncPeriod`` seconds, the module computes the ports it
 should serve, creates and drops their handlers, hands each its current endpoints and
-balancer, then brings the interception rules up to date. A sync redoes only the ports whose
-Service or endpoints changed (every port when a DestinationRule changed), writes only the rules
-that changed (``iptables.render_delta``; none when nothing did), and logs one summary line
+balancer, then brings the interception rules up to date. After the first sync, a sync looks
+only at the Services the store's journal says were written since the last one
+(``store.changes_since``: a Service or its endpoints) and hands the rules only their portals
+(``iptables.Rules.change``), so one change costs what it changed, whatever the number of
+Services; it looks at every port (keeping those unchanged) when a DestinationRule changed, the
+journal was outrun, a steered range or IPv6 addresses are involved, or the rules drifted or
+failed. A change after a quiet spell is synced at once; syncs are at least 50 ms apart, so a
+burst of changes shares a few (``Reconciler(min_interval=)``). Each sync logs one summary line
 (``carrying 10000 service ports, 3 added, 1 removed (12 ms)``; per-port lines at ``-v 4``).
 The periodic resync compares the kernel's rules with the applied ones and rewrites them whole
-only when they drifted.
+only when they drifted. A port's endpoints are read from the store when it first needs them
+(``Endpoints``): most of 10,000 ports never see a connection.
 
 Which services are served: those with a ClusterIP (not headless, not ExternalName), minus those
 ``serviceFilterMode`` leaves to kube-proxy by the ``service.edgemesh.kubeedge.io/
