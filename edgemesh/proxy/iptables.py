@@ -47,10 +47,11 @@ and nothing at all when nothing did — one Service changed among 5,000 is two r
 writing new rules in a first transaction and deletions in a second: with nf_tables, a ``-D``
 makes ``iptables-restore`` read the whole chain (~0.2 s at 10,000 rules) where ``-I`` takes
 ~15 ms, so a new or changed Service is carried before the old rules are gone (the listener
-already refuses what they lead to). ``Rules.check`` (the periodic resync) compares ``iptables-save`` with what was
-applied and forces a full rewrite when they differ. The jump rules are checked against
-``iptables-save`` at each full rewrite and added once (extra copies from a crash or a second
-agent are removed), so any number of restarts leaves exactly one of each.
+already refuses what they lead to). ``Rules.check`` (the periodic resync) compares
+``iptables-save`` with what was applied and forces a full rewrite when they differ. The jump
+rules are checked against ``iptables-save`` at each full rewrite and added once (extra copies
+from a crash or a second agent are removed), so any number of restarts leaves exactly one of
+each.
 
 Backends: the host's ``iptables`` may be nf_tables or legacy; ``detect_backend`` picks the one
 that already holds rules (as kube-proxy's iptables-wrapper does), so we never add rules that
