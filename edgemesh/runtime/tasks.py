@@ -206,10 +206,10 @@ class Reconciler:
             self._event.wait(timeout=self._period)
             if self._delay:
                 gevent.sleep(self._delay)  # let a burst of changes land before acting
-            else:
-                # the ready greenlets (the rest of a source's batch) go first; then at most
-                # one run per min_interval
-                gevent.sleep(max(0.0, self._last_run + self._min_interval - time.monotonic()))
+            elif self._min_interval:
+                wait = self._last_run + self._min_interval - time.monotonic()
+                if wait > 0:
+                    gevent.sleep(wait)  # at most one run per min_interval
             self._event.clear()
             self._last_run = time.monotonic()
             try:
