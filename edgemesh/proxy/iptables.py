@@ -309,7 +309,7 @@ def render_delta(old: Ruleset, new: Ruleset) -> str | None:
     return "\n".join(out) + "\n" if out else ""
 
 
-def _changes(chain: str, old: frozenset[str], new: frozenset[str],
+def _changes(chain: str, old: AbstractSet[str], new: AbstractSet[str],
              insert: bool = False) -> list[str]:
     prefix = f"-A {chain} "
     gone = sorted(f"-D {chain} {line[len(prefix):]}" for line in old - new)
@@ -355,7 +355,7 @@ def _in_chain(lines: Sequence[str], chain: str) -> list[str]:
     return [line for line in lines if line.startswith(f"-A {chain} ")]
 
 
-def _differ(lines: list[str], want: frozenset[str]) -> bool:
+def _differ(lines: list[str], want: AbstractSet[str]) -> bool:
     return len(lines) != len(want) or set(lines) != {line.replace('"', "") for line in want}
 
 
