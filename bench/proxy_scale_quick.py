@@ -1,8 +1,9 @@
 """Quick proxy-at-scale check (issue 16, item 3): N Services x 5 endpoints in a manifests dir,
 one agent (proxy only: DNS and tunnel off) in a fresh network namespace with iptables.
 
-Prints, per N: time to ready, open descriptors, RSS, time for one added Service to be in the
-rules (``iptables -C``), and time to exit on SIGTERM (and whether the rules went with it).
+Prints, per N: time to ready, open descriptors, RSS (and its high-water mark), time for one
+added Service to be in the rules (``iptables -C``), and time to exit on SIGTERM (and whether
+the rules went with it).
 The official benchmark is ``bench/scale.py``; this one isolates the proxy.
 
     sudo .venv/bin/python -m bench.proxy_scale_quick --idle 65 1000 5000 10000
@@ -91,8 +92,9 @@ def run(n: int, tree: str, tmp: str, idle: float = 0.0) -> dict[str, object]:
         pid = proc.pid  # ip netns exec execs the agent: same process
         out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
         with open(f"/proc/{pid}/status") as f:
-            rss = next(line for line in f if line.startswith("VmRSS"))
-        out["rss_mb"] = round(int(rss.split()[1]) / 1024, 1)
+            status = {line.split(":")[0]: line.split()[1] for line in f if line.startswith("Vm")}
+        out["rss_mb"] = round(int(status["VmRSS"]) / 1024, 1)
+        out["peak_rss_mb"] = round(int(status["VmHWM"]) / 1024, 1)  # the high-water mark
         if idle:
             out["idle_cpu_pct"] = idle_cpu(pid, idle)
         # one Service more, in a file of its own

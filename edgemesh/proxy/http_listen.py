@@ -192,7 +192,7 @@ def cookie_for(store: Store, service: Service, port: ServicePort) -> HttpCookie 
 
 
 def make(kind: str, module: Any, name: str, service: Service, port: ServicePort,
-         balancer: Balancer, backends: list[Backend], listen_ip: str | None) -> Any:
+         balancer: Balancer, backends: Sequence[Backend], listen_ip: str | None) -> Any:
     """The handler of ``kind`` for a service port of the proxy ``module``: with a listening
     socket of its own on ``listen_ip``, or (None) fed by the module's transparent listener."""
     cfg = module.config
@@ -216,7 +216,7 @@ class HTTPListener:
     through ``accept``) is served by a greenlet of a pool bounded by ``max_connections``."""
     kind = "http"
 
-    def __init__(self, name: str, ip: str | None, balancer: Balancer, backends: list[Backend],
+    def __init__(self, name: str, ip: str | None, balancer: Balancer, backends: Sequence[Backend],
                  dialer: Dialer, cookie_of: Callable[[], HttpCookie | None],
                  limits: HttpLimits, max_connections: int, proxy: TCPProxy) -> None:
         self.name = name
@@ -242,7 +242,7 @@ class HTTPListener:
         self._clients.spawn(serve_connection, sock, addr, self.port, self.pool,
                             self.limits)
 
-    def update(self, balancer: Balancer, backends: list[Backend]) -> None:
+    def update(self, balancer: Balancer, backends: Sequence[Backend]) -> None:
         self.balancer = self.port.balancer = balancer
         self.backends = backends
         self.port.cookie = self._cookie_of()
@@ -268,7 +268,7 @@ class TLSListener(TLSPort):
     """An https port with a listening socket of its own."""
 
     def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
-                 backends: list[Backend]) -> None:
+                 backends: Sequence[Backend]) -> None:
         super().__init__(proxy, name, balancer, backends)
         self.acceptor = Acceptor(proxy, ip, 0, self.accept, name)
         self.address = self.acceptor.address

@@ -12,6 +12,8 @@ HTTP layer, which passes header or cookie values as keys.
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 from edgemesh.config import EdgeProxy
 from edgemesh.meta.istio import LoadBalancerSettings
 from edgemesh.meta.models import Service, ServicePort
@@ -21,13 +23,25 @@ from edgemesh.proxy.lb import Balancer, HashKey, LBSpec, Policy, RingParams
 
 def ring_params(config: EdgeProxy) -> RingParams:
     ch = config.loadBalancer.consistentHash
-    return RingParams(ch.partitionCount, ch.replicationFactor, ch.load)
+    return _shared(RingParams(ch.partitionCount, ch.replicationFactor, ch.load))
+
+
+_SHARED: dict[object, object] = {}
+T = TypeVar("T")
+
+
+def _shared(value: T) -> T:
+    """One instance of each distinct (frozen) value: 10,000 ports without a DestinationRule
+    share one spec instead of holding 10,000 equal ones."""
+    if len(_SHARED) > 4096:
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)  # type: ignore[return-value]
 
 
 def _from_settings(settings: LoadBalancerSettings | None, default: Policy,
                    ring: RingParams, prefer_local: bool) -> LBSpec:
     if settings is None:
-        return LBSpec(default, ring=ring, prefer_local=prefer_local)
+        return _shared(LBSpec(default, ring=ring, prefer_local=prefer_local))
     ch = settings.consistent_hash
     if ch is not None:
         if ch.use_source_ip:
@@ -77,6 +91,10 @@ class Balancers:
         if current is None or current.spec != spec:
             current = self._by_port[key] = Balancer(spec, self.node_name)
         return current
+
+    def discard(self, key: PortKey) -> None:
+        """Forget the balancer of one port that no longer exists."""
+        self._by_port.pop(key, None)
 
     def retain(self, keys: set[PortKey]) -> None:
         """Forget balancers of ports that no longer exist."""

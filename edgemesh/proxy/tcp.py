@@ -38,7 +38,7 @@ import _socket
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -525,7 +525,7 @@ class TCPPort:
     kind: str | None = None  # "https" and "http" ports are subclasses (http_listen.py)
 
     def __init__(self, proxy: TCPProxy, name: str, balancer: Balancer,
-                 backends: list[Backend]) -> None:
+                 backends: Sequence[Backend]) -> None:
         self.proxy = proxy
         self.name = name
         self.balancer = balancer
@@ -542,7 +542,7 @@ class TCPPort:
             self._counters = (BYTES.labels(name, "upstream"), BYTES.labels(name, "downstream"))
         return self._counters
 
-    def update(self, balancer: Balancer, backends: list[Backend]) -> None:
+    def update(self, balancer: Balancer, backends: Sequence[Backend]) -> None:
         self.balancer = balancer
         self.backends = backends
 
@@ -643,7 +643,7 @@ class TCPListener(TCPPort):
     """A service port with a listening socket of its own (``--no-iptables``, tests)."""
 
     def __init__(self, proxy: TCPProxy, name: str, ip: str, balancer: Balancer,
-                 backends: list[Backend], port: int = 0) -> None:
+                 backends: Sequence[Backend], port: int = 0) -> None:
         super().__init__(proxy, name, balancer, backends)
         self.acceptor = Acceptor(proxy, ip, port, self.accept, name)
         self.sock = self.acceptor.sock

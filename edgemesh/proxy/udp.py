@@ -35,7 +35,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -265,7 +265,7 @@ class UDPPort:
     (``UDPListener``), or by the transparent UDP listener (``TransparentUDPPort``)."""
 
     def __init__(self, dialer: Dialer, name: str, balancer: Balancer,
-                 backends: list[Backend], *, idle_timeout: float, max_sessions: int) -> None:
+                 backends: Sequence[Backend], *, idle_timeout: float, max_sessions: int) -> None:
         self.dialer = dialer
         self.name = name
         self.balancer = balancer
@@ -291,7 +291,7 @@ class UDPPort:
         self._sweeper = tasks.spawn_forever(f"proxy-udp-idle-{name}", self._sweep_once,
                                             backoff=min(self.idle_timeout / 4, 15.0))
 
-    def update(self, balancer: Balancer, backends: list[Backend]) -> None:
+    def update(self, balancer: Balancer, backends: Sequence[Backend]) -> None:
         self.balancer = balancer
         self.backends = backends
 
@@ -304,7 +304,7 @@ class UDPPort:
         """How replies reach ``client``, and the session's own client socket if it has one."""
         raise NotImplementedError
 
-    def backends_for(self, local: tuple[str, int]) -> list[Backend]:
+    def backends_for(self, local: tuple[str, int]) -> Sequence[Backend]:
         """The endpoints a new session to ``local`` chooses among: the port's (the Edge CNI's
         port has one per destination, ``podip.PodUDPPort``)."""
         return self.backends
@@ -428,7 +428,7 @@ class UDPListener(UDPPort):
     it, and conntrack gives them the address the client sent to."""
 
     def __init__(self, dialer: Dialer, name: str, ip: str, balancer: Balancer,
-                 backends: list[Backend], *, idle_timeout: float, max_sessions: int,
+                 backends: Sequence[Backend], *, idle_timeout: float, max_sessions: int,
                  port: int = 0) -> None:
         super().__init__(dialer, name, balancer, backends, idle_timeout=idle_timeout,
                          max_sessions=max_sessions)

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -169,15 +170,21 @@ class Reconciler:
 
     Consumers subscribe ``wake`` to the store, and ``fn`` reconciles from current state.
     A failing ``fn`` is retried after ``retry`` seconds; ``period`` adds a periodic resync.
+    ``delay``: every run waits that long after its wake-up (a fixed debounce).
+    ``min_interval`` instead: a wake-up after a quiet spell runs at once, and runs are at
+    least that far apart, so the changes of a burst arriving meanwhile share the next run
+    (kube-proxy's ``minSyncPeriod``): one change costs what it costs, a burst a few runs.
     """
 
     def __init__(self, name: str, fn: Callable[[], None], *, period: float | None = None,
-                 retry: float = 1.0, delay: float = 0.0) -> None:
+                 retry: float = 1.0, delay: float = 0.0, min_interval: float = 0.0) -> None:
         self.name = name
         self._fn = fn
         self._period = period
         self._retry = retry
         self._delay = delay
+        self._min_interval = min_interval
+        self._last_run = float("-inf")
         self._event = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
         self.runs = 0
@@ -199,7 +206,12 @@ class Reconciler:
             self._event.wait(timeout=self._period)
             if self._delay:
                 gevent.sleep(self._delay)  # let a burst of changes land before acting
+            elif self._min_interval:
+                wait = self._last_run + self._min_interval - time.monotonic()
+                if wait > 0:
+                    gevent.sleep(wait)  # at most one run per min_interval
             self._event.clear()
+            self._last_run = time.monotonic()
             try:
                 self._fn()
                 self.runs += 1
