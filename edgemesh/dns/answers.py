@@ -8,6 +8,11 @@ the ID to the answer's bytes after the ID. The servers look it up themselves bef
 into this class, so the common case costs one dict lookup and one concatenation. Entries of
 ``exact`` derived from the store are dropped when it changes (``invalidate``); entries from the
 upstream cache carry the time their TTLs change and live in ``upstream_exact``.
+
+Names compare without case (RFC 4343), and clients that randomise the case of their questions
+(the "0x20" defence against spoofing) would miss ``exact`` on every query: ``folded`` holds the
+same zone answers under the question with its name in lower case, and ``folded_answer`` serves
+them with the client's spelling of the question put back (the answer's names point at it).
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ class Answerer:
         self.cache = cache
         self.exact_size = exact_size
         self.exact: dict[bytes, tuple[bytes, metrics.Counter]] = {}
+        self.folded: dict[bytes, tuple[bytes, metrics.Counter]] = {}
         self.upstream_exact: dict[bytes, tuple[bytes, float, metrics.Counter]] = {}
         self.clock = clock or time.monotonic
 
@@ -73,6 +79,7 @@ class Answerer:
         """The store changed: forget the zone and every answer derived from it."""
         self._zone = None
         self.exact.clear()
+        self.folded.clear()
 
     @property
     def zone(self) -> ZoneData:
@@ -178,17 +185,26 @@ class Answerer:
             while len(exact) >= self.exact_size:
                 del exact[next(iter(exact))]
             exact[query.data[2:]] = (packet[2:], counter)
+            key, end = fold(query.data[2:])
+            if key and packet[12:end + 2] == query.data[12:end + 2]:  # the question, as asked
+                folded = self.folded
+                while len(folded) >= self.exact_size:
+                    del folded[next(iter(folded))]
+                folded[key] = (packet[2:], counter)
         return packet
 
     # ---- the fast path (the servers inline the same lookups) ---------------------------------
 
     def cached(self, data: bytes) -> bytes | None:
-        """The answer to a repeated UDP question from ``exact``, or None."""
+        """The answer to a repeated UDP question from ``exact`` or ``folded``, or None."""
         hit = self.exact.get(data[2:])
         if hit is not None:
             hit[1].value += 1
             ZONE_HITS.value += 1
             return data[:2] + hit[0]
+        tail = self.folded_answer(data[2:])
+        if tail is not None:
+            return data[:2] + tail
         up = self.upstream_exact.get(data[2:])
         if up is not None:
             if self.clock() < up[1]:
@@ -197,3 +213,29 @@ class Answerer:
                 return data[:2] + up[0]
             del self.upstream_exact[data[2:]]
         return None
+
+    def folded_answer(self, question: bytes) -> bytes | None:
+        """The answer after the ID to ``question`` (the query after its ID) from ``folded``,
+        with the question as the client spelled it; counted. None if not there."""
+        key, end = fold(question)
+        hit = self.folded.get(key)
+        if hit is None:
+            return None
+        hit[1].value += 1
+        ZONE_HITS.value += 1
+        tail = hit[0]  # its question differs from this one only in the case of letters
+        return tail[:10] + question[10:end] + tail[end:]
+
+
+def fold(question: bytes) -> tuple[bytes, int]:
+    """(the query after its ID with the name in lower case, where its question ends).
+
+    The name is taken up to the first zero byte after the header (its end, or an earlier zero
+    inside a binary label: the bytes after it are then compared as they are). Label lengths are
+    below 64, so lowering ASCII letters never changes the name's structure; the header, type,
+    class and anything after the question are untouched. ((b"", 0) without a zero byte.)
+    """
+    end = question.find(b"\x00", 10)
+    if end < 0:
+        return b"", 0
+    return question[:10] + question[10:end].lower() + question[end:], end + 5

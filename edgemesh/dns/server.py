@@ -161,6 +161,7 @@ class DNSServer:
         readable = hub.loop.io(self._udp.fileno(), 1)
         exact = self.answerer.exact  # both cleared in place, never replaced
         upstream = self.answerer.upstream_exact
+        folded = self.answerer.folded_answer
         clock = self.answerer.clock
         known = self.policy.raw_memo  # raw sender address → allowed; cleared in place
         allowed_raw = self.policy.allowed_raw
@@ -199,16 +200,20 @@ class DNSServer:
                 if hit is not None:
                     zone += 1
                     hit[1].value += 1
+                    tail = hit[0]
                 else:
                     hit = upstream.get(question)
                     if hit is not None and not now:
                         now = clock()
                     if hit is None or now >= hit[1]:
-                        self._udp_miss(data[at:at + length].tobytes(), address(j))
-                        continue
-                    up += 1
-                    hit[2].value += 1
-                tail = hit[0]
+                        tail = folded(question)  # the zone's answer asked in another case
+                        if tail is None:
+                            self._udp_miss(data[at:at + length].tobytes(), address(j))
+                            continue
+                    else:
+                        up += 1
+                        hit[2].value += 1
+                        tail = hit[0]
                 end = at + 2 + len(tail)
                 if end - at > size:  # never past the slot (answers fit the UDP limit anyway)
                     self._send(data[at:at + 2].tobytes() + tail, address(j))

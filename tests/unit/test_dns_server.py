@@ -170,3 +170,41 @@ def test_ipv6_listener_answers_bursts(upstream: FakeUpstream, batched: bool) -> 
     finally:
         sock.close()
         srv.stop()
+
+
+def spelled(name: str, seed: int) -> str:
+    """``name`` with its letters' case chosen by the bits of ``seed`` (a 0x20 client)."""
+    return "".join(ch.upper() if (seed >> (i % 24)) & 1 else ch for i, ch in enumerate(name))
+
+
+@pytest.mark.parametrize("batched", LOOPS)
+def test_mixed_case_questions_take_the_fast_path_in_their_own_case(upstream: FakeUpstream,
+                                                                    batched: bool) -> None:
+    """RFC 4343 / 0x20: a question that differs only in case is answered from ``folded``
+    (counted as a zone hit, no new ``exact`` entry) with the client's spelling in the question
+    and in the answer's owner name; another type or name is not mistaken for it."""
+    srv = serve(batched, upstream.port)
+    sock = client()
+    try:
+        sock.sendto(query(WEB, 1), ("127.0.0.1", srv.port))
+        first = answers(sock, 1)[1]
+        entries = len(srv.answerer.exact)
+        before = counts()
+        asked = {10 + i: spelled(WEB, 0x5A5A5A * (i + 1) + i) for i in range(20)}
+        for ident, name in asked.items():
+            sock.sendto(query(name, ident), ("127.0.0.1", srv.port))
+        got = answers(sock, len(asked))
+        for ident, name in asked.items():
+            msg = got[ident]
+            assert str(msg.q.qname).rstrip(".") == name  # byte for byte, case included
+            assert str(msg.rr[0].rname).rstrip(".") == name
+            assert [str(r.rdata) for r in msg.rr] == [str(r.rdata) for r in first.rr]
+        after = counts()
+        assert after[1] - before[1] == len(asked)  # all from the fast path
+        assert after[0] - before[0] == len(asked)
+        assert len(srv.answerer.exact) == entries
+        sock.sendto(query(WEB.upper(), 50, "AAAA"), ("127.0.0.1", srv.port))
+        assert answers(sock, 1)[50].q.qtype == 28  # not the A answer
+    finally:
+        sock.close()
+        srv.stop()
