@@ -11,8 +11,9 @@ upstream cache carry the time their TTLs change and live in ``upstream_exact``.
 
 Names compare without case (RFC 4343), and clients that randomise the case of their questions
 (the "0x20" defence against spoofing) would miss ``exact`` on every query: ``folded`` holds the
-same zone answers under the question with its name in lower case, and ``folded_answer`` serves
-them with the client's spelling of the question put back (the answer's names point at it).
+same zone answers under the query in lower case (``_fold`` says when that is safe), and
+``folded_answer`` serves them with the client's spelling of the question put back (the answer's
+names point at it).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class Answerer:
         self.cache = cache
         self.exact_size = exact_size
         self.exact: dict[bytes, tuple[bytes, metrics.Counter]] = {}
-        self.folded: dict[bytes, tuple[bytes, metrics.Counter]] = {}
+        self.folded: dict[bytes, tuple[bytes, metrics.Counter, int]] = {}
         self.upstream_exact: dict[bytes, tuple[bytes, float, metrics.Counter]] = {}
         self.clock = clock or time.monotonic
 
@@ -185,13 +186,24 @@ class Answerer:
             while len(exact) >= self.exact_size:
                 del exact[next(iter(exact))]
             exact[query.data[2:]] = (packet[2:], counter)
-            key, end = fold(query.data[2:])
-            if key and packet[12:end + 2] == query.data[12:end + 2]:  # the question, as asked
-                folded = self.folded
-                while len(folded) >= self.exact_size:
-                    del folded[next(iter(folded))]
-                folded[key] = (packet[2:], counter)
+            self._fold(query, packet, counter)
         return packet
+
+    def _fold(self, query: wire.Query, packet: bytes, counter: metrics.Counter) -> None:
+        """Remember the answer in ``folded`` under the query in lower case, when that key can
+        only match the same question in another case: no ASCII letter outside the name (the
+        header, type, class and anything after: lowering changes nothing there, and a query
+        whose lowered bytes equal the key has the same bytes there), and the answer repeats the
+        question as asked. Label lengths are below 64: lowering never changes them."""
+        question = query.data[2:]
+        end = 10 + len(query.question)  # the question's end, after the ID
+        outside = question[:10] + question[end - 4:]
+        if outside.lower() != outside.upper() or packet[12:end + 2] != question[10:end]:
+            return
+        folded = self.folded
+        while len(folded) >= self.exact_size:
+            del folded[next(iter(folded))]
+        folded[question.lower()] = (packet[2:], counter, end)
 
     # ---- the fast path (the servers inline the same lookups) ---------------------------------
 
@@ -217,25 +229,10 @@ class Answerer:
     def folded_answer(self, question: bytes) -> bytes | None:
         """The answer after the ID to ``question`` (the query after its ID) from ``folded``,
         with the question as the client spelled it; counted. None if not there."""
-        key, end = fold(question)
-        hit = self.folded.get(key)
+        hit = self.folded.get(question.lower())
         if hit is None:
             return None
-        hit[1].value += 1
+        tail, counter, end = hit  # its question differs from this one only in letters' case
+        counter.value += 1
         ZONE_HITS.value += 1
-        tail = hit[0]  # its question differs from this one only in the case of letters
         return tail[:10] + question[10:end] + tail[end:]
-
-
-def fold(question: bytes) -> tuple[bytes, int]:
-    """(the query after its ID with the name in lower case, where its question ends).
-
-    The name is taken up to the first zero byte after the header (its end, or an earlier zero
-    inside a binary label: the bytes after it are then compared as they are). Label lengths are
-    below 64, so lowering ASCII letters never changes the name's structure; the header, type,
-    class and anything after the question are untouched. ((b"", 0) without a zero byte.)
-    """
-    end = question.find(b"\x00", 10)
-    if end < 0:
-        return b"", 0
-    return question[:10] + question[10:end].lower() + question[end:], end + 5

@@ -208,3 +208,19 @@ def test_mixed_case_questions_take_the_fast_path_in_their_own_case(upstream: Fak
     finally:
         sock.close()
         srv.stop()
+
+
+def test_only_the_name_is_folded() -> None:
+    """Type 97 is 0x0061 ("a"), HTTPS (65) is 0x0041 ("A"): lowering a whole query would make
+    them one key, so a query with a letter outside its name is never remembered in ``folded``
+    (it is answered by the slow path, right)."""
+    store = store_from_yaml()
+    answerer = Answerer(lambda: records.zone_data_from(store, "cluster.local", 30, 1), None)
+    answerer.answer(query(WEB, 1, "TYPE97"))
+    answerer.answer(query(WEB, 2, "HTTPS"))
+    assert not answerer.folded
+    assert answerer.cached(query(WEB.upper(), 3, "HTTPS")) is None
+    got = DNSRecord.parse(answerer.answer(query(WEB.upper(), 4, "HTTPS")))
+    assert got.q.qtype == 65 and str(got.q.qname).rstrip(".") == WEB.upper()
+    answerer.answer(query(WEB, 5, "AAAA"))
+    assert len(answerer.folded) == 1
