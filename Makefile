@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base haproxy nginx-light \
 	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod
 
-.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
+.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench bench-quick clean \
 	binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 packages-amd64 \
 	packages-arm64 packages-armv7 deb ipk release test-devices device-deps
 
@@ -92,6 +92,11 @@ onedir: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# every benchmark briefly (~5 min on 2 cores): one ratio table, bench/results/quick.json;
+# `$(BIN)/python -m bench.table --write` then regenerates the README's benchmark table from it
+bench-quick: setup
+	$(BIN)/python -m bench.quick
 
 clean:
 	rm -rf dist build-pyinstaller .state
