@@ -20,8 +20,8 @@ APT_PACKAGES := iptables iproute2 dnsutils curl iperf3 dnsperf dnsmasq-base hapr
 	libnginx-mod-stream wrk openssl socat tcpdump tshark conntrack bridge-utils procps psmisc kmod \
 	patchelf busybox-static faketime
 
-.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench clean \
-	chaos soak binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 \
+.PHONY: setup system-deps run agent demo-down test test-fast lint binary onedir bench bench-quick \
+	clean chaos soak binary-arm64 binary-armv7 portable-amd64 portable-arm64 portable-armv7 \
 	packages-amd64 packages-arm64 packages-armv7 deb ipk apk release test-devices device-deps
 
 setup: system-deps $(STAMP)
@@ -106,6 +106,11 @@ bench: setup
 .PHONY: soak
 soak: setup
 	$(BIN)/python -m bench.soak --conns 10000 --seconds 600 --interval 10
+
+# every benchmark briefly (~5 min on 2 cores): one ratio table, bench/results/quick.json;
+# `$(BIN)/python -m bench.table --write` then regenerates the README's benchmark table from it
+bench-quick: setup
+	$(BIN)/python -m bench.quick
 
 clean:
 	rm -rf dist build-pyinstaller .state

@@ -9,7 +9,7 @@ measured after /readyz and a settle; for onefile the unpacking parent process is
 row runs the onefile agent with a session to an ``edgemesh server`` on loopback: the tunnel's
 cryptography is loaded then (the first handshake imports it).
 
-    .venv/bin/python -m bench.binary [--runs 21] [--rebuild] [--settle 3]
+    .venv/bin/python -m bench.binary [--runs 21] [--rebuild] [--settle 3] [--json]
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import tempfile
 import time
 import urllib.request
 
+from bench.report import add_json_flag, emit
 from tests.procs import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,7 +165,11 @@ def ready(admin: str) -> bool:
         return False
 
 
+ROWS: dict[str, float] = {}  # every row's figure, for the --json line
+
+
 def row(name: str, value: float, unit: str, peer: str = "") -> None:
+    ROWS[f"{name} {unit}"] = value
     target = TARGETS.get(f"{name} {unit}")
     verdict = ""
     if target is not None:
@@ -180,6 +185,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--settle", type=float, default=3.0)
+    add_json_flag(ap)
     args = ap.parse_args()
     build(args.rebuild)
     onedir_exe = os.path.join(ONEDIR, "edgemesh")
@@ -197,6 +203,13 @@ def main() -> None:
     # not the target's setting (no peers), but what an agent with a relay server looks like
     mb, info = idle_rss([ONEFILE], args.settle, relay=True)
     row("idle, relay session", mb, "MB", f"onefile {info}")
+    if args.json:
+        ROWS["source start s"], ROWS["python -c pass s"] = source, bare
+        emit("binary", {"onefile start/source": ROWS["onefile start s"] / source,
+                        "onedir start/source": ROWS["onedir start s"] / source,
+                        "idle RSS onefile/source": ROWS["idle agent RSS MB"]
+                        / ROWS["idle RSS source MB"]},
+             ROWS, {"source": "the same agent from the source tree; python -c pass"})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ busy the server's and dnsperf's cores were (CPU-seconds per second): a server we
 while dnsperf is near 100% means dnsperf, not the server, was the limit.
 
     .venv/bin/python -m bench.dns [--seconds 3] [--rounds 8] [--names 100] [--outstanding 100]
-                                  [--clients 1] [--interleaved]
+                                  [--clients 1] [--interleaved] [--json]
+
+``0x20``: the cluster names again, each spelled in many random mixes of upper and lower case
+(``--casings`` per name, more spellings than the agent's answer memo holds), as resolvers that
+randomise the case of their questions against spoofing (RFC 4343, "DNS 0x20") send them.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+from bench.report import add_json_flag, emit, print_peers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZONE = "cluster.local"
@@ -88,6 +94,10 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+PEERS = {"dnsmasq": "one process pinned to the server core; --cache-size=10000; cluster names "
+                    "as --host-record, others forwarded (--server) and cached; --local-ttl=30"}
 
 
 @dataclass
@@ -157,6 +167,9 @@ def main() -> int:
     parser.add_argument("--interleaved", action="store_true",
                         help="load the servers one after the other (ABBA) instead of at the "
                         "same time")
+    parser.add_argument("--casings", type=int, default=200,
+                        help="random spellings per cluster name in the 0x20 queries")
+    add_json_flag(parser)
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "dig", "taskset"):
         if shutil.which(tool) is None:
@@ -213,16 +226,26 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
         f.writelines(f"{r.split(',')[0]} A\n" for r in records)
     with open(upstream_q, "w", encoding="utf-8") as f:
         f.writelines(f"host{i}.example.test A\n" for i in range(args.names))
+    mixed_q = os.path.join(tmp, "0x20.txt")
+    rng = random.Random(20)
+    with open(mixed_q, "w", encoding="utf-8") as f:
+        for _ in range(args.casings):
+            f.writelines("".join(c.upper() if rng.random() < 0.5 else c
+                                 for c in r.split(",")[0]) + " A\n" for r in records)
+    print_peers(PEERS)
     for port in (peer_port, our_port):
         wait_answer(port, f"svc0.bench.svc.{ZONE}")
         dnsperf(port, upstream_q, 1, client_core)  # warm both caches
     print(f"servers on core {server_core}, dnsperf on core {client_core}; "
           f"{args.names} names, {args.seconds:g} s per run, {args.rounds} rounds")
-    ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
-    cpu_ratios: dict[str, list[float]] = {"cluster": [], "upstream": []}
+    kinds = (("cluster", cluster_q), ("0x20", mixed_q), ("upstream", upstream_q))
+    ratios: dict[str, list[float]] = {kind: [] for kind, _ in kinds}
+    cpu_ratios: dict[str, list[float]] = {kind: [] for kind, _ in kinds}
+    qps: dict[str, list[float]] = {f"{who} {kind}": [] for kind, _ in kinds
+                                   for who in ("edgemesh", "dnsmasq")}
     print("per run: qps (queries per server CPU-second; server busy, dnsperf busy)")
     for r in range(args.rounds):
-        for kind, queries in (("cluster", cluster_q), ("upstream", upstream_q)):
+        for kind, queries in kinds:
             runs: dict[str, Run] = {}
             order = [("edgemesh", our_port, our_pid), ("dnsmasq", peer_port, peer_pid)]
             if r % 2:
@@ -237,6 +260,8 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
                                     args.outstanding, args.clients)
             ours, theirs = runs["edgemesh"], runs["dnsmasq"]
             ratios[kind].append(ours.qps / theirs.qps)
+            qps[f"edgemesh {kind}"].append(ours.qps)
+            qps[f"dnsmasq {kind}"].append(theirs.qps)
             cpu_ratios[kind].append(ours.per_cpu / theirs.per_cpu if theirs.per_cpu else 0.0)
             print(f"round {r + 1} {kind:<8} " + "   ".join(
                 f"{who} {run.qps:7.0f} ({run.per_cpu:6.0f}/cpu-s; {run.server_busy:4.0%}, "
@@ -247,6 +272,12 @@ def run(args: argparse.Namespace, tmp: str, procs: list[subprocess.Popen[bytes]]
         print(f"{kind} names: edgemesh/dnsmasq = {statistics.median(q):.2f}x qps "
               f"(rounds {q[0]:.2f}..{q[-1]:.2f}), "
               f"{statistics.median(cpu_ratios[kind]):.2f}x queries per CPU-second (medians)")
+    if args.json:
+        emit("dns", {f"{kind} qps edgemesh/dnsmasq": statistics.median(ratios[kind])
+                     for kind in ratios}
+             | {f"{kind} per CPU-s edgemesh/dnsmasq": statistics.median(cpu_ratios[kind])
+                for kind in ratios},
+             {k: statistics.median(v) for k, v in qps.items()}, PEERS)
     return 0
 
 

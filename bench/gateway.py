@@ -10,7 +10,7 @@ CPU-second of the proxy process (``/proc/PID/stat``), the "per core" comparison.
 repeats and neither the parsed-head memo nor the per-connection routing plans help.
 
     .venv/bin/python -m bench.gateway [--seconds 10] [--rounds 3] [--connections 32]
-                                      [--unique-targets]
+                                      [--unique-targets] [--json]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import urllib.request
 
 from bench.http import UNIQUE_TARGETS, cpu_seconds
 from bench.proxy import cpus
+from bench.report import add_json_flag, config_lines, emit, print_peers
 
 SERVER_CPU, CLIENT_CPU = cpus()
 
@@ -71,6 +72,7 @@ def _haproxy(tmp: str, port: int, backends: dict[str, int]) -> subprocess.Popen[
     nbthread 1
 defaults
     mode http
+    option http-keep-alive
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--unique-targets", action="store_true",
                         help="a different request target on every request")
+    add_json_flag(parser)
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None:
@@ -181,6 +184,10 @@ def main() -> None:
             procs.append(_nginx(tmp, backends))
             hp, gp = _free_port(), _free_port()
             haproxy = _haproxy(tmp, hp, backends)
+            with open(os.path.join(tmp, "haproxy.cfg"), encoding="utf-8") as f:
+                peers = {"haproxy": config_lines(f.read(), ("nbthread", "mode", "option",
+                                                            "http-reuse", "acl", "use_backend"))}
+            print_peers(peers)
             procs.append(haproxy)
             gw, _admin = _gateway(tmp, gp, backends)
             procs.append(gw)
@@ -212,6 +219,11 @@ def main() -> None:
                   f"one core each, medians of {args.rounds} per-round ratios:")
             print(f"  edgemesh gateway {rps:.2f}x haproxy req/s, {per:.2f}x haproxy req per "
                   "CPU-second")
+            if args.json:
+                emit("gateway", {"req/s edgemesh/haproxy": rps,
+                                 "req per CPU-s edgemesh/haproxy": per},
+                     {f"{n} req/s": statistics.median(r[n][0] for r in rounds)
+                      for n in ("haproxy", "edgemesh")}, peers)
         finally:
             for p in procs:
                 p.terminate()

@@ -14,7 +14,7 @@ script), so no request head is ever seen twice: the cost of parsing, not of the 
 memo (``proxy/httpflow.py``).
 
     .venv/bin/python -m bench.http [--seconds 5] [--rounds 3] [--connections 50]
-                                   [--unique-targets]
+                                   [--unique-targets] [--json]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import tempfile
 from bench.listeners import agent_ports, service
 from bench.processes import Children, cpu_seconds
 from bench.proxy import HOST, ROOT, cpus, free_port, wait_port
+from bench.report import add_json_flag, config_lines, emit, print_peers
 
 RULE = """apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
@@ -146,7 +147,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--unique-targets", action="store_true",
                         help="a different request target on every request")
+    add_json_flag(parser)
     args = parser.parse_args()
+    peers = {"haproxy": config_lines(HAPROXY, ("nbthread", "mode", "option", "http-reuse"))}
+    print_peers(peers)
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, tmp)
         try:
@@ -171,6 +175,15 @@ def main() -> None:
         print(f"  {name:<18} {median(lambda r, n=name: r[n][0] / r['haproxy'][0]):.2f}x "
               f"haproxy req/s, {median(lambda r, n=name: r[n][1] / r['haproxy'][1]):.2f}x "
               "haproxy req per CPU-second")
+    if args.json:
+        ratios, medians = {}, {}
+        for name in ("agent per request", "agent spliced"):
+            ratios[f"{name} req/s / haproxy"] = median(lambda r, n=name: r[n][0] / r["haproxy"][0])
+            ratios[f"{name} req per CPU-s / haproxy"] = median(
+                lambda r, n=name: r[n][1] / r["haproxy"][1])
+        for name in ("direct", "haproxy", "agent per request", "agent spliced"):
+            medians[f"{name} req/s"] = median(lambda r, n=name: r[n][0])
+        emit("http", ratios, medians, peers)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""TCP proxy: the agent's service proxy vs haproxy (mode tcp, nbthread 1) vs direct, as ratios.
+"""TCP proxy: the agent's service proxy vs haproxy (mode tcp) and nginx stream vs direct, as ratios.
 
 Everything runs on loopback (127.0.0.1): the agent with ``--no-iptables`` (its per-port
-listeners, found in ``/debug/proxy``), haproxy in front of the same backends, and the backends
-themselves for the direct path. Both proxies are pinned to one core with taskset, the clients
+listeners, found in ``/debug/proxy``), haproxy and nginx ``stream`` in front of the same
+backends, and the backends themselves for the direct path. The peers at their best for bulk
+TCP on one core: haproxy ``nbthread 1`` with ``option splice-auto`` and ``tune.pipesize`` as
+large as the agent's splice pipe (haproxy's manual advises a larger pipe for splicing
+throughput, and advises against raising ``tune.bufsize``, which spliced data does not pass
+through); nginx one worker, ``proxy_buffer_size 64k``. Their configuration lines are printed.
+The proxies are pinned to one core with taskset, the clients
 to the other (the backends are not pinned). Measured, interleaved for ``--rounds`` rounds
 (the proxies' order alternating), median per-round ratios printed, and each proxy's CPU
 per GB and per new connection (steadier than rates on a shared machine):
@@ -14,7 +19,7 @@ per GB and per new connection (steadier than rates on a shared machine):
   are closed, and after a second open/close cycle (no growth: freed memory is reused);
   per-connection KiB.
 
-    .venv/bin/python -m bench.proxy [--seconds 5] [--rounds 3] [--idle 5000]
+    .venv/bin/python -m bench.proxy [--seconds 5] [--rounds 3] [--idle 5000] [--json]
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import time
 
 from bench.listeners import agent_ports, service
 from bench.processes import Children, cpu_seconds
+from bench.report import add_json_flag, config_lines, emit, median_ratio, print_peers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -81,8 +87,10 @@ http {{
 HAPROXY = """global
   nbthread 1
   maxconn {maxconn}
+  tune.pipesize 1048576
 defaults
   mode tcp
+  option splice-auto
   timeout connect 5s
   timeout client 600s
   timeout server 600s
@@ -95,6 +103,40 @@ listen http
 """
 
 
+NGINX_STREAM = """load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+daemon off;
+pid {dir}/stream.pid;
+error_log {dir}/stream.err;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {maxconn}; }}
+stream {{
+  proxy_buffer_size 64k;
+  proxy_connect_timeout 5s;
+  proxy_timeout 600s;
+  server {{ listen 127.0.0.1:{ng_iperf}; proxy_pass 127.0.0.1:{iperf}; }}
+  server {{ listen 127.0.0.1:{ng_http} backlog=4096; proxy_pass 127.0.0.1:{http}; }}
+}}
+"""
+
+
+def peer_config(haproxy: str, nginx: str) -> dict[str, str]:
+    return {"haproxy": config_lines(haproxy, ("nbthread", "tune.", "mode", "option")),
+            "nginx": config_lines(nginx, ("worker_processes", "proxy_buffer_size"))}
+
+
+def worker_pid(master: int, timeout: float = 10.0) -> int:
+    """nginx's one worker (it does the proxying; the master only waits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as f:
+            kids = f.read().split()
+        if kids:
+            return int(kids[0])
+        time.sleep(0.05)
+    raise SystemExit("nginx started no worker")
+
+
 class Bench(Children):
     def __init__(self, args: argparse.Namespace, tmp: str) -> None:
         self.args = args
@@ -103,6 +145,7 @@ class Bench(Children):
         super().__init__(server_cpu)
         self.iperf, self.http = free_port(), free_port()
         self.hp_iperf, self.hp_http = free_port(), free_port()
+        self.ng_iperf, self.ng_http = free_port(), free_port()
 
     def start(self) -> dict[str, int]:
         """Backends, haproxy and the agent; returns path name → iperf port, and http ports."""
@@ -115,6 +158,14 @@ class Bench(Children):
         with open(hconf, "w", encoding="utf-8") as f:
             f.write(HAPROXY.format(maxconn=self.args.idle + 1000, **vars(self)))
         self.haproxy = self.spawn(["haproxy", "-db", "-f", hconf])
+        sconf = os.path.join(self.tmp, "stream.conf")
+        self.stream_conf = NGINX_STREAM.format(dir=self.tmp, maxconn=self.args.idle + 1000,
+                                               nofile=2 * self.args.idle + 2000, **vars(self))
+        with open(sconf, "w", encoding="utf-8") as f:
+            f.write(self.stream_conf)
+        stream = self.spawn(["nginx", "-c", sconf, "-e", os.path.join(self.tmp, "stream.err")])
+        self.nginx_pid = worker_pid(stream.pid)
+        self.peers = peer_config(HAPROXY, self.stream_conf)
         mdir = os.path.join(self.tmp, "m")
         os.mkdir(mdir)
         with open(os.path.join(mdir, "svc.yaml"), "w", encoding="utf-8") as f:
@@ -133,7 +184,8 @@ class Bench(Children):
                                  "--node-name", "bench", "-v", "1"], stderr=self.agent_log,
                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
         ports = agent_ports(self.admin, self.agent_log.name)
-        for port in (self.iperf, self.http, self.hp_iperf, self.hp_http, *ports.values()):
+        for port in (self.iperf, self.http, self.hp_iperf, self.hp_http, self.ng_iperf,
+                     self.ng_http, *ports.values()):
             wait_port(port)
         return ports
 
@@ -183,6 +235,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=int, default=5000)
+    add_json_flag(parser)
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # proxies hold 2 fds per connection
@@ -198,18 +251,22 @@ def main() -> None:
 
 
 def run(bench: Bench, agent: dict[str, int]) -> None:
-    names = ("direct", "haproxy", "agent")
-    pids = {"direct": None, "haproxy": bench.haproxy.pid, "agent": bench.agent.pid}
+    names = ("direct", "haproxy", "nginx", "agent")
+    pids = {"direct": None, "haproxy": bench.haproxy.pid, "nginx": bench.nginx_pid,
+            "agent": bench.agent.pid}
     tp: dict[str, list[float]] = {n: [] for n in names}
     cps: dict[str, list[float]] = {n: [] for n in names}
     cpu_gb: dict[str, list[float]] = {n: [] for n in names}
     cpu_conn: dict[str, list[float]] = {n: [] for n in names}
     seconds = bench.args.seconds
-    iperf_ports = {"direct": bench.iperf, "haproxy": bench.hp_iperf, "agent": agent["iperf"]}
-    http_ports = {"direct": bench.http, "haproxy": bench.hp_http, "agent": agent["http"]}
+    iperf_ports = {"direct": bench.iperf, "haproxy": bench.hp_iperf, "nginx": bench.ng_iperf,
+                   "agent": agent["iperf"]}
+    http_ports = {"direct": bench.http, "haproxy": bench.hp_http, "nginx": bench.ng_http,
+                  "agent": agent["http"]}
+    print_peers(bench.peers)
     for rnd in range(bench.args.rounds):
-        # the order alternates: neither proxy always runs right after the other's TIME_WAITs
-        order = names if rnd % 2 == 0 else ("direct", "agent", "haproxy")
+        # the order rotates: no proxy always runs right after another's TIME_WAITs
+        order = names[:1] + names[1 + rnd % 3:] + names[1:1 + rnd % 3]
         for name in order:
             c0 = cpu_seconds(pids[name])
             tp[name].append(bench.iperf_gbps(iperf_ports[name]))
@@ -226,31 +283,44 @@ def run(bench: Bench, agent: dict[str, int]) -> None:
     for name in names:
         print(f"  {name:<10} {' '.join(f'{v:9.0f}' for v in cps[name])} | "
               f"{statistics.median(cpu_conn[name]):.1f}")
-    mem = {name: bench.idle_memory(pid, port) for name, pid, port in
-           (("haproxy", bench.haproxy.pid, bench.hp_http),
-            ("agent", bench.agent.pid, agent["http"]))}
-    print(f"memory with {bench.args.idle} idle proxied connections (RSS KiB)")
     per_conn = {}
-    for name, (before, during, after, again) in mem.items():
-        per_conn[name] = (during - before) / bench.args.idle
-        print(f"  {name:<10} before {before:7d}  open {during:7d}  closed {after:7d}  "
-              f"after a 2nd cycle {again:7d}  per connection {per_conn[name]:.2f} KiB")
+    if bench.args.idle:
+        mem = {name: bench.idle_memory(pid, port) for name, pid, port in
+               (("haproxy", bench.haproxy.pid, bench.hp_http),
+                ("nginx", bench.nginx_pid, bench.ng_http),
+                ("agent", bench.agent.pid, agent["http"]))}
+        print(f"memory with {bench.args.idle} idle proxied connections (RSS KiB)")
+        for name, (before, during, after, again) in mem.items():
+            per_conn[name] = (during - before) / bench.args.idle
+            print(f"  {name:<10} before {before:7d}  open {during:7d}  closed {after:7d}  "
+                  f"after a 2nd cycle {again:7d}  per connection {per_conn[name]:.2f} KiB")
 
     def ratio(d: dict[str, list[float]], a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(d[a], d[b], strict=True))
+        return median_ratio(d[a], d[b])
     print("ratios (median of per-round ratios)")
-    print(f"  throughput   agent/haproxy {ratio(tp, 'agent', 'haproxy'):.2f}   "
-          f"agent/direct {ratio(tp, 'agent', 'direct'):.2f}   "
-          f"haproxy/direct {ratio(tp, 'haproxy', 'direct'):.2f}")
-    print(f"  new conns/s  agent/haproxy {ratio(cps, 'agent', 'haproxy'):.2f}   "
-          f"agent/direct {ratio(cps, 'agent', 'direct'):.2f}   "
-          f"haproxy/direct {ratio(cps, 'haproxy', 'direct'):.2f}")
-    # the machine is shared: CPU spent per unit of work is steadier than the rates above
-    print(f"  CPU per GB   haproxy/agent {ratio(cpu_gb, 'haproxy', 'agent'):.2f}   "
-          f"CPU per new connection   haproxy/agent {ratio(cpu_conn, 'haproxy', 'agent'):.2f}"
-          "   (> 1: the agent spends less)")
-    print(f"  memory       agent {per_conn['agent']:.2f} KiB/conn, "
-          f"haproxy {per_conn['haproxy']:.2f} KiB/conn")
+    for peer in ("haproxy", "nginx"):
+        print(f"  vs {peer:<8} throughput {ratio(tp, 'agent', peer):.2f}   "
+              f"new conns/s {ratio(cps, 'agent', peer):.2f}   "
+              f"CPU per GB {peer}/agent {ratio(cpu_gb, peer, 'agent'):.2f}   "
+              f"CPU per new connection {peer}/agent {ratio(cpu_conn, peer, 'agent'):.2f}")
+    print(f"  throughput   agent/direct {ratio(tp, 'agent', 'direct'):.2f}   "
+          f"haproxy/direct {ratio(tp, 'haproxy', 'direct'):.2f}   "
+          f"nginx/direct {ratio(tp, 'nginx', 'direct'):.2f}")
+    print("  (CPU ratios > 1: the agent spends less)")
+    if per_conn:
+        print("  memory       " + ", ".join(f"{n} {v:.2f} KiB/conn" for n, v in per_conn.items()))
+    if bench.args.json:
+        ratios = {}
+        for peer in ("haproxy", "nginx"):
+            ratios[f"throughput agent/{peer}"] = ratio(tp, "agent", peer)
+            ratios[f"new conns/s agent/{peer}"] = ratio(cps, "agent", peer)
+            ratios[f"CPU per GB {peer}/agent"] = ratio(cpu_gb, peer, "agent")
+            ratios[f"CPU per conn {peer}/agent"] = ratio(cpu_conn, peer, "agent")
+        ratios["throughput agent/direct"] = ratio(tp, "agent", "direct")
+        medians = {f"{n} Gbit/s": statistics.median(tp[n]) for n in names}
+        medians |= {f"{n} conns/s": statistics.median(cps[n]) for n in names}
+        medians |= {f"{n} KiB/conn": v for n, v in per_conn.items()}
+        emit("proxy", ratios, medians, bench.peers)
 
 
 if __name__ == "__main__":

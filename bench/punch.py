@@ -7,7 +7,7 @@ curl's start to the ``punch-tcp`` ok attempt in ``edgemesh status --json``. The 
 bare TCP simultaneous open between the same two namespaces (two Python sockets that already
 know each other's public address, started together): the floor for a punch on these NATs.
 
-    .venv/bin/python -m bench.punch [--trials 20]
+    .venv/bin/python -m bench.punch [--trials 20] [--json]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import textwrap
 import time
 from statistics import median
 
+from bench.report import add_json_flag, emit
 from tests import netlab
 from tests.e2e.test_nat_matrix import WAN, Matrix, fresh_cell
 
@@ -80,6 +81,7 @@ def summary(name: str, times: list[float | None]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
+    add_json_flag(parser)
     args = parser.parse_args()
     reason = netlab.can_run()
     if reason:
@@ -98,6 +100,11 @@ def main() -> None:
                       "success_share": sum(t is not None for t in ours) / len(ours),
                       "raw_median_ms": round(med_raw * 1000, 2),
                       "ratio_vs_raw": round(med_ours / med_raw, 1) if med_raw else None}))
+    if args.json:
+        emit("punch", {"punch time edgemesh/raw": med_ours / med_raw if med_raw else 0.0,
+                       "punched share": sum(t is not None for t in ours) / len(ours)},
+             {"edgemesh ms": med_ours * 1000, "raw ms": med_raw * 1000},
+             {"raw": "TCP simultaneous open between the same namespaces, addresses known"})
 
 
 if __name__ == "__main__":

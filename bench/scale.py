@@ -62,6 +62,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.report import emit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMESPACES, NODES, SLICE_MAX = 50, 100, 100
 ZONE = "cluster.local"
@@ -512,6 +514,20 @@ def report(results: list[Figures]) -> None:
                 print(f"  note ({r.services:,}): {note}")
 
 
+def growth(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per source, each time and size figure of the largest run over the smallest's."""
+    out = {}
+    for source in dict.fromkeys(r["source"] for r in rows):
+        runs = sorted((r for r in rows if r["source"] == source), key=lambda r: r["services"])
+        small, big = runs[0], runs[-1]
+        if small is big:
+            continue
+        for k in ("ready_s", "rss_mb", "add_dns_ms", "stop_s"):
+            if big.get(k) is not None and small.get(k):
+                out[f"{source} {k} {big['services']}/{small['services']}"] = big[k] / small[k]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -557,8 +573,11 @@ def main() -> None:
             if not args.json:
                 print(f"  {source} {n:,}: ready {results[-1].ready_s:.2f} s", file=sys.stderr)
     if args.json:
-        print(json.dumps([{k: None if v != v else v for k, v in asdict(r).items()}
-                          for r in results]))
+        rows = [{k: None if v != v else v for k, v in asdict(r).items()} for r in results]
+        print(json.dumps(rows))
+        emit("scale", growth(rows), {f"{r['source']} {r['services']} {k}": v for r in rows
+                                     for k, v in r.items() if isinstance(v, float)},
+             {"kube-proxy": "published figures, quoted in this module's docstring"})
     else:
         report(results)
 

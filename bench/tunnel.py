@@ -10,7 +10,7 @@ the CPU seconds per GB of the sending (a1) and receiving (a2/b1) agents, which t
 load disturbs less than throughput does.
 Targets: direct tunnel >= 0.4x raw, relay >= 0.3x raw.
 
-    .venv/bin/python -m bench.tunnel [--seconds 5] [--profile DIR]
+    .venv/bin/python -m bench.tunnel [--seconds 5] [--profile DIR] [--json]
 
 ``--profile DIR`` records the agents (and the relay server) with py-spy during the tunnel runs
 (collapsed stacks in DIR; py-spy must be installed, it is not a project dependency).
@@ -31,6 +31,7 @@ from statistics import median
 
 import yaml
 
+from bench.report import add_json_flag, emit
 from tests import netlab
 from tests.procs import Proc, wait_ready
 
@@ -112,6 +113,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="raw/tunnel pairs per path; the ratio is their median")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
+    add_json_flag(parser)
     args = parser.parse_args()
     reason = netlab.can_run()
     if reason:
@@ -197,6 +199,11 @@ def main() -> int:
               f"{tun_rtt:14.0f} {tun_rtt - raw_rtt:9.0f} {near:12.3f} {far:13.3f}")
     print("peers:", ", ".join(f"{p['node']}={p['path']}" for p in paths))
     print("targets met" if ok else "targets NOT met")
+    if args.json:
+        emit("tunnel", {f"{r[0]} tunnel/raw": r[3] for r in rows},
+             {f"{r[0]} {k}": v for r in rows for k, v in
+              (("raw Gbit/s", r[1]), ("tunnel Gbit/s", r[2]), ("added RTT us", r[5] - r[4]))},
+             {"raw": "iperf3 -c, one stream, straight between the same namespaces"})
     return 0
 
 

@@ -13,6 +13,7 @@ rates on a shared machine). Last, the agent's RSS before, with ``--sessions`` UD
 after they expired (``udpIdleTimeout`` is ``--idle`` seconds here), and after a second cycle.
 
     .venv/bin/python -m bench.udp [--seconds 3] [--rounds 3] [--clients 50] [--sessions 2000]
+                                  [--json]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import urllib.request
 
 from bench.listeners import agent_ports
 from bench.processes import Children, cpu_seconds
+from bench.report import add_json_flag, config_lines, emit, print_peers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -235,6 +237,10 @@ def run(bench: Bench, ports: dict[str, int]) -> None:
     pids = {"direct": None, "nginx": bench.nginx_worker(), "agent": bench.agent.pid}
     print(f"proxies on core {bench.server_cpu}, dnsperf on core {bench.client_cpu}; "
           f"{args.seconds} s per run, {args.rounds} rounds, -q {args.outstanding}")
+    peers = {"nginx": config_lines(NGINX, ("worker_processes", "listen", "proxy_"))}
+    print_peers(peers)
+    ratios: dict[str, float] = {}
+    medians: dict[str, float] = {}
     for clients in (1, args.clients):
         qps: dict[str, list[float]] = {n: [] for n in names}
         cpu_q: dict[str, list[float]] = {n: [] for n in names}
@@ -258,6 +264,9 @@ def run(bench: Bench, ports: dict[str, int]) -> None:
               f"   nginx/direct {ratio(qps, 'nginx', 'direct'):.2f}"
               f"   CPU per query nginx/agent {ratio(cpu_q, 'nginx', 'agent'):.2f}"
               " (> 1: the agent spends less)")
+        ratios[f"qps agent/nginx -c{clients}"] = ratio(qps, "agent", "nginx")
+        ratios[f"CPU per query nginx/agent -c{clients}"] = ratio(cpu_q, "nginx", "agent")
+        medians |= {f"{n} qps -c{clients}": statistics.median(qps[n]) for n in names}
     if args.sessions:
         print(f"agent RSS with {args.sessions} UDP sessions (udpIdleTimeout {args.idle} s)")
         rows = bench.session_memory(ports["agent"])
@@ -265,6 +274,9 @@ def run(bench: Bench, ports: dict[str, int]) -> None:
             print(f"  {stage:<28} {rss:7d} KiB  {sessions:5d} sessions")
         per = (rows[1][1] - rows[0][1]) / max(rows[1][2] - rows[0][2], 1)
         print(f"  per session {per:.2f} KiB")
+        medians["agent KiB per session"] = per
+    if args.json:
+        emit("udp", ratios, medians, peers)
 
 
 def main() -> None:
@@ -278,6 +290,7 @@ def main() -> None:
                         help="sessions opened for the memory rows (0: skip them)")
     parser.add_argument("--idle", type=float, default=5.0,
                         help="the agent's udpIdleTimeout, seconds")
+    add_json_flag(parser)
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per session

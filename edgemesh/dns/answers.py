@@ -8,6 +8,12 @@ the ID to the answer's bytes after the ID. The servers look it up themselves bef
 into this class, so the common case costs one dict lookup and one concatenation. Entries of
 ``exact`` derived from the store are dropped when it changes (``invalidate``); entries from the
 upstream cache carry the time their TTLs change and live in ``upstream_exact``.
+
+Names compare without case (RFC 4343), and clients that randomise the case of their questions
+(the "0x20" defence against spoofing) would miss ``exact`` on every query: ``folded`` holds the
+same zone answers under the query in lower case (``_fold`` says when that is safe), and
+``folded_answer`` serves them with the client's spelling of the question put back (the answer's
+names point at it).
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class Answerer:
         self.cache = cache
         self.exact_size = exact_size
         self.exact: dict[bytes, tuple[bytes, metrics.Counter]] = {}
+        self.folded: dict[bytes, tuple[bytes, metrics.Counter, int]] = {}
         self.upstream_exact: dict[bytes, tuple[bytes, float, metrics.Counter]] = {}
         self.clock = clock or time.monotonic
 
@@ -76,6 +83,7 @@ class Answerer:
         """The store changed: forget the zone and every answer derived from it."""
         self._zone = None
         self.exact.clear()
+        self.folded.clear()
 
     @property
     def zone(self) -> ZoneData:
@@ -184,17 +192,37 @@ class Answerer:
             while len(exact) >= self.exact_size:
                 del exact[next(iter(exact))]
             exact[query.data[2:]] = (packet[2:], counter)
+            self._fold(query, packet, counter)
         return packet
+
+    def _fold(self, query: wire.Query, packet: bytes, counter: metrics.Counter) -> None:
+        """Remember the answer in ``folded`` under the query in lower case, when that key can
+        only match the same question in another case: no ASCII letter outside the name (the
+        header, type, class and anything after: lowering changes nothing there, and a query
+        whose lowered bytes equal the key has the same bytes there), and the answer repeats the
+        question as asked. Label lengths are below 64: lowering never changes them."""
+        question = query.data[2:]
+        end = 10 + len(query.question)  # the question's end, after the ID
+        outside = question[:10] + question[end - 4:]
+        if outside.lower() != outside.upper() or packet[12:end + 2] != question[10:end]:
+            return
+        folded = self.folded
+        while len(folded) >= self.exact_size:
+            del folded[next(iter(folded))]
+        folded[question.lower()] = (packet[2:], counter, end)
 
     # ---- the fast path (the servers inline the same lookups) ---------------------------------
 
     def cached(self, data: bytes) -> bytes | None:
-        """The answer to a repeated UDP question from ``exact``, or None."""
+        """The answer to a repeated UDP question from ``exact`` or ``folded``, or None."""
         hit = self.exact.get(data[2:])
         if hit is not None:
             hit[1].value += 1
             ZONE_HITS.value += 1
             return data[:2] + hit[0]
+        tail = self.folded_answer(data[2:])
+        if tail is not None:
+            return data[:2] + tail
         up = self.upstream_exact.get(data[2:])
         if up is not None:
             if self.clock() < up[1]:
@@ -203,3 +231,14 @@ class Answerer:
                 return data[:2] + up[0]
             del self.upstream_exact[data[2:]]
         return None
+
+    def folded_answer(self, question: bytes) -> bytes | None:
+        """The answer after the ID to ``question`` (the query after its ID) from ``folded``,
+        with the question as the client spelled it; counted. None if not there."""
+        hit = self.folded.get(question.lower())
+        if hit is None:
+            return None
+        tail, counter, end = hit  # its question differs from this one only in letters' case
+        counter.value += 1
+        ZONE_HITS.value += 1
+        return tail[:10] + question[10:end] + tail[end:]

@@ -170,3 +170,57 @@ def test_ipv6_listener_answers_bursts(upstream: FakeUpstream, batched: bool) -> 
     finally:
         sock.close()
         srv.stop()
+
+
+def spelled(name: str, seed: int) -> str:
+    """``name`` with its letters' case chosen by the bits of ``seed`` (a 0x20 client)."""
+    return "".join(ch.upper() if (seed >> (i % 24)) & 1 else ch for i, ch in enumerate(name))
+
+
+@pytest.mark.parametrize("batched", LOOPS)
+def test_mixed_case_questions_take_the_fast_path_in_their_own_case(upstream: FakeUpstream,
+                                                                    batched: bool) -> None:
+    """RFC 4343 / 0x20: a question that differs only in case is answered from ``folded``
+    (counted as a zone hit, no new ``exact`` entry) with the client's spelling in the question
+    and in the answer's owner name; another type or name is not mistaken for it."""
+    srv = serve(batched, upstream.port)
+    sock = client()
+    try:
+        sock.sendto(query(WEB, 1), ("127.0.0.1", srv.port))
+        first = answers(sock, 1)[1]
+        entries = len(srv.answerer.exact)
+        before = counts()
+        asked = {10 + i: spelled(WEB, 0x5A5A5A * (i + 1) + i) for i in range(20)}
+        for ident, name in asked.items():
+            sock.sendto(query(name, ident), ("127.0.0.1", srv.port))
+        got = answers(sock, len(asked))
+        for ident, name in asked.items():
+            msg = got[ident]
+            assert str(msg.q.qname).rstrip(".") == name  # byte for byte, case included
+            assert str(msg.rr[0].rname).rstrip(".") == name
+            assert [str(r.rdata) for r in msg.rr] == [str(r.rdata) for r in first.rr]
+        after = counts()
+        assert after[1] - before[1] == len(asked)  # all from the fast path
+        assert after[0] - before[0] == len(asked)
+        assert len(srv.answerer.exact) == entries
+        sock.sendto(query(WEB.upper(), 50, "AAAA"), ("127.0.0.1", srv.port))
+        assert answers(sock, 1)[50].q.qtype == 28  # not the A answer
+    finally:
+        sock.close()
+        srv.stop()
+
+
+def test_only_the_name_is_folded() -> None:
+    """Type 97 is 0x0061 ("a"), HTTPS (65) is 0x0041 ("A"): lowering a whole query would make
+    them one key, so a query with a letter outside its name is never remembered in ``folded``
+    (it is answered by the slow path, right)."""
+    store = store_from_yaml()
+    answerer = Answerer(lambda: records.zone_data_from(store, "cluster.local", 30, 1), None)
+    answerer.answer(query(WEB, 1, "TYPE97"))
+    answerer.answer(query(WEB, 2, "HTTPS"))
+    assert not answerer.folded
+    assert answerer.cached(query(WEB.upper(), 3, "HTTPS")) is None
+    got = DNSRecord.parse(answerer.answer(query(WEB.upper(), 4, "HTTPS")))
+    assert got.q.qtype == 65 and str(got.q.qname).rstrip(".") == WEB.upper()
+    answerer.answer(query(WEB, 5, "AAAA"))
+    assert len(answerer.folded) == 1
