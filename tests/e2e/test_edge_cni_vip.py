@@ -6,6 +6,9 @@ through the tunnel, and each node's own Pod stays at its real IP. The legacy Edg
 headless ``nginx-svc`` (port ``http-0`` 12345 → 80) with ``edgemesh.kubeedge.io/headless-proxy``
 resolves to a balanced VIP and ``curl http://nginx-svc.default.svc.cluster.local:12345``
 answers; without the annotation the Kubernetes answer (the Pod's address, no port mapping).
+A cloud node ``c1`` (no Docker bridge) is the "Prometheus" (issue 17 item 3): it scrapes the
+exporter on each edge node, both at ``172.17.0.2:9100``, by their Pod DNS names, which its DNS
+answers with two different VIPs.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ pytestmark = pytest.mark.netns
 SERVER_IP = "198.18.0.10"
 SERVER = f"{SERVER_IP}:{meshlab.SERVER_PORT}"
 ADMIN = "127.0.0.1:10557"
-NODES = {"a1": "192.168.10.2", "b1": "192.168.20.2"}
+NODES = {"a1": "192.168.10.2", "b1": "192.168.20.2", "c1": "198.18.0.20"}
+EDGE = ("a1", "b1")  # the nodes with a Pod at POD
 POD = "172.17.0.2"  # on both nodes
 MESH = "100.127.0.0/16"
 Z = "default.svc.cluster.local"
@@ -65,6 +69,8 @@ def manifests() -> list[dict]:
     docs += headless("nginx-svc", 12345, 80, "http-0", [endpoint("b1")],
                      {"edgemesh.kubeedge.io/headless-proxy": "true"})
     docs += headless("nginx-plain", 12345, 80, "http-0", [endpoint("b1")])
+    docs += headless("node-exporter", 9100, 9100, "metrics",
+                     [endpoint("a1", "exp-a1"), endpoint("b1", "exp-b1")])
     return docs
 
 
@@ -73,6 +79,10 @@ SERVE = textwrap.dedent("""
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             body = f"pod {sys.argv[1]}".encode()
+            if self.server.server_port == 9100:  # the node exporter
+                body = f'node_exporter_up{{node="{sys.argv[1]}"}} 1\\n'.encode()
+                if self.path != "/metrics":
+                    self.send_error(404); return
             self.send_response(200); self.send_header("Content-Length", str(len(body)))
             self.end_headers(); self.wfile.write(body)
         def log_message(self, *a): pass
@@ -81,6 +91,8 @@ SERVE = textwrap.dedent("""
         while True:
             data, peer = s.recvfrom(65535); s.sendto(f"{sys.argv[1]} ".encode() + data, peer)
     threading.Thread(target=echo, daemon=True).start()
+    exporter = http.server.ThreadingHTTPServer(("0.0.0.0", 9100), H)
+    threading.Thread(target=exporter.serve_forever, daemon=True).start()
     http.server.ThreadingHTTPServer(("0.0.0.0", 80), H).serve_forever()
 """)
 UDP_ONCE = textwrap.dedent("""
@@ -104,9 +116,11 @@ class Env:
         site_a = lab.site("a", inet, wan="198.18.0.1/24", lan="192.168.10.1/24")
         site_b = lab.site("b", inet, wan="198.18.0.2/24", lan="192.168.20.1/24")
         self.ns = {"a1": lab.host("a1", site_a.lan, f"{NODES['a1']}/24", gw="192.168.10.1"),
-                   "b1": lab.host("b1", site_b.lan, f"{NODES['b1']}/24", gw="192.168.20.1")}
-        for name, node in self.ns.items():
-            self.pod(name, node)
+                   "b1": lab.host("b1", site_b.lan, f"{NODES['b1']}/24", gw="192.168.20.1"),
+                   # the cloud node: on the internet, no Docker bridge, no Pod
+                   "c1": lab.host("c1", inet, f"{NODES['c1']}/24", gw="198.18.0.254")}
+        for name in EDGE:
+            self.pod(name, self.ns[name])
         self.psk = meshlab.write(tmp, "psk", "correct horse battery staple, cluster vip")
         os.mkdir(os.path.join(tmp, "m"))
         meshlab.write(tmp, "m/all.yaml", yaml.safe_dump_all(manifests()))
@@ -139,17 +153,18 @@ class Env:
         pod.run("ip", "route", "add", "default", "via", "172.17.0.1")
         pod.popen(["python3", "-c", SERVE, name])
         pod.wait_listening("0.0.0.0:80")
+        pod.wait_listening("0.0.0.0:9100")
 
     def dig(self, node: str, name: str, qtype: str = "A") -> list[str]:
         out = self.ns[node].run("dig", "+short", "+time=2", "+tries=2", "-p", "1053",
                                 "@127.0.0.1", name, qtype, check=False).stdout
         return sorted(line for line in out.split() if line)
 
-    def curl(self, node: str, name: str, port: int, ip: str) -> str:
-        """curl ``http://name:port/`` at the address DNS gave (``--resolve``)."""
+    def curl(self, node: str, name: str, port: int, ip: str, path: str = "/") -> str:
+        """curl ``http://name:port/path`` at the address DNS gave (``--resolve``)."""
         r = self.ns[node].run("curl", "-sS", "--max-time", "10", "--resolve",
-                              f"{name}:{port}:{ip}", f"http://{name}:{port}/", check=False,
-                              timeout=30)
+                              f"{name}:{port}:{ip}", f"http://{name}:{port}{path}",
+                              check=False, timeout=30)
         return r.stdout
 
     def wait_curl(self, node: str, name: str, port: int, ip: str, expect: str) -> None:
@@ -189,7 +204,7 @@ def test_same_pod_ip_on_two_nodes_each_reaches_the_other_by_vip(env: Env) -> Non
         ptr = env.ns[here].run("dig", "+short", "-p", "1053", "@127.0.0.1", "-x", vip,
                                check=False).stdout.split()
         # every name of that Pod (b1's is an endpoint of the nginx Services too), no other
-        assert ptr == sorted([f"{other_name}.db.{Z}."] + (
+        assert ptr == sorted([f"{other_name}.db.{Z}.", f"exp-{there}.node-exporter.{Z}."] + (
             [f"172-17-0-2.nginx-plain.{Z}.", f"172-17-0-2.nginx-svc.{Z}."]
             if there == "b1" else []))
     # each node's VIP for the other's Pod is the one derived from namespace/name, so every
@@ -226,6 +241,30 @@ def test_legacy_headless_proxy_balances_with_the_port_mapping(env: Env) -> None:
     assert pod_vip == env.vip("a1", f"db-1.db.{Z}")
     assert env.curl("a1", plain, 12345, pod_vip) == ""  # nothing listens on 12345
     assert env.curl("a1", plain, 80, pod_vip) == "pod b1"
+
+
+def test_prometheus_on_the_cloud_scrapes_both_exporters_at_the_same_pod_ip(env: Env) -> None:
+    def cni(text: str, node: str) -> float:
+        return metric(text, "edgemesh_cni_pod_connections_total", node=node)
+
+    def metrics() -> str:
+        return env.ns["c1"].run("curl", "-s", f"http://{ADMIN}/metrics").stdout
+    before = {n: cni(metrics(), n) for n in EDGE}
+    vips = {}
+    for node in EDGE:
+        name = f"exp-{node}.node-exporter.{Z}"
+        vips[node] = env.vip("c1", name)  # 172.17.0.2 is both nodes' Pod: a VIP each
+        expect = f'node_exporter_up{{node="{node}"}} 1\n'
+        netlab.wait_for(lambda n=name, v=vips[node], e=expect:
+                        env.curl("c1", n, 9100, v, "/metrics") == e,
+                        timeout=20, what=f"c1 scrapes {name} at {vips[node]}")
+        for _ in range(2):
+            assert env.curl("c1", name, 9100, vips[node], "/metrics") == expect
+    assert vips["a1"] != vips["b1"]
+    assert sorted(env.dig("c1", f"node-exporter.{Z}")) == sorted(vips.values())
+    text = metrics()
+    for n in EDGE:  # the scrapes, counted per peer node
+        assert cni(text, n) >= before[n] + 3
 
 
 def test_a_deleted_pod_loses_its_vip_and_interception(env: Env) -> None:
