@@ -56,6 +56,7 @@ class StreamHost(Protocol):
     streams: dict[int, "Stream"]
     touched: list["Stream"]  # streams holding a batch for their sink: flushed after a read
     buffered: int  # bytes received and not yet taken by any stream's reader (back-pressure)
+    queued: int  # sealed bytes not yet sent (0: every record handed to flush is sent)
 
     def write(self, *frames: fr.Frame) -> None: ...
 
@@ -208,18 +209,27 @@ class Stream:
         in the payload room of up to PUMP_RECORDS records, which are then sealed in place;
         they are allocated once ``sock`` is readable, sized to what it holds (``FIONREAD``: a
         small message costs a small buffer, not PUMP_RECORDS full records), and live until
-        the writer sent them."""
+        the writer sent them; full-size ones are reused while the writer keeps up (zeroing a
+        fresh 64 KiB record cost 9 % of the sender's CPU). The hub is asked to wait only
+        when nothing is waiting (a loop turn per read cost another 10 %)."""
         session, fd = self.session, sock.fileno()
+        spare: list[bytearray] = []  # full-size record buffers the writer is done with
         while True:
             room = self._room()
             session.wait_writable()
-            wait_read(fd)  # an idle stream holds no buffers
-            room = min(room, max(1, waiting(fd)))
+            ready = waiting(fd)
+            if not ready:  # nothing waiting: through the hub (a loop turn) only now
+                spare.clear()  # an idle stream holds no buffers
+                wait_read(fd)
+                ready = waiting(fd)
+            room = min(room, max(1, ready))
             records: list[memoryview] = []
             views: list[memoryview] = []
             while room > 0 and len(records) < PUMP_RECORDS:
                 k = min(room, fr.MAX_PAYLOAD)
-                record = memoryview(bytearray(k + RECORD_OVERHEAD))
+                buf = spare.pop() if spare and k == fr.MAX_PAYLOAD else \
+                    bytearray(k + RECORD_OVERHEAD)
+                record = memoryview(buf)
                 records.append(record)
                 views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
                 room -= k
@@ -236,6 +246,8 @@ class Stream:
                 session.seal_data(self.id, record[:k + RECORD_OVERHEAD])
                 n -= k
             session.flush()
+            if not session.queued:  # all sent: the full-size buffers are free again
+                spare = [r.obj for r in records if len(r) == fr.MAX_PAYLOAD + RECORD_OVERHEAD]
 
     def drain_to(self, sock: socket.socket) -> None:
         """Pump the stream into ``sock`` until the peer's FIN (then SHUT_WR); raises
