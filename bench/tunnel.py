@@ -4,16 +4,23 @@ One run builds the e2e lab (two NATed sites, a server on the "internet"), then m
 the same namespaces:
   raw direct   iperf3 a1 -> a2 (same LAN)              vs  tunnel direct: a1 -> ClusterIP ->
   raw relay    iperf3 a1 -> server (a1's uplink)            proxy -> tunnel -> a2/b1 -> iperf3
-and the round trip of 1-byte request/response over each path (TCP ping-pong), and prints the
-ratios (throughput: the median of per-round ratios, raw and tunnel measured alternately) and
-the CPU seconds per GB of the sending (a1) and receiving (a2/b1) agents, which the machine's
-load disturbs less than throughput does.
-Targets: direct tunnel >= 0.4x raw, relay >= 0.3x raw.
+the round trip of 1-byte request/response over each path (TCP ping-pong; "added us" is the
+tunnel's minus raw's), and a 4 MiB transfer on a new connection a1 -> a2 (connect, read to the
+server's close) through the tunnel vs straight, alternately (the median of per-round time
+ratios); and prints the ratios (throughput: the median of per-round ratios, raw and tunnel
+measured alternately) and the CPU seconds per GB of the sending (a1) and receiving (a2/b1)
+agents, which the machine's load disturbs less than throughput does.
+Targets (issue 20): direct tunnel >= 0.6x raw, relay >= 0.5x raw, added round trip <= 150 us,
+the 4 MiB transfer <= 1.5x the time straight.
 
-    .venv/bin/python -m bench.tunnel [--seconds 5] [--profile DIR] [--json]
+    .venv/bin/python -m bench.tunnel [--seconds 5] [--rounds 3] [--xfers 15] [--profile DIR]
+        [--json]
 
-``--profile DIR`` records the agents (and the relay server) with py-spy during the tunnel runs
-(collapsed stacks in DIR; py-spy must be installed, it is not a project dependency).
+``--json`` also prints one JSON line (ratios, medians, the peer), as every bench does.
+
+``--profile DIR`` records the agents (and the relay server) with py-spy during the first tunnel
+throughput run and the tunnel round trips (collapsed stacks in DIR, ``PATH-NODE.txt`` and
+``PATH-rtt-NODE.txt``; py-spy must be installed, it is not a project dependency).
 """
 from __future__ import annotations
 
@@ -49,6 +56,34 @@ PINGPONG = textwrap.dedent("""
     samples.sort(); print(samples[len(samples) // 2] * 1e6)
 """)
 
+XFER_SIZE = 4 * 1024 * 1024
+XFER_SERVER = textwrap.dedent("""
+    import socket, threading
+    data = bytes(4 * 1024 * 1024)
+    srv = socket.create_server(("0.0.0.0", 7001), backlog=64)
+    def serve(c):
+        with c:
+            c.sendall(data)
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+""")
+XFER_CLIENT = textwrap.dedent("""
+    import json, socket, sys, time
+    def once(ip):
+        t = time.perf_counter(); n = 0; first = None
+        with socket.create_connection((ip, 7001), timeout=30) as s:
+            buf = bytearray(1 << 20)
+            while k := s.recv_into(buf):
+                n += k
+                first = first or time.perf_counter() - t
+        assert n == 4 * 1024 * 1024, n
+        return time.perf_counter() - t, first
+    once(sys.argv[1]); once(sys.argv[2])  # warm up (ARP, conntrack, the proxy's rules)
+    print(json.dumps([(*once(sys.argv[1]), *once(sys.argv[2]))
+                      for _ in range(int(sys.argv[3]))]))
+""")
+
 
 def docs() -> list[dict]:
     out: list[dict] = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": n},
@@ -57,7 +92,8 @@ def docs() -> list[dict]:
     for name, ip, node, port in (("iperf-a2", "10.96.2.1", "a2", 5201),
                                  ("iperf-b1", "10.96.2.2", "b1", 5201),
                                  ("echo-a2", "10.96.2.3", "a2", 7000),
-                                 ("echo-b1", "10.96.2.4", "b1", 7000)):
+                                 ("echo-b1", "10.96.2.4", "b1", 7000),
+                                 ("xfer-a2", "10.96.2.5", "a2", 7001)):
         out += [{"apiVersion": "v1", "kind": "Service",
                  "metadata": {"name": name, "namespace": "default"},
                  "spec": {"clusterIP": ip, "ports": [{"name": "tcp", "port": port,
@@ -88,6 +124,13 @@ def rtt_us(ns: netlab.Netns, ip: str, port: int, n: int = 2000) -> float:
     return float(ns.run("python3", "-c", PINGPONG, ip, str(port), str(n), timeout=120).stdout)
 
 
+def xfers(ns: netlab.Netns, raw_ip: str, tun_ip: str, n: int) -> list[tuple[float, ...]]:
+    """(seconds straight, to its first byte, seconds through the tunnel, to its first byte)
+    of ``n`` alternate 4 MiB transfers."""
+    out = ns.run("python3", "-c", XFER_CLIENT, raw_ip, tun_ip, str(n), timeout=60 + 10 * n)
+    return [tuple(row) for row in json.loads(out.stdout)]
+
+
 @contextlib.contextmanager
 def profiled(outdir: str | None, name: str, procs: dict[str, Proc]) -> Iterator[None]:
     """py-spy records ``procs`` while the body runs (nothing when ``outdir`` is None)."""
@@ -112,6 +155,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3,
                         help="raw/tunnel pairs per path; the ratio is their median")
+    parser.add_argument("--xfers", type=int, default=15,
+                        help="4 MiB transfers per side (new connection each)")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the agents into DIR")
     add_json_flag(parser)
     args = parser.parse_args()
@@ -133,6 +178,7 @@ def main() -> int:
             ns[n].run("ip", "addr", "add", f"{POD}/32", "dev", "lo")
             ns[n].popen(["iperf3", "-s", "-p", "5201"])
             ns[n].popen(["socat", "TCP-LISTEN:7000,reuseaddr,fork", "SYSTEM:cat"])
+        ns["a2"].popen(["python3", "-c", XFER_SERVER])
         srv.popen(["iperf3", "-s", "-p", "5201"])
         srv.popen(["socat", "TCP-LISTEN:7000,reuseaddr,fork", "SYSTEM:cat"])
         mdir = os.path.join(tmp, "m")
@@ -181,28 +227,58 @@ def main() -> int:
                 cpus.append([(cpu_seconds(p) - b) / (nbytes / 1e9) for p, b in zip(ends, before,
                                                                                  strict=True)])
                 ratios.append(tuns[-1] / raws[-1])
-            raw_rtt, tun_rtt = rtt_us(a1, raw_ip, 7000), rtt_us(a1, echo_ip, 7000)
+            raw_rtt = rtt_us(a1, raw_ip, 7000)
+            with profiled(args.profile, f"{name}-rtt", spied[name]):
+                tun_rtt = rtt_us(a1, echo_ip, 7000)
             rows.append((name, median(raws), median(tuns), median(ratios), raw_rtt, tun_rtt,
                          median(c[0] for c in cpus), median(c[1] for c in cpus)))
+        pairs = xfers(a1, NODES["a2"], "10.96.2.5", args.xfers)
         paths = json.loads(a1.run(sys.executable, "-m", "edgemesh", "status", "--json",
                                   "--admin", ADMIN).stdout)["peers"]
         for p in procs:
             p.stop()
+    raw_ms, raw_first, tun_ms, tun_first = (median(p[i] for p in pairs) * 1e3
+                                            for i in range(4))
+    xfer_ratio = median(p[2] / p[0] for p in pairs)
+    targets = {"direct": 0.6, "relay": 0.5}
+    r: dict = {"paths": {p["node"]: p["path"] for p in paths},
+               "xfer_4mib_ms": {"raw": round(raw_ms, 2), "tunnel": round(tun_ms, 2)},
+               "xfer_first_byte_ms": {"raw": round(raw_first, 3), "tunnel": round(tun_first, 3)},
+               "xfer_4mib_ratio": round(xfer_ratio, 3), "xfer_target": 1.5,
+               "added_rtt_target_us": 150}
+    ok = xfer_ratio <= 1.5
+    for name, raw, tun, ratio, raw_rtt, tun_rtt, near, far in rows:
+        ok &= ratio >= targets[name] and (name != "direct" or tun_rtt - raw_rtt <= 150)
+        r[name] = {"raw_gbps": round(raw, 3), "tunnel_gbps": round(tun, 3),
+                   "ratio": round(ratio, 3), "target": targets[name],
+                   "raw_rtt_us": round(raw_rtt, 1), "tunnel_rtt_us": round(tun_rtt, 1),
+                   "added_rtt_us": round(tun_rtt - raw_rtt, 1),
+                   "a1_cpu_s_per_gb": round(near, 4), "far_cpu_s_per_gb": round(far, 4)}
+    r["targets_met"] = ok
     print(f"{'path':8} {'raw Gbit/s':>11} {'tunnel Gbit/s':>14} {'ratio':>6} {'target':>7} "
           f"{'raw RTT us':>11} {'tunnel RTT us':>14} {'added us':>9} {'a1 CPU s/GB':>12} "
           f"{'far CPU s/GB':>13}")
-    ok = True
-    for (name, raw, tun, ratio, raw_rtt, tun_rtt, near, far), target in zip(rows, (0.4, 0.3),
-                                                                             strict=True):
-        ok &= ratio >= target
-        print(f"{name:8} {raw:11.2f} {tun:14.2f} {ratio:6.2f} {target:7.2f} {raw_rtt:11.0f} "
-              f"{tun_rtt:14.0f} {tun_rtt - raw_rtt:9.0f} {near:12.3f} {far:13.3f}")
+    for name, raw, tun, ratio, raw_rtt, tun_rtt, near, far in rows:
+        print(f"{name:8} {raw:11.2f} {tun:14.2f} {ratio:6.2f} {targets[name]:7.2f} "
+              f"{raw_rtt:11.0f} {tun_rtt:14.0f} {tun_rtt - raw_rtt:9.0f} {near:12.3f} "
+              f"{far:13.3f}")
+    print(f"4 MiB on a new connection a1 -> a2: straight {raw_ms:.1f} ms, tunnel {tun_ms:.1f} ms, "
+          f"ratio {xfer_ratio:.2f} (target <= 1.5; median of {len(pairs)} alternate pairs)")
+    for i, label, first in ((0, "straight", raw_first), (2, "tunnel", tun_first)):
+        ms = sorted(p[i] * 1e3 for p in pairs)
+        print(f"  {label:8} ms: min {ms[0]:.1f}, p25 {ms[len(ms) // 4]:.1f}, "
+              f"p75 {ms[3 * len(ms) // 4]:.1f}, max {ms[-1]:.1f}; first byte after "
+              f"{first:.2f} (median)")
+    print("added RTT target <= 150 us (direct)")
     print("peers:", ", ".join(f"{p['node']}={p['path']}" for p in paths))
     print("targets met" if ok else "targets NOT met")
     if args.json:
-        emit("tunnel", {f"{r[0]} tunnel/raw": r[3] for r in rows},
-             {f"{r[0]} {k}": v for r in rows for k, v in
-              (("raw Gbit/s", r[1]), ("tunnel Gbit/s", r[2]), ("added RTT us", r[5] - r[4]))},
+        emit("tunnel", {**{f"{row[0]} tunnel/raw": row[3] for row in rows},
+                        "4 MiB new connection tunnel/straight time": r["xfer_4mib_ratio"]},
+             {**{f"{row[0]} {k}": v for row in rows for k, v in
+                 (("raw Gbit/s", row[1]), ("tunnel Gbit/s", row[2]),
+                  ("added RTT us", row[5] - row[4]))},
+              "4 MiB straight ms": raw_ms, "4 MiB tunnel ms": tun_ms},
              {"raw": "iperf3 -c, one stream, straight between the same namespaces"})
     return 0
 

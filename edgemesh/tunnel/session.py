@@ -205,6 +205,11 @@ class Session:
         self._out.append(record)
         self._out_bytes += len(record)
 
+    @property
+    def queued(self) -> int:
+        """Sealed bytes not yet sent."""
+        return self._out_bytes
+
     def unbuffer(self, n: int) -> None:
         """``n`` received bytes left our buffers; the reader resumes below half the cap."""
         self.buffered -= n

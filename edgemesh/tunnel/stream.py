@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import itertools
 import socket
 import struct
 import termios
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import gevent.event
 from gevent.socket import wait_read
@@ -26,6 +27,7 @@ from edgemesh.tunnel import frames as fr
 PING_INTERVAL = 10.0
 DEAD_AFTER = 3 * PING_INTERVAL + 5  # a silent session is closed then: no wait outlives it
 PUMP_RECORDS = 16             # records a pump reads from its socket with one recvmsg_into
+SEND_CHUNKS = 64              # queued chunks drain_to sends with one sendmsg
 RECORD_OVERHEAD = 2 + fr.HEADER_LEN + 16  # length prefix, frame header, AEAD tag
 
 
@@ -54,6 +56,9 @@ class StreamHost(Protocol):
     streams: dict[int, "Stream"]
     touched: list["Stream"]  # streams holding a batch for their sink: flushed after a read
     buffered: int  # bytes received and not yet taken by any stream's reader (back-pressure)
+
+    @property
+    def queued(self) -> int: ...  # sealed bytes not yet sent (0: all handed to flush sent)
 
     def write(self, *frames: fr.Frame) -> None: ...
 
@@ -160,6 +165,19 @@ class Stream:
         if grant is not None:
             self.session.write(grant)
 
+    def _sent(self, n: int) -> None:
+        """The first ``n`` queued bytes were sent."""
+        while n:
+            head = self._chunks[0]
+            if n < len(head):
+                self._chunks[0] = memoryview(head)[n:]
+                self.session.unbuffer(n)
+                self._queued -= n
+                self._delivered(n, self._queued)
+                return
+            self._pop()
+            n -= len(head)
+
     def _pop(self) -> bytes | memoryview:
         data = self._chunks.popleft()
         self.session.unbuffer(len(data))
@@ -206,18 +224,28 @@ class Stream:
         in the payload room of up to PUMP_RECORDS records, which are then sealed in place;
         they are allocated once ``sock`` is readable, sized to what it holds (``FIONREAD``: a
         small message costs a small buffer, not PUMP_RECORDS full records), and live until
-        the writer sent them."""
+        the writer sent them; full-size ones are reused while the writer keeps up (zeroing a
+        fresh 64 KiB record cost 9 % of the sender's CPU). The end of ``sock`` is sent as FIN
+        without waiting for window (a FIN carries none)."""
         session, fd = self.session, sock.fileno()
+        spare: list[bytearray] = []  # full-size record buffers the writer is done with
         while True:
-            room = self._room()
             session.wait_writable()
-            wait_read(fd)  # an idle stream holds no buffers
-            room = min(room, readable_bytes(fd) or fr.MAX_PAYLOAD)  # EOF: one record
+            if not readable_bytes(fd):
+                spare.clear()  # an idle stream holds no buffers
+            wait_read(fd)  # a loop turn per read even when data waits: other greenlets run
+            ready = readable_bytes(fd)
+            if not ready and not sock.recv(1, socket.MSG_PEEK):
+                self.shutdown_write()  # EOF: a FIN needs no window, so wait for none
+                return
+            room = min(self._room(), max(1, ready or readable_bytes(fd)))
             records: list[memoryview] = []
             views: list[memoryview] = []
             while room > 0 and len(records) < PUMP_RECORDS:
                 k = min(room, fr.MAX_PAYLOAD)
-                record = memoryview(bytearray(k + RECORD_OVERHEAD))
+                buf = spare.pop() if spare and k == fr.MAX_PAYLOAD else \
+                    bytearray(k + RECORD_OVERHEAD)
+                record = memoryview(buf)
                 records.append(record)
                 views.append(record[2 + fr.HEADER_LEN:2 + fr.HEADER_LEN + k])
                 room -= k
@@ -234,6 +262,9 @@ class Stream:
                 session.seal_data(self.id, record[:k + RECORD_OVERHEAD])
                 n -= k
             session.flush()
+            if not session.queued:  # all sent: the full-size buffers are free again
+                spare = [cast(bytearray, r.obj) for r in records
+                         if len(r) == fr.MAX_PAYLOAD + RECORD_OVERHEAD]
 
     def drain_to(self, sock: socket.socket) -> None:
         """Pump the stream into ``sock`` until the peer's FIN (then SHUT_WR); raises
@@ -241,12 +272,12 @@ class Stream:
         self.sink = sock
         try:
             while True:
-                while self._chunks:
-                    chunk = self._chunks[0]
-                    sock.sendall(chunk)  # popped only once sent: keeps the order
-                    self._pop()
+                while self._chunks:  # many chunks per sendmsg (a burst that came before
+                    # drain_to started is all queued); popped only once sent: keeps the order
+                    sent = sock.sendmsg(list(itertools.islice(self._chunks, SEND_CHUNKS)))
+                    self._sent(sent)
                     if self.on_bytes is not None:
-                        self.on_bytes(0, len(chunk))
+                        self.on_bytes(0, sent)
                 if self.error:
                     raise self.error
                 if self.eof:
