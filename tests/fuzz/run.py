@@ -1,0 +1,167 @@
+"""Run the atheris fuzz targets of ``tests/fuzz/targets.py`` and print one table.
+
+    python -m tests.fuzz.run [--runs N] [--jobs J] [--timeout S] [--seconds T] [TARGET...]
+    python -m tests.fuzz.run --merge [TARGET...]     # minimise new finds into the corpus
+    python -m tests.fuzz.run --child TARGET LIBFUZZER-ARGS...   # one target under atheris
+
+Each target runs in its own process (libFuzzer owns the process and exits), ``J`` at a time,
+over ``tests/fuzz/corpus/TARGET`` (read only: new inputs go to ``.fuzz/TARGET``), for ``N``
+inputs (``-runs``) or ``T`` seconds. A crash or a hang (one input over ``S`` seconds,
+libFuzzer's ``-timeout``) leaves its input in ``.fuzz/artifacts/`` and is counted; the exit
+status is 1 if any target crashed or hung. Coverage is libFuzzer's last ``cov:`` (edges of the
+instrumented ``edgemesh`` modules) and ``ft:`` (features) figures.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CORPUS = os.path.join(HERE, "corpus")
+WORK = os.path.join(ROOT, ".fuzz")
+MAX_LEN = 4096
+SLOW_FIRST = ("config", "manifests", "tunnel_handshake")
+
+
+@dataclass
+class Outcome:
+    target: str
+    inputs: int = 0
+    cov: int = 0
+    ft: int = 0
+    crashes: int = 0
+    hangs: int = 0
+    seconds: float = 0.0
+    log: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.crashes == 0 and self.hangs == 0 and self.inputs > 0
+
+
+def child(name: str, args: list[str]) -> None:
+    """Fuzz one target in this process (never returns)."""
+    import atheris
+
+    with atheris.instrument_imports(include=["edgemesh"]):
+        from tests.fuzz import targets
+        fn = targets.TARGETS[name]
+        try:
+            fn(b"")  # the targets import lazily: import (and instrument) their modules now
+        except Exception:  # noqa: BLE001 - only the imports matter here
+            pass
+    atheris.Setup([sys.argv[0], *args], fn)
+    atheris.Fuzz()
+
+
+def _command(name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.fuzz.run", "--child", name, *args]
+
+
+def run_target(name: str, runs: int, seconds: int, timeout: int,
+               corpus_dirs: list[str] | None = None) -> Outcome:
+    """One target under atheris in a subprocess; its figures parsed from libFuzzer's log."""
+    work = os.path.join(WORK, name)
+    artifacts = os.path.join(WORK, "artifacts", name) + "-"
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(os.path.dirname(artifacts), exist_ok=True)
+    dirs = corpus_dirs if corpus_dirs is not None else [work, os.path.join(CORPUS, name)]
+    args = [f"-timeout={timeout}", f"-max_len={MAX_LEN}", f"-artifact_prefix={artifacts}",
+            "-print_final_stats=1", "-rss_limit_mb=2048", *dirs]
+    args.insert(0, f"-runs={runs}" if runs else "-runs=-1")
+    if seconds:
+        args.insert(0, f"-max_total_time={seconds}")
+    start = time.monotonic()
+    proc = subprocess.run(_command(name, *args), cwd=ROOT, capture_output=True, text=True,
+                          errors="replace", check=False)
+    return parse_log(name, proc.stderr + proc.stdout, time.monotonic() - start)
+
+
+STAT = re.compile(r"^#(\d+)\s+\S+\s+cov: (\d+) ft: (\d+)", re.M)
+DONE = re.compile(r"^Done (\d+) runs in", re.M)
+RUNS = re.compile(r"^stat::number_of_executed_units: (\d+)", re.M)
+
+
+def parse_log(name: str, log: str, seconds: float) -> Outcome:
+    out = Outcome(name, seconds=seconds, log=log)
+    stats = STAT.findall(log)
+    if stats:
+        out.inputs, out.cov, out.ft = (int(x) for x in stats[-1])
+    for pattern in (RUNS, DONE):
+        found = pattern.findall(log)
+        if found:
+            out.inputs = max(out.inputs, int(found[-1]))
+    if "ALARM: working on the last Unit" in log or "libFuzzer: timeout" in log:
+        out.hangs = 1
+    elif "Uncaught Python exception" in log or "ERROR: libFuzzer" in log:
+        out.crashes = 1
+    return out
+
+
+def merge(name: str) -> None:
+    """Minimise the committed corpus plus the new finds in ``.fuzz/NAME`` into the corpus."""
+    fresh = os.path.join(WORK, name + ".merged")
+    shutil.rmtree(fresh, ignore_errors=True)
+    os.makedirs(fresh)
+    committed = os.path.join(CORPUS, name)
+    subprocess.run(_command(name, "-merge=1", f"-max_len={MAX_LEN}", fresh, committed,
+                            os.path.join(WORK, name)), cwd=ROOT, capture_output=True, check=True)
+    shutil.rmtree(committed)
+    shutil.move(fresh, committed)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    rows = [("target", "inputs", "cov", "ft", "crashes", "hangs", "wall s")]
+    rows += [(o.target, f"{o.inputs:,}", str(o.cov), str(o.ft), str(o.crashes), str(o.hangs),
+              f"{o.seconds:.0f}") for o in outcomes]
+    rows.append(("total", f"{sum(o.inputs for o in outcomes):,}", "", "",
+                 str(sum(o.crashes for o in outcomes)), str(sum(o.hangs for o in outcomes)),
+                 f"{sum(o.seconds for o in outcomes):.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in rows)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        child(argv[1], argv[2:])
+        return 0
+    from tests.fuzz.targets import TARGETS
+    p = argparse.ArgumentParser(prog="python -m tests.fuzz.run")
+    p.add_argument("targets", nargs="*", help="default: all of them")
+    p.add_argument("--runs", type=int, default=1_000_000, help="inputs per target")
+    p.add_argument("--seconds", type=int, default=0, help="or a time budget per target")
+    p.add_argument("--jobs", type=int, default=2, help="targets fuzzed at once")
+    p.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
+    p.add_argument("--merge", action="store_true", help="minimise new finds into the corpus")
+    a = p.parse_args(argv)
+    names = a.targets or list(TARGETS)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        p.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
+    names.sort(key=lambda n: n not in SLOW_FIRST)  # the longest runs start first
+    if a.merge:
+        for name in names:
+            merge(name)
+        return 0
+    with ThreadPoolExecutor(a.jobs) as pool:
+        outcomes = list(pool.map(lambda n: run_target(n, a.runs, a.seconds, a.timeout), names))
+    for o in outcomes:
+        if not o.ok:
+            tail = "\n".join(o.log.splitlines()[-40:])
+            print(f"---- {o.target}: crashed, hung or did not run ----\n{tail}\n")
+    print(table(outcomes))
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
