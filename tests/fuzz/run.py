@@ -67,7 +67,7 @@ def _command(name: str, *args: str) -> list[str]:
 
 
 def run_target(name: str, runs: int, seconds: int, timeout: int,
-               corpus_dirs: list[str] | None = None) -> Outcome:
+               corpus_dirs: list[str] | None = None, log: str | None = None) -> Outcome:
     """One target under atheris in a subprocess; its figures parsed from libFuzzer's log."""
     work = os.path.join(WORK, name)
     artifacts = os.path.join(WORK, "artifacts", name) + "-"
@@ -79,10 +79,26 @@ def run_target(name: str, runs: int, seconds: int, timeout: int,
     args.insert(0, f"-runs={runs}" if runs else "-runs=-1")
     if seconds:
         args.insert(0, f"-max_total_time={seconds}")
+    log_path = log or os.path.join(WORK, name + ".log")
     start = time.monotonic()
-    proc = subprocess.run(_command(name, *args), cwd=ROOT, capture_output=True, text=True,
-                          errors="replace", check=False)
-    return parse_log(name, proc.stderr + proc.stdout, time.monotonic() - start)
+    with open(log_path, "w") as f:
+        f.write(f"# started {time.time():.3f}\n")
+        f.flush()
+        subprocess.run(_command(name, *args), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                       check=False)
+    return read_log(name, log_path, time.monotonic() - start)
+
+
+def read_log(name: str, path: str, seconds: float | None = None) -> Outcome:
+    """A target's figures from its log, also while it runs or after it was stopped."""
+    with open(path, errors="replace") as f:
+        log = f.read()
+    if seconds is None:
+        seconds = os.stat(path).st_mtime - os.stat(path).st_ctime
+        started = re.search(r"^# started (\d+\.\d+)", log, re.M)
+        if started:
+            seconds = os.stat(path).st_mtime - float(started.group(1))
+    return parse_log(name, log, seconds)
 
 
 STAT = re.compile(r"^#(\d+)\s+\S+\s+cov: (\d+) ft: (\d+)", re.M)
@@ -143,18 +159,29 @@ def main(argv: list[str]) -> int:
     p.add_argument("--jobs", type=int, default=2, help="targets fuzzed at once")
     p.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
     p.add_argument("--merge", action="store_true", help="minimise new finds into the corpus")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table from the logs in .fuzz/ (also of a running fuzz)")
     a = p.parse_args(argv)
     names = a.targets or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         p.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     names.sort(key=lambda n: n not in SLOW_FIRST)  # the longest runs start first
+    if a.report:
+        print(table([read_log(n, os.path.join(WORK, n + ".log")) for n in names
+                     if os.path.exists(os.path.join(WORK, n + ".log"))]))
+        return 0
     if a.merge:
         for name in names:
             merge(name)
         return 0
+    def one(name: str) -> Outcome:
+        o = run_target(name, a.runs, a.seconds, a.timeout)
+        print(f"{o.target}: {o.inputs:,} inputs, cov {o.cov}, ft {o.ft}, crashes {o.crashes}, "
+              f"hangs {o.hangs}, {o.seconds:.0f} s", flush=True)
+        return o
     with ThreadPoolExecutor(a.jobs) as pool:
-        outcomes = list(pool.map(lambda n: run_target(n, a.runs, a.seconds, a.timeout), names))
+        outcomes = list(pool.map(one, names))
     for o in outcomes:
         if not o.ok:
             tail = "\n".join(o.log.splitlines()[-40:])

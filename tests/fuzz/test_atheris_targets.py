@@ -41,7 +41,7 @@ def test_every_target_survives_a_short_random_budget(tmp_path) -> None:
     def fuzz(name: str) -> run.Outcome:
         work = tmp_path / name
         work.mkdir()
-        return run.run_target(name, 0, BUDGET_SECONDS, 10,
+        return run.run_target(name, 0, BUDGET_SECONDS, 10, log=str(tmp_path / f"{name}.log"),
                               corpus_dirs=[str(work), os.path.join(run.CORPUS, name)])
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(fuzz, TARGETS))
