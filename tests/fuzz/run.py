@@ -30,6 +30,7 @@ MAX_LEN = 4096
 # the config target parses YAML in pure Python (~1 ms per KB): 1 KB inputs keep a million
 # inputs within half an hour on one core and still hold several sections of keys
 MAX_LEN_OF = {"config": 1024}
+CORPUS_BYTES = 40_000  # the committed corpus of one target, at most
 SLOW_FIRST = ("config", "manifests", "tunnel_handshake")
 
 
@@ -43,6 +44,14 @@ class Outcome:
     hangs: int = 0
     seconds: float = 0.0
     log: str = ""
+
+    @property
+    def state(self) -> str:
+        """How the run ended: done (its -runs or time), stopped (SIGINT), or running."""
+        if "run interrupted" in self.log:
+            return "stopped"
+        return "done" if re.search(r"^Done \d+ runs|^stat::number_of", self.log, re.M) \
+            else "running"
 
     @property
     def ok(self) -> bool:
@@ -123,17 +132,30 @@ def merge(name: str) -> None:
     subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, check=True)
     if not os.listdir(fresh):
         raise RuntimeError(f"merging {name} gave an empty corpus")
+    _trim(fresh, CORPUS_BYTES)
     shutil.rmtree(committed)
     shutil.move(fresh, committed)
 
 
+def _trim(directory: str, budget: int) -> None:
+    """Keep the smallest inputs of ``directory`` that fit in ``budget`` bytes (seeds first)."""
+    files = sorted(os.listdir(directory),
+                   key=lambda n: (not n.startswith("seed-"),
+                                  os.path.getsize(os.path.join(directory, n))))
+    used = 0
+    for name in files:
+        used += os.path.getsize(os.path.join(directory, name))
+        if used > budget:
+            os.unlink(os.path.join(directory, name))
+
+
 def table(outcomes: list[Outcome]) -> str:
-    rows = [("target", "inputs", "cov", "ft", "crashes", "hangs", "wall s")]
+    rows = [("target", "inputs", "cov", "ft", "crashes", "hangs", "wall s", "")]
     rows += [(o.target, f"{o.inputs:,}", str(o.cov), str(o.ft), str(o.crashes), str(o.hangs),
-              f"{o.seconds:.0f}") for o in outcomes]
+              f"{o.seconds:.0f}", o.state) for o in outcomes]
     rows.append(("total", f"{sum(o.inputs for o in outcomes):,}", "", "",
                  str(sum(o.crashes for o in outcomes)), str(sum(o.hangs for o in outcomes)),
-                 f"{sum(o.seconds for o in outcomes):.0f}"))
+                 f"{sum(o.seconds for o in outcomes):.0f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths, strict=True)))
