@@ -5,7 +5,7 @@ generation, and re-creates the node key every other generation; it is SIGKILLed 
 moment. Then the state dir must load as one whole generation of the cache (never a partial or
 mixed one) with a 32-byte key, and leave no temp files; after the last trial (and every
 tenth of the 100) a real agent starts on that state dir with its API server unreachable and
-serves every cached Service. ``TRIALS`` trials by default; ``-m slow`` runs 100.
+serves every cached Service. ``TRIALS`` trials by default; ``EDGEMESH_CHAOS=1`` adds 100.
 """
 from __future__ import annotations
 
@@ -148,6 +148,8 @@ def test_cache_and_key_survive_kill_9_during_writes(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EDGEMESH_CHAOS"),
+                    reason="the 100-trial run (36 s quiet, minutes loaded): EDGEMESH_CHAOS=1")
 def test_cache_and_key_survive_kill_9_during_writes_100_trials(tmp_path) -> None:
     _trials(tmp_path, 100)
 
