@@ -11,6 +11,7 @@
 #   make deb / ipk      this machine's .deb / OpenWrt .ipk; packages-CPU for another CPU
 #   make release        every binary and package for every CPU, with SHA256SUMS, in dist/
 #   make test-devices   build what the device tests need, then run them (tests/devices/)
+#   make fuzz     every parser fuzz target for a million inputs (atheris), one table
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -82,7 +83,7 @@ test-fast: setup
 # killed -9 100 times, the API down 60 s; prints the table and writes .state/chaos-report.json.
 # `make test` runs the short version (each fault once, 5 kills, ~3 min).
 chaos: setup
-	EDGEMESH_CHAOS=long $(BIN)/python -m pytest -q -m chaos tests/chaos
+	EDGEMESH_CHAOS=long $(BIN)/python -m pytest -q tests/chaos tests/unit/test_crash_safe_state.py
 
 lint: setup
 	$(BIN)/ruff check edgemesh tests bench examples
@@ -173,3 +174,14 @@ release: binary $(addprefix packages-,$(RELEASE_CPUS))
 # target builds it); `make test` runs them too, but never builds.
 test-devices: setup release
 	$(BIN)/python -m pytest -q -m devices tests/devices
+
+# ---- fuzzing (tests/fuzz/; README "Fuzzing (make fuzz)") ----
+# Every atheris target for FUZZ_RUNS inputs, two at a time, then one table (inputs, coverage,
+# crashes, hangs); fuzz-corpus minimises what they found into tests/fuzz/corpus/ (commit it).
+FUZZ_RUNS ?= 1000000
+.PHONY: fuzz fuzz-corpus
+fuzz: setup
+	$(BIN)/python -m tests.fuzz.run --runs $(FUZZ_RUNS) --jobs 2
+
+fuzz-corpus: setup
+	$(BIN)/python -m tests.fuzz.run --merge

@@ -556,6 +556,8 @@ def load(path: str | None, warnings: list[str] | None = None) -> Config:
         data = _config_document(docs, path)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    except UnicodeDecodeError as e:  # found by tests/fuzz (config target)
+        raise ConfigError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
     except RecursionError:

@@ -9,11 +9,13 @@ once the store is synced from the live API, so a partial first list never replac
 cache.
 
 ``load()`` parses every cached document with its kind; a document that no longer parses is
-skipped, a file that is not a cache (corrupt, wrong version) is reported and ignored.
+skipped, a file that is not a cache (corrupt, wrong version, its ``sha256`` not that of its
+``kinds``) is reported once and ignored, and temp files a killed writer left are removed.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 FILE_NAME = "metadata-cache.json"
+TEMP_PREFIX = ".metadata-cache-"
+KINDS_KEY = b',"kinds":'
 
 WRITES = metrics.counter("edgemesh_meta_cache_writes_total",
                          "Snapshots of the metadata store written to the state dir.")
@@ -110,9 +114,11 @@ class MetadataCache:
 
     def load(self) -> State | None:
         """The cached state by kind as (typed, raw) pairs, or None without a usable cache."""
+        remove_temp_files(self.state_dir, TEMP_PREFIX)
         try:
             with open(self.path, "rb") as f:
-                doc = json.loads(f.read())
+                data = f.read()
+            doc = json.loads(data)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -123,17 +129,33 @@ class MetadataCache:
             log.warning("metadata cache %s is not a version-%d cache, ignoring it", self.path,
                         FORMAT_VERSION)
             return None
+        if "sha256" in doc and doc["sha256"] != _body_sha256(data):
+            log.warning("metadata cache %s does not match its checksum, ignoring it", self.path)
+            return None
         self.written_at = str(doc.get("written", ""))
         return parse_state(doc["kinds"], self.path)
 
 
 def snapshot_bytes(written: str, source: str, kinds_: dict[str, list[bytes]]) -> bytes:
-    """The cache file: its header and the raw documents, joined without re-encoding them."""
-    head = json.dumps({"version": FORMAT_VERSION, "written": written, "source": source},
+    """The cache file: its header and the raw documents, joined without re-encoding them;
+    ``sha256`` in the header is that of the bytes of ``kinds`` (see ``_body_sha256``)."""
+    body = b"{" + b",".join(json.dumps(kind).encode() + b":[" + b",".join(docs) + b"]"
+                            for kind, docs in kinds_.items()) + b"}"
+    head = json.dumps({"version": FORMAT_VERSION, "written": written, "source": source,
+                       "sha256": hashlib.sha256(body).hexdigest()},
                       separators=(",", ":")).encode()
-    body = b",".join(json.dumps(kind).encode() + b":[" + b",".join(docs) + b"]"
-                     for kind, docs in kinds_.items())
-    return head[:-1] + b',"kinds":{' + body + b"}}"
+    return head[:-1] + KINDS_KEY + body + b"}"
+
+
+def _body_sha256(data: bytes) -> str:
+    """The SHA-256 of the ``kinds`` object's bytes in a cache file: from just after the first
+    ``,"kinds":`` (which cannot occur inside the header's JSON strings, whose quotes are
+    escaped) to before the file's last ``}``."""
+    at = data.find(KINDS_KEY)
+    end = data.rstrip().rfind(b"}")
+    if at < 0 or end < at:
+        return ""
+    return hashlib.sha256(data[at + len(KINDS_KEY):end]).hexdigest()
 
 
 def parse_state(docs: dict[str, Any], where: str) -> State:
@@ -158,7 +180,7 @@ def write_atomic(path: str, data: bytes) -> None:
     """Temp file in the same directory, fsync, rename; the directory is made 0700 if missing."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".metadata-cache-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)
@@ -177,6 +199,21 @@ def write_atomic(path: str, data: bytes) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def remove_temp_files(directory: str, prefix: str) -> None:
+    """Remove the temp files a writer killed before its rename left in ``directory``."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    if names:
+        log.info("removed %d unfinished temp files %s* in %s", len(names), prefix, directory)
 
 
 def _now() -> str:

@@ -72,7 +72,8 @@ def decode_event(line: bytes) -> WatchEvent:
         raise RemoteProtocolError(f"watch event is not JSON: {e}") from None
     except RecursionError:
         raise RemoteProtocolError("watch event nested too deeply") from None
-    if not isinstance(doc, dict) or doc.get("type") not in EVENT_TYPES or \
+    if not isinstance(doc, dict) or not isinstance(doc.get("type"), str) or \
+            doc["type"] not in EVENT_TYPES or \
             not isinstance(doc.get("object"), dict):
         raise RemoteProtocolError(f"not a watch event: {line[:200]!r}")
     return WatchEvent(doc["type"], doc["object"])

@@ -383,9 +383,11 @@ def parse_response_framing(data: bytes, request_method: bytes,
             line = block[pos:block.index(b"\n", pos)]  # ``low`` is one longer
             field = _FIELD_NAME_VALUE.match(line)
             assert field is not None  # the whole head matched: every line is a field
-            found.append((field.group(1), field.group(2) or b""))
+            found.append((pos, field.group(1), field.group(2) or b""))
             pos = low.find(name, pos + 1)
-    return _response(version, status_text, reason, tuple(found), request_method)
+    # in the head's order, as the full parse sees them: the first bad field names the cause
+    fields = tuple((n, v) for _, n, v in sorted(found))
+    return _response(version, status_text, reason, fields, request_method)
 
 
 def _response(version: bytes, status_text: bytes, reason: bytes | None, headers: Headers,

@@ -31,32 +31,68 @@ NO_PSK = b"\x00" * 32  # psk.enable=false: the handshake still runs, membership 
 def load_or_create_key(state_dir: str, filename: str = "tunnel.key") -> StaticKey:
     """The node's static key, created (0600, atomically) on first start.
 
-    Loading or creating it does not import ``cryptography`` (see ``tunnel/x25519.py``).
+    Created as a temp file in the state dir, fsynced, renamed over ``filename``, then the
+    directory fsynced: a crash at any point leaves no key (a new one is made on the next start,
+    the name not yet bound to it) or the whole key. A key file of the wrong size is a
+    ``ConfigError``, never silently replaced: peers and servers have bound the node's name to
+    its key. Temp files of a killed creation are removed. Loading or creating the key does not
+    import ``cryptography`` (see ``tunnel/x25519.py``).
     """
     path = os.path.join(state_dir, filename)
     try:
         with open(path, "rb") as f:
             raw = f.read()
         if len(raw) != 32:
-            raise ConfigError([f"--state-dir: {path} is not a 32-byte X25519 key"])
+            raise ConfigError([f"--state-dir: {path} is not a 32-byte X25519 key ({len(raw)} "
+                               f"bytes): restore it, or delete it to make a new key (then "
+                               f"release the node's name: edgemesh server release NODE)"])
         return StaticKey(raw)
     except FileNotFoundError:
         pass
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    _remove_temp_keys(state_dir, f".{filename}.")
     key = StaticKey.generate()
     raw = key.private
     import tempfile  # only when a key is created: tempfile + shutil cost an idle agent ~0.4 MB
 
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".tunnel.key.")
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{filename}.")
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, raw)
+        if os.write(fd, raw) != len(raw):
+            raise OSError(f"short write to {tmp}")
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(state_dir)
     log.info("created node key %s (public %s)", path, key.public.hex()[:16])
     return key
+
+
+def _remove_temp_keys(state_dir: str, prefix: str) -> None:
+    for name in os.listdir(state_dir):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(state_dir, name))
+            except OSError:
+                pass
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` survive a power cut."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def psk_from_bytes(secret: bytes) -> bytes:
