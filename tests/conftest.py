@@ -32,3 +32,11 @@ def module_lab(request: pytest.FixtureRequest) -> Iterator[tuple[netlab.Lab, str
     prefix = f"em-{request.module.__name__.rsplit('.', 1)[-1]}-"
     with netlab.Lab() as the_lab, tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield the_lab, tmp
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every namespace-lab test is also ``slow``: each builds networks and starts real agents
+    (seconds at least, up to ~40 s), so ``-m "not slow"`` alone leaves a suite of seconds."""
+    for item in items:
+        if item.get_closest_marker("netns") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -53,7 +53,14 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import malformed
 from edgemesh.proxy.http_head import Framing, RequestHead, parse_response_head
 from edgemesh.proxy.http_pool import TcpDialer, UpstreamPool
-from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason, request_key
+from edgemesh.proxy.http_router import (
+    Failure,
+    Forward,
+    HttpLimits,
+    Reply,
+    request_key,
+    text_response,
+)
 from edgemesh.proxy.http_target import TargetError
 from edgemesh.proxy.lb import Balancer
 from edgemesh.runtime import metrics
@@ -134,17 +141,6 @@ def serve(sock: socket.socket, peer: tuple[str, int], spec_of: Callable[[], Port
     serve_connection(sock, peer, router, upstreams.pool, limits, fast=fast)
 
 
-def page(status: int, body: bytes, keep: bool, extra: tuple[tuple[bytes, bytes], ...] = ()
-         ) -> bytes:
-    """A complete response with a plain text body."""
-    lines = [b"HTTP/1.1 %d %s" % (status, reason(status)),
-             b"Content-Length: %d" % len(body), b"Content-Type: text/plain",
-             *(n + b": " + v for n, v in extra)]
-    if not keep:
-        lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
 class _HeaderView(Mapping[str, str]):
     """A request's fields by lower-case name (first value), decoded only when asked for."""
     __slots__ = ("_headers", "_all")
@@ -213,7 +209,7 @@ class GatewayRouter:
     def decide(self, head: RequestHead, raw: bytes, client_ip: str) -> Forward | Reply:
         spec = self.spec_of()
         if spec is None:
-            return Reply(404, page(404, b"no gateway server on this port\n", False), False)
+            return Reply(404, text_response(404, b"no gateway server on this port\n", False), False)
         known = self._plans.get(raw)
         if known is not None and known[0] is spec:
             plan = known[1]
@@ -229,7 +225,7 @@ class GatewayRouter:
             return plan
         found = self.upstreams.endpoints(plan.target)
         if found is None:
-            return Reply(503, page(503, b"no such service port\n", False), False)
+            return Reply(503, text_response(503, b"no such service port\n", False), False)
         balancer, backends = found
         route = plan.route
         return Forward(balancer, backends, request_key(balancer.spec, head, client_ip), plan.wire,
@@ -249,12 +245,13 @@ class GatewayRouter:
         action = spec.decide(req, random.random(), self.server)
         keep = head.framing is Framing.NONE and head.keep_alive
         if isinstance(action, NotFound):
-            return Reply(404, page(404, b"no route\n", keep), keep), True
+            return Reply(404, text_response(404, b"no route\n", keep), keep), True
         if isinstance(action, SendRedirect):
             location = ((b"Location", action.location.encode("latin-1")),)
-            return Reply(action.status, page(action.status, b"", keep, location), keep), True
+            reply = text_response(action.status, b"", keep, location)
+            return Reply(action.status, reply, keep), True
         if isinstance(action, SendDirect):
-            return Reply(action.status, page(action.status, action.body, keep), keep), True
+            return Reply(action.status, text_response(action.status, action.body, keep), keep), True
         route = action.route
         ops = _ops(action, "response")
         plan = _Plan(action.target, route, _request_head(head, action, client_ip,
@@ -270,16 +267,16 @@ class GatewayRouter:
         other malformed message, and the connection closed (what follows it on the
         connection cannot be trusted either)."""
         malformed("client", error, client_ip)
-        return Reply(400, page(400, f"{error}\n".encode(), False), False)
+        return Reply(400, text_response(400, f"{error}\n".encode(), False), False)
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
         if failure in (Failure.BAD_REQUEST, Failure.HEAD_TIMEOUT):
             BAD_REQUESTS.labels(str(status)).inc()
             if _once(("bad", detail)):
                 log.info("gateway refused a request: %s", detail)
-            return Reply(status, page(status, f"{detail}\n".encode(), False), False)
+            return Reply(status, text_response(status, f"{detail}\n".encode(), False), False)
         status, body = _FAILURE_PAGES[failure]
-        return Reply(status, page(status, body, keep), keep)
+        return Reply(status, text_response(status, body, keep), keep)
 
     def count(self, status: int, started: float) -> None:
         counter = self._counters.get(status)

@@ -52,7 +52,14 @@ from edgemesh.proxy.http import serve_connection
 from edgemesh.proxy.http_conn import MALFORMED, malformed
 from edgemesh.proxy.http_head import RequestHead
 from edgemesh.proxy.http_pool import UpstreamPool
-from edgemesh.proxy.http_router import Failure, Forward, HttpLimits, Reply, reason, request_key
+from edgemesh.proxy.http_router import (
+    Failure,
+    Forward,
+    HttpLimits,
+    Reply,
+    request_key,
+    text_response,
+)
 from edgemesh.proxy.http_target import NormalTarget, TargetError, normalize_request
 from edgemesh.proxy.lb import Balancer, HashKey, LBSpec
 from edgemesh.proxy.tcp import CONNECTIONS, READ, REJECTED, Acceptor, Conn, TCPPort, TCPProxy
@@ -82,14 +89,6 @@ _sni_labels: set[str] = set()
 def wants_per_request(app: AppProtocol, spec: LBSpec, per_request_http: bool) -> bool:
     """True when an http port must be balanced per request rather than spliced per connection."""
     return app is AppProtocol.HTTP and (per_request_http or spec.hash_key in _HTTP_KEYS)
-
-
-def error_response(status: int, text: str) -> bytes:
-    """A complete ``Connection: close`` response with a one-line text body."""
-    body = (text + "\n").encode("utf-8", "replace")
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (
-                status, reason(status), len(body)) + body)
 
 
 def set_cookie_line(cookie: HttpCookie, value: str) -> bytes:
@@ -150,7 +149,8 @@ class HttpPort:
 
     def _refused(self, error: TargetError, client_ip: str) -> Reply:
         malformed("client", error, client_ip)
-        return Reply(400, error_response(400, f"bad request: {error}"), False)
+        body = f"bad request: {error}\n".encode("utf-8", "replace")
+        return Reply(400, text_response(400, body), False)
 
     def failed(self, failure: Failure, status: int, detail: str, keep: bool) -> Reply | None:
         if failure is Failure.HEAD_TIMEOUT:  # slowloris, or a stalled client: closed, counted
@@ -162,7 +162,7 @@ class HttpPort:
             text = f"no endpoints available for service {self.name}"
         else:
             text = f"{detail} (service {self.name})"
-        return Reply(status, error_response(status, text), False)
+        return Reply(status, text_response(status, f"{text}\n".encode("utf-8", "replace")), False)
 
     def count(self, code: int, started: float) -> None:
         child = self._codes.get(code)

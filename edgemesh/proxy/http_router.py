@@ -99,6 +99,18 @@ def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Error")
 
 
+def text_response(status: int, body: bytes, keep: bool = False,
+                  extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A complete response with a plain text body: the one error page of the proxy and the
+    gateway (``Connection: close`` unless ``keep``)."""
+    lines = [b"HTTP/1.1 %d %s" % (status, reason(status)),
+             b"Content-Length: %d" % len(body), b"Content-Type: text/plain; charset=utf-8",
+             *(n + b": " + v for n, v in extra)]
+    if not keep:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
 def cookie_value(head: RequestHead, name: str) -> str | None:
     """The value of cookie ``name`` in the request's Cookie fields (quotes removed)."""
     wanted = name.encode("latin-1")

@@ -20,6 +20,8 @@ from tests.http_probes import PROBES, Probe
 from tests.probe_fronts import Running, start_agent, start_gateway
 from tests.probe_runner import Front, recover, run_probe
 
+pytestmark = pytest.mark.slow  # ~3.5 min: 197 probes against a real gateway and proxy
+
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:

@@ -173,6 +173,7 @@ def stricter_on_purpose(data: bytes) -> bool:
         (te and ref.http_version == b"1.0")
 
 
+@pytest.mark.slow
 @given(request_heads(), st.data())
 @settings(max_examples=500)
 @example(b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,6 +149,7 @@ def test_prefer_local_then_fall_back() -> None:
     assert bal.pick(B, exclude={B[0], B[1]}) in B[2:]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(list(Policy)), st.integers(0, 6), st.lists(st.integers(0, 5), max_size=6),
        st.one_of(st.none(), st.text(max_size=8)))
