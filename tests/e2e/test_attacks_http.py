@@ -105,7 +105,7 @@ def _check(result: dict, cut_as: set[str], counted: float, within: float = HEAD_
     assert set(hows) <= cut_as, summary
     assert worst < within + 4, summary  # the timeout counts from the first byte
     assert counted >= SLOW_CLIENTS, summary
-    assert ratio < 3, summary
+    assert ratio < 5, summary  # a blow-up (a blocked loop) is 100x+; CI machines are noisy
     return summary
 
 

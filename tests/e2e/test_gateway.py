@@ -181,7 +181,7 @@ def _secret(name: str, certs: dict, label: str, ca: bool = False) -> dict:
             "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
 
 
-GATEWAYS = yaml.safe_load_all("""
+GATEWAYS = list(yaml.safe_load_all("""
 apiVersion: networking.istio.io/v1beta1
 kind: Gateway
 metadata: {name: web, namespace: edge}
@@ -213,7 +213,7 @@ spec:
   servers:
   - port: {number: 81, name: http, protocol: HTTP}
     hosts: ["*"]
-""")
+"""))  # a list: test_attacks_http builds this lab again
 
 ROUTES = """
 apiVersion: networking.istio.io/v1beta1
