@@ -75,11 +75,18 @@ def test_frozen_agent_gives_its_helpers_the_host_environment(tmp_path) -> None:
         (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
     psk = tmp_path / "psk"
     psk.write_text("p" * 48)
-    dns, admin = free_port(), free_port()
+    admin = free_port()
+    # Addresses and routes are read over netlink now: the helper the agent still runs is
+    # `ip link add` for its DNS address's device. A device and address of its own (which the
+    # fake `ip` only pretends to create) keep this machine's edgemesh0 out of it; the agent
+    # may stop once DNS cannot bind there: the test needs only `ip`'s environment.
+    config = tmp_path / "agent.yaml"
+    config.write_text("commonConfig: {bridgeDeviceName: emtest0, bridgeDeviceIP: 169.254.96.99}\n")
     agent = subprocess.Popen(
-        [onedir, "agent", "--manifests", os.path.join(ROOT, "examples", "hello"),
+        [onedir, "agent", "--config", str(config),
+         "--manifests", os.path.join(ROOT, "examples", "hello"),
          "--no-iptables", "--state-dir", str(tmp_path / "state"), "--psk-file", str(psk),
-         "--dns-listen", f"127.0.0.1:{dns}", "--admin", f"127.0.0.1:{admin}",
+         "--admin", f"127.0.0.1:{admin}",
          "--tunnel-listen", f"127.0.0.1:{free_port()}", "--node-name", "edge-node-1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={"PATH": str(bin_dir), "LD_LIBRARY_PATH": "/opt/host-lib"})
