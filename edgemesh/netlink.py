@@ -15,6 +15,8 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
@@ -123,36 +125,33 @@ def _attributes(data: bytes) -> dict[int, bytes]:
     return attrs
 
 
-def dump_addresses() -> list[tuple[int, str]]:
-    """Every address of this network namespace, from one netlink dump."""
+T = TypeVar("T")
+
+
+def _dump(mtype: int, body: bytes, parse: Callable[[bytes, int], tuple[list[T], bool]]
+          ) -> list[T]:
+    """Send one ``NLM_F_DUMP`` request and parse the answers until NLMSG_DONE."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
         s.bind((0, 0))
         seq = 1
-        request = _HDR.pack(_HDR.size + _IFA.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP,
-                            seq, 0) + _IFA.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        s.sendto(request, (0, 0))
-        found: list[tuple[int, str]] = []
+        s.sendto(_HDR.pack(_HDR.size + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                 + body, (0, 0))
+        found: list[T] = []
         while True:
-            pairs, done = parse_addresses(s.recv(1 << 16), seq)
-            found += pairs
+            items, done = parse(s.recv(1 << 16), seq)
+            found += items
             if done:
                 return found
+
+
+def dump_addresses() -> list[tuple[int, str]]:
+    """Every address of this network namespace, from one netlink dump."""
+    return _dump(RTM_GETADDR, _IFA.pack(socket.AF_UNSPEC, 0, 0, 0, 0), parse_addresses)
 
 
 def dump_routes(family: int = socket.AF_INET) -> list[dict[str, str]]:
     """The main routing table of this network namespace (one family), from one dump."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-        s.bind((0, 0))
-        seq = 1
-        request = _HDR.pack(_HDR.size + _RTM.size, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP,
-                            seq, 0) + _RTM.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-        s.sendto(request, (0, 0))
-        found: list[dict[str, str]] = []
-        while True:
-            routes, done = parse_routes(s.recv(1 << 16), seq)
-            found += routes
-            if done:
-                return found
+    return _dump(RTM_GETROUTE, _RTM.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), parse_routes)
 
 
 class AddressEvents:
